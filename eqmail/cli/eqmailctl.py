@@ -1,0 +1,313 @@
+"""``eqmailctl``: set up, start, stop, inspect and reload an eqmail instance.
+
+Thin entry point: argument parsing here, the work in importable functions.  Exit codes
+follow LSB for status (0 running, 3 not running, 4 unknown) and are 0 / 1 elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, describe, load_controls
+from eqmail.errors import ControlErrors
+from eqmail.instance import Instance, resolve_root
+
+STOP_TIMEOUT = 120.0
+
+
+def _pid_of(inst: Instance) -> int | None:
+    """The supervisor's pid when it holds the pid-file lock, else None."""
+    try:
+        fd = os.open(inst.pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            data = os.read(fd, 32).strip()
+            return int(data) if data.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def query_status(inst: Instance, timeout: float = 5.0) -> dict[str, Any] | None:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(inst.status_socket))
+            s.sendall(b"status\n")
+            chunks = []
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except OSError:
+        return None
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_setup(inst: Instance, args: argparse.Namespace) -> int:
+    from eqmail.setup import setup_instance
+
+    for line in setup_instance(inst.root, me=args.me, force=args.force):
+        print(line)
+    return 0
+
+
+def cmd_start(inst: Instance, args: argparse.Namespace) -> int:
+    from eqmail.supervisor.main import StartError, Supervisor
+
+    try:
+        load_controls(inst.root)
+    except ControlErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        return 1
+    if _pid_of(inst) is not None:
+        print(f"eqmail: already running (pid {_pid_of(inst)})", file=sys.stderr)
+        return 1
+    if args.foreground:
+        try:
+            return Supervisor(inst.root, foreground=True).run()
+        except StartError as e:
+            print(f"eqmail: {e}", file=sys.stderr)
+            return 1
+    return _start_background(inst)
+
+
+def _start_background(inst: Instance) -> int:
+    from eqmail.supervisor.main import StartError, Supervisor
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        code = 1
+        try:
+            inst.log.mkdir(exist_ok=True)
+            out = os.open(inst.log / "eqmail.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            nul = os.open(os.devnull, os.O_RDWR)
+            os.dup2(nul, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+            os.close(nul)
+            code = Supervisor(inst.root, foreground=False, notify_fd=w).run()
+        except StartError as e:
+            os.write(w, f"error: {e}\n".encode())
+        except BaseException as e:  # noqa: BLE001
+            try:
+                os.write(w, f"error: {e!r}\n".encode())
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    if data.startswith(b"ok"):
+        print(f"eqmail: started (pid {pid})")
+        return 0
+    msg = data.decode(errors="replace").strip() or "error: the supervisor exited during start-up"
+    print(f"eqmail: {msg} (see {inst.log / 'eqmail.log'})", file=sys.stderr)
+    return 1
+
+
+def cmd_stop(inst: Instance, args: argparse.Namespace) -> int:
+    pid = _pid_of(inst)
+    if pid is None:
+        print("eqmail: not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if _pid_of(inst) is None:
+            print("eqmail: stopped")
+            return 0
+        time.sleep(0.1)
+    print("eqmail: still stopping after {STOP_TIMEOUT:.0f}s", file=sys.stderr)
+    return 1
+
+
+def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
+    status = query_status(inst)
+    if status is None:
+        from eqmail.supervisor.status import queue_counts
+
+        pid = _pid_of(inst)
+        status = {"running": False, "pid": pid or 0, "generation": 0, "workers": [], "listeners": [],
+                  "queue": queue_counts(inst.queue) if inst.queue.is_dir() else {}}
+        code = 4 if pid else 3
+    else:
+        code = 0
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return code
+
+
+def format_status(s: dict[str, Any]) -> str:
+    if not s.get("running"):
+        q = s.get("queue", {})
+        return f"eqmail: not running; queue: {q.get('messages', 0)} messages"
+    lr = s.get("last_reload") or {}
+    lines = [
+        f"eqmail: running, pid {s['pid']}, up {_duration(s.get('uptime', 0))}, "
+        f"generation {s['generation']}",
+    ]
+    if lr.get("time"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lr["time"]))
+        lines.append(f"last reload: {when} {'ok' if lr.get('ok') else 'REFUSED'}")
+        lines += [f"  {e}" for e in lr.get("errors", [])]
+    lines.append("")
+    lines.append(f"{'KIND':<12} {'PID':>7} {'UID':>6} {'GID':>6} {'STATE':<9} {'RESTARTS':>8}  TITLE")
+    for w in s["workers"]:
+        lines.append(f"{w['kind']:<12} {w['pid']:>7} {w['uid']:>6} {w['gid']:>6} {w['state']:<9} "
+                     f"{w.get('restarts', 0):>8}  {w['title']}")
+    if s["listeners"]:
+        lines.append("")
+        lines.append(f"{'SERVICE':<11} {'ADDRESS':<28} {'SESSIONS':>9}")
+        for lst in s["listeners"]:
+            addr = f"[{lst['address']}]:{lst['port']}" if ":" in lst["address"] else f"{lst['address']}:{lst['port']}"
+            lines.append(f"{lst['service']:<11} {addr:<28} {lst.get('sessions', 0):>4}/{lst.get('concurrency', 0):<4}")
+    q = s.get("queue", {})
+    lines.append("")
+    lines.append(f"queue: {q.get('messages', 0)} messages, {q.get('todo', 0)} not yet preprocessed, "
+                 f"{q.get('local', 0)} local / {q.get('remote', 0)} remote pending, "
+                 f"{q.get('bouncing', 0)} bouncing")
+    return "\n".join(lines)
+
+
+def _duration(sec: float) -> str:
+    sec = int(sec)
+    d, rem = divmod(sec, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d {h:02d}:{m:02d}:{s:02d}" if d else f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
+    try:
+        load_controls(inst.root)
+    except ControlErrors as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        print("eqmail: reload refused; the running configuration is unchanged", file=sys.stderr)
+        return 1
+    pid = _pid_of(inst)
+    if pid is None:
+        print("eqmail: not running", file=sys.stderr)
+        return 3
+    os.kill(pid, signal.SIGHUP)
+    print("eqmail: reload requested")
+    return 0
+
+
+def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
+    try:
+        c = load_controls(inst.root)
+    except ControlErrors as e:
+        for err in e.errors:
+            print(err)
+        return 1
+    print(f"instance root: {inst.root}")
+    print("user-ext delimiter: +")
+    print("subdirectory split: 23")
+    print("silent concurrency limit: 120")
+    print()
+    for name, value, source in describe(c):
+        print(f"{name}: {value}    [{source}]")
+    known = set(KNOWN_FILES) | set(OTHER_KNOWN_FILES)
+    for fn in sorted(os.listdir(inst.control)):
+        if fn not in known and not fn.startswith("."):
+            print(f"{fn}: I have no idea what this file does.")
+    if c.rcpthosts is None:
+        print("warning: control/rcpthosts is missing: eqmail accepts only its locals and virtualdomains")
+    return 0
+
+
+def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
+    from eqmail.queue import inspect
+
+    if args.action == "stat":
+        print(inspect.format_qstat(*inspect.qstat(inst.root)), end="")
+    elif args.action == "list":
+        print(inspect.qread(inst.root), end="")
+    elif args.action == "show":
+        if args.id is None:
+            print("usage: eqmailctl queue show ID", file=sys.stderr)
+            return 1
+        print(inspect.show(inst.root, args.id), end="")
+    elif args.action == "flush":
+        pid = _pid_of(inst)
+        tcpto = inst.queue / "lock" / "tcpto"
+        if tcpto.exists():
+            with open(tcpto, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.write(b"\0" * size)
+        if pid is None:
+            print("eqmail: not running", file=sys.stderr)
+            return 3
+        os.kill(pid, signal.SIGALRM)
+        print("eqmail: queue flush requested")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqmailctl", description="control an eqmail instance")
+    p.add_argument("--root", help="instance root (default: $EQMAIL_ROOT, /var/eqmail, or this checkout)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("setup", help="create control/, queue/, users/, alias/ (config-fast)")
+    s.add_argument("--me", help="this host's name (control/me)")
+    s.add_argument("--force", action="store_true", help="overwrite existing control files")
+    s = sub.add_parser("start", help="start the supervisor")
+    s.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stdout")
+    sub.add_parser("stop", help="stop gracefully")
+    s = sub.add_parser("status", help="show status (LSB exit codes)")
+    s.add_argument("--json", action="store_true")
+    sub.add_parser("reload", help="validate control/ and reload")
+    sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
+    s = sub.add_parser("queue", help="queue tools")
+    s.add_argument("action", choices=["stat", "list", "show", "flush"])
+    s.add_argument("id", nargs="?", type=int)
+    return p
+
+
+COMMANDS = {
+    "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+    "reload": cmd_reload, "check": cmd_check, "queue": cmd_queue,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    inst = Instance(resolve_root(args.root))
+    return COMMANDS[args.command](inst, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

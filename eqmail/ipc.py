@@ -1,0 +1,162 @@
+"""The message protocol between eqmail's processes, in one place.
+
+Every byte stream between workers uses one framing: a type byte, a 4-byte big-endian
+length, then the payload.  Lengths are bounded per type; a peer that sends a bigger
+frame, an unknown type or a truncated frame is dropped.  No worker trusts another's
+input (STYLE "Interfaces between processes").
+
+Queue writer socket (run/queue.sock, world-connectable):
+  client -> writer   ``H`` role hello (optional; honoured only from a peer with the
+                     writer's own uid or root: "network", "bounce", "alias", "local")
+                     ``B`` body chunk (<= 1 MiB) — the message, streamed
+                     ``E`` envelope, qmail-queue's fd-1 format ``F<s>\\0T<r>\\0...\\0``;
+                     ends the message, the writer commits and answers
+                     ``C`` clean request (qmail-clean: ``foop/<id>``, ``todo/<n>/<id>``),
+                     only from the scanner's uid
+  writer -> client   ``R`` result: ASCII ``<exit code> <qp> <msgid>``
+                     ``K`` clean answer: one byte ``+`` / ``!`` / ``x``
+
+Local delivery socket (run/local.sock, scanner only): ``D`` request / ``r`` report,
+see eqmail.workers.local.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct(">cI")
+
+MAX_FRAME: dict[bytes, int] = {
+    b"H": 64,
+    b"B": 1 << 20,
+    b"E": 64 << 20,
+    b"C": 128,
+    b"R": 128,
+    b"K": 1,
+    b"D": 64 << 10,
+    b"r": 16 << 10,
+    b"S": 1 << 20,  # status request/answer
+}
+
+
+class ProtocolError(Exception):
+    """A peer broke the framing; the connection must be dropped."""
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    limit = MAX_FRAME.get(kind)
+    if limit is None or len(payload) > limit:
+        raise ProtocolError(f"frame {kind!r} of {len(payload)} bytes not allowed")
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def check_header(header: bytes) -> tuple[bytes, int]:
+    kind, length = HEADER.unpack(header)
+    limit = MAX_FRAME.get(kind)
+    if limit is None:
+        raise ProtocolError(f"unknown frame type {kind!r}")
+    if length > limit:
+        raise ProtocolError(f"frame {kind!r} too long ({length} > {limit})")
+    return kind, length
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ProtocolError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+    kind, length = check_header(recv_exact(sock, HEADER.size))
+    return kind, recv_exact(sock, length) if length else b""
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+class QQExit(enum.IntEnum):
+    """qmail-queue's exit codes (qmail-core §1.2)."""
+
+    OK = 0
+    ADDR_TOO_LONG = 11
+    PERM_REFUSED = 31
+    NO_MEMORY = 51
+    TIMEOUT = 52
+    WRITE_ERROR = 53
+    READ_ERROR = 54
+    CONFIG = 55
+    NETWORK = 56
+    HOME_DIR = 61
+    QUEUE_DIR = 62
+    PID_DIR = 63
+    MESS_DIR = 64
+    INTD_DIR = 65
+    TODO_DIR = 66
+    TEMP_REJECT = 71
+    TIMED_OUT = 72
+    REFUSED = 73
+    COMM_FAILED = 74
+    BUG = 81
+    BAD_ENVELOPE = 91
+    CANNOT_EXEC = 120
+
+
+def qq_text(code: int) -> str:
+    """qmail.c's qmail_close() text for an exit code, with its leading D (permanent) or
+    Z (temporary) letter."""
+    fixed = {
+        0: "",
+        11: "Denvelope address too long for qq (#5.1.3)",
+        115: "Denvelope address too long for qq (#5.1.3)",
+        31: "Dmail server permanently rejected message (#5.3.0)",
+        51: "Zqq out of memory (#4.3.0)",
+        52: "Zqq timeout (#4.3.0)",
+        53: "Zqq write error or disk full (#4.3.0)",
+        54: "Zqq read error (#4.3.0)",
+        55: "Zqq unable to read configuration (#4.3.0)",
+        56: "Zqq trouble making network connection (#4.3.0)",
+        61: "Zqq trouble in home directory (#4.3.0)",
+        71: "Zmail server temporarily rejected message (#4.3.0)",
+        72: "Zconnection to mail server timed out (#4.4.1)",
+        73: "Zconnection to mail server rejected (#4.4.1)",
+        74: "Zcommunication with mail server failed (#4.4.2)",
+        81: "Zqq internal bug (#4.3.0)",
+        91: "Zqq internal bug (#4.3.0)",
+        120: "Zunable to exec qq (#4.3.0)",
+    }
+    if code in fixed:
+        return fixed[code]
+    if 62 <= code <= 66:
+        return "Zqq trouble creating files in queue (#4.3.0)"
+    if 11 <= code <= 40:
+        return "Dqq permanent problem (#5.3.0)"
+    return "Zqq temporary problem (#4.3.0)"
+
+
+@dataclass(frozen=True)
+class QueueAnswer:
+    code: int
+    qp: int
+    msgid: int
+
+    def encode(self) -> bytes:
+        return f"{self.code} {self.qp} {self.msgid}".encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> QueueAnswer:
+        try:
+            code, qp, msgid = (int(x) for x in payload.split(b" "))
+        except ValueError:
+            raise ProtocolError("malformed queue answer") from None
+        return cls(code, qp, msgid)

@@ -1,0 +1,198 @@
+"""Submitting a message to the queue writer: the qmail.c library of eqmail.
+
+Used by eqmail-inject/sendmail, local forwards and the scanner's bounces (blocking
+sockets), and — through :class:`AsyncQueueClient` — by the SMTP listener, which streams
+DATA into the queue as it arrives.  Never raises for a queue failure: the result carries
+qmail-queue's exit code and qmail_close()'s text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from eqmail.instance import Instance
+from eqmail.ipc import (
+    HEADER,
+    ProtocolError,
+    QQExit,
+    QueueAnswer,
+    check_header,
+    frame,
+    qq_text,
+    recv_frame,
+)
+from eqmail.queue.envelope import Envelope
+
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    code: int
+    text: str  # without the leading D/Z letter; "" on success
+    msgid: int | None
+    qp: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    @property
+    def permanent(self) -> bool:
+        return qq_text(self.code).startswith("D")
+
+    @classmethod
+    def from_code(cls, code: int, qp: int | None = None, msgid: int | None = None) -> SubmitResult:
+        return cls(code, qq_text(code)[1:], msgid if code == 0 else None, qp)
+
+
+def _chunks(message: bytes | BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        data = bytes(message)
+        for i in range(0, len(data), CHUNK):
+            yield data[i : i + CHUNK]
+        return
+    if hasattr(message, "read"):
+        f: BinaryIO = message  # type: ignore[assignment]
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                return
+            yield chunk
+        return
+    for chunk in message:  # type: ignore[union-attr]
+        for i in range(0, len(chunk), CHUNK):
+            yield chunk[i : i + CHUNK]
+
+
+class QueueConnection:
+    """A blocking connection that may carry several messages."""
+
+    def __init__(self, root: Path, role: str | None = None, timeout: float = 600.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(Instance(root).queue_socket))
+        if role:
+            self.sock.sendall(frame(b"H", role.encode()))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def submit(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
+               prefix: bytes = b"") -> SubmitResult:
+        if prefix:
+            self.sock.sendall(frame(b"B", prefix))
+        for chunk in _chunks(message):
+            if chunk:
+                self.sock.sendall(frame(b"B", chunk))
+        self.sock.sendall(frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue()))
+        kind, payload = recv_frame(self.sock)
+        if kind != b"R":
+            raise ProtocolError(f"unexpected answer {kind!r}")
+        ans = QueueAnswer.decode(payload)
+        return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
+
+    def clean(self, request: str) -> bytes:
+        self.sock.sendall(frame(b"C", request.encode()))
+        kind, payload = recv_frame(self.sock)
+        if kind != b"K":
+            raise ProtocolError(f"unexpected answer {kind!r}")
+        return payload
+
+
+def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
+           *, prefix: bytes = b"", role: str | None = None) -> SubmitResult:
+    """Queue one message.  Returns code 120 ("unable to exec qq") when no queue writer
+    answers, code 53/54/... as qmail-queue would otherwise."""
+    try:
+        conn = QueueConnection(Path(root), role)
+    except OSError:
+        return SubmitResult.from_code(QQExit.CANNOT_EXEC)
+    try:
+        return conn.submit(sender, recipients, message, prefix)
+    except (OSError, ProtocolError):
+        return SubmitResult.from_code(QQExit.BUG)
+    finally:
+        conn.close()
+
+
+class AsyncQueueClient:
+    """One asyncio connection to the queue writer, used by a listener for one SMTP
+    session's messages: ``begin`` nothing, ``write`` chunks as DATA arrives, ``finish``
+    with the envelope.  ``abandon`` drops the connection so the writer removes the
+    half-written message."""
+
+    def __init__(self, root: Path, role: str = "network") -> None:
+        self.root = root
+        self.role = role
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.broken = False
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(str(Instance(self.root).queue_socket))
+        self.writer.write(frame(b"H", self.role.encode()))
+
+    async def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            if self.writer is None:
+                await self._connect()
+            assert self.writer is not None
+            for i in range(0, len(data), CHUNK):
+                self.writer.write(frame(b"B", data[i : i + CHUNK]))
+            if self.writer.transport.get_write_buffer_size() > 1 << 20:
+                await self.writer.drain()
+        except OSError:
+            self.broken = True
+
+    async def finish(self, sender: str, recipients: Sequence[str]) -> SubmitResult:
+        if self.broken:
+            await self.abandon()
+            return SubmitResult.from_code(QQExit.CANNOT_EXEC)
+        try:
+            if self.writer is None:
+                await self._connect()
+            assert self.writer is not None and self.reader is not None
+            self.writer.write(frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue()))
+            header = await self.reader.readexactly(HEADER.size)
+            kind, length = check_header(header)
+            payload = await self.reader.readexactly(length)
+            if kind != b"R":
+                raise ProtocolError("unexpected answer")
+            ans = QueueAnswer.decode(payload)
+            return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
+        except (OSError, asyncio.IncompleteReadError, ProtocolError):
+            await self.abandon()
+            return SubmitResult.from_code(QQExit.CANNOT_EXEC if self.writer is None else 81)
+
+    async def abandon(self) -> None:
+        self.broken = False
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.writer = self.reader = None
+
+
+def pull_trigger(root: Path) -> None:
+    """qmail's triggerpull: one byte into lock/trigger, non-blocking, errors ignored."""
+    try:
+        fd = os.open(Instance(root).queue / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"\0")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,437 @@
+"""qmail-send's queue logic: preprocessing, passes, done markers, bounces, completion.
+
+Owns info/, local/, remote/ and bounce/ (as eqmails).  Deletions in todo/, intd/ and
+mess/ go through the queue writer's clean requests (qmail-clean), because the scanner
+cannot write there.  No sockets or event loop here: the scanner worker
+(eqmail.workers.scanner) calls these methods and moves delivery requests and reports.
+
+The files are the truth: everything in memory can be rebuilt from info/, local/,
+remote/, todo/ (and the mtimes of local/remote files, where a graceful stop saved the
+next retry time), so a crash at any point loses nothing; at worst a recipient whose
+delivery finished but whose done marker was not written is delivered again, as in qmail.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from eqmail.control import Controls
+from eqmail.delivery.bounce import bounce_note, bounce_target, compose_bounce
+from eqmail.log import log, sanitize
+from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
+from eqmail.queue.layout import QueuePaths
+from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, verp_sender
+from eqmail.queue.schedule import Channel, is_dying, next_retry
+from eqmail.textio import encode
+
+OSSIFIED = 129600
+DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
+
+
+@dataclass
+class Pass:
+    """One pass over one message's channel file (qmail-send's job + pass)."""
+
+    msgid: int
+    channel: Channel
+    sender: str
+    birth: float
+    started: float
+    dying: bool
+    todo: list[ChannelRecord]
+    outstanding: int = 0
+    deferred: bool = False  # some recipient got a temporary failure
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo and self.outstanding == 0
+
+
+@dataclass(frozen=True)
+class DeliveryRequest:
+    msgid: int
+    channel: Channel
+    offset: int
+    sender: str  # VERP-expanded
+    recipient: str
+
+
+@dataclass
+class ChannelState:
+    channel: Channel
+    concurrency: int
+    schedule: list[tuple[float, int]] = field(default_factory=list)  # heap (due, msgid)
+    scheduled: dict[int, float] = field(default_factory=dict)  # msgid -> due (the live entry)
+    passes: dict[int, Pass] = field(default_factory=dict)
+    active: int = 0
+    enabled: bool = True
+
+    def schedule_at(self, msgid: int, due: float) -> None:
+        self.scheduled[msgid] = due
+        heapq.heappush(self.schedule, (due, msgid))
+
+    def next_due(self) -> float | None:
+        while self.schedule:
+            due, msgid = self.schedule[0]
+            if self.scheduled.get(msgid) != due:
+                heapq.heappop(self.schedule)  # stale entry
+                continue
+            return due
+        return None
+
+
+Cleaner = Callable[[str], bytes]
+Injector = Callable[[str, list[str], bytes, int], tuple[bool, str]]
+
+
+class QueueManager:
+    def __init__(self, controls: Controls, paths: QueuePaths, cleaner: Cleaner, injector: Injector,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.paths = paths
+        self.clean = cleaner
+        self.inject = injector
+        self.clock = clock
+        self.channels = {
+            Channel.LOCAL: ChannelState(Channel.LOCAL, controls.concurrencylocal),
+            Channel.REMOTE: ChannelState(Channel.REMOTE, controls.concurrencyremote),
+        }
+        self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
+        self.configure(controls)
+
+    def configure(self, controls: Controls) -> None:
+        """(Re)read the values qmail-send rereads on HUP, plus eqmail's reloadable ones."""
+        self.controls = controls
+        self.rules = RewriteRules(controls.envnoathost, controls.locals, controls.virtualdomains,
+                                  controls.percenthack)
+        self.vmap = self.rules.vmap()
+        self.channels[Channel.LOCAL].concurrency = controls.concurrencylocal
+        self.channels[Channel.REMOTE].concurrency = controls.concurrencyremote
+
+    # ------------------------------------------------------------ start-up
+    def recover(self) -> None:
+        """pqstart: rebuild schedules from info/ and the channel files' mtimes."""
+        todo_ids = set(self.paths.ids_in("todo"))
+        for msgid in self.paths.ids_in("info"):
+            if msgid in todo_ids:
+                continue  # will be preprocessed again from scratch
+            found = False
+            for ch, state in self.channels.items():
+                try:
+                    st = os.stat(self._chan_path(ch, msgid))
+                except FileNotFoundError:
+                    continue
+                found = True
+                state.schedule_at(msgid, st.st_mtime)
+            if not found:
+                self.message_done(msgid)
+
+    def save_schedule(self) -> None:
+        """On a graceful stop: store each next try time as the channel file's mtime."""
+        for ch, state in self.channels.items():
+            for msgid, due in state.scheduled.items():
+                try:
+                    os.utime(self._chan_path(ch, msgid), (due, due))
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------ todo
+    def process_todo(self) -> int:
+        """Preprocess every todo entry; returns how many were handled."""
+        done = 0
+        for msgid in sorted(self.paths.ids_in("todo")):
+            if self.preprocess(msgid):
+                done += 1
+        return done
+
+    def preprocess(self, msgid: int) -> bool:
+        p = self.paths
+        try:
+            with open(p.todo(msgid), "rb") as f:
+                data = f.read(64 << 20)
+            size = os.stat(p.mess(msgid)).st_size
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log(f"warning: unable to open todo/{msgid}: {e.strerror}")
+            return False
+        for name in ("local", "remote", "info"):
+            _unlink_quiet(p.split_file(name, msgid))
+        try:
+            self._write_split(msgid, data, size)
+        except OSError as e:
+            log(f"warning: trouble preprocessing msg {msgid}: {e.strerror}; will try again later")
+            return False
+        answer = self.clean(f"todo/{msgid % 23}/{msgid}")
+        if answer != b"+":
+            log(f"warning: qmail-clean unable to clean up todo/{msgid}")
+            return False
+        now = self.clock()
+        any_channel = False
+        for ch, state in self.channels.items():
+            if os.path.exists(self._chan_path(ch, msgid)):
+                state.schedule_at(msgid, now)
+                any_channel = True
+        if not any_channel:
+            self.message_done(msgid)
+        return True
+
+    def _write_split(self, msgid: int, data: bytes, size: int) -> None:
+        p = self.paths
+        info_fd = os.open(p.info(msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        log(f"new msg {msgid}")
+        chan_fds: dict[Channel, int] = {}
+        buffers: dict[Channel, list[bytes]] = {Channel.LOCAL: [], Channel.REMOTE: []}
+        uid = pid = "?"
+        try:
+            for rec in parse_records(data):
+                if rec.kind == "u":
+                    uid = rec.value
+                elif rec.kind == "p":
+                    pid = rec.value
+                elif rec.kind == "F":
+                    _write_all(info_fd, b"F" + encode(rec.value) + b"\0")
+                    log(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> qp {pid} uid {uid}")
+                elif rec.kind == "T":
+                    ch, addr = rewrite(rec.value, self.rules, self.vmap)
+                    buffers[ch].append(b"T" + encode(addr) + b"\0")
+                else:
+                    log(f"warning: unknown record type in todo/{msgid}")
+            for ch, recs in buffers.items():
+                if recs:
+                    fd = os.open(self._chan_path(ch, msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    chan_fds[ch] = fd
+                    _write_all(fd, b"".join(recs))
+            os.fsync(info_fd)
+            for fd in chan_fds.values():
+                os.fsync(fd)
+        finally:
+            os.close(info_fd)
+            for fd in chan_fds.values():
+                os.close(fd)
+
+    # ------------------------------------------------------------ passes
+    def next_requests(self, channel: Channel, limit: int | None = None) -> list[DeliveryRequest]:
+        """Start deliveries while the channel has free slots."""
+        state = self.channels[channel]
+        out: list[DeliveryRequest] = []
+        if not state.enabled:
+            return out
+        now = self.clock()
+        free = state.concurrency - state.active
+        if limit is not None:
+            free = min(free, limit)
+        while free > 0:
+            ps = next((q for q in state.passes.values() if q.todo), None)
+            if ps is None:
+                ps = self._start_pass(state, now)
+                if ps is None:
+                    break
+                if not ps.todo:
+                    self._pass_finished(state, ps)
+                    continue
+            rec = ps.todo.pop(0)
+            ps.outstanding += 1
+            state.active += 1
+            free -= 1
+            out.append(DeliveryRequest(ps.msgid, channel, rec.offset,
+                                       verp_sender(ps.sender, rec.address), rec.address))
+        return out
+
+    def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
+        while True:
+            due = state.next_due()
+            if due is None or due > now:
+                return None
+            _, msgid = heapq.heappop(state.schedule)
+            del state.scheduled[msgid]
+            if msgid in state.passes:
+                continue
+            ps = self._open_pass(state.channel, msgid, now)
+            if ps is not None:
+                state.passes[msgid] = ps
+                return ps
+
+    def _open_pass(self, channel: Channel, msgid: int, now: float) -> Pass | None:
+        try:
+            with open(self.paths.info(msgid), "rb") as f:
+                info = f.read(4096)
+            birth = os.stat(self.paths.info(msgid)).st_mtime
+            with open(self._chan_path(channel, msgid), "rb") as f:
+                records = parse_channel(f.read(64 << 20))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log(f"warning: trouble opening {channel.dirname}/{msgid}: {e.strerror}; will try again later")
+            self.channels[channel].schedule_at(msgid, now + 123)
+            return None
+        recs = parse_records(info)
+        sender = recs[0].value if recs and recs[0].kind == "F" else ""
+        todo = [r for r in records if not r.done]
+        return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime), todo)
+
+    def report(self, req: DeliveryRequest, kind: str, text: str) -> None:
+        """A delivery finished: K success, Z temporary, D permanent."""
+        state = self.channels[req.channel]
+        state.active -= 1
+        ps = state.passes.get(req.msgid)
+        if ps is None:
+            return
+        ps.outstanding -= 1
+        if kind == "Z" and ps.dying:
+            kind, text = "D", text + ("" if text.endswith("\n") else "\n") + DYING_TEXT
+        if kind == "D":
+            self._add_bounce(req, text)
+        if kind in ("K", "D"):
+            self._mark_done(req)
+        else:
+            ps.deferred = True
+        if ps.finished:
+            self._pass_finished(state, ps)
+
+    def _pass_finished(self, state: ChannelState, ps: Pass) -> None:
+        del state.passes[ps.msgid]
+        if ps.deferred:
+            state.schedule_at(ps.msgid, next_retry(ps.birth, ps.started, state.channel))
+            return
+        _unlink_quiet(self._chan_path(state.channel, ps.msgid))
+        other = Channel.REMOTE if state.channel is Channel.LOCAL else Channel.LOCAL
+        if not os.path.exists(self._chan_path(other, ps.msgid)):
+            self.message_done(ps.msgid)
+
+    def _mark_done(self, req: DeliveryRequest) -> None:
+        try:
+            fd = os.open(self._chan_path(req.channel, req.msgid), os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"D", req.offset)
+            finally:
+                os.close(fd)
+        except OSError:
+            log(f"warning: trouble marking {req.channel.dirname}/{req.msgid}; "
+                "message will be delivered twice!")
+
+    def _add_bounce(self, req: DeliveryRequest, text: str) -> None:
+        addr = strip_virtual_prepend(req.recipient, self.rules, self.vmap)
+        note = bounce_note(addr, text)
+        while True:
+            try:
+                fd = os.open(self.paths.bounce(req.msgid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    _write_all(fd, encode(note))
+                finally:
+                    os.close(fd)
+                return
+            except OSError:
+                log("alert: unable to append to bounce message; HELP! sleeping...")
+                time.sleep(10)
+
+    # ------------------------------------------------------------ completion
+    def message_done(self, msgid: int) -> bool:
+        """messdone: inject the bounce if any, remove info, ask for mess/intd removal."""
+        p = self.paths
+        if os.path.exists(p.todo(msgid)):
+            return False
+        if not self._inject_bounce(msgid):
+            self.done_retry[msgid] = self.clock() + 123  # SLEEP_SYSFAIL
+            return False
+        self.done_retry.pop(msgid, None)
+        log(f"end msg {msgid}")
+        _unlink_quiet(p.info(msgid))
+        if self.clean(f"foop/{msgid}") != b"+":
+            log(f"warning: qmail-clean unable to clean up foop/{msgid}")
+        return True
+
+    def _inject_bounce(self, msgid: int) -> bool:
+        p = self.paths
+        try:
+            with open(p.bounce(msgid), "rb") as f:
+                notes = f.read(16 << 20)
+        except FileNotFoundError:
+            return True
+        try:
+            with open(p.info(msgid), "rb") as f:
+                recs = parse_records(f.read(4096))
+        except FileNotFoundError:
+            recs = []
+        sender = recs[0].value if recs and recs[0].kind == "F" else ""
+        c = self.controls
+        target = bounce_target(sender, c.doublebounceto, c.doublebouncehost)
+        if target is None:
+            log(f"triple bounce: discarding bounce/{msgid}")
+            _unlink_quiet(p.bounce(msgid))
+            return True
+        head = compose_bounce(target=target, original_sender=sender, notes=notes,
+                              bouncefrom=c.bouncefrom, bouncehost=c.bouncehost)
+        ok, text = self.inject(target.envelope_sender, [target.recipient], head, msgid)
+        if not ok:
+            log(f"warning: trouble injecting bounce message, will try later ({text})")
+            return False
+        log(f"bounce msg {msgid} qp {text}")
+        _unlink_quiet(p.bounce(msgid))
+        return True
+
+    def sweep(self) -> int:
+        """Crash leftovers: mess files older than 36 h with neither info nor todo are
+        removed, with their intd file, through the cleaner (qmail-send's cleanup_do;
+        intd/ itself is not readable by the scanner, and never outlives its mess)."""
+        now = self.clock()
+        info = set(self.paths.ids_in("info"))
+        todo = set(self.paths.ids_in("todo"))
+        removed = 0
+        for msgid in self.paths.ids_in("mess"):
+            if msgid in info or msgid in todo:
+                continue
+            try:
+                st = os.stat(self.paths.mess(msgid))
+            except OSError:
+                continue
+            if now - st.st_atime > OSSIFIED and self.clean(f"foop/{msgid}") == b"+":
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------ helpers
+    def _chan_path(self, channel: Channel, msgid: int) -> os.PathLike[str] | str:
+        return self.paths.split_file(channel.dirname, msgid)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "local_pending": len(self.channels[Channel.LOCAL].scheduled) + len(self.channels[Channel.LOCAL].passes),
+            "remote_pending": len(self.channels[Channel.REMOTE].scheduled)
+            + len(self.channels[Channel.REMOTE].passes),
+            "local_active": self.channels[Channel.LOCAL].active,
+            "remote_active": self.channels[Channel.REMOTE].active,
+        }
+
+    def flush(self) -> None:
+        """ALRM: every scheduled entry becomes due now."""
+        now = self.clock()
+        for state in self.channels.values():
+            for msgid in list(state.scheduled):
+                state.schedule_at(msgid, now)
+
+    def retry_done(self) -> None:
+        now = self.clock()
+        for msgid, due in list(self.done_retry.items()):
+            if due <= now:
+                self.message_done(msgid)
+
+    def next_wakeup(self) -> float | None:
+        dues = [d for s in self.channels.values() if s.enabled and (d := s.next_due()) is not None]
+        dues += self.done_retry.values()
+        return min(dues) if dues else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unlink_quiet(path: os.PathLike[str] | str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

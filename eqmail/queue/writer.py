@@ -1,0 +1,288 @@
+"""qmail-queue and qmail-clean: the only code that creates or removes queue entries.
+
+Runs inside the queue-writer worker as eqmailq (or the invoking user for a private
+instance), with the queue directory as its only writable place.
+
+qmail's states (INTERNALS, qmail-core §1.3):
+
+    S1  nothing
+    S2  +mess                      (pid/ name linked to mess/<n>/<id>; id = inode)
+    S3  +mess +intd                (envelope written)
+    S4  +mess ?intd +todo          queued: the intd -> todo link is THE commit point
+    S5  +mess -intd -todo +info    preprocessed by the scanner
+
+Order per message, as qmail-queue: create ``pid/<qp>.<time>.<seq>`` O_EXCL, fstat for
+the inode, link it to ``mess/<id%23>/<id>``, unlink the pid name, write the Received
+line and the body; create ``intd/<id%23>/<id>`` O_EXCL with ``u``/``p``/``F``/``T``
+records; make mess and intd durable; link intd to ``todo/<id%23>/<id>``; make that link
+durable (eqmail is stricter than qmail-queue, which never fsyncs todo/); only then answer.
+
+Durability is batched (group commit, DESIGN §6): every message that is complete when
+the committer is free goes into one batch: create their intd files, one ``syncfs``,
+link them all, a second ``syncfs`` plus fsync of the touched todo/N directories, then all
+answers.  A batch of one uses fdatasync of its two files and directory fsyncs instead.
+Any error is a qmail-queue exit code for every message of the batch, and what was
+created is removed, so nothing half-written is ever acknowledged or left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eqmail.dates import date822
+from eqmail.ipc import QQExit
+from eqmail.queue.envelope import Envelope, todo_bytes
+from eqmail.queue.layout import SPLIT, QueuePaths
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+OSSIFIED = 129600  # 36 h: pid/ leftovers older than this are removed (qmail-clean)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2), which (since Linux 5.8) reports write-back errors; os.sync() never does."""
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class QueueFailure(Exception):
+    def __init__(self, code: QQExit, detail: str = "") -> None:
+        super().__init__(f"{code.name}: {detail}")
+        self.code = code
+
+
+@dataclass
+class PendingMessage:
+    """A message being written (S2) or waiting for the committer."""
+
+    msgid: int
+    qp: int
+    mess_fd: int
+    uid: int
+    envelope: Envelope | None = None
+    intd_fd: int = -1
+    linked: bool = False
+    result: QQExit | None = None
+    bytes_written: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def received_line(qp: int, who: str, now: float | None = None) -> bytes:
+    return f"Received: (qmail {qp} invoked {who}); {date822(now)}\n".encode()
+
+
+class QueueStore:
+    """The file operations; one instance per queue.  Not thread-safe by itself: the
+    worker calls start/write/abort from its event loop and commit from one thread."""
+
+    def __init__(self, queue_root: Path) -> None:
+        self.paths = QueuePaths(queue_root)
+        self.root_fd = os.open(queue_root, os.O_RDONLY | os.O_DIRECTORY)
+        self._seq = 0
+
+    # -- S1 -> S2 -------------------------------------------------------------
+    def start(self, qp: int, uid: int, received: bytes) -> PendingMessage:
+        now = int(time.time())
+        fd = -1
+        pidname = ""
+        for seq in range(1, 10):
+            pidname = f"{qp}.{now}.{seq}"
+            try:
+                fd = os.open(self.paths.pid(pidname), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise QueueFailure(QQExit.PID_DIR, str(e)) from e
+        if fd < 0:
+            raise QueueFailure(QQExit.PID_DIR, "no free pid name")
+        msgid = os.fstat(fd).st_ino
+        try:
+            try:
+                os.link(self.paths.pid(pidname), self.paths.mess(msgid))
+            except OSError as e:
+                raise QueueFailure(QQExit.MESS_DIR, str(e)) from e
+            finally:
+                try:
+                    os.unlink(self.paths.pid(pidname))
+                except OSError:
+                    pass
+            msg = PendingMessage(msgid=msgid, qp=qp, mess_fd=fd, uid=uid)
+            self.write(msg, received)
+            return msg
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def write(self, msg: PendingMessage, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(msg.mess_fd, view)
+            except OSError as e:
+                raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+            view = view[n:]
+            msg.bytes_written += n
+
+    def abort(self, msg: PendingMessage) -> None:
+        """Remove whatever this message created (qmail-queue's cleanup on error)."""
+        for fd in (msg.intd_fd, msg.mess_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        msg.intd_fd = msg.mess_fd = -1
+        if msg.linked:
+            _unlink(self.paths.todo(msg.msgid))
+        _unlink(self.paths.intd(msg.msgid))
+        try:
+            os.truncate(self.paths.mess(msg.msgid), 0)
+        except OSError:
+            pass
+        _unlink(self.paths.mess(msg.msgid))
+
+    # -- S2 -> S4 -------------------------------------------------------------
+    def commit(self, batch: list[PendingMessage]) -> None:
+        """Commit every message of ``batch``; sets ``msg.result`` for each."""
+        live: list[PendingMessage] = []
+        for msg in batch:
+            try:
+                self._write_intd(msg)
+                live.append(msg)
+            except QueueFailure as e:
+                msg.result = e.code
+                self.abort(msg)
+        if not live:
+            return
+        try:
+            self._barrier_files(live)
+            for msg in live:
+                try:
+                    os.link(self.paths.intd(msg.msgid), self.paths.todo(msg.msgid))
+                except OSError as e:
+                    raise QueueFailure(QQExit.TODO_DIR, str(e)) from e
+                msg.linked = True
+            self._barrier_links(live)
+        except (QueueFailure, OSError) as e:
+            code = e.code if isinstance(e, QueueFailure) else QQExit.WRITE_ERROR
+            for msg in live:
+                msg.result = code
+                self.abort(msg)
+            return
+        for msg in live:
+            for fd in (msg.intd_fd, msg.mess_fd):
+                os.close(fd)
+            msg.intd_fd = msg.mess_fd = -1
+            msg.result = QQExit.OK
+
+    def _write_intd(self, msg: PendingMessage) -> None:
+        assert msg.envelope is not None
+        try:
+            fd = os.open(self.paths.intd(msg.msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise QueueFailure(QQExit.INTD_DIR, str(e)) from e
+        msg.intd_fd = fd
+        data = memoryview(todo_bytes(msg.uid, msg.qp, msg.envelope))
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+
+    def _barrier_files(self, live: list[PendingMessage]) -> None:
+        """mess and intd contents (and the mess directory entries) on disk."""
+        try:
+            if len(live) == 1:
+                msg = live[0]
+                os.fdatasync(msg.mess_fd)
+                os.fdatasync(msg.intd_fd)
+                fsync_dir(self.paths.dir("mess") / str(msg.msgid % SPLIT))
+            else:
+                syncfs(self.root_fd)
+        except OSError as e:
+            raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+
+    def _barrier_links(self, live: list[PendingMessage]) -> None:
+        """The todo links on disk: only after this may anyone hear 'queued'."""
+        try:
+            if len(live) > 1:
+                syncfs(self.root_fd)
+            for split in sorted({m.msgid % SPLIT for m in live}):
+                fsync_dir(self.paths.dir("todo") / str(split))
+        except OSError as e:
+            raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+
+    # -- qmail-clean ----------------------------------------------------------
+    def clean(self, request: str) -> bytes:
+        """qmail-clean: ``foop/<id>`` removes intd+mess, ``todo/[<n>/]<id>`` removes
+        intd then todo.  Answers ``+`` (done; absent is fine), ``!`` or ``x``."""
+        if not 7 <= len(request) <= 100:
+            return b"x"
+        kind, _, rest = request.partition("/")
+        num = rest.rsplit("/", 1)[-1]
+        if kind not in ("foop", "todo") or not num.isdigit():
+            return b"x"
+        msgid = int(num)
+        targets = (
+            [self.paths.intd(msgid), self.paths.mess(msgid)]
+            if kind == "foop"
+            else [self.paths.intd(msgid), self.paths.todo(msgid)]
+        )
+        for path in targets:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return b"!"
+        return b"+"
+
+    def clean_pid_dir(self, now: float | None = None) -> int:
+        """Remove pid/ leftovers older than 36 h (qmail-clean at start and periodically)."""
+        now = time.time() if now is None else now
+        removed = 0
+        piddir = self.paths.dir("pid")
+        for name in os.listdir(piddir):
+            p = piddir / name
+            try:
+                if now - os.stat(p).st_atime > OSSIFIED:
+                    os.unlink(p)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+def failure_code(exc: BaseException) -> QQExit:
+    if isinstance(exc, QueueFailure):
+        return exc.code
+    if isinstance(exc, MemoryError):
+        return QQExit.NO_MEMORY
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return QQExit.WRITE_ERROR
+    return QQExit.BUG

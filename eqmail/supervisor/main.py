@@ -1,0 +1,540 @@
+"""The supervisor: qmail-start and tcpserver in one root process.
+
+Owns: the pid file and its lock (run/eqmail.pid), the log pipe, every listening socket,
+the status socket (run/status.sock), and the worker processes.  Single-threaded; signal
+handlers only record the signal (``signal.set_wakeup_fd``) and the loop acts on it
+through an explicit table.
+
+Start order: logger, queue writer, local delivery, scanner, then the listeners; a
+background start returns (through the readiness pipe of ``eqmailctl start``) only when
+each is ready.  A worker that exits is restarted with back-off (policy.py).  SIGHUP
+reparses control/ and, when it is valid, applies it as a diff; when it is not, the old
+configuration keeps running and status shows the errors.  SIGTERM stops the listeners
+first, then the scanner (which finishes or defers its deliveries), then the rest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from eqmail.control import Controls, ListenerSpec, load_controls
+from eqmail.errors import ControlErrors
+from eqmail.instance import Instance
+from eqmail.log import log
+from eqmail.supervisor.ids import Ids, SystemIds
+from eqmail.supervisor.policy import RestartState
+from eqmail.supervisor.spawn import Spawned, SpawnSpec, spawn
+from eqmail.workers.base import WorkerContext
+
+READY_TIMEOUT = 30.0
+
+
+class StartError(Exception):
+    pass
+
+
+@dataclass
+class Worker:
+    kind: str
+    name: str
+    entry: Callable[[WorkerContext], int]
+    role: str | None  # None: stays root (the local spawner)
+    extra: dict[str, Any] = field(default_factory=dict)
+    keep_fds: tuple[int, ...] = ()
+    proc: Spawned | None = None
+    ready: bool = False
+    state: str = "starting"
+    restart: RestartState = field(default_factory=RestartState)
+    restart_at: float | None = None
+    ready_r: int = -1
+    retired: bool = False  # stopped on purpose (reload diff or shutdown): do not restart
+    generation: int = 0
+    controls: Controls | None = None
+    spec: ListenerSpec | None = None
+
+    @property
+    def title(self) -> str:
+        return f"eqmail: {self.name}"
+
+
+def _entry(kind: str) -> Callable[[WorkerContext], int]:
+    # Imported in the supervisor before any fork: a worker that dropped privileges
+    # may not be able to read the package files any more.
+    from eqmail.workers import local, logger, queuewriter, scanner
+
+    table: dict[str, Callable[[WorkerContext], int]] = {
+        "logger": logger.run,
+        "queuewriter": queuewriter.run,
+        "local": local.run,
+        "scanner": scanner.run,
+    }
+    if kind == "listener":
+        from eqmail.workers import listener
+
+        return listener.run
+    return table[kind]
+
+
+class Supervisor:
+    def __init__(self, root: Any, foreground: bool = True, notify_fd: int = -1) -> None:
+        self.instance = Instance(root)
+        self.foreground = foreground
+        self.notify_fd = notify_fd
+        self.sel = selectors.DefaultSelector()
+        self.workers: list[Worker] = []
+        self.listen_socks: dict[str, socket.socket] = {}
+        self.started = time.time()
+        self.generation = 1
+        self.last_reload: dict[str, Any] = {"time": None, "ok": True, "errors": []}
+        self.stopping = False
+        self.pending_signals: list[int] = []
+
+    # ------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        self.controls = load_controls(self.instance.root)
+        self.ids = SystemIds.lookup()
+        run = self.instance.run
+        run.mkdir(exist_ok=True)
+        os.chmod(run, 0o755)
+        self.pid_fd = os.open(self.instance.pidfile, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartError("eqmail is already running for this instance") from None
+        os.ftruncate(self.pid_fd, 0)
+        os.write(self.pid_fd, f"{os.getpid()}\n".encode())
+        self._ensure_queue_files()
+        self.log_r, self.log_w = os.pipe()
+        self.out_fd = self._open_log_output()
+        for spec in self.controls.listen:
+            self.listen_socks[spec.key] = bind_listener(spec)
+        # Unix sockets are bound here, like the TCP ones, so a worker never needs write
+        # access to run/ and a restarted worker serves the same socket.
+        self.queue_sock = bind_unix(self.instance.queue_socket, 0o777, None)
+        send = self.ids["send"]
+        self.local_sock = bind_unix(self.instance.local_socket, 0o600,
+                                    (send.uid, send.gid) if self.ids.privileged else None)
+
+    def _ensure_queue_files(self) -> None:
+        lock = self.instance.queue / "lock"
+        trigger = lock / "trigger"
+        if not trigger.exists():
+            os.mkfifo(trigger, 0o622)
+        for name in ("sendmutex",):
+            p = lock / name
+            if not p.exists():
+                p.touch(0o600)
+        if self.ids.privileged:
+            send = self.ids["send"]
+            os.chown(trigger, send.uid, send.gid)
+            os.chown(lock / "sendmutex", send.uid, send.gid)
+
+    def _open_log_output(self) -> int:
+        if not self.controls.logfile:
+            return os.dup(1)
+        path = self.instance.root / self.controls.logfile
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if self.ids.privileged:
+            os.fchown(fd, self.ids["log"].uid, self.ids["log"].gid)
+        return fd
+
+    def _base_workers(self) -> list[Worker]:
+        return [
+            Worker("logger", "logger", _entry("logger"), "log",
+                   extra={"log_read_fd": self.log_r, "out_fd": self.out_fd},
+                   keep_fds=(self.log_r, self.out_fd)),
+            Worker("queuewriter", "queue writer", _entry("queuewriter"), "queue",
+                   extra={"socket_fd": self.queue_sock.fileno()}, keep_fds=(self.queue_sock.fileno(),)),
+            Worker("local", "local delivery", _entry("local"), None,
+                   extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
+            Worker("scanner", "scanner", _entry("scanner"), "send"),
+        ]
+
+    def _listener_worker(self, spec: ListenerSpec) -> Worker:
+        sock = self.listen_socks[spec.key]
+        return Worker("listener", f"listener {spec.service} {spec.display_address}",
+                      _entry("listener"), "daemon", extra={"socket_fd": sock.fileno(), "spec": spec},
+                      keep_fds=(sock.fileno(),), spec=spec)
+
+    # ------------------------------------------------------------ spawning
+    def start_worker(self, w: Worker) -> None:
+        ready_r, ready_w = os.pipe()
+        controls = w.controls or self.controls
+        ctx = WorkerContext(kind=w.kind, name=w.name, instance=self.instance, controls=controls,
+                            ids=self.ids, generation=w.generation or self.generation,
+                            ready_fd=ready_w, extra=dict(w.extra))
+        ids: Ids | None = None if w.role is None else self.ids[w.role]
+        groups = None
+        if ids is not None and self.ids.privileged:
+            groups = [ids.gid]
+        if not self.ids.privileged:
+            ids = None
+        spec = SpawnSpec(ctx=ctx, entry=w.entry, ids=ids, groups=groups, keep_fds=w.keep_fds,
+                         log_fd=self.log_w, title=w.title)
+        w.proc = spawn(spec)
+        os.close(ready_w)
+        w.ready_r = ready_r
+        w.ready = False
+        w.state = "starting"
+        w.generation = ctx.generation
+        w.restart.on_start(time.time())
+        w.restart_at = None
+        self.sel.register(ready_r, selectors.EVENT_READ, ("ready", w))
+        self.sel.register(w.proc.pidfd, selectors.EVENT_READ, ("exit", w))
+
+    def wait_ready(self, workers: list[Worker]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready for w in workers):
+            if time.monotonic() > deadline:
+                names = ", ".join(w.name for w in workers if not w.ready)
+                raise StartError(f"workers not ready after {READY_TIMEOUT:.0f}s: {names}")
+            self.poll(0.5)
+            for w in workers:
+                if w.proc is None and not w.ready:
+                    raise StartError(f"{w.name} exited during start-up (see the log)")
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> int:
+        try:
+            from setproctitle import setproctitle
+
+            setproctitle(f"eqmail: supervisor {self.instance.root}")
+        except ImportError:  # pragma: no cover
+            pass
+        self.prepare()
+        self._install_signals()
+        os.dup2(self.log_w, 2)  # from here on the supervisor's own lines go to the logger too
+        self.workers = self._base_workers()
+        for w in self.workers:
+            self.start_worker(w)
+            self.wait_ready([w])
+        for spec in self.controls.listen:
+            lw = self._listener_worker(spec)
+            self.workers.append(lw)
+            self.start_worker(lw)
+        self.wait_ready(self.workers)
+        self._open_status_socket()
+        log(f"status: eqmail started, pid {os.getpid()}, generation {self.generation}")
+        self._notify(b"ok\n")
+        while not self.stopping or any(w.proc for w in self.workers):
+            self.poll(1.0)
+            self._restart_due()
+            if self.stopping:
+                self._stop_step()
+        log("status: eqmail stopped")
+        return 0
+
+    def poll(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            kind, obj = key.data
+            if kind == "signal":
+                self._drain_signals()
+            elif kind == "ready":
+                self._on_ready(obj)
+            elif kind == "exit":
+                self._on_exit(obj)
+            elif kind == "status":
+                self._serve_status()
+        self._handle_signals()
+
+    def _on_ready(self, w: Worker) -> None:
+        try:
+            data = os.read(w.ready_r, 16)
+        except OSError:
+            data = b""
+        self.sel.unregister(w.ready_r)
+        os.close(w.ready_r)
+        w.ready_r = -1
+        if data.startswith(b"R"):
+            w.ready = True
+            w.state = "running"
+
+    def _on_exit(self, w: Worker) -> None:
+        assert w.proc is not None
+        self.sel.unregister(w.proc.pidfd)
+        os.close(w.proc.pidfd)
+        try:
+            _, status = os.waitpid(w.proc.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = -1
+        if w.ready_r >= 0:
+            self.sel.unregister(w.ready_r)
+            os.close(w.ready_r)
+            w.ready_r = -1
+        pid = w.proc.pid
+        w.proc = None
+        w.ready = False
+        if self.stopping or w.retired:
+            w.state = "stopped"
+            log(f"status: {w.name} (pid {pid}) exited with {code}")
+            if w.retired and not self.stopping:
+                self._retired_exit(w)
+            return
+        delay = w.restart.on_exit(time.time())
+        w.state = "backoff"
+        w.restart_at = time.time() + delay
+        log(f"alert: {w.name} (pid {pid}) exited with {code}; restarting in {delay:.0f}s")
+
+    def _restart_due(self) -> None:
+        if self.stopping:
+            return
+        now = time.time()
+        for w in self.workers:
+            if w.proc is None and w.restart_at is not None and w.restart_at <= now and not w.retired:
+                self.start_worker(w)
+
+    # ------------------------------------------------------------ signals
+    def _install_signals(self) -> None:
+        self.sig_r, self.sig_w = os.pipe()
+        os.set_blocking(self.sig_r, False)
+        os.set_blocking(self.sig_w, False)
+        signal.set_wakeup_fd(self.sig_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        self.sel.register(self.sig_r, selectors.EVENT_READ, ("signal", None))
+
+    def _drain_signals(self) -> None:
+        try:
+            data = os.read(self.sig_r, 512)
+        except BlockingIOError:
+            return
+        self.pending_signals.extend(data)
+
+    def _handle_signals(self) -> None:
+        sigs, self.pending_signals = self.pending_signals, []
+        actions = {
+            signal.SIGTERM: self.begin_stop,
+            signal.SIGINT: self.begin_stop,
+            signal.SIGHUP: self.reload,
+            signal.SIGALRM: self.flush,
+        }
+        seen: set[int] = set()
+        for s in sigs:
+            if s in actions and s not in seen:  # a storm of HUPs is one reload
+                seen.add(s)
+                actions[signal.Signals(s)]()
+
+    def flush(self) -> None:
+        for w in self.workers:
+            if w.kind == "scanner" and w.proc is not None:
+                os.kill(w.proc.pid, signal.SIGALRM)
+
+    # ------------------------------------------------------------ stop
+    def begin_stop(self) -> None:
+        if self.stopping:
+            return
+        log("status: stopping")
+        self.stopping = True
+        self.stop_phase = 0
+        self._stop_step()
+
+    STOP_ORDER = (("listener",), ("scanner",), ("local", "queuewriter"), ("logger",))
+
+    def _stop_step(self) -> None:
+        while self.stop_phase < len(self.STOP_ORDER):
+            kinds = self.STOP_ORDER[self.stop_phase]
+            alive = [w for w in self.workers if w.kind in kinds and w.proc is not None]
+            if alive:
+                for w in alive:
+                    if w.state != "stopping":
+                        w.state = "stopping"
+                        os.kill(w.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+                return
+            self.stop_phase += 1
+            if self.stop_phase == len(self.STOP_ORDER) - 1:
+                os.dup2(self.out_fd, 2)  # the logger goes last; keep our own lines visible
+
+    # ------------------------------------------------------------ reload
+    def reload(self) -> None:
+        try:
+            new = load_controls(self.instance.root)
+        except ControlErrors as e:
+            self.last_reload = {"time": time.time(), "ok": False, "errors": [str(x) for x in e.errors]}
+            for err in e.errors:
+                log(f"alert: reload refused: {err}")
+            return
+        self.generation += 1
+        self.last_reload = {"time": time.time(), "ok": True, "errors": []}
+        old = self.controls
+        self.controls = new
+        log(f"status: reloading control files, generation {self.generation}")
+        self._apply_listener_diff(old, new)
+        for w in self.workers:
+            if w.kind in ("scanner", "local") and w.proc is not None:
+                self._replace(w)
+
+    def _replace(self, w: Worker) -> None:
+        """Stop ``w`` gracefully and start its successor with the new controls when it
+        has exited (the scanner must never run twice at once)."""
+        w.retired = True
+        w.state = "stopping"
+        assert w.proc is not None
+        os.kill(w.proc.pid, signal.SIGTERM)
+
+    def _retired_exit(self, w: Worker) -> None:
+        if w.kind == "listener":
+            self.workers.remove(w)
+            return
+        successor = Worker(w.kind, w.name, w.entry, w.role, extra=w.extra, keep_fds=w.keep_fds,
+                           restart=w.restart)
+        self.workers[self.workers.index(w)] = successor
+        self.start_worker(successor)
+
+    def _apply_listener_diff(self, old: Controls, new: Controls) -> None:
+        old_specs = {s.key: s for s in old.listen}
+        new_specs = {s.key: s for s in new.listen}
+        for key, spec in new_specs.items():
+            if key in old_specs and old_specs[key] == spec:
+                # unchanged socket and options: a fresh generation picks up other controls
+                pass
+            if key not in self.listen_socks:
+                try:
+                    self.listen_socks[key] = bind_listener(spec)
+                except OSError as e:
+                    log(f"alert: cannot bind {spec.display_address}: {e.strerror}")
+                    continue
+        for w in [w for w in self.workers if w.kind == "listener" and w.proc is not None]:
+            w.retired = True
+            w.state = "stopping"
+            os.kill(w.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        for key, spec in new_specs.items():
+            if key in self.listen_socks:
+                lw = self._listener_worker(spec)
+                self.workers.append(lw)
+                self.start_worker(lw)
+        for key in set(old_specs) - set(new_specs):
+            sock = self.listen_socks.pop(key, None)
+            if sock is not None:
+                sock.close()
+
+    # ------------------------------------------------------------ status
+    def _open_status_socket(self) -> None:
+        path = str(self.instance.status_socket)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.status_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.status_sock.bind(path)
+        os.chmod(path, 0o666)
+        self.status_sock.listen(16)
+        self.status_sock.setblocking(False)
+        self.sel.register(self.status_sock, selectors.EVENT_READ, ("status", None))
+
+    def _serve_status(self) -> None:
+        try:
+            conn, _ = self.status_sock.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(2.0)
+            conn.recv(64)  # the request line ("status"); read first so the client's send succeeds
+            conn.sendall(json.dumps(self.status()).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        from eqmail.supervisor.status import queue_counts, read_title
+
+        workers = []
+        for w in self.workers:
+            pid = w.proc.pid if w.proc else 0
+            uid, gid = _proc_ids(pid) if pid else (-1, -1)
+            workers.append({"kind": w.kind, "name": w.name, "pid": pid, "uid": uid, "gid": gid,
+                            "state": w.state, "restarts": w.restart.restarts,
+                            "generation": w.generation, "title": read_title(pid) if pid else ""})
+        listeners = [{"service": s.service, "address": s.address, "port": _bound_port(self.listen_socks.get(s.key)),
+                      "concurrency": s.concurrency} for s in self.controls.listen]
+        return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+                "generation": self.generation, "last_reload": self.last_reload,
+                "workers": workers, "listeners": listeners,
+                "queue": queue_counts(self.instance.queue)}
+
+    def _notify(self, data: bytes) -> None:
+        if self.notify_fd >= 0:
+            try:
+                os.write(self.notify_fd, data)
+                os.close(self.notify_fd)
+            except OSError:
+                pass
+            self.notify_fd = -1
+        if os.environ.get("NOTIFY_SOCKET"):
+            _sd_notify(b"READY=1")
+
+
+def _bound_port(sock: socket.socket | None) -> int:
+    if sock is None:
+        return 0
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:
+        return 0
+
+
+def _proc_ids(pid: int) -> tuple[int, int]:
+    uid = gid = -1
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+    except OSError:
+        pass
+    return uid, gid
+
+
+def _sd_notify(msg: bytes) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(msg, addr)
+    except OSError:
+        pass
+
+
+def bind_unix(path: Any, mode: int, owner: tuple[int, int] | None) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, *owner)
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_listener(spec: ListenerSpec) -> socket.socket:
+    """Bind one listening socket (tcpserver's job).  v6 sockets are IPV6_V6ONLY so v4
+    and v6 are separate listeners."""
+    family = socket.AF_INET6 if spec.family_v6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((spec.address, spec.port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,116 @@
+"""Spawn mechanics: fork a worker, set it up, drop privileges, call its run().
+
+Only system calls here; the decisions (which workers, when to restart) live in
+policy.py and main.py.  A worker is a plain ``os.fork`` and the supervisor selects on a
+pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess`` library's fork
+Process was tried: its exit sentinel is a pipe whose write end the child must keep open,
+which conflicts with closing every inherited fd — see docs/design-notes.md.)
+
+In the child, before the worker's code runs: signal handlers back to defaults and the
+supervisor's wakeup fd cleared; stdin from /dev/null; fd 2 pointed at the logger's pipe;
+every inherited fd closed except the ones the worker is given; the process title set;
+privileges dropped and checked; the parent-death signal armed (after the drop, which
+clears it) so that a kill -9 of the supervisor leaves no worker serving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from eqmail.supervisor.ids import Ids
+from eqmail.supervisor.privileges import PrivilegeError, drop_to
+from eqmail.workers.base import WorkerContext
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class SpawnSpec:
+    ctx: WorkerContext
+    entry: Callable[[WorkerContext], int]
+    ids: Ids | None  # None: keep the current ids (root for the local spawner)
+    groups: list[int] | None
+    keep_fds: tuple[int, ...]
+    log_fd: int
+    title: str
+
+
+def _child_setup(spec: SpawnSpec, supervisor_pid: int) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM,
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # socket writes report EPIPE instead
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if spec.log_fd >= 0 and spec.log_fd != 2:
+        os.dup2(spec.log_fd, 2)
+    os.close(devnull)
+    keep = {0, 1, 2, *spec.keep_fds}
+    if spec.ctx.ready_fd >= 0:
+        keep.add(spec.ctx.ready_fd)
+    _close_other_fds(keep)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(spec.title)
+    except ImportError:  # pragma: no cover
+        pass
+    if spec.ids is not None:
+        drop_to(spec.ids.uid, spec.ids.gid, spec.groups)
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise PrivilegeError("prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != supervisor_pid:  # the supervisor died before the signal was armed
+        os._exit(111)
+
+
+def _close_other_fds(keep: set[int]) -> None:
+    try:
+        fds = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _worker_main(spec: SpawnSpec, supervisor_pid: int) -> None:
+    try:
+        _child_setup(spec, supervisor_pid)
+        code = spec.entry(spec.ctx)
+    except PrivilegeError as e:
+        os.write(2, f"alert: {spec.title}: {e}\n".encode())
+        code = 111
+    except BaseException as e:  # noqa: BLE001 - last resort: log and exit "temporary failure"
+        import traceback
+
+        os.write(2, f"alert: {spec.title} crashed: {e!r}\n".encode())
+        for line in traceback.format_exc().splitlines():
+            os.write(2, f"alert:   {line}\n".encode())
+        code = 111
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@dataclass
+class Spawned:
+    pid: int
+    pidfd: int  # readable once the worker exited
+
+
+def spawn(spec: SpawnSpec) -> Spawned:
+    supervisor = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        _worker_main(spec, supervisor)  # never returns
+    return Spawned(pid, os.pidfd_open(pid))

@@ -1,0 +1,67 @@
+"""The logger worker (splogger/multilog), running as eqmaill.
+
+Reads the log pipe that every process's fd 2 points at and writes each line with a
+timestamp to stdout (systemd, daemontools, a terminal) or to the log file the supervisor
+opened for it (control/logfile).  Lines are at most 4000 bytes; a longer one is cut.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from eqmail.workers.base import WorkerContext
+
+MAX_LINE = 4000
+
+
+def _stamp() -> bytes:
+    t = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)).encode() + b".%06d " % int((t % 1) * 1e6)
+
+
+def run(ctx: WorkerContext) -> int:
+    rfd: int = ctx.extra["log_read_fd"]
+    out: int = ctx.extra["out_fd"]
+    stopping = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    os.set_blocking(rfd, False)
+    ctx.ready()
+    pending = b""
+    import select
+
+    while True:
+        ready, _, _ = select.select([rfd], [], [], 0.2)
+        if not ready:
+            if stopping:
+                break
+            continue
+        try:
+            data = os.read(rfd, 65536)
+        except BlockingIOError:
+            continue
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        pending += data
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        if len(pending) > MAX_LINE:
+            lines.append(pending[:MAX_LINE])
+            pending = b""
+        stamp = _stamp()
+        out_data = b"".join(stamp + ln[:MAX_LINE] + b"\n" for ln in lines)
+        try:
+            os.write(out, out_data)
+        except OSError:
+            pass
+    if pending:
+        os.write(out, _stamp() + pending + b"\n")
+    return 0

@@ -1,0 +1,251 @@
+"""The queue-writer worker (qmail-queue + qmail-clean), running as eqmailq.
+
+Serves ``run/queue.sock`` (mode 0777: any local user may inject, as with setuid
+qmail-queue).  The client's uid comes from SO_PEERCRED, never from the client: it goes
+into the ``u`` record and picks the ``invoked ...`` text of the Received line.
+Clean requests (``C`` frames) are honoured only from the scanner's uid (or root).
+
+An asyncio loop (uvloop when available) reads frames and streams body chunks into the
+mess file as they arrive; complete messages are handed to one committer thread, which
+commits whatever is pending when it becomes free (group commit, see
+eqmail.queue.writer).  Answers go back through the loop.  A client that disconnects
+before its envelope arrived gets nothing queued: its mess file is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue as queue_mod
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from eqmail.ipc import HEADER, ProtocolError, QQExit, QueueAnswer, check_header, frame, peer_uid
+from eqmail.log import log
+from eqmail.queue.envelope import EnvelopeError, parse_queue_envelope
+from eqmail.queue.writer import (
+    PendingMessage,
+    QueueFailure,
+    QueueStore,
+    failure_code,
+    received_line,
+)
+from eqmail.workers.base import WorkerContext
+
+ROLES = {"network": "from network", "bounce": "for bounce", "alias": "by alias"}
+
+
+class QPCounter:
+    """The ``qp`` trace number of each message (qmail used qmail-queue's pid; one
+    long-lived writer has one pid, so eqmail numbers messages instead)."""
+
+    def __init__(self) -> None:
+        self._next = (os.getpid() * 1000 + int(time.time()) % 1000) % 2_000_000_000 + 1
+
+    def take(self) -> int:
+        n = self._next
+        self._next = n + 1 if n < 2_000_000_000 else 1
+        return n
+
+
+class Committer(threading.Thread):
+    """Commits batches of complete messages; calls ``done(msg)`` in the loop thread."""
+
+    def __init__(self, store: QueueStore, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="committer", daemon=True)
+        self.store = store
+        self.loop = loop
+        self.pending: queue_mod.SimpleQueue[tuple[PendingMessage, Callable[[PendingMessage], None]]] = (
+            queue_mod.SimpleQueue()
+        )
+
+    def submit(self, msg: PendingMessage, done: Callable[[PendingMessage], None]) -> None:
+        self.pending.put((msg, done))
+
+    def run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while True:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue_mod.Empty:
+                    break
+            msgs = [m for m, _ in batch]
+            try:
+                self.store.commit(msgs)
+            except BaseException as e:  # never leave a client without an answer
+                log(f"alert: queue commit failed: {e!r}")
+                for m in msgs:
+                    if m.result is None:
+                        m.result = failure_code(e)
+                        self.store.abort(m)
+            for m, done in batch:
+                self.loop.call_soon_threadsafe(done, m)
+
+
+class QueueProtocol(asyncio.Protocol):
+    def __init__(self, server: QueueServer) -> None:
+        self.server = server
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.uid = -1
+        self.who = ""
+        self.msg: PendingMessage | None = None
+        self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
+        self.waiting = False
+
+    # -- connection -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio subclasses
+        sock = transport.get_extra_info("socket")
+        self.uid = peer_uid(sock) if sock is not None else -1
+        self.who = self.server.ids.who_for_uid(self.uid)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.msg is not None and not self.waiting:
+            self.server.store.abort(self.msg)
+        self.msg = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        try:
+            self._drain()
+        except ProtocolError as e:
+            log(f"warning: queue client uid {self.uid}: {e}")
+            self._drop()
+
+    def _drain(self) -> None:
+        buf = self.buf
+        pos = 0
+        while len(buf) - pos >= HEADER.size and not self.waiting:
+            kind, length = check_header(bytes(buf[pos : pos + HEADER.size]))
+            if len(buf) - pos - HEADER.size < length:
+                break
+            start = pos + HEADER.size
+            payload = bytes(buf[start : start + length])
+            pos = start + length
+            self._frame(kind, payload)
+        del buf[:pos]
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- frames ---------------------------------------------------------------
+    def _frame(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"B":
+            self._body(payload)
+        elif kind == b"E":
+            self._envelope(payload)
+        elif kind == b"H":
+            self._hello(payload)
+        elif kind == b"C":
+            self._clean(payload)
+        else:
+            raise ProtocolError(f"unexpected frame {kind!r}")
+
+    def _hello(self, payload: bytes) -> None:
+        role = payload.decode("ascii", "replace")
+        trusted = self.uid in (0, os.getuid())
+        if trusted and role in ROLES:
+            self.who = ROLES[role]
+
+    def _ensure_message(self) -> PendingMessage | None:
+        if self.msg is None and self.failed is None:
+            qp = self.server.qp.take()
+            try:
+                self.msg = self.server.store.start(qp, self.uid, received_line(qp, self.who))
+            except (QueueFailure, OSError) as e:
+                self.failed = failure_code(e)
+                log(f"warning: cannot create message in queue: {e}")
+        return self.msg
+
+    def _body(self, payload: bytes) -> None:
+        msg = self._ensure_message()
+        if msg is None:
+            return
+        try:
+            self.server.store.write(msg, payload)
+        except QueueFailure as e:
+            self.failed = e.code
+            self.server.store.abort(msg)
+            self.msg = None
+
+    def _envelope(self, payload: bytes) -> None:
+        msg = self._ensure_message()
+        if msg is None or self.failed is not None:
+            self._answer(QueueAnswer(int(self.failed or QQExit.BUG), 0, 0))
+            return
+        try:
+            msg.envelope = parse_queue_envelope(payload)
+        except EnvelopeError as e:
+            self.server.store.abort(msg)
+            self.msg = None
+            self._answer(QueueAnswer(e.code, msg.qp, 0))
+            return
+        self.waiting = True
+        self.server.committer.submit(msg, self._committed)
+
+    def _committed(self, msg: PendingMessage) -> None:
+        self.waiting = False
+        self.msg = None
+        code = int(msg.result if msg.result is not None else QQExit.BUG)
+        self._answer(QueueAnswer(code, msg.qp, msg.msgid if code == 0 else 0))
+        if self.buf:
+            self.data_received(b"")
+
+    def _answer(self, ans: QueueAnswer) -> None:
+        self.failed = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(b"R", ans.encode()))
+
+    def _clean(self, payload: bytes) -> None:
+        allowed = {0, os.getuid(), self.server.ids["send"].uid}
+        if self.uid not in allowed:
+            raise ProtocolError("clean request from a uid that is not the scanner's")
+        answer = self.server.store.clean(payload.decode("ascii", "replace"))
+        assert self.transport is not None
+        self.transport.write(frame(b"K", answer))
+
+
+class QueueServer:
+    def __init__(self, ctx: WorkerContext, loop: asyncio.AbstractEventLoop) -> None:
+        self.ctx = ctx
+        self.ids = ctx.ids
+        self.store = QueueStore(ctx.instance.queue)
+        self.qp = QPCounter()
+        self.committer = Committer(self.store, loop)
+
+
+def run(ctx: WorkerContext) -> int:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    os.umask(0o033)
+    server = QueueServer(ctx, loop)
+    removed = server.store.clean_pid_dir()
+    if removed:
+        log(f"queue writer: removed {removed} stale pid/ files")
+    server.committer.start()
+    sock = socket.socket(fileno=ctx.extra["socket_fd"])  # bound by the supervisor
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    async def main() -> None:
+        srv = await loop.create_unix_server(lambda: QueueProtocol(server), sock=sock)
+        ctx.ready()
+        await stop.wait()
+        srv.close()
+        # let committed answers and in-flight commits go out before exiting
+        await asyncio.sleep(0.2)
+
+    loop.run_until_complete(main())
+    return 0

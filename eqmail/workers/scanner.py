@@ -1,0 +1,327 @@
+"""The scanner worker (qmail-send), running as eqmails.
+
+Wakes on: watchdog events in queue/todo (inotify), the qmail trigger FIFO
+(lock/trigger, for compatibility with anything that pulls it), delivery reports from
+the local (and later remote) delivery workers, its timers (next scheduled pass, a
+periodic rescan of todo/ that backs up lost events, the 36 h cleanup sweep) and signals
+(TERM: graceful stop; ALRM: flush).  Events only wake it: the directories are the truth.
+
+Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
+the local delivery worker (run/local.sock, delivery requests ``D`` / reports ``r``).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from eqmail.ipc import HEADER, ProtocolError, check_header, frame
+from eqmail.log import log, sanitize
+from eqmail.queue.client import QueueConnection, submit
+from eqmail.queue.layout import QueuePaths
+from eqmail.queue.manager import DeliveryRequest, QueueManager
+from eqmail.queue.schedule import Channel
+from eqmail.textio import decode, encode
+from eqmail.workers.base import WorkerContext
+
+RESCAN_INTERVAL = 60.0  # backs up watchdog; qmail-send rescans todo every 25 min
+SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
+STOP_GRACE = 60.0
+
+
+@dataclass
+class Slot:
+    number: int
+    request: DeliveryRequest
+    delivery: int  # the number in qmail's "starting delivery N" log lines
+
+
+class DeliveryChannel:
+    """A framed connection to a delivery worker, with slot numbers like qmail's spawn."""
+
+    def __init__(self, channel: Channel, path: str, concurrency: int) -> None:
+        self.channel = channel
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.buf = bytearray()
+        self.slots: dict[int, Slot] = {}
+        self.free = list(range(max(concurrency, 1) * 2))
+
+    def connect(self) -> bool:
+        if self.sock is not None:
+            return True
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(self.path)
+        except OSError:
+            return False
+        s.setblocking(False)
+        self.sock = s
+        return True
+
+    def send(self, req: DeliveryRequest, delivery: int) -> bool:
+        if not self.connect() or not self.free:
+            return False
+        assert self.sock is not None
+        num = self.free.pop()
+        payload = f"{num}\0{req.msgid}\0".encode() + encode(req.sender) + b"\0" + encode(req.recipient) + b"\0"
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(frame(b"D", payload))
+            self.sock.setblocking(False)
+        except OSError:
+            self.free.append(num)
+            return False
+        self.slots[num] = Slot(num, req, delivery)
+        return True
+
+    def read_reports(self) -> list[tuple[Slot, str, str]] | None:
+        """Reports now readable; None when the worker went away."""
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            return None
+        self.buf += data
+        out = []
+        while len(self.buf) >= HEADER.size:
+            kind, length = check_header(bytes(self.buf[: HEADER.size]))
+            if len(self.buf) < HEADER.size + length:
+                break
+            payload = bytes(self.buf[HEADER.size : HEADER.size + length])
+            del self.buf[: HEADER.size + length]
+            if kind != b"r":
+                raise ProtocolError(f"unexpected frame {kind!r} from delivery worker")
+            num_text, _, report = payload.partition(b"\0")
+            slot = self.slots.pop(int(num_text), None)
+            if slot is None:
+                continue
+            self.free.append(slot.number)
+            text = decode(report[1:])
+            letter = chr(report[0]) if report else "Z"
+            if letter not in "KZD":
+                letter, text = "Z", "report mangled, will defer"
+            out.append((slot, letter, text))
+        return out
+
+    def lost(self) -> list[DeliveryRequest]:
+        """The worker died: every outstanding delivery counts as deferred."""
+        reqs = [s.request for s in self.slots.values()]
+        self.free.extend(self.slots)
+        self.slots.clear()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.buf.clear()
+        return reqs
+
+
+class Scanner:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.root = ctx.instance.root
+        self.paths = QueuePaths(ctx.instance.queue)
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.queue_conn: QueueConnection | None = None
+        self.manager = QueueManager(ctx.controls, self.paths, self._clean, self._inject)
+        self.channels = {
+            Channel.LOCAL: DeliveryChannel(Channel.LOCAL, str(ctx.instance.local_socket),
+                                           ctx.controls.concurrencylocal),
+        }
+        self.manager.channels[Channel.REMOTE].enabled = ctx.extra.get("remote_socket") is not None
+        self.delivery_no = 0
+        self.stopping = False
+        self.want_scan = True
+        self.trigger_fd = -1
+        self.last_status = ""
+
+    # ---------------------------------------------------------- queue writer
+    def _clean(self, request: str) -> bytes:
+        for _ in range(3):
+            try:
+                if self.queue_conn is None:
+                    self.queue_conn = QueueConnection(self.root, role="bounce", timeout=60)
+                return self.queue_conn.clean(request)
+            except (OSError, ProtocolError):
+                if self.queue_conn is not None:
+                    self.queue_conn.close()
+                self.queue_conn = None
+                time.sleep(0.2)
+        return b"!"
+
+    def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int) -> tuple[bool, str]:
+        try:
+            with open(self.paths.mess(msgid), "rb") as mess:
+                res = submit(self.root, sender, recipients, mess, prefix=head, role="bounce")
+        except OSError as e:
+            return False, str(e)
+        return (True, str(res.qp)) if res.ok else (False, res.text)
+
+    # ---------------------------------------------------------- wake-ups
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def _start_watchdog(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        scanner = self
+
+        class TodoHandler(FileSystemEventHandler):
+            def on_any_event(self, event: object) -> None:
+                scanner.want_scan = True
+                scanner.wake()
+
+        self.observer = Observer()
+        self.observer.schedule(TodoHandler(), str(self.paths.dir("todo")), recursive=True)
+        self.observer.daemon = True
+        self.observer.start()
+
+    def _open_trigger(self) -> None:
+        path = self.paths.lock / "trigger"
+        if self.trigger_fd >= 0:
+            self.sel.unregister(self.trigger_fd)
+            os.close(self.trigger_fd)
+            self.trigger_fd = -1
+        try:
+            self.trigger_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self.sel.register(self.trigger_fd, selectors.EVENT_READ, "trigger")
+        except OSError:
+            self.trigger_fd = -1
+
+    # ---------------------------------------------------------- deliveries
+    def _dispatch(self) -> None:
+        if self.stopping:
+            return
+        for ch, dc in self.channels.items():
+            if not dc.connect():
+                continue
+            if dc.sock is not None and dc.sock.fileno() not in self.sel.get_map():
+                self.sel.register(dc.sock, selectors.EVENT_READ, ("reports", ch))
+            for req in self.manager.next_requests(ch, limit=len(dc.free)):
+                self.delivery_no += 1
+                if not dc.send(req, self.delivery_no):
+                    self.manager.report(req, "Z", "Unable to reach the local delivery worker. (#4.3.0)")
+                    continue
+                log(f"starting delivery {self.delivery_no}: msg {req.msgid} to "
+                    f"{ch.dirname} {sanitize(req.recipient)}")
+                self._status()
+
+    def _reports(self, ch: Channel) -> None:
+        dc = self.channels[ch]
+        try:
+            reports = dc.read_reports()
+        except ProtocolError as e:
+            log(f"warning: {e}")
+            reports = None
+        if reports is None:
+            if dc.sock is not None:
+                self.sel.unregister(dc.sock)
+            for req in dc.lost():
+                self.manager.report(req, "Z", "Delivery worker died. (#4.3.0)")
+            return
+        for slot, letter, text in reports:
+            word = {"K": "success", "Z": "deferral", "D": "failure"}[letter]
+            log(f"delivery {slot.delivery}: {word}: {sanitize(text)}")
+            self.manager.report(slot.request, letter, text)
+        self._status()
+
+    def _status(self) -> None:
+        c = self.manager.channels
+        line = (f"status: local {c[Channel.LOCAL].active}/{c[Channel.LOCAL].concurrency} "
+                f"remote {c[Channel.REMOTE].active}/{c[Channel.REMOTE].concurrency}")
+        if line != self.last_status:
+            self.last_status = line
+            log(line)
+
+    # ---------------------------------------------------------- main loop
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self._start_watchdog()
+        self._open_trigger()
+        self.manager.recover()
+        self.manager.sweep()
+        self.ctx.ready()
+        next_rescan = time.monotonic()
+        next_sweep = time.time() + SWEEP_INTERVAL
+        stop_deadline = 0.0
+        while True:
+            if self.stopping:
+                busy = sum(len(dc.slots) for dc in self.channels.values())
+                if busy == 0 or time.monotonic() > stop_deadline:
+                    break
+            elif self.want_scan or time.monotonic() >= next_rescan:
+                self.want_scan = False
+                self.manager.process_todo()
+                next_rescan = time.monotonic() + RESCAN_INTERVAL
+            if time.time() >= next_sweep:
+                self.manager.sweep()
+                next_sweep = time.time() + SWEEP_INTERVAL
+            self.manager.retry_done()
+            self._dispatch()
+            timeout = self._timeout(next_rescan)
+            for key, _ in self.sel.select(timeout):
+                what = key.data
+                if what == "wake":
+                    self._drain_wake()
+                elif what == "trigger":
+                    self._drain_trigger()
+                elif isinstance(what, tuple):
+                    self._reports(what[1])
+            if self.stopping and not stop_deadline:
+                stop_deadline = time.monotonic() + STOP_GRACE
+        self.manager.save_schedule()
+        log("status: exiting")
+        return 0
+
+    def _timeout(self, next_rescan: float) -> float:
+        timeout = max(0.0, next_rescan - time.monotonic())
+        due = self.manager.next_wakeup()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.time()))
+        return min(timeout, 5.0) if not self.stopping else 0.5
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_trigger(self) -> None:
+        try:
+            data = os.read(self.trigger_fd, 4096)
+        except BlockingIOError:
+            return
+        self.want_scan = True
+        if not data:  # the last writer closed: reopen, or select spins on EOF
+            self._open_trigger()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        elif signum == signal.SIGALRM:
+            self.manager.flush()
+        self.want_scan = True
+        self.wake()
+
+
+def run(ctx: WorkerContext) -> int:
+    os.umask(0o077)
+    return Scanner(ctx).run()

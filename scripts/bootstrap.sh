@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything eqmail and its tests need on a fresh Debian machine, idempotently.
+#   - Debian packages (as root): python3-venv, swaks, openssl, iproute2
+#   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
+#     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
+#     or ./.venv otherwise, with eqmail and its test dependencies installed.
+# Prints the venv path on its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here=$(pwd)
+
+if [ "$(id -u)" = 0 ]; then
+  venv=${EQMAIL_VENV:-/opt/eqmail/venv}
+  need=()
+  for pkg in python3-venv swaks openssl iproute2; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq "${need[@]}" >&2
+  fi
+else
+  venv=${EQMAIL_VENV:-$here/.venv}
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  mkdir -p "$(dirname "$venv")"
+  /usr/bin/python3 -m venv "$venv" >&2
+fi
+# The workers drop to system users: an editable install only works when they can read
+# this checkout; otherwise install a copy into the (world-readable) venv.
+editable=-e
+if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- test -r "$here/eqmail/__init__.py" 2>/dev/null; then
+  editable=
+fi
+stamp="$venv/.eqmail-installed"
+if [ -n "$editable" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  :
+else
+  "$venv/bin/pip" install -q --disable-pip-version-check $editable "$here[test]" >&2
+  touch "$stamp"
+fi
+chmod -R a+rX "$venv" 2>/dev/null || true
+echo "$venv"
