@@ -1,0 +1,222 @@
+"""Recipient local part -> delivery user (qmail-users, qmail-getpw, qmail-lspawn's lookup).
+
+What it owns: the mapping from the local part of a local recipient to the six values that
+qmail-lspawn hands to qmail-local -- user, uid, gid, home, dash, ext (qmail-core.md
+§3.1-§3.3).  Three sources are tried in qmail's order by :func:`resolve`:
+
+1. ``users/assign`` (qmail-users(5) syntax), compiled in memory by :meth:`Assign.parse`
+   instead of into ``users/cdb``; exact ``=`` entries beat ``+`` wildcards, a longer
+   wildcard beats a shorter one, the first of two duplicates wins.
+2. The password database (qmail-getpw): the longest prefix of the local part that ends just
+   before a conf-break character (eQmail 1.09: ``+``), lowercased and shorter than 32
+   characters, naming a user with uid != 0 whose home directory exists and is owned by
+   that uid.
+3. The alias user (in eqmail: the instance's ``alias/`` directory), with dash ``-`` and
+   the whole local part as ext.
+
+Privilege: none needed.  It reads the password database and stats home directories; the
+caller (the root spawner) is the one that refuses uid 0 before switching to the user.
+
+Failures: :class:`~eqmail.errors.ControlFileError` (file, line, reason) for a bad
+``users/assign`` line; :class:`TemporaryLookupError` when a home directory cannot be
+checked for a temporary reason (qmail-getpw's exit 115, "NFS failure"), so the delivery
+is deferred rather than sent to the alias user by mistake.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from eqmail.errors import ControlFileError
+
+#: qmail-getpw ignores passwd names this long or longer.
+MAX_USERNAME = 32
+
+# errno values qmail's error_temp() treats as temporary: a home directory we cannot stat
+# for one of these reasons may well exist, so guessing "no such user" would misdeliver.
+_TEMPORARY_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EINTR", "ENOMEM", "ETXTBSY", "EIO", "ETIMEDOUT", "EAGAIN", "ENFILE", "EMFILE",
+        "ENOSPC", "ENOLCK", "ESTALE", "EDQUOT", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN",
+        "ENETUNREACH", "ECONNREFUSED", "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lowercase A-Z only, like qmail's case_lowerb: other bytes are left as they are."""
+    return text.translate(_ASCII_LOWER)
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """The six values qmail-lspawn passes to qmail-local for one recipient."""
+
+    user: str
+    uid: int
+    gid: int
+    home: str
+    dash: str
+    ext: str
+
+
+class TemporaryLookupError(Exception):
+    """The user could not be determined right now (qmail-getpw exit 115); defer."""
+
+
+class Assign:
+    """``users/assign`` compiled in memory (what qmail-newu puts into ``users/cdb``)."""
+
+    def __init__(self, exact: dict[str, UserEntry], wild: dict[str, UserEntry]) -> None:
+        self._exact = exact
+        self._wild = wild
+        # Longest first: qmail-lspawn tries wildcard prefixes from the longest down.
+        self._wild_lengths = sorted({len(prefix) for prefix in wild}, reverse=True)
+
+    @classmethod
+    def parse(cls, text: str, filename: str = "users/assign") -> Assign:
+        """Compile assign text; raise ControlFileError naming the first bad line.
+
+        The file must end with a line ``.`` (qmail-users(5)); anything after it is
+        ignored.  A file without it is refused, because a truncated file would silently
+        drop the assignments that were cut off.
+        """
+        exact: dict[str, UserEntry] = {}
+        wild: dict[str, UserEntry] = {}
+        lines = text.split("\n")
+        for number, line in enumerate(lines, start=1):
+            if line == ".":
+                return cls(exact, wild)
+            if number == len(lines):
+                # Text after the last newline (or an empty file): no terminating dot.
+                break
+            kind, key, entry = _parse_assign_line(line, filename, number)
+            table = exact if kind == "=" else wild
+            # First assignment wins for duplicates, as with qmail-newu's cdb.
+            table.setdefault(ascii_lower(key), entry)
+        raise ControlFileError(filename, len(lines), "missing final line '.'")
+
+    def lookup(self, local: str) -> UserEntry | None:
+        """Exact (case-insensitive) match first, then the longest matching wildcard.
+
+        A wildcard hit appends the rest of the local part, in its original case, to the
+        entry's ext (``+joe-:joe:...:-::`` maps ``joe-Foo`` to ext ``Foo``).
+        """
+        lower = ascii_lower(local)
+        entry = self._exact.get(lower)
+        if entry is not None:
+            return entry
+        for length in self._wild_lengths:
+            if length > len(lower):
+                continue
+            entry = self._wild.get(lower[:length])
+            if entry is not None:
+                return replace(entry, ext=entry.ext + local[length:])
+        return None
+
+
+def _parse_assign_line(line: str, filename: str, number: int) -> tuple[str, str, UserEntry]:
+    """One ``=local:user:uid:gid:home:dash:ext:`` or ``+prefix:...:pre:`` line."""
+
+    def bad(reason: str) -> ControlFileError:
+        return ControlFileError(filename, number, reason)
+
+    if not line or line[0] not in "=+":
+        raise bad("line must start with '=' or '+' (or be '.' to end the file)")
+    if "\0" in line:
+        raise bad("NUL byte in line")
+    fields = line[1:].split(":")
+    if len(fields) != 8 or fields[7] != "":
+        raise bad("expected 7 fields each ended by ':' (local:user:uid:gid:home:dash:ext:)")
+    key, user, uid, gid, home, dash, ext = fields[:7]
+    if not user:
+        raise bad("empty user name")
+    for label, value in (("uid", uid), ("gid", gid)):
+        if not (value.isascii() and value.isdigit()):
+            raise bad(f"{label} {value!r} is not a decimal number")
+    if not home.startswith("/"):
+        raise bad(f"home directory {home!r} is not an absolute path")
+    return line[0], key, UserEntry(user, int(uid), int(gid), home, dash, ext)
+
+
+def _prefixes(local: str, delimiter: str) -> list[tuple[str, str | None]]:
+    """(candidate name, ext or None for the bare name), longest candidate first."""
+    found: list[tuple[str, str | None]] = [(local, None)]
+    for index in range(len(local) - 1, -1, -1):
+        if local[index] == delimiter:
+            found.append((local[:index], local[index + 1:]))
+    return found
+
+
+def getpw_lookup(
+    local: str,
+    delimiter: str = "+",
+    *,
+    getpwnam: Callable[[str], Any] = pwd.getpwnam,
+) -> UserEntry | None:
+    """qmail-getpw's mapping through the password database; None if no user fits.
+
+    ``getpwnam`` is injectable so tests need not create system accounts; it must raise
+    KeyError for an unknown name and return an object with pw_name, pw_uid, pw_gid and
+    pw_dir.  Raises TemporaryLookupError if a home directory cannot be checked.
+    """
+    for prefix, ext in _prefixes(local, delimiter):
+        name = ascii_lower(prefix)
+        if not name or len(name) >= MAX_USERNAME or "\0" in name:
+            continue
+        try:
+            pw = getpwnam(name)
+        except KeyError:
+            continue
+        if pw.pw_uid == 0:
+            continue  # root never gets mail
+        try:
+            owner = os.stat(pw.pw_dir).st_uid
+        except OSError as exc:
+            if exc.errno in _TEMPORARY_ERRNOS:
+                raise TemporaryLookupError(
+                    f"Unable to stat home directory of {name}: {exc.strerror}"
+                ) from exc
+            continue
+        except ValueError:  # NUL in pw_dir: cannot exist
+            continue
+        if owner != pw.pw_uid:
+            continue
+        if ext is None:
+            return UserEntry(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, "", "")
+        # The dash used to build .qmail names is always '-', whatever conf-break is.
+        return UserEntry(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, "-", ext)
+    return None
+
+
+def resolve(
+    local: str,
+    assign: Assign | None,
+    alias: UserEntry,
+    delimiter: str = "+",
+    *,
+    getpwnam: Callable[[str], Any] = pwd.getpwnam,
+) -> UserEntry:
+    """users/assign, then the password database, then the alias user.
+
+    ``alias`` supplies user, uid, gid and home of the alias account; its dash and ext
+    are replaced by ``-`` and the whole local part, so ``postmaster`` is delivered by
+    ``alias/.qmail-postmaster`` and anything else by ``alias/.qmail-default``.
+    """
+    if assign is not None:
+        entry = assign.lookup(local)
+        if entry is not None:
+            return entry
+    entry = getpw_lookup(local, delimiter, getpwnam=getpwnam)
+    if entry is not None:
+        return entry
+    return replace(alias, dash="-", ext=local)
