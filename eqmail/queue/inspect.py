@@ -1,0 +1,169 @@
+"""Reading the queue for people: qmail-qstat, qmail-qread and a one-message view.
+
+Owns: the output formats of ``eqmailctl queue stat|list|show`` and ``sendmail -bp``/
+``mailq`` (qmail-core §5.4).  Read-only; never changes a queue file.
+
+Privilege: needs read access to queue/ (root, eqmails, or the owner of a private
+instance); info/, local/, remote/ and bounce/ are mode 0700 like qmail's.
+Inputs: the instance root (the queue is ``<root>/queue``), laid out as in qmail-core §1.1
+with big-todo (todo/ split).  Records are NUL-terminated: info ``F<sender>``; local/remote
+``T<addr>``/``D<addr>``; todo ``u<uid>``, ``p<pid>``, ``F<sender>``, ``T<rcpt>``...
+Outputs: text.  Non-printable bytes of envelope data are shown as ``_`` (qmail-qread).
+Failure modes: an unreadable queue directory raises OSError; a message that vanishes or
+cannot be read mid-listing gives qmail-qread's ``warning: trouble with #<id>: <reason>``
+line and the listing goes on; :func:`show` raises :class:`NoSuchMessage`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from eqmail.dates import qread_date
+from eqmail.queue.layout import SPLIT, QueuePaths
+
+HEADER_SHOW_MAX = 64 * 1024  # show() prints at most this much of the message header
+
+
+class NoSuchMessage(LookupError):
+    """No queued message with that id (no mess file, or no todo/info envelope yet)."""
+
+
+def _queue(root: Path) -> QueuePaths:
+    return QueuePaths(Path(root) / "queue")
+
+
+def _count_files(base: Path) -> int:
+    total = 0
+    for i in range(SPLIT):
+        try:
+            with os.scandir(base / str(i)) as it:
+                total += sum(1 for e in it if e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def qstat(root: Path) -> tuple[int, int]:
+    """(messages in queue, messages not yet preprocessed): files in mess/N and todo/N."""
+    q = _queue(root)
+    return _count_files(q.dir("mess")), _count_files(q.dir("todo"))
+
+
+def format_qstat(messages: int, todo: int) -> str:
+    return f"messages in queue: {messages}\nmessages in queue but not yet preprocessed: {todo}\n"
+
+
+def printable(data: bytes) -> str:
+    """qmail-qread's out(): bytes outside 32..126 become ``_``."""
+    return "".join(chr(b) if 32 <= b <= 126 else "_" for b in data)
+
+
+def records(data: bytes) -> list[bytes]:
+    """NUL-terminated records; a trailing record without its NUL is ignored (qmail's
+    getln loop stops there: it is a write in progress)."""
+    return data.split(b"\0")[:-1]
+
+
+def _ids(q: QueuePaths, name: str) -> list[int]:
+    # qmail-qread walks info/0 .. info/22; within a directory we sort for a stable listing
+    return sorted(q.ids_in(name), key=lambda i: (i % SPLIT, i))
+
+
+def _stats_line(date: float, msgid: int, size: int, sender: bytes, bouncing: bool) -> str:
+    line = f"{qread_date(date)}  #{msgid}  {size}  <{printable(sender)}> "
+    return line + (" bouncing" if bouncing else "")
+
+
+def _channel_lines(q: QueuePaths, msgid: int) -> tuple[list[str], str | None]:
+    """Recipient lines from local/ then remote/, and a warning if one was unreadable."""
+    lines: list[str] = []
+    warning = None
+    for channel, path in (("local", q.local(msgid)), ("remote", q.remote(msgid))):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            warning = f"warning: trouble with #{msgid}: {e.strerror}"
+            continue
+        for rec in records(data):
+            if rec[:1] in (b"T", b"D"):
+                done = "  done" if rec[:1] == b"D" else ""
+                lines.append(f"{done}\t{channel}\t{printable(rec[1:])}")
+    return lines, warning
+
+
+def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes]:
+    """(mess size, info mtime, sender) of a preprocessed message; OSError if unreadable."""
+    size = q.mess(msgid).stat().st_size
+    with open(q.info(msgid), "rb") as f:
+        data = f.read(4096)
+        mtime = os.fstat(f.fileno()).st_mtime
+    first = data.split(b"\0", 1)[0]
+    return size, mtime, first[1:]
+
+
+def qread(root: Path) -> str:
+    """qmail-qread's listing of every preprocessed message (info/ entries)."""
+    q = _queue(root)
+    out: list[str] = []
+    for msgid in _ids(q, "info"):
+        try:
+            size, mtime, sender = _info(q, msgid)
+        except OSError as e:
+            out.append(f"warning: trouble with #{msgid}: {e.strerror}")
+            continue
+        out.append(_stats_line(mtime, msgid, size, sender, q.bounce(msgid).exists()))
+        lines, warning = _channel_lines(q, msgid)
+        if warning:
+            out.append(warning)
+        out.extend(lines)
+    return "".join(line + "\n" for line in out)
+
+
+def _header_block(path: Path) -> str:
+    """The message's header (up to the blank line), bounded, tabs kept."""
+    with open(path, "rb") as f:
+        data = f.read(HEADER_SHOW_MAX)
+    end = data.find(b"\n\n")
+    truncated = end < 0 and len(data) == HEADER_SHOW_MAX
+    head = data if end < 0 else data[: end + 1]
+    text = "\n".join(_keep_tabs(ln) for ln in head.split(b"\n"))
+    if head and not head.endswith(b"\n"):
+        text += "\n"
+    return text + ("[header truncated]\n" if truncated else "")
+
+
+def _keep_tabs(line: bytes) -> str:
+    return "".join(chr(b) if 32 <= b <= 126 or b == 9 else "_" for b in line)
+
+
+def show(root: Path, msgid: int) -> str:
+    """One message: the qmail-qread entry (or, before preprocessing, its todo envelope
+    with each recipient marked ``todo``), a blank line, then its header from mess/."""
+    q = _queue(root)
+    try:
+        size = q.mess(msgid).stat().st_size
+    except FileNotFoundError:
+        raise NoSuchMessage(f"no message #{msgid} in the queue") from None
+    try:
+        todo_path = q.todo(msgid)
+        data = todo_path.read_bytes()
+        mtime = todo_path.stat().st_mtime
+    except FileNotFoundError:
+        data = None
+    if data is not None:  # todo is authoritative until qmail-send removes it
+        recs = records(data)
+        sender = next((r[1:] for r in recs if r[:1] == b"F"), b"")
+        lines = [_stats_line(mtime, msgid, size, sender, False) + " not yet preprocessed"]
+        lines += [f"\ttodo\t{printable(r[1:])}" for r in recs if r[:1] == b"T"]
+    else:
+        try:
+            size, mtime, sender = _info(q, msgid)
+        except FileNotFoundError:
+            raise NoSuchMessage(f"message #{msgid} is not completely queued") from None
+        lines = [_stats_line(mtime, msgid, size, sender, q.bounce(msgid).exists())]
+        channel, warning = _channel_lines(q, msgid)
+        lines += channel + ([warning] if warning else [])
+    return "".join(ln + "\n" for ln in lines) + "\n" + _header_block(q.mess(msgid))

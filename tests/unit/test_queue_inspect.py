@@ -1,0 +1,97 @@
+"""qmail-qstat / qmail-qread / show on a queue tree built by hand (qmail-core §1.1, §5.4)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from eqmail.queue.inspect import NoSuchMessage, format_qstat, qread, qstat, show
+from eqmail.queue.layout import QueuePaths, create_queue
+
+T0 = 1700000000  # 14 Nov 2023 22:13:20 GMT
+
+
+def put(path: Path, data: bytes, mtime: int = T0) -> None:
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> QueuePaths:
+    return create_queue(tmp_path / "queue")
+
+
+def test_qstat_counts_mess_and_todo(tmp_path: Path, q: QueuePaths) -> None:
+    assert qstat(tmp_path) == (0, 0)
+    for i in (5, 28, 51, 7):
+        put(q.mess(i), b"x")
+    put(q.todo(51), b"u0\0p1\0Fs\0")
+    assert qstat(tmp_path) == (4, 1)
+    assert format_qstat(4, 1) == "messages in queue: 4\nmessages in queue but not yet preprocessed: 1\n"
+
+
+def test_qread_exact_format(tmp_path: Path, q: QueuePaths) -> None:
+    put(q.mess(24), b"Received: x\n\nhello\n")  # 19 bytes; 24 % 23 = 1
+    put(q.info(24), b"Fjoe@x.org\0")
+    put(q.local(24), b"Tlocal1@x.org\0Dlocal2@x.org\0")
+    put(q.remote(24), b"Dr1@y.org\0Tr\x01\xff@y.org\0Tpartial")
+    put(q.mess(3), b"abc")
+    put(q.info(3), b"F\0", mtime=T0 + 61)
+    put(q.bounce(3), b"failure text")
+    put(q.remote(3), b"Tx@z.org\0")
+    assert qread(tmp_path) == (
+        "14 Nov 2023 22:13:20 GMT  #24  19  <joe@x.org> \n"
+        "\tlocal\tlocal1@x.org\n"
+        "  done\tlocal\tlocal2@x.org\n"
+        "  done\tremote\tr1@y.org\n"
+        "\tremote\tr__@y.org\n"
+        "14 Nov 2023 22:14:21 GMT  #3  3  <>  bouncing\n"
+        "\tremote\tx@z.org\n"
+    )
+
+
+def test_qread_warns_about_a_message_without_mess(tmp_path: Path, q: QueuePaths) -> None:
+    put(q.info(9), b"Fs\0")
+    assert qread(tmp_path) == "warning: trouble with #9: No such file or directory\n"
+
+
+def test_qread_ignores_todo_only_messages(tmp_path: Path, q: QueuePaths) -> None:
+    put(q.mess(9), b"x")
+    put(q.todo(9), b"u0\0p1\0Fs\0Tr\0")
+    assert qread(tmp_path) == ""
+
+
+def test_show_preprocessed(tmp_path: Path, q: QueuePaths) -> None:
+    put(q.mess(24), b"Received: (qmail 1 invoked by uid 0)\nSubject: \tx\x07\n\nbody\n")
+    put(q.info(24), b"Fjoe@x.org\0")
+    put(q.remote(24), b"Tr@y.org\0")
+    assert show(tmp_path, 24) == (
+        "14 Nov 2023 22:13:20 GMT  #24  56  <joe@x.org> \n"
+        "\tremote\tr@y.org\n"
+        "\n"
+        "Received: (qmail 1 invoked by uid 0)\n"
+        "Subject: \tx_\n"
+    )
+
+
+def test_show_from_todo(tmp_path: Path, q: QueuePaths) -> None:
+    put(q.mess(30), b"Subject: s\n")
+    put(q.todo(30), b"u1000\0p77\0Fs@x.org\0Ta@b.org\0Tc@d.org\0")
+    put(q.info(30), b"Fold\0")  # a half-done preprocessing: todo still rules
+    assert show(tmp_path, 30) == (
+        "14 Nov 2023 22:13:20 GMT  #30  11  <s@x.org>  not yet preprocessed\n"
+        "\ttodo\ta@b.org\n"
+        "\ttodo\tc@d.org\n"
+        "\n"
+        "Subject: s\n"
+    )
+
+
+def test_show_unknown_or_incomplete(tmp_path: Path, q: QueuePaths) -> None:
+    with pytest.raises(NoSuchMessage):
+        show(tmp_path, 1)
+    put(q.mess(1), b"x\n")
+    with pytest.raises(NoSuchMessage):
+        show(tmp_path, 1)
