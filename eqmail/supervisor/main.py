@@ -81,7 +81,17 @@ def _entry(kind: str) -> Callable[[WorkerContext], int]:
         from eqmail.workers import listener
 
         return listener.run
+    if kind == "remote":
+        from eqmail.workers import remote
+
+        return remote.run
     return table[kind]
+
+
+def _has_worker(kind: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"eqmail.workers.{kind}") is not None
 
 
 class Supervisor:
@@ -123,6 +133,10 @@ class Supervisor:
         send = self.ids["send"]
         self.local_sock = bind_unix(self.instance.local_socket, 0o600,
                                     (send.uid, send.gid) if self.ids.privileged else None)
+        self.remote_sock = None
+        if _has_worker("remote"):
+            self.remote_sock = bind_unix(self.instance.run / "remote.sock", 0o600,
+                                         (send.uid, send.gid) if self.ids.privileged else None)
 
     def _ensure_queue_files(self) -> None:
         lock = self.instance.queue / "lock"
@@ -149,6 +163,13 @@ class Supervisor:
         return fd
 
     def _base_workers(self) -> list[Worker]:
+        scanner_extra: dict[str, Any] = {}
+        remote: list[Worker] = []
+        if self.remote_sock is not None:
+            scanner_extra["remote_socket"] = str(self.instance.run / "remote.sock")
+            remote.append(Worker("remote", "remote delivery", _entry("remote"), "remote",
+                                 extra={"socket_fd": self.remote_sock.fileno()},
+                                 keep_fds=(self.remote_sock.fileno(),)))
         return [
             Worker("logger", "logger", _entry("logger"), "log",
                    extra={"log_read_fd": self.log_r, "out_fd": self.out_fd},
@@ -157,13 +178,20 @@ class Supervisor:
                    extra={"socket_fd": self.queue_sock.fileno()}, keep_fds=(self.queue_sock.fileno(),)),
             Worker("local", "local delivery", _entry("local"), None,
                    extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
-            Worker("scanner", "scanner", _entry("scanner"), "send"),
+            *remote,
+            Worker("scanner", "scanner", _entry("scanner"), "send", extra=scanner_extra),
         ]
 
     def _listener_worker(self, spec: ListenerSpec) -> Worker:
+        from eqmail.tls import ServerTLS
+
         sock = self.listen_socks[spec.key]
+        # The TLS context (and so the private key) is loaded here, as root, and reaches
+        # the worker through fork; a reload loads a swapped certificate.
+        tls = ServerTLS.load(self.instance.control, env=dict(spec.env))
         return Worker("listener", f"listener {spec.service} {spec.display_address}",
-                      _entry("listener"), "daemon", extra={"socket_fd": sock.fileno(), "spec": spec},
+                      _entry("listener"), "daemon",
+                      extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls},
                       keep_fds=(sock.fileno(),), spec=spec)
 
     # ------------------------------------------------------------ spawning
@@ -201,6 +229,7 @@ class Supervisor:
             self.poll(0.5)
             for w in workers:
                 if w.proc is None and not w.ready:
+                    w.restart_at = time.time() + 1.0  # keep trying in the background
                     raise StartError(f"{w.name} exited during start-up (see the log)")
 
     # ------------------------------------------------------------ main loop
@@ -217,12 +246,18 @@ class Supervisor:
         self.workers = self._base_workers()
         for w in self.workers:
             self.start_worker(w)
-            self.wait_ready([w])
+            try:
+                self.wait_ready([w])
+            except StartError as e:
+                if w.kind != "remote":
+                    raise
+                # Remote mail can wait in the queue: start anyway, restart it with back-off.
+                log(f"alert: {e}; remote deliveries wait until it runs")
         for spec in self.controls.listen:
             lw = self._listener_worker(spec)
             self.workers.append(lw)
             self.start_worker(lw)
-        self.wait_ready(self.workers)
+        self.wait_ready([w for w in self.workers if w.kind != "remote"])
         self._open_status_socket()
         log(f"status: eqmail started, pid {os.getpid()}, generation {self.generation}")
         self._notify(b"ok\n")
@@ -339,7 +374,7 @@ class Supervisor:
         self.stop_phase = 0
         self._stop_step()
 
-    STOP_ORDER = (("listener",), ("scanner",), ("local", "queuewriter"), ("logger",))
+    STOP_ORDER = (("listener",), ("scanner",), ("local", "remote", "queuewriter"), ("logger",))
 
     def _stop_step(self) -> None:
         while self.stop_phase < len(self.STOP_ORDER):
@@ -371,7 +406,7 @@ class Supervisor:
         log(f"status: reloading control files, generation {self.generation}")
         self._apply_listener_diff(old, new)
         for w in self.workers:
-            if w.kind in ("scanner", "local") and w.proc is not None:
+            if w.kind in ("scanner", "local", "remote") and w.proc is not None:
                 self._replace(w)
 
     def _replace(self, w: Worker) -> None:

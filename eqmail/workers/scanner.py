@@ -140,7 +140,12 @@ class Scanner:
             Channel.LOCAL: DeliveryChannel(Channel.LOCAL, str(ctx.instance.local_socket),
                                            ctx.controls.concurrencylocal),
         }
-        self.manager.channels[Channel.REMOTE].enabled = ctx.extra.get("remote_socket") is not None
+        remote_socket = ctx.extra.get("remote_socket")
+        if remote_socket is not None:
+            self.channels[Channel.REMOTE] = DeliveryChannel(Channel.REMOTE, remote_socket,
+                                                            ctx.controls.concurrencyremote)
+        # Without a remote worker, remote recipients stay scheduled (and visible) in the queue.
+        self.manager.channels[Channel.REMOTE].enabled = remote_socket is not None
         self.delivery_no = 0
         self.stopping = False
         self.want_scan = True
@@ -216,7 +221,7 @@ class Scanner:
             for req in self.manager.next_requests(ch, limit=len(dc.free)):
                 self.delivery_no += 1
                 if not dc.send(req, self.delivery_no):
-                    self.manager.report(req, "Z", "Unable to reach the local delivery worker. (#4.3.0)")
+                    self.manager.report(req, "Z", f"Unable to reach the {ch.dirname} delivery worker. (#4.3.0)")
                     continue
                 log(f"starting delivery {self.delivery_no}: msg {req.msgid} to "
                     f"{ch.dirname} {sanitize(req.recipient)}")

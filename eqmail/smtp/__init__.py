@@ -1,0 +1,1 @@
+"""eqmail package."""

@@ -1,0 +1,165 @@
+"""What the pure SMTP session asks its I/O layer to do, and the answers it gets back.
+
+Owns: the vocabulary between eqmail.smtp.session (pure) and the listener worker (I/O).
+The session returns a list of actions from every call; the I/O layer performs them *in
+order* (a Send before a StartTLS must be on the wire before the handshake begins).
+Some actions start asynchronous work whose result the I/O layer later reports with a
+session method; until then the session buffers (bounded) whatever the client sends:
+
+=======================  =========================================================
+action                   the I/O layer then calls
+=======================  =========================================================
+EndMessage               ``session.queue_result(QueueOutcome)``
+CheckPassword            ``session.auth_result(ok, temporary_text)``
+StartTLS                 ``session.tls_started(cipher)`` or ``session.tls_failed(err)``
+RunHook                  ``session.hook_result(HookOutcome)``
+CheckClientCert          ``session.cert_result(email, reason)``
+=======================  =========================================================
+
+Inputs/outputs: plain frozen dataclasses; nothing here does I/O.  No failure modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Send:
+    """Bytes for the client (one or more complete replies, CRLF-terminated)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Flush what was sent, then close the connection.  Nothing follows it."""
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Start the server-side TLS handshake now (``220 ready for tls`` was sent just
+    before).  Plain-text bytes already read after the STARTTLS line were discarded by the
+    session (CVE-2011-0411); the I/O layer must discard any it still holds, too."""
+
+
+@dataclass(frozen=True)
+class BeginMessage:
+    """A message starts (after ``354``).  ``header_prefix`` (the Received line and any
+    plugin headers, LF line ends) goes first into the message; MessageData follows."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    header_prefix: bytes
+
+
+@dataclass(frozen=True)
+class MessageData:
+    """Stored bytes of the message (LF line ends, dots unstuffed), in arrival order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndMessage:
+    """The message is complete: submit it to the queue writer, then call
+    ``queue_result``.  The client gets no reply before that."""
+
+
+@dataclass(frozen=True)
+class AbortMessage:
+    """Drop the message being received; nothing of it may be queued."""
+
+
+@dataclass(frozen=True)
+class CheckPassword:
+    """Run the checkpassword program with ``user\\0password\\0challenge\\0`` on fd 3.
+    ``method`` is ``login``, ``plain`` or ``cram-md5``.  On failure the I/O layer waits
+    5 s (eQmail) before calling ``auth_result(False)``."""
+
+    method: str
+    user: bytes
+    password: bytes = field(repr=False)
+    challenge: bytes
+
+
+@dataclass(frozen=True)
+class CheckClientCert:
+    """Inside TLS a recipient was refused by rcpthosts: ask the client for a certificate
+    (renegotiation) and report whether its emailAddress is in control/tlsclients."""
+
+
+@dataclass(frozen=True)
+class Log:
+    """One log line, eQmail's ``qmail-smtpd: <event>: ...`` format, no newline."""
+
+    line: str
+
+
+class HookStage(Enum):
+    """qmail-spp sections (control/smtpplugins ``[connection]`` ... ``[auth]``)."""
+
+    CONNECTION = "connection"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    AUTH = "auth"
+
+
+@dataclass(frozen=True)
+class RunHook:
+    """Run the plugins of ``stage``.  ``arg`` is the HELO name or the MAIL/RCPT address
+    (empty otherwise).  The SMTP* variables are already in ``session.env``."""
+
+    stage: HookStage
+    arg: str = ""
+
+
+Action = (Send | Close | StartTLS | BeginMessage | MessageData | EndMessage | AbortMessage
+          | CheckPassword | CheckClientCert | Log | RunHook)
+
+
+class QueueStatus(Enum):
+    ACCEPTED = "accepted"   # -> 250 ok <time> qp <qp>
+    REJECTED = "rejected"   # qmail-queue ``D<text>`` -> 554 <text>
+    DEFERRED = "deferred"   # qmail-queue ``Z<text>`` or any failure -> 451 <text>
+
+
+@dataclass(frozen=True)
+class QueueOutcome:
+    status: QueueStatus
+    qp: int = 0             # shown as ``qp <qp>`` (qmail: the qmail-queue pid)
+    text: str = ""          # for REJECTED / DEFERRED, e.g. ``qqt failure (#4.3.0)``
+
+
+class HookVerdict(Enum):
+    """How a plugin run ended (qmail-spp's result of the whole section)."""
+
+    NORMAL = "normal"        # no terminal command, or A / N: qmail's checks apply
+    OK_SKIP = "ok_skip"      # O: accept; qmail's MAIL/RCPT checks are skipped
+    REJECT = "reject"        # E text, or a plugin failure (451 qmail-spp failure)
+    TERMINATE = "terminate"  # R text or D: send output, close
+
+
+@dataclass(frozen=True)
+class HookOutcome:
+    """Everything one section's plugins produced, for :meth:`Session.hook_result`.
+
+    ``output`` is sent first, verbatim (P lines, the E/R text, a 451 failure text; the
+    plugin layer makes sure it is well-formed CRLF-terminated SMTP replies).  Then, in
+    this order: ``env`` changes (S -> value, U -> None), ``headers`` (H, appended to the
+    next message after the Received line, LF added by the session), ``later`` texts (LM /
+    LR / LD, raw reply bytes shown at the next MAIL / RCPT / DATA which they reject),
+    ``disable`` (A: no more plugins this session), ``address`` (C: replaces the MAIL or
+    RCPT address; ignored at other stages), then the verdict.
+    """
+
+    verdict: HookVerdict = HookVerdict.NORMAL
+    output: bytes = b""
+    env: tuple[tuple[str, str | None], ...] = ()
+    headers: tuple[str, ...] = ()
+    later: tuple[tuple[HookStage, bytes], ...] = ()
+    disable: bool = False
+    address: str | None = None

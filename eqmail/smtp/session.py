@@ -1,0 +1,625 @@
+"""The SMTP server session: eQmail 1.09's qmail-smtpd as a pure state machine.
+
+Owns: every protocol decision of one SMTP connection — greeting, HELO/EHLO, MAIL, RCPT,
+DATA, RSET, NOOP, VRFY, HELP, QUIT, STARTTLS, AUTH, the submission-port rule, the
+qmail-spp hook points — with eQmail's reply texts (eqmail.smtp.replies) and eqmail's
+stricter rules (DESIGN.md): 12,288-byte command lines, AUTH= believed only after AUTH,
+no PLAIN/LOGIN advertised before TLS with TLSREQUIRED=1, the CRAM-MD5 exemption from
+TLSREQUIRED compared case-insensitively, no open relay without rcpthosts, [rcpt]
+plugins that really run.
+
+Privilege: none needed; no sockets, files, clock or process access.  Time comes from
+the injected ``clock``; everything else from :class:`SessionConfig` and ``env`` (the
+tcpserver-style environment; the session keeps its own copy and changes it the way
+qmail-smtpd changes its environment: AUTH sets RELAYCLIENT and TCPREMOTEINFO, plugins
+set SMTPHELOHOST/SMTPMAILFROM/...; the I/O layer passes ``session.env`` on to
+checkpassword, plugins and the queue writer).
+
+Driving it (the I/O layer): ``start()`` once (for SMTPS call ``tls_started`` first);
+then ``feed(bytes)`` with whatever arrives and ``eof()`` at end of input; perform the
+returned actions in order (eqmail.smtp.actions lists them and which result method each
+asynchronous one expects).  Stop reading while ``wants_input`` is False.  Timeouts are
+the I/O layer's: send ``replies.TIMEOUT``, log ``session.log_line("timeout")``, close.
+
+Failure modes: none raise.  Input that breaks the protocol gets qmail's reply; an
+over-long command line gets ``500 line too long (#5.5.2)`` and is skipped; more than
+``MAX_PENDING`` bytes buffered while waiting for a result ends the session with 421.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from eqmail.smtp import replies
+from eqmail.smtp.actions import (
+    AbortMessage,
+    Action,
+    BeginMessage,
+    CheckClientCert,
+    CheckPassword,
+    Close,
+    EndMessage,
+    HookOutcome,
+    HookStage,
+    HookVerdict,
+    Log,
+    MessageData,
+    QueueOutcome,
+    QueueStatus,
+    RunHook,
+    Send,
+    StartTLS,
+)
+from eqmail.smtp.address import parse_address, parse_mail_params
+from eqmail.smtp.auth import MECHANISMS, AuthExchange, AuthStep, Credentials, Failed
+from eqmail.smtp.data import DataReader, DataStatus
+from eqmail.smtp.received import received_line
+from eqmail.smtp.replies import Reply
+from eqmail.smtp.state import Phase, SessionConfig, SppState, digits
+from eqmail.textio import decode, encode
+
+# Bytes a client may send while the session waits for a queue/auth/hook/cert result.
+# Legitimate pipelining after "." is a few commands (DATA is a sync point).
+MAX_PENDING = 1024 * 1024
+OVERFLOW = Reply(421, "too much pipelined input (#4.5.0)")
+
+__all__ = ["MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig", "SppState"]
+
+
+class Session:
+    """One SMTP connection.  See the module docstring for how to drive it."""
+
+    def __init__(self, cfg: SessionConfig, env: dict[str, str],
+                 clock: Callable[[], float]) -> None:
+        self.cfg = cfg
+        self.env = dict(env)
+        self.clock = clock
+        self.phase = Phase.COMMAND
+        self.in_tls = False
+        self.authenticated = False
+        self.auth_failures = 0
+        self.protocol = "SMTP"
+        self.helo: str | None = None
+        self.databytes = (digits(self.env["DATABYTES"]) if "DATABYTES" in self.env
+                          else cfg.databytes)
+        self.spp = SppState(enabled=cfg.plugins_enabled and "NOSPP" not in self.env)
+        # The mail transaction: sender None means no MAIL yet (qmail's seenmail == 0).
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self._barf = False
+        self._mailfrom: str | None = None    # last accepted MAIL, for log lines
+        self._last_addr: str | None = None   # last parsed address, for log lines
+        self._buf = bytearray()
+        self._eof = False
+        self._discarding = False             # inside an over-long command line
+        self._out: list[Action] = []
+        self._reader: DataReader | None = None
+        self._auth: AuthExchange | None = None
+        self._resume: Callable[..., None] | None = None
+        self._cert_tried = False
+        self._cert_reason: str | None = None
+
+    # ---- the I/O layer's API ---------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The greeting (after the [connection] plugins, if any)."""
+        self._hook(HookStage.CONNECTION, "",
+                   lambda _o: self._send(replies.greeting(self.cfg.greeting)))
+        return self._flush()
+
+    def feed(self, data: bytes) -> list[Action]:
+        if self.phase is Phase.CLOSED:
+            return []
+        if self.phase is Phase.WAIT_TLS:
+            return []  # plain text sent before the handshake: never a command
+        if self.phase is Phase.WAIT and len(self._buf) + len(data) > MAX_PENDING:
+            self._send(OVERFLOW)
+            self._close()
+            return self._flush()
+        self._buf += data
+        self._pump()
+        return self._flush()
+
+    def eof(self) -> list[Action]:
+        if self.phase is Phase.CLOSED:
+            return []
+        self._eof = True
+        if self.phase is Phase.WAIT_TLS:
+            self._close()
+        self._pump()
+        return self._flush()
+
+    @property
+    def wants_input(self) -> bool:
+        """False while closed or while a result is pending and input piles up."""
+        if self.phase is Phase.CLOSED:
+            return False
+        return not (self.phase is Phase.WAIT and len(self._buf) >= MAX_PENDING // 2)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def queue_result(self, result: QueueOutcome) -> list[Action]:
+        return self._resume_with(result)
+
+    def auth_result(self, ok: bool, temporary_text: str | None = None) -> list[Action]:
+        """``temporary_text``: the checker could not be run or crashed; the reply is
+        ``454 <temporary_text>`` (use e.g. ``replies.AUTH_CHILD_CRASHED.text``)."""
+        return self._resume_with((ok, temporary_text))
+
+    def hook_result(self, outcome: HookOutcome) -> list[Action]:
+        return self._resume_with(outcome)
+
+    def cert_result(self, email: str | None, reason: str | None = None) -> list[Action]:
+        """``email``: the verified client certificate's address listed in tlsclients;
+        None with ``reason`` (shown in the 553) when not."""
+        return self._resume_with((email, reason))
+
+    def tls_started(self, cipher: str) -> list[Action]:
+        """Handshake done (also for SMTPS, before ``start``): the HELO name is forgotten,
+        the transaction and AUTH state are kept (eQmail)."""
+        self.in_tls = True
+        self.protocol = f"ESMTPS ({cipher} encrypted)"
+        self.helo = None
+        if self.phase is Phase.WAIT_TLS:
+            self.phase = Phase.COMMAND
+            if self._eof:
+                self._close()
+        self._pump()
+        return self._flush()
+
+    def tls_failed(self, error: str) -> list[Action]:
+        self._send(replies.tls_failed(error))
+        self._close()
+        return self._flush()
+
+    def log_line(self, event: str) -> str:
+        """eQmail's log format; the I/O layer uses it for ``timeout`` / ``read failed``."""
+        def show(value: str | None) -> str:
+            return "(null)" if value is None else value
+        return (f"qmail-smtpd: {event}: {show(self._mailfrom)} from "
+                f"{self.env.get('TCPREMOTEIP', 'unknown')} to {show(self._last_addr)} "
+                f"helo {show(self.helo)}")
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self._send_raw(reply.wire())
+
+    def _send_raw(self, data: bytes) -> None:
+        if not data:
+            return
+        last = self._out[-1] if self._out else None
+        if isinstance(last, Send):  # one write for pipelined replies
+            self._out[-1] = Send(last.data + data)
+        else:
+            self._out.append(Send(data))
+
+    def _log(self, event: str) -> None:
+        self._out.append(Log(self.log_line(event)))
+
+    def _close(self) -> None:
+        if self.phase is Phase.DATA:
+            self._out.append(AbortMessage())
+        self._out.append(Close())
+        self.phase = Phase.CLOSED
+        self._buf.clear()
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _wait(self, action: Action, resume: Callable[..., None]) -> None:
+        self._out.append(action)
+        self._resume = resume
+        self.phase = Phase.WAIT
+
+    def _resume_with(self, result: object) -> list[Action]:
+        if self.phase is not Phase.WAIT or self._resume is None:
+            return []  # not expected now (late or duplicate result): ignore
+        resume, self._resume = self._resume, None
+        self.phase = Phase.COMMAND
+        resume(result)
+        self._pump()
+        return self._flush()
+
+    def _pump(self) -> None:
+        """Process buffered input until it runs out or a result must be awaited."""
+        while self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
+            if self.phase is Phase.DATA:
+                if not self._data_step():
+                    break
+                continue
+            line = self._take_line()
+            if line is None:
+                break
+            if self.phase is Phase.AUTH:
+                self._auth_line(line)
+            else:
+                self._command(line)
+        if self._eof and self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
+            self._log("read failed")
+            self._close()
+
+    def _take_line(self) -> bytes | None:
+        """The next command line without LF and one trailing CR, or None for "need more".
+        Lines over cfg.max_line are answered and skipped without being buffered."""
+        buf, limit = self._buf, self.cfg.max_line
+        while True:
+            if self._discarding:
+                lf = buf.find(b"\n")
+                if lf < 0:
+                    buf.clear()
+                    return None
+                del buf[:lf + 1]
+                self._discarding = False
+            lf = buf.find(b"\n", 0, limit + 2)
+            if lf < 0:
+                if len(buf) <= limit + 1:
+                    return None
+                self._discarding = True
+                self._line_too_long()
+                continue
+            line = bytes(buf[:lf])
+            del buf[:lf + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) <= limit:
+                return line
+            self._line_too_long()
+
+    def _line_too_long(self) -> None:
+        self._send(replies.LINE_TOO_LONG)
+        if self.phase is Phase.AUTH:
+            self._auth = None
+            self.phase = Phase.COMMAND
+
+    # ---- hooks -----------------------------------------------------------------------
+
+    def _hook(self, stage: HookStage, arg: str, then: Callable[[HookOutcome], None]) -> None:
+        """Run ``then`` now (no plugins) or after the plugins of ``stage`` accepted."""
+        if not self.spp.enabled:
+            then(HookOutcome())
+            return
+        self._wait(RunHook(stage, arg), lambda outcome: self._hook_done(outcome, then))
+
+    def _hook_done(self, outcome: HookOutcome, then: Callable[[HookOutcome], None]) -> None:
+        self._send_raw(outcome.output)
+        for name, value in outcome.env:
+            if value is None:
+                self.env.pop(name, None)
+            else:
+                self.env[name] = value
+        self.spp.headers.extend(outcome.headers)
+        for stage, text in outcome.later:
+            self.spp.later.setdefault(stage, []).append(text)
+        if outcome.disable:
+            self.spp.enabled = False
+        if outcome.verdict is HookVerdict.TERMINATE:
+            self._close()
+        elif outcome.verdict is not HookVerdict.REJECT:
+            then(outcome)
+
+    def _later(self, stage: HookStage) -> bool:
+        """Show queued LM/LR/LD texts; True means the command is rejected by them."""
+        texts = self.spp.later.pop(stage, None) if self.spp.enabled else None
+        for text in texts or ():
+            self._send_raw(text)
+        return bool(texts)
+
+    # ---- commands --------------------------------------------------------------------
+
+    def _command(self, line: bytes) -> None:
+        verb, _, arg = line.replace(b"\0", b"\n").partition(b" ")
+        handler = _VERBS.get(verb.lower())
+        if handler is None:
+            self._send(replies.UNRECOGNISED)
+        else:
+            handler(self, arg)
+
+    def _reset_transaction(self) -> None:
+        self.sender = None
+        self.recipients = []
+
+    def _cmd_helo(self, arg: bytes) -> None:
+        self._helo(arg, replies.helo(self.cfg.greeting))
+
+    def _cmd_ehlo(self, arg: bytes) -> None:
+        keywords = []
+        if self.cfg.tls_available and not self.in_tls:
+            keywords.append("STARTTLS")
+        keywords += ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}"]
+        if self.cfg.auth_available:
+            if self.env.get("TLSREQUIRED") == "1" and not self.in_tls:
+                keywords.append("AUTH CRAM-MD5")
+            else:
+                keywords.append("AUTH LOGIN PLAIN CRAM-MD5")
+        self._helo(arg, replies.ehlo(self.cfg.greeting, keywords))
+
+    def _helo(self, arg: bytes, reply: Reply) -> None:
+        name = decode(arg)
+        if self.spp.enabled:
+            self.env["SMTPHELOHOST"] = name
+
+        def accept(_outcome: HookOutcome) -> None:
+            self.helo = name
+            self._reset_transaction()
+            self._send(reply)
+        self._hook(HookStage.HELO, name, accept)
+
+    def _cmd_rset(self, arg: bytes) -> None:
+        self._reset_transaction()
+        self.spp.reset()
+        self.spp.rcpt_count = self.spp.rcpt_count_all = 0
+        self._send(replies.FLUSHED)
+
+    def _cmd_noop(self, arg: bytes) -> None:
+        self._send(replies.OK)
+
+    def _cmd_vrfy(self, arg: bytes) -> None:
+        self._send(replies.VRFY)
+
+    def _cmd_help(self, arg: bytes) -> None:
+        self._send(replies.HELP)
+
+    def _cmd_quit(self, arg: bytes) -> None:
+        self._send(replies.quit_(self.cfg.greeting))
+        self._close()
+
+    def _cmd_starttls(self, arg: bytes) -> None:
+        if self.in_tls:
+            self._send(replies.UNIMPLEMENTED)
+        elif arg:
+            self._send(replies.STARTTLS_SYNTAX)
+        elif not self.cfg.tls_available:
+            self._send(replies.TLS_NO_CERT)
+        else:
+            self._send(replies.TLS_READY)
+            self._out.append(StartTLS())
+            self._buf.clear()  # CVE-2011-0411: nothing sent in clear may follow
+            self.phase = Phase.WAIT_TLS
+
+    def _parse(self, arg: bytes) -> str | None:
+        addr = parse_address(arg, self.cfg.local_ips, self.cfg.localiphost)
+        if addr is None:
+            self._send(replies.SYNTAX_ERROR)
+        else:
+            self._last_addr = addr
+        return addr
+
+    def _cmd_mail(self, arg: bytes) -> None:
+        if (self.env.get("TCPLOCALPORT", "0") == self.env.get("SUBMISSIONPORT", "587")
+                and not self.authenticated):
+            self._send(replies.AUTH_REQUIRED)
+            return
+        addr = self._parse(arg)
+        if addr is None:
+            return
+        params = parse_mail_params(arg)
+        if params.size is not None and self.databytes and params.size > self.databytes:
+            self._send(replies.TOO_BIG)
+            return
+        # eqmail: AUTH= is believed only from a client that authenticated itself.
+        if params.auth is not None and self.authenticated and "TCPREMOTEINFO" not in self.env:
+            self.env["TCPREMOTEINFO"] = params.auth
+        if self._later(HookStage.MAIL):
+            return
+        if self.spp.enabled:
+            self.env["SMTPMAILFROM"] = addr
+        self._hook(HookStage.MAIL, addr, lambda outcome: self._mail_accept(outcome, addr))
+
+    def _mail_accept(self, outcome: HookOutcome, addr: str) -> None:
+        if outcome.address is not None:
+            addr = self.env["SMTPMAILFROM"] = outcome.address
+        normal = outcome.verdict is HookVerdict.NORMAL
+        # eqmail: "O" skips badmailfrom; eQmail kept the previous transaction's flag.
+        self._barf = normal and self.cfg.badmailfrom.matches(addr)
+        self.spp.mail_verdict = outcome.verdict
+        self.spp.rcpt_count = self.spp.rcpt_count_all = 0
+        self.sender = self._mailfrom = addr
+        self.recipients = []
+        self._send(replies.OK)
+
+    def _relay_allowed(self, addr: str) -> bool:
+        if self.cfg.rcpthosts is None:
+            return "@" not in addr
+        return self.cfg.rcpthosts.allows(addr)
+
+    def _cmd_rcpt(self, arg: bytes) -> None:
+        if self.sender is None:
+            self._send(replies.MAIL_FIRST)
+            return
+        addr = self._parse(arg)
+        if addr is None:
+            return
+        if self._barf:
+            self._send(replies.BADMAILFROM)
+            return
+        if self._later(HookStage.RCPT):
+            return
+        if self.spp.enabled:
+            # eqmail runs [rcpt] plugins (eQmail 1.09 never does), upstream qmail-spp order.
+            self.spp.rcpt_count_all += 1
+            allowed = "RELAYCLIENT" in self.env or self._relay_allowed(addr)
+            self.env.update(SMTPRCPTTO=addr, SMTPRCPTCOUNT=str(self.spp.rcpt_count),
+                            SMTPRCPTCOUNTALL=str(self.spp.rcpt_count_all),
+                            SMTPRCPTHOSTSOK="1" if allowed else "0")
+        self._hook(HookStage.RCPT, addr, lambda outcome: self._rcpt_accept(outcome, addr))
+
+    def _rcpt_accept(self, outcome: HookOutcome, addr: str) -> None:
+        if outcome.address is not None:
+            addr = outcome.address
+        relayclient = self.env.get("RELAYCLIENT")
+        check = (outcome.verdict is HookVerdict.NORMAL
+                 and self.spp.mail_verdict is HookVerdict.NORMAL)
+        if relayclient is not None:
+            addr += relayclient
+        elif check and not self._relay_allowed(addr):
+            if self.in_tls and self.cfg.tls_client_relay and not self._cert_tried:
+                self._cert_tried = True
+                self._wait(CheckClientCert(), lambda result: self._cert_done(result, addr))
+                return
+            self._refuse_relay()
+            return
+        self._add_recipient(addr)
+
+    def _refuse_relay(self) -> None:
+        if self.in_tls:
+            self._send(replies.no_rcpthosts_tls(self._cert_reason))
+        else:
+            self._send(replies.NO_RCPTHOSTS)
+
+    def _cert_done(self, result: tuple[str | None, str | None], addr: str) -> None:
+        email, reason = result
+        if email is None:
+            self._cert_reason = reason
+            self._refuse_relay()
+            return
+        self.env["RELAYCLIENT"] = ""
+        self.protocol += f"\n  (cert {email})"
+        self._add_recipient(addr)
+
+    def _add_recipient(self, addr: str) -> None:
+        self.recipients.append(addr)
+        self.spp.rcpt_count += 1
+        self._send(replies.OK)
+
+    # ---- DATA ------------------------------------------------------------------------
+
+    def _cmd_data(self, arg: bytes) -> None:
+        if self.sender is None:
+            self._send(replies.MAIL_FIRST)
+            return
+        if not self.recipients:
+            self._send(replies.RCPT_FIRST)
+            return
+        if self._later(HookStage.DATA):
+            return
+        self._hook(HookStage.DATA, "", lambda _outcome: self._data_begin())
+
+    def _data_begin(self) -> None:
+        sender, recipients = self.sender or "", tuple(self.recipients)
+        self._reset_transaction()
+        header = received_line(
+            protocol=self.protocol, local=self.cfg.local_host,
+            remoteip=self.env.get("TCPREMOTEIP", "unknown"),
+            remotehost=self.env.get("TCPREMOTEHOST", "unknown"),
+            remoteinfo=self.env.get("TCPREMOTEINFO"), helo=self.helo,
+            when=self.clock(), utcoffset=self.cfg.utcoffset)
+        header += "".join(h + "\n" for h in self.spp.headers)
+        self.spp.reset()
+        self._out.append(BeginMessage(sender, recipients, encode(header)))
+        self._send(replies.GO_AHEAD)
+        self._reader = DataReader(self.databytes)
+        self.phase = Phase.DATA
+
+    def _data_step(self) -> bool:
+        """Feed buffered input to the DATA reader; False when more input is needed."""
+        reader = self._reader
+        assert reader is not None
+        step = reader.step(bytes(self._buf))
+        del self._buf[:step.consumed]
+        if step.stored:
+            self._out.append(MessageData(step.stored))
+        if step.status is DataStatus.MORE:
+            return False
+        self._reader = None
+        if step.status is DataStatus.BARE_LF:
+            self._log("bad newlines")
+            self._send(replies.BARE_LF)
+            self._close()  # phase is still DATA: emits AbortMessage first
+        elif reader.looping:
+            self._finish_refused(replies.TOO_MANY_HOPS, "message looping")
+        elif reader.too_big:
+            self._finish_refused(replies.TOO_BIG, "message too big")
+        else:
+            self.phase = Phase.COMMAND
+            self._wait(EndMessage(), self._queued)
+        return True
+
+    def _finish_refused(self, reply: Reply, event: str) -> None:
+        self._out.append(AbortMessage())
+        self.phase = Phase.COMMAND
+        self._log(event)
+        self._send(reply)
+
+    def _queued(self, result: QueueOutcome) -> None:
+        if result.status is QueueStatus.ACCEPTED:
+            self._log("message accepted")
+            self._send(replies.accepted(int(self.clock()), result.qp))
+        elif result.status is QueueStatus.REJECTED:
+            self._log(f"message rejected ({result.text})")
+            self._send(replies.queue_permanent(result.text))
+        else:
+            self._log(f"message delayed ({result.text})")
+            self._send(replies.queue_temporary(result.text))
+
+    # ---- AUTH ------------------------------------------------------------------------
+
+    def _cmd_auth(self, arg: bytes) -> None:
+        mech, _, initial = arg.partition(b" ")
+        method = mech.lower().decode("latin-1")
+        # eqmail: the CRAM-MD5 exemption is case-insensitive (eQmail: exact "cram-md5").
+        if self.env.get("TLSREQUIRED") == "1" and not self.in_tls and method != "cram-md5":
+            self._send(replies.AUTH_TLS_REQUIRED)
+        elif not self.cfg.auth_available:
+            self._send(replies.AUTH_NOT_AVAILABLE)
+        elif self.authenticated:
+            self._send(replies.AUTH_ALREADY)
+        elif self.sender is not None:
+            self._send(replies.AUTH_IN_TRANSACTION)
+        elif method not in MECHANISMS:
+            self._send(replies.AUTH_UNIMPLEMENTED)
+        else:
+            challenge = f"<{self.cfg.pid}.{int(self.clock())}@{self.cfg.local_host}>"
+            self._auth = AuthExchange(method, encode(challenge) if method == "cram-md5"
+                                      else b"")
+            self._auth_step(self._auth.start(initial.lstrip(b" ")))
+
+    def _auth_line(self, line: bytes) -> None:
+        assert self._auth is not None
+        self._auth_step(self._auth.line(line))
+
+    def _auth_step(self, step: AuthStep) -> None:
+        if isinstance(step, Credentials):
+            self._auth = None
+            self.phase = Phase.COMMAND
+            self._wait(CheckPassword(step.method, step.user, step.password, step.challenge),
+                       lambda result: self._auth_checked(result, step))
+        elif isinstance(step, Failed):
+            self._auth = None
+            self.phase = Phase.COMMAND
+            self._send(step.reply)
+        else:
+            self.phase = Phase.AUTH
+            self._send(step.reply)
+
+    def _auth_checked(self, result: tuple[bool, str | None], creds: Credentials) -> None:
+        ok, temporary = result
+        if temporary is not None:
+            self._send(Reply(454, temporary))
+        elif not ok:
+            self.auth_failures += 1
+            self._send(replies.AUTH_FAILED)
+        else:
+            user = decode(creds.user)
+            if self.spp.enabled:
+                self.env.update(SMTPAUTHUSER=user, SMTPAUTHMETHOD=creds.method)
+            self._hook(HookStage.AUTH, user, lambda _outcome: self._auth_ok(user))
+
+    def _auth_ok(self, user: str) -> None:
+        self.authenticated = True
+        self.protocol = "ESMTPA"
+        self.env["RELAYCLIENT"] = ""
+        self.env["TCPREMOTEINFO"] = user
+        self._send(replies.auth_ok(user))
+
+
+_VERBS: dict[bytes, Callable[[Session, bytes], None]] = {
+    b"helo": Session._cmd_helo, b"ehlo": Session._cmd_ehlo, b"mail": Session._cmd_mail,
+    b"rcpt": Session._cmd_rcpt, b"data": Session._cmd_data, b"rset": Session._cmd_rset,
+    b"noop": Session._cmd_noop, b"vrfy": Session._cmd_vrfy, b"help": Session._cmd_help,
+    b"quit": Session._cmd_quit, b"starttls": Session._cmd_starttls,
+    b"auth": Session._cmd_auth,
+}

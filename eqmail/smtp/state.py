@@ -1,0 +1,69 @@
+"""Values the SMTP session is configured with and keeps: SessionConfig, Phase, SppState.
+
+Owns: the injected configuration of eqmail.smtp.session.Session (built by the listener
+from Controls and its options) and the small state records the session keeps between
+commands, including the qmail-spp state the plugin layer's results update.
+Pure data; no failure modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from eqmail.smtp.actions import HookStage, HookVerdict
+from eqmail.smtp.policy import BadMailFrom, RcptHosts
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything the session needs, built by the listener from Controls + its options."""
+
+    greeting: str                   # control/smtpgreeting (default: me)
+    local_host: str                 # TCPLOCALHOST, else TCPLOCALIP, else "unknown"
+    databytes: int                  # control/databytes, 0 = unlimited (env DATABYTES wins)
+    rcpthosts: RcptHosts | None     # None fails closed: only addresses without "@" pass
+    badmailfrom: BadMailFrom = field(default_factory=BadMailFrom)
+    local_ips: frozenset[str] = frozenset()
+    localiphost: str | None = None  # None: no [d.d.d.d] substitution
+    tls_available: bool = False     # servercert present: STARTTLS offered outside TLS
+    auth_available: bool = False    # a checkpassword program is configured
+    tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
+    plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
+    max_line: int = 12288
+    pid: int = 0                    # for the CRAM-MD5 challenge <pid.time@local>
+    utcoffset: int | None = None    # Received date offset; None = local zone
+
+
+class Phase(Enum):
+    COMMAND = "command"
+    AUTH = "auth"              # reading AUTH continuation lines
+    DATA = "data"
+    WAIT = "wait"              # an asynchronous result is due
+    WAIT_TLS = "wait_tls"
+    CLOSED = "closed"
+
+
+@dataclass
+class SppState:
+    """qmail-spp state kept across commands (eqmail-features.md §2)."""
+
+    enabled: bool
+    headers: list[str] = field(default_factory=list)               # H lines
+    later: dict[HookStage, list[bytes]] = field(default_factory=dict)  # LM/LR/LD
+    mail_verdict: HookVerdict = HookVerdict.NORMAL
+    rcpt_count: int = 0
+    rcpt_count_all: int = 0
+
+    def reset(self) -> None:
+        """RSET and the start of a message clear H and L* (HELO does not)."""
+        self.headers.clear()
+        self.later.clear()
+
+
+def digits(value: str) -> int:
+    """qmail's scan_ulong: leading digits, anything else ends the number (or is 0)."""
+    end = 0
+    while end < len(value) and value[end].isdigit():
+        end += 1
+    return int(value[:end][:20]) if end else 0

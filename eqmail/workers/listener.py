@@ -1,0 +1,328 @@
+"""The SMTP listener worker: tcpserver + qmail-smtpd, running as eqmaild.
+
+Accepts connections on the socket the supervisor bound (one listener per control/listen
+line, one or more processes sharing its socket), applies control/tcp.smtp (deny: close
+without a banner), builds tcpserver's environment, and drives one pure
+:class:`eqmail.smtp.session.Session` per connection: bytes in, actions out.  Message
+data is streamed to the queue writer as it arrives (never held whole).
+
+Concurrency is tcpserver's ``-c``: at most ``concurrency`` sessions per listener; a
+connection over the limit waits in the kernel's accept queue until a slot is free and
+is then served.  Every read and write is bounded by timeoutsmtpd
+(``451 timeout (#4.4.2)``).  TLS (STARTTLS, SMTPS) is done here with the session's
+upgrade point; checkpassword runs as a child process with the DJB fd-3 interface.
+
+Failure modes: a broken connection ends its session (a half-received message is
+abandoned, so nothing is queued); an unexpected exception is logged and ends only
+that session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from eqmail.control import ListenerSpec
+from eqmail.log import log
+from eqmail.netif import local_addresses
+from eqmail.queue.client import AsyncQueueClient
+from eqmail.smtp import actions as A
+from eqmail.smtp import replies
+from eqmail.smtp.checkpw import run_checkpassword
+from eqmail.smtp.policy import BadMailFrom
+from eqmail.smtp.session import Session
+from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
+from eqmail.tcprules import Rules
+from eqmail.tls import ServerTLS, client_cert_email, read_tlsclients
+from eqmail.workers.base import WorkerContext
+
+READ_SIZE = 256 * 1024
+AUTH_FAILURE_DELAY = 5.0  # qmail-smtpd-auth sleeps 5 s before 535
+
+
+class Listener:
+    def __init__(self, ctx: WorkerContext, spec: ListenerSpec) -> None:
+        c = ctx.controls
+        self.ctx = ctx
+        self.spec = spec
+        self.controls = c
+        self.root = ctx.instance.root
+        rules_text = c.tcp_smtp if spec.rules == "tcp.smtp" else _read(ctx.instance.control / spec.rules)
+        self.rules = Rules.parse(rules_text, f"control/{spec.rules}") if rules_text else None
+        self.rcpthosts = rcpt_matcher(c)
+        self.badmailfrom = BadMailFrom.from_lines(c.badmailfrom)
+        self.local_ips = frozenset(local_addresses())
+        self.timeout = float(c.timeoutsmtpd)
+        self.sessions = 0
+        # Built by the supervisor before the privilege drop (the key may be root-only).
+        self.tls: ServerTLS | None = ctx.extra.get("tls")
+        self.tlsclients = read_tlsclients(ctx.instance.control) if self.tls and self.tls.client_ca else frozenset()
+        if self.tls is not None and self.tls.error:
+            log(f"warning: {spec.display_address}: TLS unavailable: {self.tls.error}")
+
+    # ------------------------------------------------------------ one connection
+    async def serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        local, remote = conn.getsockname()[:2], conn.getpeername()[:2]
+        env = tcp_environment(dict(self.spec.env), local, remote, self.controls.me)
+        if self.rules is not None:
+            verdict = self.rules.match(env["TCPREMOTEIP"], env.get("TCPREMOTEHOST"))
+            if not verdict.allow:
+                conn.close()
+                return
+            env.update(verdict.env)
+        reader, writer = await _server_streams(conn)
+        conn_io = Connection(self, reader, writer, env)
+        try:
+            await conn_io.run()
+        except Exception as e:  # one broken session must not hurt the others
+            log(f"warning: smtp session from {env['TCPREMOTEIP']}: {e!r}")
+        finally:
+            await conn_io.cleanup()
+        del loop
+
+
+async def _server_streams(conn: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams for an accepted socket, made by a *server-side* stream protocol so that
+    ``StreamWriter.start_tls`` does the server half of the handshake."""
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
+
+    def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        made.set_result((r, w))
+
+    await loop.connect_accepted_socket(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE * 2), connected),
+        sock=conn)
+    return await made
+
+
+class Connection:
+    """The I/O of one SMTP session."""
+
+    def __init__(self, listener: Listener, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, env: dict[str, str]) -> None:
+        self.l = listener
+        self.reader = reader
+        self.writer = writer
+        self.env = env
+        self.queue: AsyncQueueClient | None = None
+        self.message: A.BeginMessage | None = None
+        self.closed = False
+        tls = listener.tls
+        cfg = session_config(listener.controls, env, rcpthosts=listener.rcpthosts,
+                             badmailfrom=listener.badmailfrom, local_ips=listener.local_ips,
+                             tls_available=tls is not None,
+                             auth_available=bool(listener.spec.checkpassword),
+                             tls_client_relay=bool(listener.tlsclients))
+        self.session = Session(cfg, env, time.time)
+
+    async def run(self) -> None:
+        if "SMTPS" in self.env:
+            if not await self._start_tls(implicit=True):
+                return
+        await self._perform(self.session.start())
+        while not self.closed and not self.session.closed:
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.l.timeout)
+            except TimeoutError:
+                await self._timeout()
+                return
+            except (ConnectionError, OSError):
+                log(self.session.log_line("read failed"))
+                await self._perform([A.AbortMessage()])
+                return
+            actions = self.session.feed(data) if data else self.session.eof()
+            await self._perform(actions)
+            if not data:
+                return
+
+    async def _timeout(self) -> None:
+        log(self.session.log_line("timeout"))
+        await self._perform([A.AbortMessage()])
+        try:
+            self.writer.write(replies.TIMEOUT.wire())
+            await asyncio.wait_for(self.writer.drain(), 5)
+        except (OSError, TimeoutError):
+            pass
+        self.closed = True
+
+    async def _perform(self, actions: list[A.Action]) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            more = await self._do(action)
+            if more:
+                pending = more + pending
+            if self.closed:
+                return
+
+    async def _do(self, action: A.Action) -> list[A.Action]:
+        if isinstance(action, A.Send):
+            self.writer.write(action.data)
+            if self.writer.transport.get_write_buffer_size() > 64 * 1024:
+                await self._drain()
+            return []
+        if isinstance(action, A.MessageData):
+            assert self.queue is not None
+            await self.queue.write(action.data)
+            return []
+        if isinstance(action, A.BeginMessage):
+            if self.queue is None:
+                self.queue = AsyncQueueClient(self.l.root)
+            self.message = action
+            await self.queue.write(action.header_prefix)
+            return []
+        if isinstance(action, A.EndMessage):
+            return await self._end_message()
+        if isinstance(action, A.AbortMessage):
+            if self.queue is not None and self.message is not None:
+                await self.queue.abandon()
+            self.message = None
+            return []
+        if isinstance(action, A.Log):
+            log(action.line)
+            return []
+        if isinstance(action, A.Close):
+            await self._drain()
+            self.closed = True
+            return []
+        if isinstance(action, A.CheckPassword):
+            return await self._check_password(action)
+        if isinstance(action, A.StartTLS):
+            await self._drain()
+            await self._start_tls(implicit=False)
+            return []
+        if isinstance(action, A.CheckClientCert):
+            email, reason = client_cert_email(self.writer)
+            if email is not None and email not in self.l.tlsclients:
+                email, reason = None, "email address not in my list of tlsclients"
+            return self.session.cert_result(email, reason)
+        if isinstance(action, A.RunHook):
+            return self.session.hook_result(A.HookOutcome())
+        raise AssertionError(f"unknown action {action!r}")
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.l.timeout)
+        except (OSError, TimeoutError):
+            self.closed = True
+
+    async def _end_message(self) -> list[A.Action]:
+        assert self.queue is not None and self.message is not None
+        msg, self.message = self.message, None
+        await self._drain()  # replies before the 250 go out first
+        result = await self.queue.finish(msg.sender, list(msg.recipients))
+        if result.ok:
+            outcome = A.QueueOutcome(A.QueueStatus.ACCEPTED, qp=result.qp or 0)
+        elif result.permanent:
+            outcome = A.QueueOutcome(A.QueueStatus.REJECTED, text=result.text)
+        else:
+            outcome = A.QueueOutcome(A.QueueStatus.DEFERRED, text=result.text)
+        return self.session.queue_result(outcome)
+
+    async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
+        ok, temporary = await run_checkpassword(
+            self.l.spec.checkpassword, dict(self.session.env), action.user, action.password,
+            action.challenge, timeout=self.l.timeout)
+        if not ok and temporary is None:
+            await asyncio.sleep(AUTH_FAILURE_DELAY)
+        return self.session.auth_result(ok, temporary)
+
+    async def _start_tls(self, implicit: bool) -> bool:
+        tls = self.l.tls
+        if tls is None or not tls.available:
+            why = tls.error if tls is not None and tls.error else "missing certificate"
+            await self._perform(self.session.tls_failed(why))
+            return False
+        try:
+            cipher = await tls.upgrade(self.writer, self.reader, self.l.timeout)
+        except Exception as e:  # the handshake failed: 454 and close
+            await self._perform(self.session.tls_failed(str(e) or e.__class__.__name__))
+            return False
+        await self._perform(self.session.tls_started(cipher))
+        return True
+
+    async def cleanup(self) -> None:
+        if self.queue is not None:
+            if self.message is not None:
+                await self.queue.abandon()
+            else:
+                await self.queue.abandon()
+        try:
+            self.writer.close()
+        except OSError:
+            pass
+
+
+def _read(path: Any) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read(4 << 20)
+    except OSError:
+        return ""
+
+
+async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    per_process = max(1, -(-listener.spec.concurrency // max(1, listener.spec.processes)))
+    slots = asyncio.Semaphore(per_process)
+    tasks: set[asyncio.Task[None]] = set()
+    sock.setblocking(False)
+    while not stop.is_set():
+        await slots.acquire()  # over the limit: leave the connection in the accept queue
+        accept = asyncio.ensure_future(loop.sock_accept(sock))
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({accept, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if accept not in done:
+            accept.cancel()
+            slots.release()
+            break
+        stopper.cancel()
+        try:
+            conn, _addr = accept.result()
+        except OSError:
+            slots.release()
+            await asyncio.sleep(0.05)
+            continue
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.sessions += 1
+
+        async def session(c: socket.socket = conn) -> None:
+            try:
+                await listener.serve(c)
+            finally:
+                listener.sessions -= 1
+                slots.release()
+
+        task = asyncio.ensure_future(session())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    # graceful stop: no new connections; sessions in progress finish (bounded by timeouts)
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+def run(ctx: WorkerContext) -> int:
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    spec: ListenerSpec = ctx.extra["spec"]
+    sock = socket.socket(fileno=ctx.extra["socket_fd"])
+    sock.set_inheritable(False)  # never leak it into checkpassword or plugins
+    listener = Listener(ctx, spec)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    os.umask(0o077)
+    ctx.ready()
+    loop.run_until_complete(_accept_loop(listener, sock, stop))
+    return 0
