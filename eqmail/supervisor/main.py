@@ -69,10 +69,11 @@ class Worker:
 def _entry(kind: str) -> Callable[[WorkerContext], int]:
     # Imported in the supervisor before any fork: a worker that dropped privileges
     # may not be able to read the package files any more.
-    from eqmail.workers import local, logger, queuewriter, scanner
+    from eqmail.workers import local, logger, queuewriter, scanner, watcher
 
     table: dict[str, Callable[[WorkerContext], int]] = {
         "logger": logger.run,
+        "watcher": watcher.run,
         "queuewriter": queuewriter.run,
         "local": local.run,
         "scanner": scanner.run,
@@ -124,6 +125,9 @@ class Supervisor:
         os.write(self.pid_fd, f"{os.getpid()}\n".encode())
         self._ensure_queue_files()
         self.log_r, self.log_w = os.pipe()
+        # the control watcher writes a byte here when control/ or users/ changed
+        self.watch_r, self.watch_w = os.pipe()
+        os.set_blocking(self.watch_r, False)
         self.out_fd = self._open_log_output()
         for spec in self.controls.listen:
             self.listen_socks[spec.key] = bind_listener(spec)
@@ -180,19 +184,24 @@ class Supervisor:
                    extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
             *remote,
             Worker("scanner", "scanner", _entry("scanner"), "send", extra=scanner_extra),
+            Worker("watcher", "control watcher", _entry("watcher"), "log",
+                   extra={"notify_fd": self.watch_w}, keep_fds=(self.watch_w,)),
         ]
 
-    def _listener_worker(self, spec: ListenerSpec) -> Worker:
+    def _listener_workers(self, spec: ListenerSpec) -> list[Worker]:
+        """``processes`` workers sharing the listener's socket (each accepts from it)."""
         from eqmail.tls import ServerTLS
 
         sock = self.listen_socks[spec.key]
         # The TLS context (and so the private key) is loaded here, as root, and reaches
         # the worker through fork; a reload loads a swapped certificate.
         tls = ServerTLS.load(self.instance.control, env=dict(spec.env))
-        return Worker("listener", f"listener {spec.service} {spec.display_address}",
-                      _entry("listener"), "daemon",
-                      extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls},
-                      keep_fds=(sock.fileno(),), spec=spec)
+        name = f"listener {spec.service} {spec.display_address}"
+        return [Worker("listener", name + (f" #{i + 1}" if spec.processes > 1 else ""),
+                       _entry("listener"), "daemon",
+                       extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls},
+                       keep_fds=(sock.fileno(),), spec=spec)
+                for i in range(spec.processes)]
 
     # ------------------------------------------------------------ spawning
     def start_worker(self, w: Worker) -> None:
@@ -254,11 +263,12 @@ class Supervisor:
                 # Remote mail can wait in the queue: start anyway, restart it with back-off.
                 log(f"alert: {e}; remote deliveries wait until it runs")
         for spec in self.controls.listen:
-            lw = self._listener_worker(spec)
-            self.workers.append(lw)
-            self.start_worker(lw)
+            for lw in self._listener_workers(spec):
+                self.workers.append(lw)
+                self.start_worker(lw)
         self.wait_ready([w for w in self.workers if w.kind != "remote"])
         self._open_status_socket()
+        self.sel.register(self.watch_r, selectors.EVENT_READ, ("watch", None))
         log(f"status: eqmail started, pid {os.getpid()}, generation {self.generation}")
         self._notify(b"ok\n")
         while not self.stopping or any(w.proc for w in self.workers):
@@ -280,6 +290,8 @@ class Supervisor:
                 self._on_exit(obj)
             elif kind == "status":
                 self._serve_status()
+            elif kind == "watch":
+                self._on_control_change()
         self._handle_signals()
 
     def _on_ready(self, w: Worker) -> None:
@@ -374,7 +386,8 @@ class Supervisor:
         self.stop_phase = 0
         self._stop_step()
 
-    STOP_ORDER = (("listener",), ("scanner",), ("local", "remote", "queuewriter"), ("logger",))
+    STOP_ORDER = (("listener", "watcher"), ("scanner",), ("local", "remote", "queuewriter"),
+                  ("logger",))
 
     def _stop_step(self) -> None:
         while self.stop_phase < len(self.STOP_ORDER):
@@ -391,6 +404,16 @@ class Supervisor:
                 os.dup2(self.out_fd, 2)  # the logger goes last; keep our own lines visible
 
     # ------------------------------------------------------------ reload
+    def _on_control_change(self) -> None:
+        try:
+            while os.read(self.watch_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+        if not self.stopping:
+            log("status: control files changed")
+            self.reload()
+
     def reload(self) -> None:
         try:
             new = load_controls(self.instance.root)
@@ -406,7 +429,7 @@ class Supervisor:
         log(f"status: reloading control files, generation {self.generation}")
         self._apply_listener_diff(old, new)
         for w in self.workers:
-            if w.kind in ("scanner", "local", "remote") and w.proc is not None:
+            if w.proc is not None and _differs(old, new, WORKER_CONTROLS.get(w.kind, ())):
                 self._replace(w)
 
     def _replace(self, w: Worker) -> None:
@@ -445,9 +468,9 @@ class Supervisor:
             os.kill(w.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
         for key, spec in new_specs.items():
             if key in self.listen_socks:
-                lw = self._listener_worker(spec)
-                self.workers.append(lw)
-                self.start_worker(lw)
+                for lw in self._listener_workers(spec):
+                    self.workers.append(lw)
+                    self.start_worker(lw)
         for key in set(old_specs) - set(new_specs):
             sock = self.listen_socks.pop(key, None)
             if sock is not None:
@@ -508,6 +531,23 @@ class Supervisor:
             self.notify_fd = -1
         if os.environ.get("NOTIFY_SOCKET"):
             _sd_notify(b"READY=1")
+
+
+# The control values each long-running worker was built from: a reload restarts a
+# worker (gracefully) only when one of its values changed.  Listeners are always
+# renewed: they are cheap to replace and old sessions finish under the old generation.
+WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
+    "scanner": ("me", "locals", "virtualdomains", "percenthack", "envnoathost", "bouncefrom",
+                "bouncehost", "doublebouncehost", "doublebounceto", "concurrencylocal",
+                "concurrencyremote", "queuelifetime"),
+    "local": ("me", "assign", "defaultdelivery", "concurrencylocal"),
+    "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
+               "concurrencyremote", "locals"),
+}
+
+
+def _differs(old: Controls, new: Controls, fields: tuple[str, ...]) -> bool:
+    return any(getattr(old, f, None) != getattr(new, f, None) for f in fields)
 
 
 def _bound_port(sock: socket.socket | None) -> int:
