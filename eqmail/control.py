@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from eqmail.errors import ControlErrors, ControlFileError
 
 SPAWN_LIMIT = 120  # conf-spawn: hard cap on concurrent deliveries per channel
 MAX_CONTROL_BYTES = 4 * 1024 * 1024  # bounded read of any one control file
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ class Controls:
     tcp_smtp: str = ""  # raw text of control/tcp.smtp, parsed by eqmail.tcprules
     assign: str | None = None  # raw text of users/assign (parsed by eqmail.delivery.users)
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # remote delivery (eqmail.workers.remote): outbound TLS (eQmail §6), before-remote hook
+    tlsclientciphers: str = "DEFAULT"  # control/tlsclientciphers, lines joined with ':'
+    clientcert: bool = False  # control/clientcert.pem exists
+    tlshosts: frozenset[str] = frozenset()  # <name> of every control/tlshosts/<name>.pem
+    tlshosts_exhaustive: bool = False  # control/tlshosts/exhaustivelist exists
+    notlshosts: frozenset[str] = frozenset()  # names of the files in control/notlshosts/
+    beforemote: tuple[str, ...] = ()  # control/beforemote: one command per line
 
     def route_for(self, host: str) -> Route | None:
         """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
@@ -182,11 +191,13 @@ class _Reader:
         value = self.line(fn)
         if value is None or value == "":
             return default
-        try:
-            n = int(value.strip())
-        except ValueError:
+        text = value.strip()
+        # ASCII digits with an optional sign only: Python's int() would also take
+        # "1_000" and non-ASCII digits, which no qmail tool reads as that number.
+        if not _INTEGER.fullmatch(text):
             self.errors.append(ControlFileError(self.name(fn), 1, f"not a number: {value!r}"))
             return default
+        n = int(text)
         if not lo <= n <= hi:
             self.errors.append(ControlFileError(self.name(fn), 1, f"{n} out of range {lo}..{hi}"))
             return default
@@ -415,11 +426,34 @@ def load_controls(root: Path) -> Controls:
     dd = kwargs["defaultdelivery"]
     if not (dd.startswith("./") or dd.startswith("/") or dd.startswith("|") or dd.startswith("&")):
         r.errors.append(ControlFileError("control/defaultdelivery", 1, "must start with ./ / | or &"))
+    kwargs.update(_remote_files(r))
     _validate_extra(r, kwargs)
     if r.errors:
         raise ControlErrors(r.errors)
     kwargs["sources"] = dict(r.sources)
     return Controls(**kwargs)
+
+
+def _dir_names(path: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    except OSError:  # absent (the usual case) or unreadable: no entries
+        return []
+
+
+def _remote_files(r: _Reader) -> dict[str, Any]:
+    """Outbound TLS files (by MX/relay host name) and control/beforemote."""
+    control = r.root / "control"
+    pems = [n[:-4].lower() for n in _dir_names(control / "tlshosts") if n.endswith(".pem")]
+    ciphers = r.lines("tlsclientciphers")
+    return dict(
+        tlsclientciphers=":".join(ln.strip() for _, ln in ciphers) if ciphers else "DEFAULT",
+        clientcert=(control / "clientcert.pem").is_file(),
+        tlshosts=frozenset(pems),
+        tlshosts_exhaustive=(control / "tlshosts" / "exhaustivelist").exists(),
+        notlshosts=frozenset(n.lower() for n in _dir_names(control / "notlshosts")),
+        beforemote=tuple(ln.strip() for _, ln in (r.lines("beforemote") or [])),
+    )
 
 
 def _validate_extra(r: _Reader, kw: dict[str, Any]) -> None:
