@@ -69,10 +69,11 @@ class Worker:
 def _entry(kind: str) -> Callable[[WorkerContext], int]:
     # Imported in the supervisor before any fork: a worker that dropped privileges
     # may not be able to read the package files any more.
-    from eqmail.workers import local, logger, queuewriter, scanner, watcher
+    from eqmail.workers import local, logger, queuewriter, sandbox, scanner, watcher
 
     table: dict[str, Callable[[WorkerContext], int]] = {
         "logger": logger.run,
+        "sandbox": sandbox.run,
         "watcher": watcher.run,
         "queuewriter": queuewriter.run,
         "local": local.run,
@@ -137,6 +138,15 @@ class Supervisor:
         send = self.ids["send"]
         self.local_sock = bind_unix(self.instance.local_socket, 0o600,
                                     (send.uid, send.gid) if self.ids.privileged else None)
+        # the plugin sandbox: only the listeners (eqmaild) may ask it to run plugins
+        d = self.ids["daemon"]
+        self.sandbox_sock = bind_unix(self.instance.run / "sandbox.sock", 0o600,
+                                      (d.uid, d.gid) if self.ids.privileged else None)
+        spp = self.instance.root / "spp"  # state the shipped plugins keep (greylisting)
+        spp.mkdir(exist_ok=True)
+        os.chmod(spp, 0o700)
+        if self.ids.privileged:
+            os.chown(spp, self.ids["plugin"].uid, self.ids["plugin"].gid)
         self.remote_sock = None
         if _has_worker("remote"):
             self.remote_sock = bind_unix(self.instance.run / "remote.sock", 0o600,
@@ -183,6 +193,9 @@ class Supervisor:
             Worker("local", "local delivery", _entry("local"), None,
                    extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
             *remote,
+            Worker("sandbox", "plugin sandbox", _entry("sandbox"), "plugin",
+                   extra={"socket_fd": self.sandbox_sock.fileno()},
+                   keep_fds=(self.sandbox_sock.fileno(),)),
             Worker("scanner", "scanner", _entry("scanner"), "send", extra=scanner_extra),
             Worker("watcher", "control watcher", _entry("watcher"), "log",
                    extra={"notify_fd": self.watch_w}, keep_fds=(self.watch_w,)),
@@ -386,8 +399,8 @@ class Supervisor:
         self.stop_phase = 0
         self._stop_step()
 
-    STOP_ORDER = (("listener", "watcher"), ("scanner",), ("local", "remote", "queuewriter"),
-                  ("logger",))
+    STOP_ORDER = (("listener", "watcher"), ("scanner", "sandbox"),
+                  ("local", "remote", "queuewriter"), ("logger",))
 
     def _stop_step(self) -> None:
         while self.stop_phase < len(self.STOP_ORDER):

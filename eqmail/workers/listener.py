@@ -11,6 +11,9 @@ connection over the limit waits in the kernel's accept queue until a slot is fre
 is then served.  Every read and write is bounded by timeoutsmtpd
 (``451 timeout (#4.4.2)``).  TLS (STARTTLS, SMTPS) is done here with the session's
 upgrade point; checkpassword runs as a child process with the DJB fd-3 interface.
+Failed AUTHs are counted per client address (eqmail.authlimit, control/authlimit): the
+535 comes after a growing delay, and an address over the limit gets a 454 without its
+password being checked.
 
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
@@ -23,9 +26,11 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import time
 from typing import Any
 
+from eqmail.authlimit import LOCKED_TEXT, AuthLimiter, read_authlimit
 from eqmail.control import ListenerSpec
 from eqmail.log import log
 from eqmail.netif import local_addresses
@@ -36,12 +41,13 @@ from eqmail.smtp.checkpw import run_checkpassword
 from eqmail.smtp.policy import BadMailFrom
 from eqmail.smtp.session import Session
 from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
+from eqmail.spp.client import run_hook
+from eqmail.spp.config import PluginTableCache, SppConfigError
 from eqmail.tcprules import Rules
-from eqmail.tls import ServerTLS, client_cert_email, read_tlsclients
+from eqmail.tls import ServerTLS, cipher_name, client_cert_email, freeze_plaintext, read_tlsclients
 from eqmail.workers.base import WorkerContext
 
 READ_SIZE = 256 * 1024
-AUTH_FAILURE_DELAY = 5.0  # qmail-smtpd-auth sleeps 5 s before 535
 
 
 class Listener:
@@ -60,9 +66,20 @@ class Listener:
         self.sessions = 0
         # Built by the supervisor before the privilege drop (the key may be root-only).
         self.tls: ServerTLS | None = ctx.extra.get("tls")
+        # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
+        # plugins themselves run in the sandbox worker, never in this process.
+        self.spp = PluginTableCache(self.root)
+        self.sandbox_sock = str(ctx.instance.run / "sandbox.sock")
         self.tlsclients = read_tlsclients(ctx.instance.control) if self.tls and self.tls.client_ca else frozenset()
         if self.tls is not None and self.tls.error:
             log(f"warning: {spec.display_address}: TLS unavailable: {self.tls.error}")
+        if self.tls is not None and self.tls.warning:
+            log(f"warning: {spec.display_address}: {self.tls.warning}")
+        # Read here like tlsclients: eqmail.control does not know this file yet.
+        limit, problem = read_authlimit(ctx.instance.control)
+        if problem:
+            log(f"warning: {problem}")
+        self.authlimit = AuthLimiter(limit)
 
     # ------------------------------------------------------------ one connection
     async def serve(self, conn: socket.socket) -> None:
@@ -75,7 +92,17 @@ class Listener:
                 conn.close()
                 return
             env.update(verdict.env)
-        reader, writer = await _server_streams(conn)
+        # SMTPS: TLS from the first byte.  The handshake must own the socket from the
+        # start; a ClientHello read by a plain-text stream first would be lost.
+        smtps = "SMTPS" in env and self.tls is not None and self.tls.available
+        try:
+            reader, writer = await _server_streams(
+                conn, self.tls.context if smtps and self.tls else None, self.timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            log(f"qmail-smtpd: TLS handshake failed from {env['TCPREMOTEIP']}: "
+                f"{str(e) or e.__class__.__name__}")
+            conn.close()
+            return
         conn_io = Connection(self, reader, writer, env)
         try:
             await conn_io.run()
@@ -86,18 +113,25 @@ class Listener:
         del loop
 
 
-async def _server_streams(conn: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
+                          timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Streams for an accepted socket, made by a *server-side* stream protocol so that
-    ``StreamWriter.start_tls`` does the server half of the handshake."""
+    ``StreamWriter.start_tls`` does the server half of the handshake.  With ``tls``
+    (SMTPS) the handshake is done first, bounded by ``timeout``."""
     loop = asyncio.get_running_loop()
     made: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = loop.create_future()
 
     def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         made.set_result((r, w))
 
-    await loop.connect_accepted_socket(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE * 2), connected),
-        sock=conn)
+    def protocol() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE * 2), connected)
+
+    if tls is None:
+        await loop.connect_accepted_socket(protocol, sock=conn)
+    else:
+        await asyncio.wait_for(loop.connect_accepted_socket(
+            protocol, sock=conn, ssl=tls, ssl_handshake_timeout=timeout), timeout + 1)
     return await made
 
 
@@ -114,17 +148,32 @@ class Connection:
         self.message: A.BeginMessage | None = None
         self.closed = False
         tls = listener.tls
+        self.spp_error = False
+        try:
+            self.plugins = listener.spp.for_session(env)
+        except SppConfigError as e:
+            log(f"warning: {e}")
+            self.plugins = None
+            self.spp_error = True
         cfg = session_config(listener.controls, env, rcpthosts=listener.rcpthosts,
                              badmailfrom=listener.badmailfrom, local_ips=listener.local_ips,
-                             tls_available=tls is not None,
+                             tls_available=tls is not None and tls.available,
                              auth_available=bool(listener.spec.checkpassword),
-                             tls_client_relay=bool(listener.tlsclients))
+                             tls_client_relay=bool(listener.tlsclients),
+                             plugins_enabled=self.plugins is not None and not self.plugins.empty)
         self.session = Session(cfg, env, time.time)
 
     async def run(self) -> None:
+        if self.spp_error:  # an unreadable smtplugins file: qmail-spp's 421
+            log(self.session.log_line("unable to read controls"))
+            self.writer.write(replies.UNABLE_TO_READ_CONTROLS.wire())
+            await self._drain()
+            return
         if "SMTPS" in self.env:
-            if not await self._start_tls(implicit=True):
+            if self.writer.get_extra_info("ssl_object") is None:  # no usable certificate
+                await self._start_tls()  # eQmail: the TLS set-up error, then exit
                 return
+            await self._perform(self.session.tls_started(cipher_name(self.writer)))
         await self._perform(self.session.start())
         while not self.closed and not self.session.closed:
             try:
@@ -153,6 +202,8 @@ class Connection:
 
     async def _perform(self, actions: list[A.Action]) -> None:
         pending = list(actions)
+        if any(isinstance(a, A.StartTLS) for a in pending):
+            freeze_plaintext(self.writer, self.reader)  # before the 220 goes out
         while pending:
             action = pending.pop(0)
             more = await self._do(action)
@@ -195,7 +246,7 @@ class Connection:
             return await self._check_password(action)
         if isinstance(action, A.StartTLS):
             await self._drain()
-            await self._start_tls(implicit=False)
+            await self._start_tls()
             return []
         if isinstance(action, A.CheckClientCert):
             email, reason = client_cert_email(self.writer)
@@ -203,7 +254,11 @@ class Connection:
                 email, reason = None, "email address not in my list of tlsclients"
             return self.session.cert_result(email, reason)
         if isinstance(action, A.RunHook):
-            return self.session.hook_result(A.HookOutcome())
+            assert self.plugins is not None
+            outcome = await run_hook(self.l.sandbox_sock, action.stage,
+                                     self.plugins.for_stage(action.stage), self.session.env,
+                                     plugin_timeout=self.l.controls.spptimeout)
+            return self.session.hook_result(outcome)
         raise AssertionError(f"unknown action {action!r}")
 
     async def _drain(self) -> None:
@@ -226,23 +281,45 @@ class Connection:
         return self.session.queue_result(outcome)
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
+        ip = self.env["TCPREMOTEIP"]
+        limiter = self.l.authlimit
+        who = f"{action.method} {_printable(action.user)} from {ip}"
+        if limiter.locked(ip):
+            # The checker is not run at all: a locked-out guesser learns nothing.
+            log(f"qmail-smtpd: auth refused (too many failures): {who}")
+            return self.session.auth_result(False, LOCKED_TEXT)
         ok, temporary = await run_checkpassword(
             self.l.spec.checkpassword, dict(self.session.env), action.user, action.password,
             action.challenge, timeout=self.l.timeout)
-        if not ok and temporary is None:
-            await asyncio.sleep(AUTH_FAILURE_DELAY)
+        if ok:
+            log(f"qmail-smtpd: auth ok: {who}")
+        elif temporary is not None:
+            log(f"qmail-smtpd: auth temporary failure ({temporary}): {who}")
+        else:
+            delay = limiter.failed(ip)
+            log(f"qmail-smtpd: auth failed: {who}"
+                + (" (locked out)" if limiter.locked(ip) else ""))
+            await asyncio.sleep(delay)  # qmail-smtpd-auth: sleep(5) before the 535
         return self.session.auth_result(ok, temporary)
 
-    async def _start_tls(self, implicit: bool) -> bool:
+    async def _start_tls(self) -> bool:
         tls = self.l.tls
         if tls is None or not tls.available:
             why = tls.error if tls is not None and tls.error else "missing certificate"
             await self._perform(self.session.tls_failed(why))
             return False
         try:
-            cipher = await tls.upgrade(self.writer, self.reader, self.l.timeout)
-        except Exception as e:  # the handshake failed: 454 and close
-            await self._perform(self.session.tls_failed(str(e) or e.__class__.__name__))
+            cipher = await tls.upgrade(self.writer, self.l.timeout)
+        except Exception as e:  # the handshake failed (or stalled past timeoutsmtpd)
+            why = str(e) or e.__class__.__name__
+            log(f"qmail-smtpd: TLS handshake failed from {self.env['TCPREMOTEIP']}: {why}")
+            actions = self.session.tls_failed(why)
+            if self.writer.transport.is_closing():
+                # The failed handshake took the connection with it: there is nobody to
+                # send eQmail's "454 TLS connection failed" to.
+                self.closed = True
+                return False
+            await self._perform(actions)
             return False
         await self._perform(self.session.tls_started(cipher))
         return True
@@ -257,6 +334,12 @@ class Connection:
             self.writer.close()
         except OSError:
             pass
+
+
+def _printable(name: bytes) -> str:
+    """A user name for a log line: printable ASCII, at most 64 characters."""
+    text = "".join(chr(b) if 0x21 <= b < 0x7F else "?" for b in name[:64])
+    return text + ("..." if len(name) > 64 else "")
 
 
 def _read(path: Any) -> str:

@@ -1,0 +1,100 @@
+"""The listener's side of the plugin sandbox: ``run_hook``.
+
+Owns: a per-process pool of connections to run/sandbox.sock.  Runs in the listener
+(eqmaild), on its event loop.  Each call borrows a connection (or opens one), sends one
+``Q`` request, waits for the ``A`` answer and returns the connection to the pool, so
+concurrent sessions use different connections and a slow plugin delays only its own
+session.
+
+Inputs: the socket path, the hook stage, the section's plugins (eqmail.spp.config
+Plugin or their lines), the session's environment.  Output: the HookOutcome for
+``Session.hook_result``.  Failures never raise: when the sandbox cannot be reached, or
+breaks the protocol, or does not answer within the section's worst case
+(plugins × spptimeout + a margin), the command gets
+``451 qmail-spp failure: <first plugin>: sandbox unavailable (#4.3.0)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Mapping, Sequence
+
+from eqmail.log import log
+from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
+from eqmail.spp import protocol as P
+from eqmail.spp.config import Plugin
+from eqmail.spp.wire import (
+    ANSWER,
+    REQUEST,
+    ProtocolError,
+    Request,
+    decode_outcome,
+    read_frame,
+    write_frame,
+)
+
+MAX_IDLE = 32  # pooled connections kept per socket path
+_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class SandboxClient:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[_Conn] = []
+
+    async def _request(self, conn: _Conn, payload: bytes, timeout: float) -> HookOutcome:
+        reader, writer = conn
+        write_frame(writer, REQUEST, payload)
+        await writer.drain()
+        answer = await asyncio.wait_for(read_frame(reader, ANSWER), timeout)
+        return decode_outcome(answer)
+
+    async def run(self, req: Request, timeout: float) -> HookOutcome:
+        payload = req.encode()
+        # A pooled connection may have been closed by a restarted sandbox: one retry
+        # on a fresh connection (the plugins cannot have run: nothing was answered).
+        for pooled in (True, False):
+            conn = self._idle.pop() if pooled and self._idle else None
+            if conn is None:
+                pooled = False
+                conn = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 5.0)
+            try:
+                outcome = await self._request(conn, payload, timeout)
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                conn[1].close()
+                if pooled:
+                    continue
+                raise ProtocolError(f"sandbox closed the connection: {e!r}") from None
+            except BaseException:
+                conn[1].close()  # timeout or cancel: the answer may still come; drop it
+                raise
+            if len(self._idle) < MAX_IDLE:
+                self._idle.append(conn)
+            else:
+                conn[1].close()
+            return outcome
+        raise ProtocolError("unreachable")
+
+
+# Pools per event loop: a connection belongs to the loop that opened it.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, SandboxClient]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def run_hook(sock_path: str, stage: HookStage, plugins: Sequence[Plugin | str],
+                   env: Mapping[str, str], *, plugin_timeout: float = 30) -> HookOutcome:
+    """Run the ``stage`` section of ``plugins`` in the sandbox with ``env``."""
+    lines = tuple(p.line if isinstance(p, Plugin) else p for p in plugins)
+    if not lines:
+        return HookOutcome()
+    pools = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = pools.get(sock_path)
+    if client is None:
+        client = pools[sock_path] = SandboxClient(sock_path)
+    req = Request(stage, lines, dict(env))
+    try:
+        return await client.run(req, len(lines) * (plugin_timeout + 5) + 5)
+    except (OSError, ProtocolError, TimeoutError) as e:
+        log(f"warning: qmail-spp: sandbox {sock_path}: {e!r}")
+        return HookOutcome(HookVerdict.REJECT, P.failure_text(lines[0], P.UNAVAILABLE))
