@@ -1,6 +1,7 @@
 """``eqmailctl setup``: make an instance (qmail's config-fast, hier.c and INSTALL.alias).
 
-Creates control/ (me, locals, rcpthosts, defaultdomain, plusdomain, databytes),
+Creates control/ (me, locals, rcpthosts, defaultdomain, plusdomain, databytes, a
+self-signed servercert.pem and dh2048.pem),
 queue/ with qmail's layout including big-todo, users/, alias/ with the postmaster,
 mailer-daemon and root aliases, run/ and log/ — and, when run as root, the system users
 and groups of the privilege model, with qmail's ownerships and modes.  An existing
@@ -14,6 +15,7 @@ import os
 import socket
 from pathlib import Path
 
+from eqmail.certs import ensure_tls_files
 from eqmail.instance import Instance
 from eqmail.queue.layout import create_queue
 from eqmail.supervisor.ids import SystemIds, create_system_users
@@ -63,6 +65,9 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
     }
     for name, value in controls.items():
         _write_control(inst.control / name, value + ("" if value.endswith("\n") else "\n"), force, report)
+    # A self-signed servercert.pem and dh2048.pem, as eQmail's ``make cert`` and
+    # ``make tmprsadh`` (eqmail.certs); existing ones are kept unless --force.
+    ensure_tls_files(inst.control, me, force, report)
     owners = None
     if is_root:
         q, s = ids["queue"], ids["send"]

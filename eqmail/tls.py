@@ -2,7 +2,8 @@
 
 Owns: building the server TLS context from control/ (servercert.pem = chain + key,
 tlsserverciphers or TLSCIPHERS, dh2048.pem, clientca.pem, clientcrl.pem) and upgrading
-an asyncio stream to TLS (STARTTLS, or at once for SMTPS).
+an asyncio stream to TLS for STARTTLS (SMTPS connections are TLS from the first byte:
+the listener hands the context to ``connect_accepted_socket``).
 
 The context is built by the supervisor, as root, before the listener worker drops its
 privileges; the worker inherits it through fork, so the key file can stay readable by
@@ -10,18 +11,30 @@ root alone.  The asyncio TLS transport needs the standard library's ``ssl`` modu
 (pyOpenSSL has no asyncio transport) — see docs/design-notes.md.  TLS 1.2 is the
 minimum: no SSLv2/v3, TLS 1.0 or 1.1.
 
+DH parameters (dh2048.pem, for DHE with an RSA certificate) below 2048 bits are not
+loaded (a ``warning``; DHE is then off, ECDHE still works).  Client-initiated
+renegotiation is refused (a CPU-exhaustion vector; TLS 1.3 has none anyway).
+
 Failure modes: :meth:`ServerTLS.load` never raises — a missing certificate means no
-STARTTLS (``available`` False); a broken one is kept as ``error`` for the 454 reply and
-the log.  :meth:`upgrade` raises on a failed or stalled handshake.
+STARTTLS; a broken one is kept as ``error`` (``available`` False): the listener logs
+it and does not advertise STARTTLS, and an SMTPS connection gets eQmail's 454 and is
+closed.  :meth:`upgrade` raises on a failed or stalled handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+DH_MIN_BITS = 2048
+
+
+class CertError(Exception):
+    """A certificate or DH parameter file that cannot be used (eqmail.certs raises it)."""
 
 
 @dataclass
@@ -29,6 +42,7 @@ class ServerTLS:
     context: ssl.SSLContext | None
     error: str | None = None
     client_ca: bool = False
+    warning: str | None = None
 
     @property
     def available(self) -> bool:
@@ -43,14 +57,13 @@ class ServerTLS:
         try:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+            ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+                            | ssl.OP_NO_RENEGOTIATION)
             ctx.load_cert_chain(str(cert))
             ciphers = (env or {}).get("TLSCIPHERS") or _cipher_list(control / "tlsserverciphers")
             if ciphers:
                 ctx.set_ciphers(ciphers)
-            dh = control / "dh2048.pem"
-            if dh.exists():
-                ctx.load_dh_params(str(dh))
+            warning = _load_dh(ctx, control / "dh2048.pem")
             client_ca = False
             ca = control / "clientca.pem"
             if ca.exists() and (control / "tlsclients").exists():
@@ -63,24 +76,80 @@ class ServerTLS:
                 # handshake and only consulted when rcpthosts refuses a recipient.
                 ctx.verify_mode = ssl.CERT_OPTIONAL
                 client_ca = True
-            return cls(ctx, None, client_ca)
+            return cls(ctx, None, client_ca, warning)
         except (OSError, ssl.SSLError, ValueError) as e:
             return cls(None, f"{e.__class__.__name__}: {e}")
 
-    async def upgrade(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-                      timeout: float) -> str:
-        """Handshake as the server; returns the cipher name for the Received line."""
+    async def upgrade(self, writer: asyncio.StreamWriter, timeout: float) -> str:
+        """STARTTLS: handshake as the server; returns the cipher name for the Received
+        line.  Call :func:`freeze_plaintext` before the ``220 ready for tls``."""
         assert self.context is not None
-        # STARTTLS command injection (CVE-2011-0411): plain-text bytes that arrived after
-        # the STARTTLS line must never be read as if they came through TLS.
-        buffered = getattr(reader, "_buffer", None)
-        if buffered is not None:
-            buffered.clear()
         await asyncio.wait_for(
             writer.start_tls(self.context, ssl_handshake_timeout=timeout), timeout + 1)
-        ssl_object = writer.get_extra_info("ssl_object")
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        return cipher[0] if cipher else "unknown"
+        return cipher_name(writer)
+
+
+def freeze_plaintext(writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> None:
+    """STARTTLS command injection (CVE-2011-0411): before ``220 ready for tls`` goes
+    out, stop reading and drop what was read but not yet taken: those bytes came in
+    clear text with the STARTTLS.  Reading stays paused until the TLS layer takes the
+    connection over, so the client's ClientHello (sent only after it saw the 220) stays
+    in the kernel for the handshake; plain text still queued behind the STARTTLS goes
+    into the handshake too and fails it, but is never read as a command."""
+    writer.transport.pause_reading()
+    buffered = getattr(reader, "_buffer", None)  # asyncio.StreamReader keeps a bytearray
+    if buffered is not None:
+        buffered.clear()
+
+
+def cipher_name(writer: asyncio.StreamWriter) -> str:
+    ssl_object = writer.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return cipher[0] if cipher else "unknown"
+
+
+def _load_dh(ctx: ssl.SSLContext, path: Path) -> str | None:
+    """Load DH parameters of at least 2048 bits; a warning text otherwise."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(64 * 1024)
+    except FileNotFoundError:
+        return None
+    try:
+        bits = dh_prime_bits(pem)
+    except CertError as e:
+        return f"{path.name}: {e}; DHE cipher suites disabled"
+    if bits < DH_MIN_BITS:
+        return f"{path.name}: {bits}-bit DH parameters refused (need >= {DH_MIN_BITS}); DHE disabled"
+    ctx.load_dh_params(str(path))
+    return None
+
+
+def dh_prime_bits(pem: bytes) -> int:
+    """Size of the prime in PEM DH parameters (PKCS#3 or X9.42: both start with the
+    INTEGER p).  A tiny DER walk: cryptography warns on every finite-field DH use."""
+    lines = pem.decode("ascii", "replace").splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("-----BEGIN") and "DH PARAMETERS" in ln)
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("-----END"))
+        der = base64.b64decode("".join(lines[start + 1:end]))
+        pos = _der_header(der, 0, 0x30)[0]          # SEQUENCE
+        pos, length = _der_header(der, pos, 0x02)    # INTEGER p
+        return int.from_bytes(der[pos:pos + length], "big").bit_length()
+    except (StopIteration, ValueError, IndexError) as e:
+        raise CertError("not PEM DH parameters") from e
+
+
+def _der_header(der: bytes, pos: int, tag: int) -> tuple[int, int]:
+    if der[pos] != tag:
+        raise ValueError("unexpected DER tag")
+    length = der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(der[pos:pos + n], "big")
+        pos += n
+    return pos, length
 
 
 def _cipher_list(path: Path) -> str | None:
@@ -94,11 +163,13 @@ def _cipher_list(path: Path) -> str | None:
 
 
 def client_cert_email(writer: asyncio.StreamWriter) -> tuple[str | None, str | None]:
-    """The verified client certificate's emailAddress, or (None, reason)."""
+    """The verified client certificate's emailAddress, or (None, reason).  No
+    certificate at all has no reason (eQmail: ``...no valid cert for gatewaying (#5.7.1)``);
+    one that does not verify never gets here: the handshake refused it."""
     ssl_object = writer.get_extra_info("ssl_object")
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     if not cert:
-        return None, "no client certificate"
+        return None, None
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "emailAddress":

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, describe, load_controls
@@ -70,6 +71,60 @@ def cmd_setup(inst: Instance, args: argparse.Namespace) -> int:
     for line in setup_instance(inst.root, me=args.me, force=args.force):
         print(line)
     return 0
+
+
+def cmd_cert(inst: Instance, args: argparse.Namespace) -> int:
+    """eQmail's ``make cert`` (renew), ``make cert-req`` (request), ``update_tmprsadh``
+    (dh); ``install`` puts a signed certificate with the pending key in service."""
+    from eqmail import certs
+    from eqmail.tls import dh_prime_bits
+
+    control = inst.control
+    me = args.me or _control_me(inst)
+    try:
+        if args.action == "renew":
+            path = certs.make_servercert(control, me, rsa_key=args.rsa, days=args.days)
+            print(f"wrote {path} (self-signed for {me}, {args.days} days)")
+            print(f"wrote {certs.make_dhparams(control)}")
+        elif args.action == "dh":
+            print(f"wrote {certs.make_dhparams(control)}")
+        elif args.action == "request":
+            csr, key = certs.make_request(control, me, rsa_key=args.rsa)
+            print(f"wrote {csr} (send it to your CA) and {key} (the new key)")
+            print(f"then: eqmailctl --root {inst.root} cert install SIGNED.pem")
+            return 0
+        elif args.action == "install":
+            if not args.file:
+                print("usage: eqmailctl cert install SIGNED.pem", file=sys.stderr)
+                return 1
+            with open(args.file, "rb") as f:
+                leaf = certs.install_signed(control, f.read(1 << 20))
+            print(f"installed {control / certs.SERVERCERT} ({leaf.subject.rfc4514_string()})")
+        else:  # show
+            info = certs.describe(control / certs.SERVERCERT)
+            print(f"subject: {info.subject}\nnames: {', '.join(info.names) or '-'}\n"
+                  f"key: {info.key}\nexpires: {info.not_after:%Y-%m-%d %H:%M:%S} UTC"
+                  f"{' (self-signed)' if info.self_signed else ''}")
+            dh = control / certs.DHPARAMS
+            if dh.exists():
+                print(f"dh2048.pem: {dh_prime_bits(dh.read_bytes())} bits")
+            return 0
+    except (OSError, certs.CertError) as e:
+        print(f"eqmailctl cert: {e}", file=sys.stderr)
+        return 1
+    if _pid_of(inst) is not None:
+        print("run 'eqmailctl reload' to use it (open sessions keep the old one)")
+    return 0
+
+
+def _control_me(inst: Instance) -> str:
+    try:
+        with open(inst.control / "me") as f:
+            return f.readline().strip() or "localhost"
+    except OSError:
+        from eqmail.setup import default_me
+
+        return default_me()
 
 
 def cmd_start(inst: Instance, args: argparse.Namespace) -> int:
@@ -277,6 +332,21 @@ def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_qmail(inst: Instance, args: argparse.Namespace) -> int:
+    """Take over a stopped qmail installation (eqmail.migrate); lists what could not be
+    carried over.  Exit 1, with nothing changed, when it is unsafe or would not load."""
+    from eqmail.migrate import ImportRefused, import_qmail
+
+    try:
+        report = import_qmail(Path(args.qmailhome), inst.root, force=args.force)
+    except ImportRefused as e:
+        print(f"eqmailctl import-qmail: {e}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eqmailctl", description="control an eqmail instance")
     p.add_argument("--root", help="instance root (default: $EQMAIL_ROOT, /var/eqmail, or this checkout)")
@@ -291,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     sub.add_parser("reload", help="validate control/ and reload")
     sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
+    s = sub.add_parser("cert", help="server certificate: renew, request, install, show, dh")
+    s.add_argument("action", choices=["renew", "request", "install", "show", "dh"])
+    s.add_argument("file", nargs="?", help="install: the signed certificate (PEM, chain after it)")
+    s.add_argument("--me", help="the certificate's name (default: control/me)")
+    s.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
+    s.add_argument("--days", type=int, default=366, help="renew: validity (default 366)")
+    s = sub.add_parser("import-qmail", help="take over a stopped qmail's control files, users, aliases and queue")
+    s.add_argument("qmailhome", help="the qmail installation, e.g. /var/qmail")
+    s.add_argument("--force", action="store_true", help="replace control files eqmail already has")
     s = sub.add_parser("queue", help="queue tools")
     s.add_argument("action", choices=["stat", "list", "show", "flush"])
     s.add_argument("id", nargs="?", type=int)
@@ -299,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
+    "import-qmail": cmd_import_qmail,
     "reload": cmd_reload, "check": cmd_check, "queue": cmd_queue,
+    "cert": cmd_cert,
 }
 
 

@@ -3,9 +3,10 @@
 The program (argv from the listener's ``checkpassword=`` option) gets
 ``user\\0password\\0challenge\\0`` on fd 3 and says yes by exiting 0.  Anything else it
 does is its business: vchkpw-style programs and ``/bin/checkpassword`` work unchanged.
-Its environment is the session's (TCPREMOTEIP etc.).  Started with posix_spawn (a
-Python fork of a big process costs milliseconds), in a session of its own, bounded by a
-timeout after which its whole process group is killed.
+Its environment is the session's (TCPREMOTEIP etc.) plus a PATH when the session has
+none (qmail-smtpd's run script had one; shell-script checkers need it).  Started with
+posix_spawn (a Python fork of a big process costs milliseconds), in a session of its
+own, bounded by a timeout after which its whole process group is killed.
 
 Returns ``(ok, temporary_text)``: temporary_text is the 454 text when the program could
 not run or crashed (eQmail's ``oops, ...`` replies), None otherwise.
@@ -20,6 +21,7 @@ import signal
 from eqmail.smtp import replies
 
 MAX_INPUT = 16 * 1024
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 async def wait_pid(pid: int, timeout: float) -> int | None:
@@ -45,6 +47,8 @@ async def run_checkpassword(argv: tuple[str, ...], env: dict[str, str], user: by
     if not argv:
         return False, replies.AUTH_NO_CHILD.text
     data = user + b"\0" + password + b"\0" + challenge + b"\0"
+    env = dict(env)
+    env.setdefault("PATH", DEFAULT_PATH)
     if len(data) > MAX_INPUT:
         return False, None
     try:
