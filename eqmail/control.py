@@ -517,4 +517,6 @@ OTHER_KNOWN_FILES = (
     "servercert.pem", "clientca.pem", "clientcrl.pem", "clientcert.pem", "dh2048.pem",
     "rsa2048.pem", "tlsclients", "tlsclientciphers", "tlsserverciphers", "tlshosts",
     "notlshosts", "smtpplugins", "beforemote", "morercpthosts.cdb", "qmqpservers",
+    "authlimit", "servercert.csr", "servercert.key.pending", "dnsbl", "greylist",
+    "passwords",
 )
