@@ -1,0 +1,146 @@
+# Shared helpers for eqmail's benchmarks (sourced by bench/*.sh).
+#
+# Everything mutable lives under $BENCH_STATE (default /var/tmp/eqmail-bench), which is
+# also handed to the shared harness (../shared/bench), so its private Postfix instance,
+# its "mbench" user's home and our eqmail instance all live on the same filesystem.
+# Needs root (Postfix, system users, privilege-separated eqmail).
+
+BENCH_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROJECT="$(cd "$BENCH_HERE/.." && pwd)"
+SHARED_BENCH="${SHARED_BENCH:-$(cd "$PROJECT/../shared/bench" 2>/dev/null && pwd || echo /work/shared/bench)}"
+export BENCH_STATE="${BENCH_STATE:-/var/tmp/eqmail-bench}"
+# Not the harness's default 2525: a default eqmail instance (tests, `make run`) listens there.
+export POSTFIX_PORT="${POSTFIX_PORT:-2725}"
+# the shared harness reads these from the environment
+. "$SHARED_BENCH/common.sh"
+
+EQ_VENV="${EQ_VENV:-/opt/eqmail/venv}"
+EQ_PY="$EQ_VENV/bin/python"
+EQCTL="$EQ_VENV/bin/eqmailctl"
+EQ_ROOT="${EQ_ROOT:-$BENCH_STATE/eqmail}"
+EQ_ADDR=127.0.0.1
+EQ_PORT="${EQ_PORT:-2726}"
+EQ_USER="${EQ_USER:-eqbench}"          # system user owning the eqmail test Maildir
+EQ_LOCAL="${EQ_LOCAL:-mbench}"         # local part mapped to $EQ_USER by users/assign
+EQ_DOMAIN="${EQ_DOMAIN:-bench.test}"
+EQ_HOME="$EQ_ROOT/home/$EQ_USER"
+EQ_MAILDIR_NEW="$EQ_HOME/Maildir/new"
+EQ_CONCURRENCY="${EQ_CONCURRENCY:-100}"  # tcpserver -c; Postfix's default_process_limit is 100 too
+EQ_PROCESSES="${EQ_PROCESSES:-}"         # listener processes=N (empty: eqmail's default)
+PF_TO="$BENCH_USER@$BENCH_DOMAIN"
+
+# Which eqmail code runs: EQ_REV=worktree (default) is the checkout as it is (the venv's
+# editable install); EQ_REV=<git rev> (e.g. HEAD) runs a `git archive` snapshot of eqmail/
+# at that revision from $BENCH_STATE/src-<sha> via PYTHONPATH (useful while the work tree
+# is mid-edit; no git state is changed).
+EQ_REV="${EQ_REV:-worktree}"
+if [ "$EQ_REV" != worktree ]; then
+  _sha=$(git -C "$PROJECT" rev-parse --short "$EQ_REV")
+  EQ_SRC="$BENCH_STATE/src-$_sha"
+  if [ ! -f "$EQ_SRC/eqmail/__init__.py" ]; then
+    rm -rf "$EQ_SRC.tmp"; mkdir -p "$EQ_SRC.tmp"
+    git -C "$PROJECT" archive "$_sha" eqmail | tar -x -C "$EQ_SRC.tmp"
+    mv "$EQ_SRC.tmp" "$EQ_SRC"
+  fi
+  chmod -R a+rX "$EQ_SRC"
+  export PYTHONPATH="$EQ_SRC${PYTHONPATH:+:$PYTHONPATH}"
+  EQ_REV_DESC="$_sha (git archive snapshot in $EQ_SRC)"
+else
+  EQ_REV_DESC="work tree $(git -C "$PROJECT" rev-parse --short HEAD 2>/dev/null) + $(git -C "$PROJECT" status --porcelain -- eqmail 2>/dev/null | wc -l) changed/new paths in eqmail/"
+fi
+EQ_TO="$EQ_LOCAL@$EQ_DOMAIN"
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }; }
+
+# A fresh eqmail instance: control/, queue/, users/assign mapping $EQ_LOCAL to a system
+# user whose ~/Maildir/ is the delivery directory (eqmail's default delivery ./Maildir/).
+eq_setup() {
+  need_root
+  if [ -f "$EQ_ROOT/run/eqmail.pid" ]; then "$EQCTL" --root "$EQ_ROOT" stop >/dev/null 2>&1 || true; fi
+  rm -rf "$EQ_ROOT"
+  mkdir -p "$EQ_ROOT"; chmod 755 "$BENCH_STATE" "$EQ_ROOT"
+  if ! id "$EQ_USER" >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --home-dir "$EQ_HOME" --shell /usr/sbin/nologin "$EQ_USER"
+  fi
+  local uid gid
+  uid=$(id -u "$EQ_USER"); gid=$(id -g "$EQ_USER")
+  mkdir -p "$EQ_HOME/Maildir"/{new,cur,tmp}
+  chmod 755 "$EQ_ROOT/home" "$EQ_HOME"
+  chown -R "$EQ_USER:$EQ_USER" "$EQ_HOME"
+  "$EQCTL" --root "$EQ_ROOT" setup --me "$EQ_DOMAIN" >/dev/null
+  local opts="concurrency=$EQ_CONCURRENCY"
+  [ -n "$EQ_PROCESSES" ] && opts="$opts processes=$EQ_PROCESSES"
+  echo "smtp $EQ_ADDR:$EQ_PORT $opts" > "$EQ_ROOT/control/listen"
+  echo '127.:allow,RELAYCLIENT=""' > "$EQ_ROOT/control/tcp.smtp"
+  printf '=%s:%s:%s:%s:%s:::\n.\n' "$EQ_LOCAL" "$EQ_USER" "$uid" "$gid" "$EQ_HOME" > "$EQ_ROOT/users/assign"
+}
+
+eq_start() {
+  port_free "$EQ_PORT"
+  "$EQCTL" --root "$EQ_ROOT" start
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/$EQ_ADDR/$EQ_PORT") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "eqmail did not start listening on $EQ_ADDR:$EQ_PORT; see $EQ_ROOT/log/eqmail.log" >&2
+  return 1
+}
+
+eq_stop() {
+  [ -f "$EQ_ROOT/run/eqmail.pid" ] && "$EQCTL" --root "$EQ_ROOT" stop >/dev/null 2>&1 || true
+}
+
+# pids of the running eqmail tree (supervisor + its descendants)
+eq_pids() {
+  local sup
+  sup=$(cat "$EQ_ROOT/run/eqmail.pid" 2>/dev/null) || return 0
+  [ -d "/proc/$sup" ] || return 0
+  echo "$sup"
+  pgrep -P "$sup" | while read -r p; do echo "$p"; pgrep -P "$p"; done
+}
+
+eq_worker_pid() {  # title substring, e.g. "listener", "queue writer", "scanner", "local delivery"
+  "$EQCTL" --root "$EQ_ROOT" status --json | "$EQ_PY" -c '
+import json, sys
+want = sys.argv[1]
+for w in json.load(sys.stdin)["workers"]:
+    if want in w["name"]:
+        print(w["pid"]); break' "$1"
+}
+
+pf_setup() { "$SHARED_BENCH/postfix_bench.sh" setup >/dev/null; }
+port_free() {  # fail early with a clear message when someone else holds a port
+  if ss -Hltn "sport = :$1" | grep -q .; then
+    echo "port $1 is in use on this machine:" >&2; ss -Hltnp "sport = :$1" >&2; return 1
+  fi
+}
+pf_start() { port_free "$POSTFIX_PORT"; "$SHARED_BENCH/postfix_bench.sh" start >/dev/null; }
+pf_stop()  { "$SHARED_BENCH/postfix_bench.sh" stop >/dev/null 2>&1 || true; }
+
+# QUIET_WAIT=S: wait up to S seconds until the 1-minute load average is below QUIET_LOAD
+# (default 1.5) before measuring -- this VM is shared, other work skews the numbers.
+wait_quiet() {
+  local s="${QUIET_WAIT:-0}" lim="${QUIET_LOAD:-1.5}" t=0
+  while [ "$t" -lt "$s" ] && awk -v l="$lim" '{exit !($1 >= l)}' /proc/loadavg; do sleep 5; t=$((t + 5)); done
+  echo "load when starting: $(cut -d' ' -f1-3 /proc/loadavg) (waited ${t}s)"
+}
+
+machine_info() {
+  echo "date_utc: $(date -u +%FT%TZ)"
+  echo "kernel: $(uname -r)"
+  echo "cpus: $(nproc) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
+  echo "mem: $(free -m | awk '/Mem:/{print $2" MiB"}')"
+  echo "queue fs (findmnt -T $BENCH_STATE): $(findmnt -no SOURCE,FSTYPE,OPTIONS -T "$BENCH_STATE")"
+  local dev; dev=$(basename "$(findmnt -no SOURCE -T "$BENCH_STATE")")
+  if [ -d "/proc/fs/ext4/$dev" ]; then
+    if [ -d "/proc/fs/jbd2/$dev-8" ] || ls -d /proc/fs/jbd2/"$dev"-* >/dev/null 2>&1; then
+      echo "ext4 journal: yes (/proc/fs/jbd2/$dev-*)"
+    else
+      echo "ext4 journal: NONE (no /proc/fs/jbd2/$dev-* entry)"
+    fi
+  fi
+  echo "postfix: $(postconf -d -h mail_version 2>/dev/null)"
+  echo "python: $("$EQ_PY" -V 2>&1) ($EQ_PY)"
+  echo "eqmail code: $EQ_REV_DESC"
+  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
