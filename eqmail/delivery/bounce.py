@@ -15,14 +15,22 @@ DOUBLE_BOUNCE_SENDER = "#@[]"
 
 
 def bounce_note(recipient: str, text: str) -> str:
-    """One paragraph for bounce/<id>: ``<addr>:`` + reason, blank lines inside made ``/``."""
-    addr = recipient.replace("\n", "_")
-    if not text.endswith("\n"):
-        text += "\n"
-    body = f"<{addr}>:\n{text}"
-    while "\n\n" in body:
-        body = body.replace("\n\n", "\n/")
-    return body + "\n"
+    r"""One paragraph for bounce/<id>: ``<addr>:`` + reason, blank lines inside made ``/``.
+
+    Exactly qmail-send's addbounce: a newline is added only to a non-empty text that
+    lacks one; then, walking backwards from the next-to-last character, every ``\n``
+    preceded by ``\n`` becomes ``/`` (so ``\n\n\n`` -> ``\n//``, and an empty
+    report leaves the paragraph ``<addr>:\n`` + the closing blank line).  A
+    str.replace loop got both of those cases wrong.
+    """
+    note = f"<{recipient.replace(chr(10), '_')}>:\n{text}"
+    if text and not text.endswith("\n"):
+        note += "\n"
+    chars = list(note)
+    for pos in range(len(chars) - 2, 0, -1):
+        if chars[pos] == "\n" and chars[pos - 1] == "\n":
+            chars[pos] = "/"
+    return "".join(chars) + "\n"
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,10 @@ def quote_address(addr: str) -> str:
         or any(ch in _ATOM_SPECIALS and ch != "." for ch in local)
         or any(ord(ch) < 32 or ord(ch) > 126 for ch in local)
     )
-    if needs and local:
-        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if needs and (local or at):
+        # qmail's quote(): an empty local part of an address is quoted too (``""@host``),
+        # and CR, LF, '"' and '\\' are backslash-escaped.
+        local = '"' + "".join("\\" + ch if ch in '\r\n"\\' else ch for ch in local) + '"'
     return f"{local}@{domain}" if at else local
 
 

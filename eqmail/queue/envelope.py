@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from eqmail.textio import decode, encode
 
-ADDR_MAX = 1003  # qmail-queue: an address incl. its terminator longer than this -> exit 11
+ADDR_MAX = 1003  # qmail-queue: an address needs its NUL within this many bytes, else exit 11
 
 
 class EnvelopeError(Exception):
-    """The envelope is malformed (exit 91) or an address too long (exit 11)."""
+    """The envelope is malformed (exit 91), an address too long (exit 11) or the
+    envelope truncated (exit 54, qmail-queue's read error)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -41,21 +42,45 @@ class Envelope:
 
 
 def parse_queue_envelope(data: bytes) -> Envelope:
-    """qmail-queue's envelope reader: 91 for bad format, 11 for an over-long address."""
-    if not data.endswith(b"\0\0") and data != b"":
-        # EOF before the final NUL: qmail-queue aborts without queueing.
-        raise EnvelopeError(91, "envelope not terminated")
-    if not data.startswith(b"F"):
+    """qmail-queue's envelope reader, byte for byte as qmail-queue.c reads fd 1.
+
+    First byte not ``F`` or a record not starting with ``T``: 91.  An address with no
+    NUL within its first ADDR_MAX bytes (i.e. longer than 1002 bytes): 11.  The data
+    ending before the terminating extra NUL: 54 (qmail-queue's die_read).  Anything
+    after the terminating NUL is not read.  (The earlier version checked the length
+    with the tag letter included, refusing a 1002-byte address qmail accepts, and
+    called a truncated envelope 91.)
+    """
+    pos = 0
+
+    def address() -> str:
+        nonlocal pos
+        end = data.find(b"\0", pos, pos + ADDR_MAX)
+        if end < 0:
+            if len(data) - pos >= ADDR_MAX:
+                raise EnvelopeError(11, "address too long")
+            raise EnvelopeError(54, "envelope ends inside an address")
+        value = decode(data[pos:end])
+        pos = end + 1
+        return value
+
+    if not data:
+        raise EnvelopeError(54, "empty envelope")
+    if data[:1] != b"F":
         raise EnvelopeError(91, "envelope does not start with F")
-    records = data[:-1].split(b"\0")[:-1]
-    if any(len(rec) + 1 > ADDR_MAX for rec in records):
-        raise EnvelopeError(11, "address too long")
-    sender = decode(records[0][1:])
+    pos = 1
+    sender = address()
     recips: list[str] = []
-    for rec in records[1:]:
-        if not rec.startswith(b"T"):
+    while True:
+        if pos >= len(data):
+            raise EnvelopeError(54, "envelope not terminated")
+        tag = data[pos : pos + 1]
+        pos += 1
+        if tag == b"\0":
+            break
+        if tag != b"T":
             raise EnvelopeError(91, "recipient record does not start with T")
-        recips.append(decode(rec[1:]))
+        recips.append(address())
     return Envelope(sender, tuple(recips))
 
 

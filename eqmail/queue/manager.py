@@ -28,7 +28,6 @@ from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, v
 from eqmail.queue.schedule import Channel, is_dying, next_retry
 from eqmail.textio import encode
 
-OSSIFIED = 129600
 DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
 
 
@@ -100,6 +99,7 @@ class QueueManager:
             Channel.REMOTE: ChannelState(Channel.REMOTE, controls.concurrencyremote),
         }
         self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
+        self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.configure(controls)
 
     def configure(self, controls: Controls) -> None:
@@ -342,6 +342,7 @@ class QueueManager:
         _unlink_quiet(p.info(msgid))
         if self.clean(f"foop/{msgid}") != b"+":
             log(f"warning: qmail-clean unable to clean up foop/{msgid}")
+            self.foop_retry[msgid] = self.clock() + 10
         return True
 
     def _inject_bounce(self, msgid: int) -> bool:
@@ -374,21 +375,23 @@ class QueueManager:
         return True
 
     def sweep(self) -> int:
-        """Crash leftovers: mess files older than 36 h with neither info nor todo are
-        removed, with their intd file, through the cleaner (qmail-send's cleanup_do;
-        intd/ itself is not readable by the scanner, and never outlives its mess)."""
-        now = self.clock()
+        """Crash leftovers: mess files with neither info nor todo are removed, with
+        their intd file, through the cleaner (qmail-send's cleanup_do; intd/ itself is
+        not readable by the scanner, and never outlives its mess).
+
+        qmail waits until such a file is 36 h old, because a live qmail-queue may still
+        be writing it.  eqmail's one queue writer knows which messages it is writing and
+        refuses ``foop/`` for those and for committed ones (eqmail.queue.writer), so the
+        sweep is safe at any moment; the scanner runs it at start and whenever the
+        queue writer was restarted, which is when orphans appear.
+        """
         info = set(self.paths.ids_in("info"))
         todo = set(self.paths.ids_in("todo"))
         removed = 0
         for msgid in self.paths.ids_in("mess"):
             if msgid in info or msgid in todo:
                 continue
-            try:
-                st = os.stat(self.paths.mess(msgid))
-            except OSError:
-                continue
-            if now - st.st_atime > OSSIFIED and self.clean(f"foop/{msgid}") == b"+":
+            if self.clean(f"foop/{msgid}") == b"+":
                 removed += 1
         return removed
 
@@ -417,10 +420,16 @@ class QueueManager:
         for msgid, due in list(self.done_retry.items()):
             if due <= now:
                 self.message_done(msgid)
+        for msgid, due in list(self.foop_retry.items()):
+            if due <= now:
+                del self.foop_retry[msgid]
+                if self.clean(f"foop/{msgid}") != b"+":
+                    self.foop_retry[msgid] = now + 60
 
     def next_wakeup(self) -> float | None:
         dues = [d for s in self.channels.values() if s.enabled and (d := s.next_due()) is not None]
         dues += self.done_retry.values()
+        dues += self.foop_retry.values()
         return min(dues) if dues else None
 
 

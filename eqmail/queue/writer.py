@@ -94,6 +94,12 @@ class QueueStore:
         self.paths = QueuePaths(queue_root)
         self.root_fd = os.open(queue_root, os.O_RDONLY | os.O_DIRECTORY)
         self._seq = 0
+        # Ids of messages between start() and their commit or abort.  A foop/ clean
+        # request for one of them is refused, so the scanner may sweep orphaned mess
+        # files (left by a writer that was killed) at any time, not only after 36 h.
+        # Set by the loop thread, cleared by the committer: single set operations are
+        # atomic under the GIL, and an id leaves the set only after its todo link.
+        self.inflight: set[int] = set()
 
     # -- S1 -> S2 -------------------------------------------------------------
     def start(self, qp: int, uid: int, received: bytes) -> PendingMessage:
@@ -123,11 +129,18 @@ class QueueStore:
                 except OSError:
                     pass
             msg = PendingMessage(msgid=msgid, qp=qp, mess_fd=fd, uid=uid)
-            self.write(msg, received)
-            return msg
         except BaseException:
             os.close(fd)
             raise
+        self.inflight.add(msgid)
+        try:
+            self.write(msg, received)
+        except BaseException:
+            # e.g. ENOSPC on the Received line: the mess file is already linked, so
+            # remove it as qmail-queue does, not leave an S2 orphan for the 36 h sweep.
+            self.abort(msg)
+            raise
+        return msg
 
     def write(self, msg: PendingMessage, data: bytes) -> None:
         view = memoryview(data)
@@ -156,6 +169,7 @@ class QueueStore:
         except OSError:
             pass
         _unlink(self.paths.mess(msg.msgid))
+        self.inflight.discard(msg.msgid)
 
     # -- S2 -> S4 -------------------------------------------------------------
     def commit(self, batch: list[PendingMessage]) -> None:
@@ -178,6 +192,9 @@ class QueueStore:
                 except OSError as e:
                     raise QueueFailure(QQExit.TODO_DIR, str(e)) from e
                 msg.linked = True
+                # From here the scanner may see todo/ and even finish the message before
+                # our barrier returns: its foop/ must not be refused as "in flight".
+                self.inflight.discard(msg.msgid)
             self._barrier_links(live)
         except (QueueFailure, OSError) as e:
             code = e.code if isinstance(e, QueueFailure) else QQExit.WRITE_ERROR
@@ -190,6 +207,7 @@ class QueueStore:
                 os.close(fd)
             msg.intd_fd = msg.mess_fd = -1
             msg.result = QQExit.OK
+            self.inflight.discard(msg.msgid)
 
     def _write_intd(self, msg: PendingMessage) -> None:
         assert msg.envelope is not None
@@ -231,7 +249,14 @@ class QueueStore:
     # -- qmail-clean ----------------------------------------------------------
     def clean(self, request: str) -> bytes:
         """qmail-clean: ``foop/<id>`` removes intd+mess, ``todo/[<n>/]<id>`` removes
-        intd then todo.  Answers ``+`` (done; absent is fine), ``!`` or ``x``."""
+        intd then todo.  Answers ``+`` (done; absent is fine), ``!`` or ``x``.
+
+        ``foop/`` is refused (``!``) for a message still being written or already
+        committed (todo/ present): then the scanner's sweep of mess files that have
+        neither info nor todo cannot race a message being queued.  The in-flight check
+        comes first because an id leaves ``inflight`` only after its todo link exists,
+        and the scanner cannot preprocess (remove todo) while it waits for this answer.
+        """
         if not 7 <= len(request) <= 100:
             return b"x"
         kind, _, rest = request.partition("/")
@@ -239,6 +264,8 @@ class QueueStore:
         if kind not in ("foop", "todo") or not num.isdigit():
             return b"x"
         msgid = int(num)
+        if kind == "foop" and (msgid in self.inflight or os.path.exists(self.paths.todo(msgid))):
+            return b"!"
         targets = (
             [self.paths.intd(msgid), self.paths.mess(msgid)]
             if kind == "foop"
@@ -253,15 +280,17 @@ class QueueStore:
                 return b"!"
         return b"+"
 
-    def clean_pid_dir(self, now: float | None = None) -> int:
-        """Remove pid/ leftovers older than 36 h (qmail-clean at start and periodically)."""
+    def clean_pid_dir(self, now: float | None = None, older_than: float = OSSIFIED) -> int:
+        """Remove pid/ leftovers older than ``older_than`` (qmail-clean: 36 h, at start
+        and periodically).  The writer passes 0 when it starts: it is the only writer of
+        the queue, so no pid/ name can be in use then."""
         now = time.time() if now is None else now
         removed = 0
         piddir = self.paths.dir("pid")
         for name in os.listdir(piddir):
             p = piddir / name
             try:
-                if now - os.stat(p).st_atime > OSSIFIED:
+                if now - os.stat(p).st_atime >= older_than:
                     os.unlink(p)
                     removed += 1
             except OSError:

@@ -147,6 +147,9 @@ class Spawner:
         return child
 
     def _close_for_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
         for child in self.children.values():
             child.sock.close()
         for client in self.clients:
@@ -201,6 +204,13 @@ class Spawner:
         self.listener = socket.socket(fileno=self.ctx.extra["socket_fd"])  # bound by the supervisor
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, ("listen", 0))
+        # Signals wake the select through a self-pipe: a handler alone does not
+        # interrupt it (PEP 475), which made every stop wait out the 1 s timeout.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", 0))
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.ctx.ready()
@@ -213,6 +223,12 @@ class Spawner:
                     self.client_data(key.fileobj)  # type: ignore[arg-type]
                 elif kind == "child" and ident in self.children:
                     self.child_report(self.children[ident])
+                elif kind == "wake":
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
             self.expire_idle()
             self.collect_zombies()
         for child in list(self.children.values()):

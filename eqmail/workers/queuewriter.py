@@ -230,7 +230,8 @@ def run(ctx: WorkerContext) -> int:
     asyncio.set_event_loop(loop)
     os.umask(0o033)
     server = QueueServer(ctx, loop)
-    removed = server.store.clean_pid_dir()
+    # a writer that was killed may have left pid/ names; none is in use now (one writer)
+    removed = server.store.clean_pid_dir(older_than=0)
     if removed:
         log(f"queue writer: removed {removed} stale pid/ files")
     server.committer.start()

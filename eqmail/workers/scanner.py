@@ -3,8 +3,10 @@
 Wakes on: watchdog events in queue/todo (inotify), the qmail trigger FIFO
 (lock/trigger, for compatibility with anything that pulls it), delivery reports from
 the local (and later remote) delivery workers, its timers (next scheduled pass, a
-periodic rescan of todo/ that backs up lost events, the 36 h cleanup sweep) and signals
-(TERM: graceful stop; ALRM: flush).  Events only wake it: the directories are the truth.
+periodic rescan of todo/ that backs up lost events, the cleanup sweep of orphaned mess
+files — at start, when its connection to the queue writer closes (the writer died) and
+every SLEEP_CLEANUP seconds) and signals (TERM: graceful stop; ALRM: flush).  Events only
+wake it: the directories are the truth.
 
 Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
 the local delivery worker (run/local.sock, delivery requests ``D`` / reports ``r``).
@@ -149,21 +151,55 @@ class Scanner:
         self.delivery_no = 0
         self.stopping = False
         self.want_scan = True
+        self.want_sweep = True  # at start (qmail-send's first cleanup) and after a writer restart
         self.trigger_fd = -1
         self.last_status = ""
 
     # ---------------------------------------------------------- queue writer
+    def _writer_conn(self) -> QueueConnection | None:
+        """The connection to the queue writer, opened on demand.  It is watched in the
+        selector: the writer closing it means the writer died, and a writer killed
+        mid-message leaves an orphaned mess file, so a sweep is due (see QueueManager.sweep)."""
+        if self.queue_conn is None:
+            try:
+                self.queue_conn = QueueConnection(self.root, role="bounce", timeout=60)
+            except OSError:
+                return None
+            self.sel.register(self.queue_conn.sock, selectors.EVENT_READ, "writer")
+        return self.queue_conn
+
+    def _drop_writer_conn(self) -> None:
+        if self.queue_conn is not None:
+            try:
+                self.sel.unregister(self.queue_conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self.queue_conn.close()
+            self.queue_conn = None
+        self.want_sweep = True
+
+    def _writer_readable(self) -> None:
+        """Answers are read synchronously in _clean, so readable here means EOF."""
+        assert self.queue_conn is not None
+        try:
+            data = self.queue_conn.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log("status: queue writer connection closed; sweeping the queue when it is back")
+        self._drop_writer_conn()
+
     def _clean(self, request: str) -> bytes:
         for _ in range(3):
             try:
-                if self.queue_conn is None:
-                    self.queue_conn = QueueConnection(self.root, role="bounce", timeout=60)
-                return self.queue_conn.clean(request)
+                conn = self._writer_conn()
+                if conn is not None:
+                    return conn.clean(request)
             except (OSError, ProtocolError):
-                if self.queue_conn is not None:
-                    self.queue_conn.close()
-                self.queue_conn = None
-                time.sleep(0.2)
+                self._drop_writer_conn()
+            time.sleep(0.2)
         return b"!"
 
     def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int) -> tuple[bool, str]:
@@ -261,7 +297,6 @@ class Scanner:
         self._start_watchdog()
         self._open_trigger()
         self.manager.recover()
-        self.manager.sweep()
         self.ctx.ready()
         next_rescan = time.monotonic()
         next_sweep = time.time() + SWEEP_INTERVAL
@@ -276,7 +311,12 @@ class Scanner:
                 self.manager.process_todo()
                 next_rescan = time.monotonic() + RESCAN_INTERVAL
             if time.time() >= next_sweep:
-                self.manager.sweep()
+                self.want_sweep = True
+            if self.want_sweep and not self.stopping and self._writer_conn() is not None:
+                self.want_sweep = False
+                removed = self.manager.sweep()
+                if removed:
+                    log(f"status: removed {removed} orphaned message file(s) from mess/")
                 next_sweep = time.time() + SWEEP_INTERVAL
             self.manager.retry_done()
             self._dispatch()
@@ -287,6 +327,8 @@ class Scanner:
                     self._drain_wake()
                 elif what == "trigger":
                     self._drain_trigger()
+                elif what == "writer":
+                    self._writer_readable()
                 elif isinstance(what, tuple):
                     self._reports(what[1])
             if self.stopping and not stop_deadline:

@@ -1,0 +1,212 @@
+"""Control files (qmail-core §6, DESIGN §3): defaults from me, file:line errors, parsers."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eqmail.control import (
+    KNOWN_FILES,
+    ListenerSpec,
+    Route,
+    load_controls,
+    parse_listen_line,
+    parse_route_value,
+)
+from eqmail.errors import ControlErrors
+
+ERROR_RE = re.compile(r"^(control|users)/[^:\s]+:\d+: \S.*$")
+
+
+def make(root: Path, **files: str | bytes) -> Path:
+    (root / "control").mkdir(parents=True, exist_ok=True)
+    (root / "users").mkdir(exist_ok=True)
+    for name, text in files.items():
+        name = name.replace("_", ".") if name == "tcp_smtp" else name
+        path = root / "users" / "assign" if name == "assign" else root / "control" / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def errors_of(root: Path) -> list[str]:
+    with pytest.raises(ControlErrors) as info:
+        load_controls(root)
+    out = [str(e) for e in info.value.errors]
+    assert all(ERROR_RE.match(line) for line in out), out
+    return out
+
+
+def test_defaults_come_from_me(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="mx.test.example\n"))
+    for attr in ("bouncehost", "defaultdomain", "defaulthost", "doublebouncehost", "envnoathost",
+                 "helohost", "idhost", "localiphost", "plusdomain", "smtpgreeting"):
+        assert getattr(c, attr) == "mx.test.example", attr
+    assert c.locals == frozenset({"mx.test.example"})
+    assert (c.bouncefrom, c.doublebounceto, c.queuelifetime) == ("MAILER-DAEMON", "postmaster", 604800)
+    assert (c.concurrencylocal, c.concurrencyremote, c.databytes) == (10, 20, 0)
+    assert (c.timeoutconnect, c.timeoutremote, c.timeoutsmtpd) == (60, 1200, 1200)
+    assert c.rcpthosts is None and c.virtualdomains == () and c.smtproutes == ()
+    assert c.defaultdelivery == "./Maildir/"
+
+
+def test_single_line_files_use_first_line_trailing_blanks_stripped(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="mx.example \t\nignored\n", bouncehost="bh.example\t \n",
+                           databytes="1000  \nxyz\n"))
+    assert (c.me, c.bouncehost, c.databytes) == ("mx.example", "bh.example", 1000)
+
+
+def test_list_files_drop_comments_and_blank_lines(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="mx.example", locals="# comment\n\nA.Example\nb.example  \n",
+                           rcpthosts="\n#x\nmx.example\n"))
+    assert c.locals == frozenset({"a.example", "b.example"})
+    assert c.rcpthosts == ("mx.example",)
+
+
+def test_missing_me_is_an_error(tmp_path: Path) -> None:
+    assert errors_of(make(tmp_path)) == ["control/me:0: missing: run 'eqmailctl setup'"]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("databytes", "abc", "control/databytes:1: not a number: 'abc'"),
+    ("databytes", "1_000", "control/databytes:1: not a number: '1_000'"),
+    ("databytes", "-5", "control/databytes:1: -5 out of range 0..4611686018427387904"),
+    ("concurrencylocal", "121", "control/concurrencylocal:1: 121 out of range 1..120"),
+    ("concurrencyremote", "0", "control/concurrencyremote:1: 0 out of range 1..120"),
+    ("queuelifetime", "1 week", "control/queuelifetime:1: not a number: '1 week'"),
+    ("timeoutremote", "\u0661\u0662", "control/timeoutremote:1: not a number: '\u0661\u0662'"),
+    ("defaultdelivery", "Maildir/", "control/defaultdelivery:1: must start with ./ / | or &"),
+])
+def test_bad_values_name_file_and_line(tmp_path: Path, name: str, value: str, message: str) -> None:
+    assert errors_of(make(tmp_path, me="mx.example", **{name: value + "\n"})) == [message]
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    out = errors_of(make(tmp_path, me="mx.example", databytes="abc\n", concurrencylocal="x\n",
+                         virtualdomains="ok.example:p\n\nnocolon\n",
+                         smtproutes="# c\na.example:relay:99999\nb.example\n"))
+    assert sorted(out) == sorted([
+        "control/databytes:1: not a number: 'abc'",
+        "control/concurrencylocal:1: not a number: 'x'",
+        "control/virtualdomains:3: missing ':'",
+        "control/smtproutes:2: port 99999 out of range",
+        "control/smtproutes:3: missing ':'",
+    ])
+
+
+def test_timeoutsmtpd_nonpositive_means_one_second(tmp_path: Path) -> None:
+    assert load_controls(make(tmp_path, me="m", timeoutsmtpd="0\n")).timeoutsmtpd == 1
+
+
+def test_virtualdomains_lowercase_keys_keep_prepend(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m", virtualdomains="Virt.Example:VUser\n:catch\njoe@x.org:j\n"))
+    assert c.virtualdomains == (("virt.example", "VUser"), ("", "catch"), ("joe@x.org", "j"))
+
+
+# ------------------------------------------------------------------ listen
+
+
+def test_listen_missing_gives_defaults_empty_gives_none(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m"))
+    assert len(c.listen) == 2 and {s.service for s in c.listen} == {"smtp"}
+    assert load_controls(make(tmp_path, listen="")).listen == ()
+
+
+def test_listen_lines(tmp_path: Path) -> None:
+    text = ("smtp 0.0.0.0:25\n"
+            "smtp [::]:25\n"
+            "# a comment\n"
+            'submission [::1]:587 TLSREQUIRED=1 checkpassword="/bin/ckpw /bin/true" concurrency=5\n'
+            "smtps 127.0.0.1:465 rules=tcp.smtps processes=2\n")
+    c = load_controls(make(tmp_path, me="m", listen=text))
+    assert c.listen == (
+        ListenerSpec("smtp", "0.0.0.0", 25),
+        ListenerSpec("smtp", "::", 25),
+        ListenerSpec("submission", "::1", 587, (("TLSREQUIRED", "1"),), concurrency=5,
+                     checkpassword=("/bin/ckpw", "/bin/true")),
+        ListenerSpec("smtps", "127.0.0.1", 465, (("SMTPS", "1"),), rules="tcp.smtps", processes=2),
+    )
+    assert c.listen[1].key == "smtp [::]:25" and c.listen[0].display_address == "0.0.0.0:25"
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("smtp", "expected SERVICE ADDRESS:PORT [OPTION ...]"),
+    ("pop3 0.0.0.0:110", "unknown service 'pop3' (smtp, submission, smtps)"),
+    ("smtp ::1:25", "IPv6 addresses must be bracketed: [::1]:25"),
+    ("smtp host.example:25", "not an IP address: 'host.example'"),
+    ("smtp 0.0.0.0:99999", "bad port '99999'"),
+    ("smtp 0.0.0.0", "expected ADDRESS:PORT, got '0.0.0.0'"),
+    ("smtp 0.0.0.0:25 concurrency=0", "concurrency must be a number 1..10000"),
+    ("smtp 0.0.0.0:25 bogus=1", "unknown option 'bogus'"),
+    ("smtp 0.0.0.0:25 rules=../x", "rules must name a file in control/"),
+    ("smtp 0.0.0.0:25 NOEQUALS", "option 'NOEQUALS' is not NAME=value"),
+    ('smtp 0.0.0.0:25 checkpassword="/bin/x', "No closing quotation"),
+])
+def test_listen_errors(tmp_path: Path, line: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_listen_line(line)
+    out = errors_of(make(tmp_path, me="m", listen=f"# first\n{line}\n"))
+    assert out == [f"control/listen:2: {reason}"]
+
+
+def test_listen_duplicate_address(tmp_path: Path) -> None:
+    out = errors_of(make(tmp_path, me="m", listen="smtp 127.0.0.1:25\nsubmission 127.0.0.1:25\n"))
+    assert out == ["control/listen:2: 127.0.0.1:25 listed twice"]
+
+
+# ------------------------------------------------------------------ smtproutes / dnsservers
+
+
+def test_route_values() -> None:
+    assert parse_route_value("relay.example") == Route("relay.example", 25)
+    assert parse_route_value("relay.example:2525") == Route("relay.example", 2525)
+    assert parse_route_value("") == Route("", 25)
+    assert parse_route_value("[10.0.0.1]:26") == Route("[10.0.0.1]", 26)
+    assert parse_route_value("[2001:db8::1]:587 user pass word") == Route("[2001:db8::1]", 587, "user", "pass word")
+    for bad in ("[2001:db8::1", "relay:abc", "relay:0", "[1.2.3.4]x"):
+        with pytest.raises(ValueError):
+            parse_route_value(bad)
+
+
+def test_smtproutes_lookup(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m", smtproutes="A.Example:relay1\n.b.example:relay2:26\n:smart\n"))
+    assert c.route_for("a.example") == Route("relay1")
+    assert c.route_for("x.a.example") == Route("smart")
+    assert c.route_for("x.B.example") == Route("relay2", 26)
+    assert c.route_for("b.example") == Route("smart")
+    c = load_controls(make(tmp_path, smtproutes="a.example:\n"))
+    assert c.route_for("a.example") == Route("") and c.route_for("z.example") is None
+
+
+def test_dnsservers(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m", dnsservers="127.0.0.1\n127.0.0.1:5353\n::1\n[::1]:5353\n"))
+    assert c.dnsservers == (("127.0.0.1", 53), ("127.0.0.1", 5353), ("::1", 53), ("::1", 5353))
+    out = errors_of(make(tmp_path, dnsservers="localhost\n"))
+    assert out == ["control/dnsservers:1: 'localhost' does not appear to be an IPv4 or IPv6 address"]
+
+
+def test_users_assign_errors_name_the_file(tmp_path: Path) -> None:
+    out = errors_of(make(tmp_path, me="m", assign="=joe:joe:1000:1000:/home/joe:::\n"))
+    assert out and out[0].startswith("users/assign:")
+
+
+# ------------------------------------------------------------------ fuzz
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from([*KNOWN_FILES, "assign"]), data=st.binary(max_size=200)
+       | st.text(alphabet="0123456789abc:.[]@ \t\n#-=\"'_", max_size=80).map(str.encode))
+def test_any_file_text_gives_controls_or_control_errors(name: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        root = make(Path(d), me="mx.example\n")
+        target = root / "users" / "assign" if name == "assign" else root / "control" / name
+        target.write_bytes(data)
+        try:
+            load_controls(root)
+        except ControlErrors as e:
+            for err in e.errors:
+                assert ERROR_RE.match(str(err).split("\n")[0]), str(err)
