@@ -32,3 +32,26 @@ def log(line: str) -> None:
         os.write(2, data)
     except OSError:
         pass
+
+
+def log_lines(lines: list[str]) -> None:
+    """Several lines in as few writes as possible, each write at most PIPE_BUF bytes so
+    that it stays atomic (lines from other workers never land inside it)."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = (line[:MAX_LINE] + "\n").encode("utf-8", "backslashreplace")
+        if size + len(data) > 4096 and chunk:
+            _write(b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        _write(b"".join(chunk))
+
+
+def _write(data: bytes) -> None:
+    try:
+        os.write(2, data)
+    except OSError:
+        pass

@@ -99,11 +99,18 @@ class QueueConnection:
         return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
 
     def clean(self, request: str) -> bytes:
-        self.sock.sendall(frame(b"C", request.encode()))
-        kind, payload = recv_frame(self.sock)
-        if kind != b"K":
-            raise ProtocolError(f"unexpected answer {kind!r}")
-        return payload
+        return self.clean_many([request])[0]
+
+    def clean_many(self, requests: list[str]) -> list[bytes]:
+        """qmail-clean requests, pipelined: all sent, then all answers read (in order)."""
+        self.sock.sendall(b"".join(frame(b"C", r.encode()) for r in requests))
+        answers = []
+        for _ in requests:
+            kind, payload = recv_frame(self.sock)
+            if kind != b"K":
+                raise ProtocolError(f"unexpected answer {kind!r}")
+            answers.append(payload)
+        return answers
 
 
 def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],

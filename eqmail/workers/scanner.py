@@ -33,6 +33,7 @@ from eqmail.workers.base import WorkerContext
 RESCAN_INTERVAL = 60.0  # backs up watchdog; qmail-send rescans todo every 25 min
 SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
 STOP_GRACE = 60.0
+TODO_SLICE = 64  # todo entries preprocessed (one durability barrier) per loop turn
 
 
 @dataclass
@@ -191,16 +192,18 @@ class Scanner:
             log("status: queue writer connection closed; sweeping the queue when it is back")
         self._drop_writer_conn()
 
-    def _clean(self, request: str) -> bytes:
+    def _clean(self, requests: list[str]) -> list[bytes]:
+        """qmail-clean requests to the queue writer, pipelined; ``!`` for each when the
+        writer cannot be reached (the caller retries later)."""
         for _ in range(3):
             try:
                 conn = self._writer_conn()
                 if conn is not None:
-                    return conn.clean(request)
+                    return conn.clean_many(requests)
             except (OSError, ProtocolError):
                 self._drop_writer_conn()
             time.sleep(0.2)
-        return b"!"
+        return [b"!"] * len(requests)
 
     def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int) -> tuple[bool, str]:
         try:
@@ -307,8 +310,11 @@ class Scanner:
                 if busy == 0 or time.monotonic() > stop_deadline:
                     break
             elif self.want_scan or time.monotonic() >= next_rescan:
+                # A bounded slice per turn: deliveries are started (below) between
+                # slices, so a burst of new mail never starves delivery.
                 self.want_scan = False
-                self.manager.process_todo()
+                if self.manager.process_todo(limit=TODO_SLICE) >= TODO_SLICE:
+                    self.want_scan = True  # more is waiting: come back without sleeping
                 next_rescan = time.monotonic() + RESCAN_INTERVAL
             if time.time() >= next_sweep:
                 self.want_sweep = True
@@ -320,7 +326,8 @@ class Scanner:
                 next_sweep = time.time() + SWEEP_INTERVAL
             self.manager.retry_done()
             self._dispatch()
-            timeout = self._timeout(next_rescan)
+            self.manager.flush_cleans()
+            timeout = 0.0 if self.want_scan and not self.stopping else self._timeout(next_rescan)
             for key, _ in self.sel.select(timeout):
                 what = key.data
                 if what == "wake":
