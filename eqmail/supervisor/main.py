@@ -428,6 +428,9 @@ class Supervisor:
             self.reload()
 
     def reload(self) -> None:
+        if self.stopping:  # a HUP racing a stop: new workers now would never be stopped
+            log("status: reload ignored: stopping")
+            return
         try:
             new = load_controls(self.instance.root)
         except ControlErrors as e:

@@ -29,6 +29,7 @@ from eqmail.workers.base import WorkerContext
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 PR_SET_PDEATHSIG = 1
+FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD}
 
 
 @dataclass
@@ -42,12 +43,13 @@ class SpawnSpec:
     title: str
 
 
-def _child_setup(spec: SpawnSpec, supervisor_pid: int) -> None:
+def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM,
                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # socket writes report EPIPE instead
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM sent meanwhile acts now
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     if spec.log_fd >= 0 and spec.log_fd != 2:
@@ -84,9 +86,9 @@ def _close_other_fds(keep: set[int]) -> None:
                 pass
 
 
-def _worker_main(spec: SpawnSpec, supervisor_pid: int) -> None:
+def _worker_main(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]) -> None:
     try:
-        _child_setup(spec, supervisor_pid)
+        _child_setup(spec, supervisor_pid, mask)
         code = spec.entry(spec.ctx)
     except PrivilegeError as e:
         os.write(2, f"alert: {spec.title}: {e}\n".encode())
@@ -110,7 +112,14 @@ class Spawned:
 
 def spawn(spec: SpawnSpec) -> Spawned:
     supervisor = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        _worker_main(spec, supervisor)  # never returns
+    # Until the child has reset its handlers, a signal would run the supervisor's
+    # handler in it: lost for the child, and written to the supervisor's wakeup pipe
+    # as if the supervisor had been signalled.  Blocked across fork, it stays pending.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _worker_main(spec, supervisor, old)  # never returns
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return Spawned(pid, os.pidfd_open(pid))

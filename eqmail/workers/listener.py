@@ -358,20 +358,30 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
     sock.setblocking(False)
     while not stop.is_set():
         await slots.acquire()  # over the limit: leave the connection in the accept queue
-        accept = asyncio.ensure_future(loop.sock_accept(sock))
+        # Wait for readability, then accept synchronously: a connection is taken from
+        # the kernel only when it will be served (cancelling a pending sock_accept task
+        # could drop one accepted in the same instant as the stop).
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), lambda f=readable: f.done() or f.set_result(None))
         stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({accept, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if accept not in done:
-            accept.cancel()
+        try:
+            await asyncio.wait({readable, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(sock.fileno())
+            stopper.cancel()
+        if stop.is_set():
             slots.release()
             break
-        stopper.cancel()
         try:
-            conn, _addr = accept.result()
+            conn, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            slots.release()  # another process of this listener took it
+            continue
         except OSError:
             slots.release()
             await asyncio.sleep(0.05)
             continue
+        conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.sessions += 1
 
@@ -385,7 +395,10 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
         task = asyncio.ensure_future(session())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    # graceful stop: no new connections; sessions in progress finish (bounded by timeouts)
+    # graceful stop: no new connections (closing our copy of the socket makes a removed
+    # port refuse at once; the supervisor keeps the ones still listed); sessions in
+    # progress finish (bounded by timeouts)
+    sock.close()
     if tasks:
         await asyncio.wait(tasks)
 
