@@ -456,6 +456,34 @@ def _remote_files(r: _Reader) -> dict[str, Any]:
     )
 
 
+@dataclass(frozen=True)
+class InjectControls:
+    """The five files qmail-inject reads; nothing else may stop local injection."""
+
+    me: str
+    defaultdomain: str
+    defaulthost: str
+    plusdomain: str
+    idhost: str
+
+
+def load_inject_controls(root: Path) -> InjectControls:
+    """Like qmail-inject: only me, defaultdomain, defaulthost, plusdomain and idhost are
+    read, so a broken unrelated file (say databytes) does not stop local mail."""
+    r = _Reader(Path(root))
+    me = r.line("me") or ""
+
+    def me_or(fn: str, literal: str) -> str:
+        v = r.line(fn)
+        return v if v else (me or literal)
+
+    values = InjectControls(me, me_or("defaultdomain", "defaultdomain"), me_or("defaulthost", "defaulthost"),
+                            me_or("plusdomain", "plusdomain"), me_or("idhost", "idhost"))
+    if r.errors:
+        raise ControlErrors(r.errors)
+    return values
+
+
 def _validate_extra(r: _Reader, kw: dict[str, Any]) -> None:
     """Cross-file checks that depend on other modules' parsers (tcp.smtp, users/assign)."""
     try:

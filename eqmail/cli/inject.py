@@ -258,9 +258,9 @@ def default_context(env: MutableMapping[str, str] | None = None) -> Context:
         return client_submit(root, sender, recipients, message)
 
     def controls() -> Defaults:
-        from eqmail.control import load_controls
+        from eqmail.control import load_inject_controls
 
-        c = load_controls(root)
+        c = load_inject_controls(root)
         return Defaults(encode(c.defaultdomain), encode(c.defaulthost), encode(c.plusdomain), encode(c.idhost))
 
     return Context(root, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer,
