@@ -42,6 +42,24 @@ def _pid_of(inst: Instance) -> int | None:
         os.close(fd)
 
 
+def query_scanner(inst: Instance, request: str, timeout: float = 30.0) -> dict[str, Any] | None:
+    """One request to the scanner's admin socket (root only); None if unreachable."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(inst.run / "scanner.sock"))
+            s.sendall(request.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)
+    except (OSError, ValueError):
+        return None
+
+
 def query_status(inst: Instance, timeout: float = 5.0) -> dict[str, Any] | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -218,6 +236,10 @@ def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
         code = 4 if pid else 3
     else:
         code = 0
+        scanner = query_scanner(inst, "status")
+        if scanner is not None:
+            status["deliveries"] = scanner.get("deliveries", [])
+            status["queue"].update(scanner.get("counts", {}))
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -249,6 +271,11 @@ def format_status(s: dict[str, Any]) -> str:
         for lst in s["listeners"]:
             addr = f"[{lst['address']}]:{lst['port']}" if ":" in lst["address"] else f"{lst['address']}:{lst['port']}"
             lines.append(f"{lst['service']:<11} {addr:<28} {lst.get('sessions', 0):>4}/{lst.get('concurrency', 0):<4}")
+    if s.get("deliveries"):
+        lines.append("")
+        lines.append(f"{'MSG':>10} {'CHANNEL':<8} {'RUNNING':>7} {'WAITING':>7}")
+        for d in s["deliveries"]:
+            lines.append(f"{d['msgid']:>10} {d['channel']:<8} {d['running']:>7} {d['waiting']:>7}")
     q = s.get("queue", {})
     lines.append("")
     lines.append(f"queue: {q.get('messages', 0)} messages, {q.get('todo', 0)} not yet preprocessed, "
@@ -317,6 +344,19 @@ def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
             print("usage: eqmailctl queue show ID", file=sys.stderr)
             return 1
         print(inspect.show(inst.root, args.id), end="")
+    elif args.action in ("delete", "bounce"):
+        if args.id is None:
+            print(f"usage: eqmailctl queue {args.action} ID", file=sys.stderr)
+            return 1
+        answer = query_scanner(inst, f"{args.action} {args.id}")
+        if answer is None:
+            print("eqmail: not running (or not root): the scanner must do this", file=sys.stderr)
+            return 3
+        if not answer.get("ok"):
+            print(f"eqmail: {answer.get('error')}", file=sys.stderr)
+            return 1
+        what = "bounced" if args.action == "bounce" else "deleted"
+        print(f"eqmail: msg {args.id}: {answer['removed']} recipient(s) {what}")
     elif args.action == "flush":
         pid = _pid_of(inst)
         tcpto = inst.queue / "lock" / "tcpto"
@@ -371,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("qmailhome", help="the qmail installation, e.g. /var/qmail")
     s.add_argument("--force", action="store_true", help="replace control files eqmail already has")
     s = sub.add_parser("queue", help="queue tools")
-    s.add_argument("action", choices=["stat", "list", "show", "flush"])
+    s.add_argument("action", choices=["stat", "list", "show", "flush", "delete", "bounce"])
     s.add_argument("id", nargs="?", type=int)
     return p
 

@@ -30,6 +30,7 @@ from eqmail.queue.writer import syncfs
 from eqmail.textio import encode
 
 DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
+ADMIN_BOUNCE_TEXT = "This message was removed from the queue by the postmaster. (#5.0.0)\n"
 
 
 @dataclass
@@ -451,6 +452,52 @@ class QueueManager:
     # ------------------------------------------------------------ helpers
     def _chan_path(self, channel: Channel, msgid: int) -> os.PathLike[str] | str:
         return self.paths.split_file(channel.dirname, msgid)
+
+    # ------------------------------------------------------------ admin
+    def remove(self, msgid: int, bounce: bool) -> int | None:
+        """``eqmailctl queue delete|bounce``: every recipient not yet delivered is marked
+        done (with a bounce note first when ``bounce``), exactly as if its delivery had
+        finished, so the usual completion path removes the message (and sends the one
+        bounce).  Deliveries already running finish normally.  Returns how many
+        recipients were removed, None when the message is not in the queue."""
+        if os.path.exists(self.paths.todo(msgid)):
+            self.preprocess(msgid)
+        if not os.path.exists(self.paths.info(msgid)):
+            return None
+        removed = 0
+        for ch, state in self.channels.items():
+            try:
+                with open(self._chan_path(ch, msgid), "rb") as f:
+                    records = parse_channel(f.read(64 << 20))
+            except FileNotFoundError:
+                continue
+            ps = state.passes.get(msgid)
+            waiting = {r.offset for r in ps.todo} if ps is not None else None
+            for rec in records:
+                # a recipient whose delivery is running now is left to its report
+                if rec.done or (waiting is not None and rec.offset not in waiting):
+                    continue
+                req = DeliveryRequest(msgid, ch, rec.offset, "", rec.address)
+                if bounce:
+                    self._add_bounce(req, ADMIN_BOUNCE_TEXT)
+                self._mark_done(req)
+                removed += 1
+            state.scheduled.pop(msgid, None)  # its heap entry is now stale
+            if ps is not None:
+                ps.todo.clear()
+                ps.deferred = False
+                if ps.finished:
+                    self._pass_finished(state, ps)
+            else:
+                state.passes[msgid] = Pass(msgid, ch, "", 0.0, self.clock(), False, [])
+                self._pass_finished(state, state.passes[msgid])
+        return removed
+
+    def deliveries(self) -> list[dict[str, object]]:
+        """Messages with a pass in progress, for ``eqmailctl status``."""
+        return [{"msgid": ps.msgid, "channel": ch.dirname, "running": ps.outstanding,
+                 "waiting": len(ps.todo)}
+                for ch, state in self.channels.items() for ps in state.passes.values()]
 
     def counts(self) -> dict[str, int]:
         return {

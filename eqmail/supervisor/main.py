@@ -60,6 +60,8 @@ class Worker:
     generation: int = 0
     controls: Controls | None = None
     spec: ListenerSpec | None = None
+    status_r: int = -1  # listener: its session count arrives here
+    sessions: int = 0
 
     @property
     def title(self) -> str:
@@ -147,6 +149,8 @@ class Supervisor:
         os.chmod(spp, 0o700)
         if self.ids.privileged:
             os.chown(spp, self.ids["plugin"].uid, self.ids["plugin"].gid)
+        # eqmailctl (root) asks the scanner to delete/bounce messages and for deliveries
+        self.scanner_sock = bind_unix(self.instance.run / "scanner.sock", 0o600, None)
         self.remote_sock = None
         if _has_worker("remote"):
             self.remote_sock = bind_unix(self.instance.run / "remote.sock", 0o600,
@@ -196,7 +200,9 @@ class Supervisor:
             Worker("sandbox", "plugin sandbox", _entry("sandbox"), "plugin",
                    extra={"socket_fd": self.sandbox_sock.fileno()},
                    keep_fds=(self.sandbox_sock.fileno(),)),
-            Worker("scanner", "scanner", _entry("scanner"), "send", extra=scanner_extra),
+            Worker("scanner", "scanner", _entry("scanner"), "send",
+                   extra={**scanner_extra, "control_fd": self.scanner_sock.fileno()},
+                   keep_fds=(self.scanner_sock.fileno(),)),
             Worker("watcher", "control watcher", _entry("watcher"), "log",
                    extra={"notify_fd": self.watch_w}, keep_fds=(self.watch_w,)),
         ]
@@ -220,19 +226,32 @@ class Supervisor:
     def start_worker(self, w: Worker) -> None:
         ready_r, ready_w = os.pipe()
         controls = w.controls or self.controls
+        extra = dict(w.extra)
+        keep_fds = w.keep_fds
+        status_w = -1
+        if w.kind == "listener":  # the listener reports its session count here
+            w.status_r, status_w = os.pipe()
+            os.set_blocking(w.status_r, False)
+            os.set_blocking(status_w, False)
+            extra["status_fd"] = status_w
+            keep_fds = (*keep_fds, status_w)
         ctx = WorkerContext(kind=w.kind, name=w.name, instance=self.instance, controls=controls,
                             ids=self.ids, generation=w.generation or self.generation,
-                            ready_fd=ready_w, extra=dict(w.extra))
+                            ready_fd=ready_w, extra=extra)
         ids: Ids | None = None if w.role is None else self.ids[w.role]
         groups = None
         if ids is not None and self.ids.privileged:
             groups = [ids.gid]
         if not self.ids.privileged:
             ids = None
-        spec = SpawnSpec(ctx=ctx, entry=w.entry, ids=ids, groups=groups, keep_fds=w.keep_fds,
+        spec = SpawnSpec(ctx=ctx, entry=w.entry, ids=ids, groups=groups, keep_fds=keep_fds,
                          log_fd=self.log_w, title=w.title)
         w.proc = spawn(spec)
         os.close(ready_w)
+        if status_w >= 0:
+            os.close(status_w)
+            w.sessions = 0
+            self.sel.register(w.status_r, selectors.EVENT_READ, ("sessions", w))
         w.ready_r = ready_r
         w.ready = False
         w.state = "starting"
@@ -305,7 +324,18 @@ class Supervisor:
                 self._serve_status()
             elif kind == "watch":
                 self._on_control_change()
+            elif kind == "sessions":
+                self._on_sessions(obj)
         self._handle_signals()
+
+    def _on_sessions(self, w: Worker) -> None:
+        try:
+            data = os.read(w.status_r, 4096)
+        except BlockingIOError:
+            return
+        lines = data.split()
+        if lines and lines[-1].isdigit():
+            w.sessions = int(lines[-1])
 
     def _on_ready(self, w: Worker) -> None:
         try:
@@ -332,6 +362,11 @@ class Supervisor:
             self.sel.unregister(w.ready_r)
             os.close(w.ready_r)
             w.ready_r = -1
+        if w.status_r >= 0:
+            self.sel.unregister(w.status_r)
+            os.close(w.status_r)
+            w.status_r = -1
+            w.sessions = 0
         pid = w.proc.pid
         w.proc = None
         w.ready = False
@@ -530,8 +565,12 @@ class Supervisor:
             workers.append({"kind": w.kind, "name": w.name, "pid": pid, "uid": uid, "gid": gid,
                             "state": w.state, "restarts": w.restart.restarts,
                             "generation": w.generation, "title": read_title(pid) if pid else ""})
-        listeners = [{"service": s.service, "address": s.address, "port": _bound_port(self.listen_socks.get(s.key)),
-                      "concurrency": s.concurrency} for s in self.controls.listen]
+        listeners = [{"service": s.service, "address": s.address,
+                      "port": _bound_port(self.listen_socks.get(s.key)), "concurrency": s.concurrency,
+                      "sessions": sum(w.sessions for w in self.workers
+                                      if w.kind == "listener" and w.spec is not None
+                                      and w.spec.key == s.key and w.proc is not None)}
+                     for s in self.controls.listen]
         return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
                 "generation": self.generation, "last_reload": self.last_reload,
                 "workers": workers, "listeners": listeners,

@@ -81,6 +81,16 @@ class Listener:
             log(f"warning: {problem}")
         self.authlimit = AuthLimiter(limit)
 
+    def report_sessions(self) -> None:
+        """Tell the supervisor how many sessions are open (for eqmailctl status);
+        never blocks: a full pipe only means an update is skipped."""
+        fd = self.ctx.extra.get("status_fd", -1)
+        if fd >= 0:
+            try:
+                os.write(fd, b"%d\n" % self.sessions)
+            except OSError:
+                pass
+
     # ------------------------------------------------------------ one connection
     async def serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -384,12 +394,14 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.sessions += 1
+        listener.report_sessions()
 
         async def session(c: socket.socket = conn) -> None:
             try:
                 await listener.serve(c)
             finally:
                 listener.sessions -= 1
+                listener.report_sessions()
                 slots.release()
 
         task = asyncio.ensure_future(session())

@@ -14,6 +14,7 @@ the local delivery worker (run/local.sock, delivery requests ``D`` / reports ``r
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -299,6 +300,7 @@ class Scanner:
             signal.signal(sig, self._on_signal)
         self._start_watchdog()
         self._open_trigger()
+        self._open_control()
         self.manager.recover()
         self.ctx.ready()
         next_rescan = time.monotonic()
@@ -336,6 +338,8 @@ class Scanner:
                     self._drain_trigger()
                 elif what == "writer":
                     self._writer_readable()
+                elif what == "control":
+                    self._control()
                 elif isinstance(what, tuple):
                     self._reports(what[1])
             if self.stopping and not stop_deadline:
@@ -343,6 +347,44 @@ class Scanner:
         self.manager.save_schedule()
         log("status: exiting")
         return 0
+
+    # ---------------------------------------------------------- admin requests
+    def _open_control(self) -> None:
+        """run/scanner.sock (bound by the supervisor, root only): eqmailctl's queue
+        delete/bounce and the deliveries shown by status, answered as one JSON line."""
+        fd = self.ctx.extra.get("control_fd")
+        if fd is None:
+            return
+        self.control_sock = socket.socket(fileno=fd)
+        self.control_sock.setblocking(False)
+        self.sel.register(self.control_sock, selectors.EVENT_READ, "control")
+
+    def _control(self) -> None:
+        try:
+            conn, _ = self.control_sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                request = conn.recv(256).decode("ascii", "replace").split()
+                conn.sendall(json.dumps(self._answer(request)).encode() + b"\n")
+            except OSError:
+                pass
+
+    def _answer(self, request: list[str]) -> dict[str, object]:
+        if request[:1] == ["status"]:
+            return {"deliveries": self.manager.deliveries(), "counts": self.manager.counts()}
+        if len(request) == 2 and request[0] in ("delete", "bounce") and request[1].isdigit():
+            msgid = int(request[1])
+            removed = self.manager.remove(msgid, bounce=request[0] == "bounce")
+            if removed is None:
+                return {"ok": False, "error": f"no message {msgid} in the queue"}
+            log(f"status: msg {msgid}: {removed} recipient(s) removed by the postmaster"
+                f"{' with a bounce' if request[0] == 'bounce' else ''}")
+            self.manager.flush_cleans()
+            return {"ok": True, "removed": removed}
+        return {"ok": False, "error": "unknown request"}
 
     def _timeout(self, next_rescan: float) -> float:
         timeout = max(0.0, next_rescan - time.monotonic())
