@@ -100,9 +100,54 @@ class QueueStore:
         # Set by the loop thread, cleared by the committer: single set operations are
         # atomic under the GIL, and an id leaves the set only after its todo link.
         self.inflight: set[int] = set()
+        self._tmpfile = True  # O_TMPFILE works here until shown otherwise
+        self._proc_fd = -1
 
     # -- S1 -> S2 -------------------------------------------------------------
     def start(self, qp: int, uid: int, received: bytes) -> PendingMessage:
+        fd, msgid = self._create_mess(qp)
+        msg = PendingMessage(msgid=msgid, qp=qp, mess_fd=fd, uid=uid)
+        self.inflight.add(msgid)
+        try:
+            self.write(msg, received)
+        except BaseException:
+            # e.g. ENOSPC on the Received line: the mess file is already linked, so
+            # remove it as qmail-queue does, not leave an S2 orphan for the 36 h sweep.
+            self.abort(msg)
+            raise
+        return msg
+
+    def _create_mess(self, qp: int) -> tuple[int, int]:
+        """S1 -> S2: a new mess file named by its own inode number.
+
+        qmail-queue creates ``pid/<pid>.<time>.<seq>``, takes its inode number, links
+        it to ``mess/<n>/<id>`` and unlinks the pid name: three directory operations.
+        eqmail creates the file unnamed (O_TMPFILE) in mess/ and links it straight to
+        its final name: one create and one link, and a crash before the link leaves
+        nothing behind.  Filesystems without O_TMPFILE get qmail's sequence."""
+        if self._tmpfile:
+            try:
+                fd = os.open(self.paths.dir("mess"), os.O_TMPFILE | os.O_WRONLY, 0o644)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise QueueFailure(QQExit.MESS_DIR, str(e)) from e
+                self._tmpfile = False
+            else:
+                msgid = os.fstat(fd).st_ino
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW) on the /proc/self/fd entry gives the unnamed
+                    # file a name; os.link only uses linkat when a dir fd is passed.
+                    if self._proc_fd < 0:
+                        self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+                    os.link(str(fd), self.paths.mess(msgid), src_dir_fd=self._proc_fd,
+                            follow_symlinks=True)
+                except OSError as e:
+                    os.close(fd)
+                    raise QueueFailure(QQExit.MESS_DIR, str(e)) from e
+                return fd, msgid
+        return self._create_mess_via_pid(qp)
+
+    def _create_mess_via_pid(self, qp: int) -> tuple[int, int]:
         now = int(time.time())
         fd = -1
         pidname = ""
@@ -128,19 +173,10 @@ class QueueStore:
                     os.unlink(self.paths.pid(pidname))
                 except OSError:
                     pass
-            msg = PendingMessage(msgid=msgid, qp=qp, mess_fd=fd, uid=uid)
         except BaseException:
             os.close(fd)
             raise
-        self.inflight.add(msgid)
-        try:
-            self.write(msg, received)
-        except BaseException:
-            # e.g. ENOSPC on the Received line: the mess file is already linked, so
-            # remove it as qmail-queue does, not leave an S2 orphan for the 36 h sweep.
-            self.abort(msg)
-            raise
-        return msg
+        return fd, msgid
 
     def write(self, msg: PendingMessage, data: bytes) -> None:
         view = memoryview(data)

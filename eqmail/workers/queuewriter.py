@@ -21,7 +21,9 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from eqmail.ipc import HEADER, ProtocolError, QQExit, QueueAnswer, check_header, frame, peer_uid
 from eqmail.log import log
@@ -96,6 +98,7 @@ class QueueProtocol(asyncio.Protocol):
         self.msg: PendingMessage | None = None
         self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
         self.waiting = False
+        self.clean_answers: deque[Future[bytes]] = deque()
 
     # -- connection -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,9 +209,18 @@ class QueueProtocol(asyncio.Protocol):
         allowed = {0, os.getuid(), self.server.ids["send"].uid}
         if self.uid not in allowed:
             raise ProtocolError("clean request from a uid that is not the scanner's")
-        answer = self.server.store.clean(payload.decode("ascii", "replace"))
-        assert self.transport is not None
-        self.transport.write(frame(b"K", answer))
+        # The unlinks run on the cleaner thread, not on this loop that every listener's
+        # DATA passes through; answers go back in request order (the scanner pipelines).
+        future = self.server.cleaner.submit(self.server.store.clean,
+                                            payload.decode("ascii", "replace"))
+        self.clean_answers.append(future)
+        future.add_done_callback(lambda _f: self.server.loop.call_soon_threadsafe(self._send_cleans))
+
+    def _send_cleans(self) -> None:
+        while self.clean_answers and self.clean_answers[0].done():
+            answer = self.clean_answers.popleft().result()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(frame(b"K", answer))
 
 
 class QueueServer:
@@ -217,7 +229,9 @@ class QueueServer:
         self.ids = ctx.ids
         self.store = QueueStore(ctx.instance.queue)
         self.qp = QPCounter()
+        self.loop = loop
         self.committer = Committer(self.store, loop)
+        self.cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleaner")
 
 
 def run(ctx: WorkerContext) -> int:

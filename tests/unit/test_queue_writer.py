@@ -198,9 +198,18 @@ def test_failed_intd_create_fails_only_that_message(store: QueueStore) -> None:
     assert store.paths.todo(good.msgid).exists()
 
 
+def test_mess_file_is_created_without_a_pid_name(store: QueueStore) -> None:
+    """O_TMPFILE: the mess file gets its name (its inode) in one link; pid/ stays empty."""
+    msg = store.start(1, 0, b"R\n")
+    assert os.listdir(store.paths.dir("pid")) == []
+    assert store.paths.mess(msg.msgid).stat().st_ino == msg.msgid
+
+
 def test_pid_dir_trouble_is_63(tmp_path: Path) -> None:
+    """Without O_TMPFILE, qmail-queue's pid/ sequence; trouble there is exit 63."""
     create_queue(tmp_path / "queue")
     s = QueueStore(tmp_path / "queue")
+    s._tmpfile = False  # as on a filesystem without O_TMPFILE
     os.rmdir(tmp_path / "queue" / "pid")
     with pytest.raises(QueueFailure) as info:
         s.start(1, 0, b"R\n")
