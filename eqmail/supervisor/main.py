@@ -171,7 +171,7 @@ class Supervisor:
             os.chown(lock / "sendmutex", send.uid, send.gid)
 
     def _open_log_output(self) -> int:
-        if not self.controls.logfile:
+        if not self.controls.logfile or self.controls.logfile == "syslog":
             return os.dup(1)
         path = self.instance.root / self.controls.logfile
         path.parent.mkdir(parents=True, exist_ok=True)

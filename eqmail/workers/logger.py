@@ -2,7 +2,9 @@
 
 Reads the log pipe that every process's fd 2 points at and writes each line with a
 timestamp to stdout (systemd, daemontools, a terminal) or to the log file the supervisor
-opened for it (control/logfile).  Lines are at most 4000 bytes; a longer one is cut.
+opened for it (control/logfile), or — when control/logfile says ``syslog`` — to syslog
+with facility mail and tag ``eqmail`` (syslog adds its own time).  Lines are at most
+4000 bytes; a longer one is cut.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def _stamp() -> bytes:
 def run(ctx: WorkerContext) -> int:
     rfd: int = ctx.extra["log_read_fd"]
     out: int = ctx.extra["out_fd"]
+    to_syslog = ctx.controls.logfile == "syslog"
+    if to_syslog:
+        import syslog
+
+        syslog.openlog("eqmail", syslog.LOG_PID, syslog.LOG_MAIL)
     stopping = False
 
     def on_term(*_: object) -> None:
@@ -56,6 +63,11 @@ def run(ctx: WorkerContext) -> int:
         if len(pending) > MAX_LINE:
             lines.append(pending[:MAX_LINE])
             pending = b""
+        if to_syslog:
+            for ln in lines:
+                priority = syslog.LOG_WARNING if ln.startswith((b"alert:", b"warning:")) else syslog.LOG_INFO
+                syslog.syslog(priority, ln[:MAX_LINE].decode("utf-8", "replace"))
+            continue
         stamp = _stamp()
         out_data = b"".join(stamp + ln[:MAX_LINE] + b"\n" for ln in lines)
         try:
