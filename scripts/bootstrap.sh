@@ -34,12 +34,16 @@ editable=-e
 if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- test -r "$here/eqmail/__init__.py" 2>/dev/null; then
   editable=
 fi
+# Reinstall unless this very checkout is installed editable and pyproject.toml has not
+# changed since (the stamp names the checkout: a venv shared with another checkout, or
+# a copy installed non-editable, is always reinstalled).
 stamp="$venv/.eqmail-installed"
-if [ -n "$editable" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+if [ -n "$editable" ] && [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] \
+   && [ "$(cat "$stamp")" = "editable $here" ]; then
   :
 else
   "$venv/bin/pip" install -q --disable-pip-version-check $editable "$here[test]" >&2
-  touch "$stamp"
+  if [ -n "$editable" ]; then echo "editable $here" > "$stamp"; else echo "copy" > "$stamp"; fi
 fi
 chmod -R a+rX "$venv" 2>/dev/null || true
 echo "$venv"
