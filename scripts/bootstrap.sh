@@ -12,7 +12,7 @@ here=$(pwd)
 if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
-  for pkg in python3-venv swaks openssl iproute2; do
+  for pkg in python3-venv swaks openssl iproute2 procps util-linux; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
