@@ -71,6 +71,7 @@ class Sandbox:
     root: Path
     user: str | None = None
     nproc: int | None = None
+    remote: bool = False  # also serve run/sandbox-remote.sock (before-remote hooks)
     sock: str = ""
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
 
@@ -78,6 +79,9 @@ class Sandbox:
         self.sock = str(self.root / "sandbox.sock")
         cmd = [sys.executable, "-m", "eqmail.workers.sandbox", "--root", str(self.root),
                "--socket", self.sock]
+        if self.remote:  # where eqmail.delivery.bfrmt looks for it
+            (self.root / "run").mkdir(exist_ok=True)
+            cmd += ["--remote-socket", str(self.root / "run" / "sandbox-remote.sock")]
         if self.user:
             cmd += ["--user", self.user]
         if self.nproc is not None:

@@ -18,8 +18,8 @@ Managing users::
     eqmail-checkpassword passwd list [--file FILE]
 
 The password comes from standard input (first line) or, on a terminal, is asked twice.
-A new file is made 0600 and owned by ``--owner`` (default ``eqmaild``, the user the
-listener runs checkpassword as, when it exists); a rewrite keeps owner and mode.
+A new file is made 0600 and owned by ``--owner`` (default ``eqmailp``, the user the
+plugin sandbox runs checkpassword as, when it exists); a rewrite keeps owner and mode.
 
 File format, one user a line (``#`` comments)::
 
@@ -281,7 +281,7 @@ def _default_owner(name: str | None) -> tuple[int, int] | None:
     import pwd
 
     try:
-        pw = pwd.getpwnam(name or "eqmaild")
+        pw = pwd.getpwnam(name or "eqmailp")
     except KeyError:
         if name:
             raise SystemExit(f"eqmail-checkpassword: no user {name!r}") from None
@@ -320,7 +320,7 @@ def passwd_main(argv: list[str]) -> int:
     p.add_argument("user", nargs="?")
     p.add_argument("--file", help=f"password file (default $EQMAIL_PASSWORDS or {DEFAULT_FILE})")
     p.add_argument("--cram", action="store_true", help="also allow CRAM-MD5 (see --help text)")
-    p.add_argument("--owner", help="owner of a new file (default: eqmaild when root)")
+    p.add_argument("--owner", help="owner of a new file (default: eqmailp when root)")
     args = p.parse_args(argv)
     path = password_file(args.file)
     if args.action != "list" and not (args.user and valid_user(args.user)):

@@ -1,10 +1,14 @@
-"""The before-remote hook (eQmail's qmail-bfrmt), done safely.
+"""The before-remote hook (eQmail's qmail-bfrmt), done safely: the remote worker's side.
 
-Owns: running the commands of ``control/beforemote`` on a message before it goes out
-(e.g. a DKIM signer).  Runs in the remote delivery worker (eqmailr) until the plugin
-sandbox worker exists; each command gets a clean environment, rlimits (``prlimit``: file
-size = the output bound, CPU time, address space, no core files), its own process group
-and the ``timeoutremote`` deadline.
+Owns: the format of ``control/beforemote``, the reports a hook can produce, and
+:func:`run_chain`, which the remote delivery worker (eqmailr) calls to have a message
+passed through the hooks.  The commands never run in the remote worker: they run in
+the plugin sandbox worker (eqmailp; eqmail.spp.beforemote), reached over
+run/sandbox-remote.sock (mode 0600, owner eqmailr).  The remote worker opens the
+message and sends the open fd (SCM_RIGHTS), so the sandbox's user needs no access to
+the queue; the sandbox answers with the fd of an unlinked temporary file holding the
+hooks' output, which is copied here into a file of the remote worker's own before any
+SMTP starts (nothing the sandbox's processes do afterwards can change what is sent).
 
 Format of ``control/beforemote`` (eqmail's, not eQmail's shell fragment): one command
 per line, ``#`` lines and empty lines ignored.  Each command runs as
@@ -16,28 +20,42 @@ one is the input of the next; the last output is what is sent.
 
 Outputs: :class:`HookResult` — the final message in an unlinked temporary file, or a
 qmail-style report: exit 100 -> ``D`` (bounce), exit 111 or any other nonzero, a
-signal, a timeout, no output or too much output -> ``Z`` (retry).  The output is
-collected completely and checked before any SMTP transaction starts, so a failing hook
-never sends a truncated message and never sends twice (eQmail's fallback could).
+signal, a timeout, no output or too much output -> ``Z`` (retry).  A sandbox that
+cannot be reached, breaks the protocol or does not answer in time -> ``Z`` as well:
+the hooks are never run here instead, a failing hook never sends a truncated message
+and never sends twice (eQmail's fallback could).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import signal
-import subprocess
+import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from eqmail.instance import Instance
 from eqmail.log import log, sanitize
+from eqmail.spp.wire import (
+    BFRMT,
+    BFRMT_ANSWER,
+    BfrmtAnswer,
+    BfrmtRequest,
+    ProtocolError,
+    recv_frame_fds,
+    send_frame_fds,
+)
 
 HOOK_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/", "LC_ALL": "C"}
-ADDRESS_SPACE = 1 << 30
 EXTRA_OUTPUT = 1 << 20
 MAX_STDERR = 4096
+REMOTE_SOCKET = "sandbox-remote.sock"  # in the instance's run/
+CONNECT_TIMEOUT = 10.0
+COPY_CHUNK = 1 << 20
 
 
 @dataclass
@@ -50,22 +68,14 @@ def output_limit(message_size: int) -> int:
     return 2 * message_size + EXTRA_OUTPUT
 
 
-def _name(cmd: str) -> str:
+def command_name(cmd: str) -> str:
     short = cmd if len(cmd) <= 60 else cmd[:57] + "..."
     return sanitize(short)
 
 
-def _argv(cmd: str, args: tuple[str, str, str], limit: int, timeout: int) -> list[str]:
-    argv = ["/bin/sh", "-c", cmd, "beforemote", *args]
-    prlimit = shutil.which("prlimit", path=HOOK_ENV["PATH"])
-    if prlimit is None:  # pragma: no cover - util-linux is always there on Debian
-        return argv
-    return [prlimit, f"--fsize={limit}", f"--cpu={timeout + 1}", f"--as={ADDRESS_SPACE}",
-            "--core=0", "--", *argv]
-
-
-def _verdict(cmd: str, status: int, stderr: bytes) -> str:
-    name = _name(cmd)
+def verdict(cmd: str, status: int, stderr: bytes) -> str:
+    """The report for a command that exited with ``status`` (minus a signal number)."""
+    name = command_name(cmd)
     said = sanitize(stderr.decode("utf-8", "replace").strip().split("\n")[0][:200])
     tail = f"\nhook said: {said}\n" if said else "\n"
     if status == 100:
@@ -77,71 +87,84 @@ def _verdict(cmd: str, status: int, stderr: bytes) -> str:
     return f"Zbefore-remote hook {name} failed (exit {status}); will retry. (#4.3.0){tail}"
 
 
-def run_one(cmd: str, args: tuple[str, str, str], stdin: BinaryIO, cwd: Path,
-            limit: int, timeout: int) -> HookResult:
-    """Run one command; its output fully collected in a temporary file."""
-    out = tempfile.TemporaryFile()
-    err = tempfile.TemporaryFile()
-    try:
-        proc = subprocess.Popen(_argv(cmd, args, limit, timeout), stdin=stdin, stdout=out,
-                                stderr=err, cwd=cwd, env=HOOK_ENV, close_fds=True,
-                                start_new_session=True)
-    except OSError as e:
-        out.close()
-        err.close()
-        return HookResult(None, f"Zbefore-remote hook {_name(cmd)} could not be started: "
-                                f"{e.strerror}. (#4.3.0)\n")
-    try:
-        status = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill(proc)
-        status = None
-    err.seek(0)
-    stderr = err.read(MAX_STDERR)
-    err.close()
-    size = out.seek(0, os.SEEK_END)
-    out.seek(0)
-    if status is None:
-        out.close()
-        return HookResult(None, f"Zbefore-remote hook {_name(cmd)} timed out; will retry. (#4.3.0)\n")
-    if size >= limit or status == 128 + signal.SIGXFSZ:
-        # prlimit's RLIMIT_FSIZE stops the writer at the bound (SIGXFSZ; a shell reports
-        # it as 128 + 25); without prlimit the size is checked here.
-        status = -signal.SIGXFSZ
-    if status != 0:
-        out.close()
-        report = _verdict(cmd, status, stderr)
-        log(f"warning: {sanitize(report[1:].strip())}")
-        return HookResult(None, report)
-    if size == 0:
-        out.close()
-        return HookResult(None, f"Zbefore-remote hook {_name(cmd)} produced no output. (#4.3.0)\n")
-    return HookResult(out)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+def _unavailable(why: str) -> HookResult:
+    log(f"warning: before-remote hook not run: sandbox {why}")
+    return HookResult(None, "Zbefore-remote hook could not be run: sandbox unavailable; "
+                            "will retry. (#4.3.0)\n")
 
 
 def run_chain(commands: tuple[str, ...], host: str, sender: str, recipient: str,
-              message: BinaryIO, message_size: int, cwd: Path, timeout: int) -> HookResult:
-    """Run every command in order; the message fd is read, never modified."""
-    limit = output_limit(message_size)
-    current: BinaryIO = message
-    for cmd in commands:
-        current.seek(0)
-        result = run_one(cmd, (host, sender, recipient), current, cwd, limit, timeout)
-        if current is not message:
-            current.close()
-        if result.output is None:
-            return result
-        current = result.output
-    current.seek(0)
-    return HookResult(current)
+              message: BinaryIO, message_size: int, root: Path, timeout: int) -> HookResult:
+    """Run every command in order, in the sandbox of the instance at ``root``; the
+    message is read (through a file description of its own), never modified."""
+    path = str(Instance(root).run / REMOTE_SOCKET)
+    request = BfrmtRequest(commands, (host, sender, recipient), float(timeout)).encode()
+    try:
+        # A file description of its own: the sandbox moves its offset, not ours.
+        fd = os.open(f"/proc/self/fd/{message.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        return _unavailable(f"not given the message: {e.strerror}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(path)
+            send_frame_fds(sock, BFRMT, request, [fd])
+            os.close(fd)
+            fd = -1
+            sock.settimeout(len(commands) * (timeout + 10) + CONNECT_TIMEOUT)
+            got = recv_frame_fds(sock, BFRMT_ANSWER, 1)
+    except (OSError, ProtocolError) as e:  # TimeoutError is an OSError
+        return _unavailable(f"{path}: {e!r}")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if got is None:
+        return _unavailable("closed the connection")
+    payload, fds = got
+    try:
+        answer = BfrmtAnswer.decode(payload)
+        if answer.report:
+            return HookResult(None, answer.report)
+        if len(fds) != 1:
+            return _unavailable("answered without the output")
+        return _private_copy(fds[0], output_limit(message_size))
+    except ProtocolError as e:
+        return _unavailable(repr(e))
+    finally:
+        for received in fds:
+            os.close(received)
+
+
+def _private_copy(fd: int, limit: int) -> HookResult:
+    """The hooks' output, copied into a file only this process has."""
+    st = os.fstat(fd)
+    size = st.st_size
+    if not stat.S_ISREG(st.st_mode) or not 0 < size < limit:
+        return _unavailable("answered with a bad output file")
+    out = tempfile.TemporaryFile()
+    try:
+        done = 0
+        while done < size:
+            n = _copy(fd, out.fileno(), done, min(COPY_CHUNK, size - done))
+            if n == 0:
+                out.close()
+                return _unavailable("output file shrank")
+            done += n
+    except OSError as e:
+        out.close()
+        return _unavailable(f"output not readable: {e.strerror}")
+    out.seek(0)
+    return HookResult(out)
+
+
+def _copy(src: int, dst: int, offset: int, count: int) -> int:
+    try:
+        return os.copy_file_range(src, dst, count, offset, offset)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src, count, offset)
+    return os.pwrite(dst, data, offset) if data else 0
 
 
 def parse_commands(text: str | None) -> tuple[str, ...]:

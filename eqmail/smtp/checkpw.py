@@ -1,84 +1,68 @@
-"""Running a checkpassword program with DJB's interface (qmail-smtpd-auth).
+"""checkpassword with DJB's interface (qmail-smtpd-auth): the listener's side.
 
 The program (argv from the listener's ``checkpassword=`` option) gets
 ``user\\0password\\0challenge\\0`` on fd 3 and says yes by exiting 0.  Anything else it
 does is its business: vchkpw-style programs and ``/bin/checkpassword`` work unchanged.
-Its environment is the session's (TCPREMOTEIP etc.) plus a PATH when the session has
-none (qmail-smtpd's run script had one; shell-script checkers need it).  Started with
-posix_spawn (a Python fork of a big process costs milliseconds), in a session of its
-own, bounded by a timeout after which its whole process group is killed.
+It runs in the plugin sandbox worker (eqmail.spp.checkpassword, user eqmailp), never in
+the listener: this module sends one ``P`` request (argv, the session's environment plus
+a PATH when it has none — qmail-smtpd's run script had one — and the fd-3 bytes,
+at most 16 KiB) over run/sandbox.sock and maps the answer.  The listener keeps what
+is policy: the 535 delay and the AUTH limiter (eqmail.authlimit).
 
 Returns ``(ok, temporary_text)``: temporary_text is the 454 text when the program could
-not run or crashed (eQmail's ``oops, ...`` replies), None otherwise.
+not run, crashed or timed out (eQmail's ``oops, ...`` replies) — and when the sandbox
+cannot be reached or does not answer in time (then the check is *not* run in the
+listener instead): None otherwise.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-
+from eqmail.log import log, sanitize
 from eqmail.smtp import replies
+from eqmail.spp.client import call
+from eqmail.spp.wire import (
+    CHECKPW,
+    CHECKPW_ANSWER,
+    MAX_CHECKPW_INPUT,
+    CheckAnswer,
+    CheckRequest,
+    CheckResult,
+    ProtocolError,
+)
 
-MAX_INPUT = 16 * 1024
+MAX_INPUT = MAX_CHECKPW_INPUT
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+ANSWER_MARGIN = 15.0  # the sandbox's kill-and-reap after the timeout, and some slack
+
+_TEMPORARY = {
+    CheckResult.CRASHED: replies.AUTH_CHILD_CRASHED.text,
+    CheckResult.TIMEOUT: replies.AUTH_CHILD_CRASHED.text,
+    CheckResult.NO_CHILD: replies.AUTH_NO_CHILD.text,
+    CheckResult.NO_PIPE: replies.AUTH_NO_PIPE.text,
+}
 
 
-async def wait_pid(pid: int, timeout: float) -> int | None:
-    """Exit code (negative signal number) of ``pid``, or None after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(pid)
-    done: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        return None
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-async def run_checkpassword(argv: tuple[str, ...], env: dict[str, str], user: bytes,
-                            password: bytes, challenge: bytes,
+async def run_checkpassword(sock_path: str, argv: tuple[str, ...], env: dict[str, str],
+                            user: bytes, password: bytes, challenge: bytes,
                             timeout: float) -> tuple[bool, str | None]:
     if not argv:
         return False, replies.AUTH_NO_CHILD.text
     data = user + b"\0" + password + b"\0" + challenge + b"\0"
-    env = dict(env)
-    env.setdefault("PATH", DEFAULT_PATH)
     if len(data) > MAX_INPUT:
         return False, None
+    env = dict(env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    request = CheckRequest(tuple(argv), env, data, float(timeout))
     try:
-        r, w = os.pipe()
-    except OSError:
-        return False, replies.AUTH_NO_PIPE.text
-    try:
-        pid = os.posix_spawnp(argv[0], list(argv), env, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            (os.POSIX_SPAWN_DUP2, r, 3),
-        ], setsid=True)
-    except OSError:
+        payload = await call(sock_path, CHECKPW, request.encode(), CHECKPW_ANSWER,
+                             timeout + ANSWER_MARGIN)
+        answer = CheckAnswer.decode(payload)
+    except (OSError, ProtocolError) as e:  # TimeoutError is an OSError
+        log(f"warning: checkpassword: sandbox {sock_path}: {e!r}")
         return False, replies.AUTH_NO_CHILD.text
-    finally:
-        os.close(r)
-    try:
-        os.write(w, data)  # far below the pipe buffer: never blocks
-    except OSError:
-        pass  # the program exited without reading: its exit code decides
-    finally:
-        os.close(w)
-    code = await wait_pid(pid, timeout)
-    if code is None:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await wait_pid(pid, 5.0)
-        return False, replies.AUTH_CHILD_CRASHED.text
-    if code < 0:
-        return False, replies.AUTH_CHILD_CRASHED.text
-    return code == 0, None
+    if answer.result is CheckResult.TIMEOUT:
+        log(f"warning: checkpassword {sanitize(argv[0])}: timed out after {timeout:g}s")
+    elif answer.result is not CheckResult.OK and answer.result is not CheckResult.FAILED:
+        log(f"warning: checkpassword {sanitize(argv[0])}: {answer.result.value} "
+            f"({answer.status})")
+    return answer.result is CheckResult.OK, _TEMPORARY.get(answer.result)

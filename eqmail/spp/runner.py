@@ -36,6 +36,7 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import select
 import signal
 import sys
 import time
@@ -56,7 +57,7 @@ from eqmail.spp.wire import Request
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "plugins"
 PRLIMIT = "/usr/bin/prlimit"
 DEFAULT_PATH = "/usr/bin:/bin"
-_SIGDEF = (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+SIGDEF = (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
            signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU, signal.SIGXFSZ)
 _ENV_NAME = re.compile(r"[^=\0]+")
 
@@ -71,6 +72,7 @@ class Limits:
     nofile: int = 64
     nproc: int | None = None
     prlimit: str | None = PRLIMIT   # None: no limits (a machine without util-linux)
+    fsize: int | None = None        # bytes a file may grow to (before-remote output)
 
     def wrap(self, argv: list[str]) -> list[str]:
         if self.prlimit is None:
@@ -79,6 +81,8 @@ class Limits:
                 f"--nofile={self.nofile}", "--core=0"]
         if self.nproc is not None:
             opts.append(f"--nproc={self.nproc}")
+        if self.fsize is not None:
+            opts.append(f"--fsize={self.fsize}")
         return [self.prlimit, *opts, "--", *argv]
 
 
@@ -102,7 +106,7 @@ def seal_fds() -> None:
                 pass  # the directory's own fd, already closed
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -226,7 +230,7 @@ class Runner:
             pid = os.posix_spawn(cmd[0], cmd, env, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, w, 1),
-            ], setsid=True, setsigdef=_SIGDEF, setsigmask=())
+            ], setsid=True, setsigdef=SIGDEF, setsigmask=())
         except OSError as e:
             os.close(r)
             exec_errors = (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR)
@@ -237,11 +241,11 @@ class Runner:
         exited = False
         try:
             data, failure = await self._collect(r, deadline)
-            exited = failure is None and await _wait_exit(pid, deadline - time.monotonic())
+            exited = failure is None and await wait_exit(pid, deadline - time.monotonic())
         finally:
-            _kill_group(pid)  # leftovers (and on failure the plugin itself); leader unreaped
+            kill_group(pid)  # leftovers (and on failure the plugin itself); leader unreaped
             if not exited:
-                await _wait_exit(pid, 5.0)  # SIGKILL is prompt; never block the loop
+                await wait_exit(pid, 5.0)  # SIGKILL is prompt; never block the loop
         if failure is None and not exited:
             failure = P.TIMEOUT
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -287,7 +291,23 @@ class Runner:
         return bytes(buf), failure
 
 
-async def _wait_exit(pid: int, timeout: float) -> bool:
+def wait_exit_blocking(pid: int, timeout: float) -> bool:
+    """:func:`wait_exit` for a thread that may block (the before-remote jobs)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            if poller.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+    finally:
+        os.close(pidfd)
+
+
+async def wait_exit(pid: int, timeout: float) -> bool:
     """True once ``pid`` has exited (left a zombie: not reaped here, so its pid and
     process group id stay reserved until the caller has killed the group)."""
     loop = asyncio.get_running_loop()

@@ -1,22 +1,47 @@
-"""The listener <-> plugin sandbox protocol on run/sandbox.sock.
+"""The protocol of the plugin sandbox's two sockets.
 
 Framing is eqmail.ipc's (a type byte, a 4-byte big-endian length, the payload) with
-this module's own bounded frame types, so ipc.MAX_FRAME needs no entry for them:
+this module's own bounded frame types, so ipc.MAX_FRAME needs no entry for them.
+
+run/sandbox.sock (mode 0600, owner eqmaild: the listeners):
 
   listener -> sandbox  ``Q`` request: JSON ``{"stage": str, "plugins": [line, ...],
                        "env": {name: value}}`` — run that section once
   sandbox -> listener  ``A`` answer: JSON of a HookOutcome (bytes as latin-1 text)
+  listener -> sandbox  ``P`` checkpassword: JSON ``{"argv": [str, ...], "env": {...},
+                       "input": latin-1 text, "timeout": seconds}`` — ``input`` is what
+                       goes to fd 3 (``user\0password\0challenge\0``, <= 16 KiB)
+  sandbox -> listener  ``p`` answer: JSON ``{"result": CheckResult value, "status": int}``
 
-One request at a time per connection; a client keeps a small pool of connections and
-runs concurrent sessions on different ones.  Strings are the session's
-surrogate-escaped str (JSON carries the lone surrogates); nothing here trusts its
-input: unknown frame types, oversized frames and bad JSON raise :class:`ProtocolError`.
+run/sandbox-remote.sock (mode 0600, owner eqmailr: the remote delivery worker):
+
+  remote -> sandbox    ``B`` before-remote chain: JSON ``{"commands": [str, ...],
+                       "args": [host, sender, recipient], "timeout": seconds}`` sent in
+                       one sendmsg with exactly one fd (SCM_RIGHTS): the message, open
+                       for reading — the sandbox's user cannot open the queue itself
+  sandbox -> remote    ``b`` answer: JSON ``{"report": str}``; report "" = success, and
+                       then exactly one fd comes with it: an unlinked temporary file
+                       holding the hooks' final output; else a ``Z``/``D`` report, no fd
+
+The sandbox decides what a request may do by the socket it came in on, never by the
+request: the listener socket serves ``Q`` and ``P`` only, the remote socket ``B`` only.
+One request at a time per connection; the listener keeps a small pool of connections
+and runs concurrent sessions on different ones, the remote worker connects per chain.
+Strings are surrogate-escaped str (JSON carries the lone surrogates); nothing here
+trusts its input: unknown frame types, oversized frames, bad JSON, missing or extra
+fds raise :class:`ProtocolError`.  Received fds are close-on-exec (MSG_CMSG_CLOEXEC).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import enum
 import json
+import math
+import os
+import socket
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +50,23 @@ from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
 
 REQUEST = b"Q"
 ANSWER = b"A"
-MAX_FRAME = {REQUEST: 1 << 20, ANSWER: 1 << 20}
+CHECKPW = b"P"
+CHECKPW_ANSWER = b"p"
+BFRMT = b"B"
+BFRMT_ANSWER = b"b"
+MAX_FRAME = {REQUEST: 1 << 20, ANSWER: 1 << 20, CHECKPW: 1 << 20, CHECKPW_ANSWER: 256,
+             BFRMT: 256 << 10, BFRMT_ANSWER: 8 << 10}
 MAX_PLUGINS = 64
+MAX_CHECKPW_INPUT = 16 * 1024  # fd 3's bytes
+MAX_ARGV = 256
+MAX_COMMANDS = 64  # before-remote commands in one chain
+MAX_REPORT = 4096
+MAX_TIMEOUT = 86400.0
 
-__all__ = ["ANSWER", "REQUEST", "ProtocolError", "Request", "decode_outcome",
-           "encode_outcome", "read_frame", "write_frame"]
+__all__ = ["ANSWER", "BFRMT", "BFRMT_ANSWER", "CHECKPW", "CHECKPW_ANSWER", "BfrmtAnswer",
+           "BfrmtRequest", "CheckAnswer", "CheckRequest", "CheckResult", "ProtocolError",
+           "REQUEST", "Request", "decode_outcome", "encode_outcome", "read_frame",
+           "read_frame_any", "recv_frame_fds", "send_frame_fds", "write_frame"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +123,201 @@ def decode_outcome(payload: bytes) -> HookOutcome:
 async def read_frame(reader: asyncio.StreamReader, expect: bytes) -> bytes:
     """The payload of the next frame, which must be of type ``expect``.
     Raises asyncio.IncompleteReadError at a clean end of stream."""
+    return (await read_frame_any(reader, (expect,)))[1]
+
+
+async def read_frame_any(reader: asyncio.StreamReader,
+                         allowed: Container[bytes]) -> tuple[bytes, bytes]:
+    """``(type, payload)`` of the next frame, whose type must be in ``allowed``."""
     kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if kind != expect or length > MAX_FRAME[expect]:
+    if kind not in allowed or kind not in MAX_FRAME or length > MAX_FRAME[kind]:
         raise ProtocolError(f"unexpected frame {kind!r} of {length} bytes")
-    return await reader.readexactly(length)
+    return kind, await reader.readexactly(length)
 
 
 def write_frame(writer: asyncio.StreamWriter, kind: bytes, payload: bytes) -> None:
     if len(payload) > MAX_FRAME[kind]:
         raise ProtocolError(f"frame {kind!r} of {len(payload)} bytes too large")
     writer.write(HEADER.pack(kind, len(payload)) + payload)
+
+
+# ---- checkpassword (listener socket) ---------------------------------------------------
+
+
+class CheckResult(enum.Enum):
+    OK = "ok"                # exit 0
+    FAILED = "failed"        # any other exit code
+    CRASHED = "crashed"      # killed by a signal (qmail-smtpd-auth: "problem with child")
+    TIMEOUT = "timeout"      # killed with its process group at the deadline
+    NO_CHILD = "no child"    # not found, not executable, or posix_spawn failed
+    NO_PIPE = "no pipe"      # the fd-3 pipe could not be made
+
+
+def _str_env(env: Any) -> dict[str, str]:
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ProtocolError("bad environment")
+    return env
+
+
+def _timeout(value: Any) -> float:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT):
+        raise ProtocolError("bad timeout")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    input: bytes  # fd 3
+    timeout: float
+
+    def encode(self) -> bytes:
+        return json.dumps({"argv": list(self.argv), "env": self.env,
+                           "input": self.input.decode("latin-1"),
+                           "timeout": self.timeout}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CheckRequest:
+        try:
+            obj = json.loads(payload)
+            argv, env, data, timeout = obj["argv"], obj["env"], obj["input"], obj["timeout"]
+            raw = data.encode("latin-1")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ProtocolError(f"bad checkpassword request: {e}") from None
+        if (not isinstance(argv, list) or not 0 < len(argv) <= MAX_ARGV
+                or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]
+                or len(raw) > MAX_CHECKPW_INPUT):
+            raise ProtocolError("bad checkpassword request")
+        return cls(tuple(argv), _str_env(env), raw, _timeout(timeout))
+
+
+@dataclass(frozen=True)
+class CheckAnswer:
+    result: CheckResult
+    status: int = 0  # exit code, or minus the signal number
+
+    def encode(self) -> bytes:
+        return json.dumps({"result": self.result.value, "status": self.status}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> CheckAnswer:
+        try:
+            obj = json.loads(payload)
+            status = obj["status"]
+            if not isinstance(status, int):
+                raise TypeError("status")
+            return cls(CheckResult(obj["result"]), status)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"bad checkpassword answer: {e}") from None
+
+
+# ---- before-remote (remote socket) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BfrmtRequest:
+    commands: tuple[str, ...]
+    args: tuple[str, str, str]  # host, sender, recipient: $1 $2 $3
+    timeout: float              # per command
+
+    def encode(self) -> bytes:
+        return json.dumps({"commands": list(self.commands), "args": list(self.args),
+                           "timeout": self.timeout}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> BfrmtRequest:
+        try:
+            obj = json.loads(payload)
+            commands, args, timeout = obj["commands"], obj["args"], obj["timeout"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"bad before-remote request: {e}") from None
+        if (not isinstance(commands, list) or not 0 < len(commands) <= MAX_COMMANDS
+                or not all(isinstance(c, str) and c and "\0" not in c for c in commands)
+                or not isinstance(args, list) or len(args) != 3
+                or not all(isinstance(a, str) and "\0" not in a for a in args)):
+            raise ProtocolError("bad before-remote request")
+        return cls(tuple(commands), (args[0], args[1], args[2]), _timeout(timeout))
+
+
+@dataclass(frozen=True)
+class BfrmtAnswer:
+    report: str  # "" = the output fd comes with the answer; else qmail-remote's Z/D text
+
+    def encode(self) -> bytes:
+        return json.dumps({"report": self.report}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> BfrmtAnswer:
+        try:
+            report = json.loads(payload)["report"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"bad before-remote answer: {e}") from None
+        if not isinstance(report, str) or len(report) > MAX_REPORT or (
+                report and (report[0] not in "ZD" or not report.endswith("\n")
+                            or "\0" in report)):
+            raise ProtocolError("bad before-remote answer")
+        return cls(report)
+
+
+# ---- frames with fds (blocking sockets: the remote worker's threads, the sandbox's) ---
+
+
+def send_frame_fds(sock: socket.socket, kind: bytes, payload: bytes,
+                   fds: Sequence[int] = ()) -> None:
+    """One frame; ``fds`` ride on its first byte (one sendmsg)."""
+    if len(payload) > MAX_FRAME[kind]:
+        raise ProtocolError(f"frame {kind!r} of {len(payload)} bytes too large")
+    data = HEADER.pack(kind, len(payload)) + payload
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+_FD = array.array("i")
+
+
+def _recv_exactly(sock: socket.socket, n: int, fds: list[int], max_fds: int,
+                  eof_ok: bool = False) -> bytes:
+    """``n`` bytes; b"" when ``eof_ok`` and the stream ends before the first byte."""
+    buf = bytearray()
+    while len(buf) < n:
+        # Not socket.recv_fds: Python 3.11's drops its flags argument, and a received
+        # fd without close-on-exec would leak into every hook started after it.
+        data, ancdata, flags, _ = sock.recvmsg(
+            n - len(buf), socket.CMSG_SPACE((max_fds + 1) * _FD.itemsize),
+            socket.MSG_CMSG_CLOEXEC)
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
+                fds.extend(got)
+        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+            raise ProtocolError("too many file descriptors")
+        if not data:
+            if not buf and eof_ok:
+                return b""
+            raise ProtocolError("truncated frame")
+        buf += data
+    return bytes(buf)
+
+
+def recv_frame_fds(sock: socket.socket, expect: bytes,
+                   max_fds: int) -> tuple[bytes, list[int]] | None:
+    """The payload of the next frame (type ``expect``) and the fds that came with it;
+    None at a clean end of stream.  On any error the fds received are closed."""
+    fds: list[int] = []
+    try:
+        header = _recv_exactly(sock, HEADER.size, fds, max_fds, eof_ok=True)
+        if not header:
+            return None
+        kind, length = HEADER.unpack(header)
+        if kind != expect or length > MAX_FRAME[expect]:
+            raise ProtocolError(f"unexpected frame {kind!r} of {length} bytes")
+        return _recv_exactly(sock, length, fds, max_fds), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise

@@ -144,6 +144,11 @@ class Supervisor:
         d = self.ids["daemon"]
         self.sandbox_sock = bind_unix(self.instance.run / "sandbox.sock", 0o600,
                                       (d.uid, d.gid) if self.ids.privileged else None)
+        # ... and only the remote delivery worker (eqmailr) may ask it for before-remote
+        # commands, on a socket of their own (the sandbox tells requests apart by socket)
+        r = self.ids["remote"]
+        self.sandbox_remote_sock = bind_unix(self.instance.run / "sandbox-remote.sock", 0o600,
+                                             (r.uid, r.gid) if self.ids.privileged else None)
         spp = self.instance.root / "spp"  # state the shipped plugins keep (greylisting)
         spp.mkdir(exist_ok=True)
         os.chmod(spp, 0o700)
@@ -198,8 +203,9 @@ class Supervisor:
                    extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
             *remote,
             Worker("sandbox", "plugin sandbox", _entry("sandbox"), "plugin",
-                   extra={"socket_fd": self.sandbox_sock.fileno()},
-                   keep_fds=(self.sandbox_sock.fileno(),)),
+                   extra={"socket_fd": self.sandbox_sock.fileno(),
+                          "remote_socket_fd": self.sandbox_remote_sock.fileno()},
+                   keep_fds=(self.sandbox_sock.fileno(), self.sandbox_remote_sock.fileno())),
             Worker("scanner", "scanner", _entry("scanner"), "send",
                    extra={**scanner_extra, "control_fd": self.scanner_sock.fileno()},
                    keep_fds=(self.scanner_sock.fileno(),)),
@@ -434,8 +440,9 @@ class Supervisor:
         self.stop_phase = 0
         self._stop_step()
 
-    STOP_ORDER = (("listener", "watcher"), ("scanner", "sandbox"),
-                  ("local", "remote", "queuewriter"), ("logger",))
+    # The sandbox stops after the remote worker, whose deliveries may still need it.
+    STOP_ORDER = (("listener", "watcher"), ("scanner",),
+                  ("local", "remote", "queuewriter"), ("sandbox",), ("logger",))
 
     def _stop_step(self) -> None:
         while self.stop_phase < len(self.STOP_ORDER):
@@ -597,7 +604,9 @@ WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
                 "concurrencyremote", "queuelifetime"),
     "local": ("me", "assign", "defaultdelivery", "concurrencylocal"),
     "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
-               "concurrencyremote", "locals"),
+               "concurrencyremote", "locals", "beforemote", "tlsclientciphers", "clientcert",
+               "tlshosts", "tlshosts_exhaustive", "notlshosts"),
+    "sandbox": ("spptimeout",),
 }
 
 

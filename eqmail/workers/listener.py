@@ -10,7 +10,7 @@ Concurrency is tcpserver's ``-c``: at most ``concurrency`` sessions per listener
 connection over the limit waits in the kernel's accept queue until a slot is free and
 is then served.  Every read and write is bounded by timeoutsmtpd
 (``451 timeout (#4.4.2)``).  TLS (STARTTLS, SMTPS) is done here with the session's
-upgrade point; checkpassword runs as a child process with the DJB fd-3 interface.
+upgrade point; checkpassword (DJB fd-3 interface) runs in the plugin sandbox worker.
 Failed AUTHs are counted per client address (eqmail.authlimit, control/authlimit): the
 535 comes after a growing delay, and an address over the limit gets a 454 without its
 password being checked.
@@ -298,9 +298,10 @@ class Connection:
             # The checker is not run at all: a locked-out guesser learns nothing.
             log(f"qmail-smtpd: auth refused (too many failures): {who}")
             return self.session.auth_result(False, LOCKED_TEXT)
+        # The program runs in the plugin sandbox; the delay and the limiter stay here.
         ok, temporary = await run_checkpassword(
-            self.l.spec.checkpassword, dict(self.session.env), action.user, action.password,
-            action.challenge, timeout=self.l.timeout)
+            self.l.sandbox_sock, self.l.spec.checkpassword, dict(self.session.env),
+            action.user, action.password, action.challenge, timeout=self.l.timeout)
         if ok:
             log(f"qmail-smtpd: auth ok: {who}")
         elif temporary is not None:

@@ -5,8 +5,10 @@ network: two network namespaces made by the test ("client", where the worker run
 "peer", where the receivers listen), joined by a veth pair.  The worker's own addresses
 are 127.0.0.1, ::1, 10.99.0.1 and fd99::1; receivers are at 10.99.0.2-9 and fd99::2-9,
 port 25, so qmail's "am I an MX" rule sees them as other hosts.  The smarthost test uses
-``[::1]:port`` inside the client namespace (a route skips that rule).  Needs root
-(namespaces); nothing leaves the machine.
+``[::1]:port`` inside the client namespace (a route skips that rule).  Before-remote
+hooks run where production runs them: in a sandbox worker (its own entry point, as a
+subprocess) serving the instance's run/sandbox-remote.sock.  Needs root (namespaces);
+nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 from dnsserver import DnsServer
 from smtpsink import Script, SmtpSink, mint
+from spp_harness import Sandbox
 
 from eqmail.ipc import frame, recv_frame
 
@@ -136,6 +139,7 @@ class Worker:
     root: Path
     proc: subprocess.Popen[bytes]
     sock: socket.socket
+    sandbox: Sandbox
     slot: int = 0
 
     def deliver(self, msgid: int, sender: str, recipients: list[str], wait: float = 20,
@@ -179,6 +183,7 @@ def start_worker(net: Net, tmp_path: Path) -> Iterator:
             path = root / "control" / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        sandbox = Sandbox(root, remote=True).start()  # the before-remote hooks run there
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(root / "remote.sock"))
         listener.listen(4)
@@ -192,7 +197,7 @@ def start_worker(net: Net, tmp_path: Path) -> Iterator:
         os.close(ready_r)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(root / "remote.sock"))
-        w = Worker(root, proc, sock)
+        w = Worker(root, proc, sock, sandbox)
         workers.append(w)
         return w
 
@@ -201,6 +206,8 @@ def start_worker(net: Net, tmp_path: Path) -> Iterator:
         w.sock.close()
         w.proc.terminate()
         w.proc.wait(10)
+        log = w.sandbox.stop()
+        assert "Traceback" not in log, log
 
 
 @pytest.fixture
@@ -350,6 +357,17 @@ def test_failing_hook_defers_and_sends_nothing(start_worker, sinks) -> None:  # 
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@plain.test"])
     assert report == "Zbefore-remote hook head -c 10; exit 111 failed (exit 111); will retry. (#4.3.0)\n"
     assert sink.connections == 0
+
+
+def test_hook_never_runs_in_the_remote_worker(start_worker, sinks) -> None:  # type: ignore[no-untyped-def]
+    sink = sinks("10.99.0.7")
+    w = start_worker({"beforemote": "touch ran; cat\n"})
+    w.sandbox.stop()  # no sandbox: deferred, not run here instead, nothing sent
+    (w.root / "run" / "sandbox-remote.sock").unlink()
+    (report,) = w.deliver(write_message(w), "s@client.test", ["u@plain.test"])
+    assert report == ("Zbefore-remote hook could not be run: sandbox unavailable; "
+                      "will retry. (#4.3.0)\n")
+    assert sink.connections == 0 and not (w.root / "ran").exists()
 
 
 def test_dns_failures_reach_the_report(start_worker) -> None:  # type: ignore[no-untyped-def]

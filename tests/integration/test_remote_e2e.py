@@ -3,16 +3,22 @@
 Two real instances on loopback: A sends, B receives with its SMTP listener.  A routes
 ``remote.example`` to B with control/smtproutes (``[127.0.0.1]:PORT``).  What a user
 sees is checked: the message in B's Maildir, the QSBMF bounce with the remote text in
-the sender's Maildir, a deferral that is delivered after the receiver comes back.
+the sender's Maildir, a deferral that is delivered after the receiver comes back, a
+before-remote hook run by A's plugin sandbox (as eqmailp, without access to A's queue).
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import pwd
 import time
 from collections.abc import Iterator
 
 import pytest
 from harness import Instance, free_port
+
+from eqmail.supervisor import main as supervisor_main
 
 RECEIVER_DOMAIN = "remote.example"
 
@@ -89,4 +95,27 @@ def test_temporary_failure_is_retried_and_delivered(pair: tuple[Instance, Instan
     sender.ctl("queue", "flush")  # qmail-tcpok + ALRM: retry now
     files = receiver.wait_for_mail(1, timeout=30)
     assert b"Subject: deferred" in files[0].read_bytes()
+    sender.wait_queue_empty()
+
+
+SUPERVISOR_BINDS_REMOTE_SANDBOX = "sandbox-remote.sock" in inspect.getsource(supervisor_main)
+HOOK = ("ls queue/mess >/dev/null 2>&1 && echo 'X-Queue: readable'; "
+        "printf 'X-Hook: %s %s %s as %s\\n' \"$1\" \"$2\" \"$3\" \"$(id -un)\"; cat")
+
+
+@pytest.mark.skipif(not SUPERVISOR_BINDS_REMOTE_SANDBOX,
+                    reason="the supervisor does not bind run/sandbox-remote.sock yet")
+def test_before_remote_hook_runs_in_the_sandbox(pair: tuple[Instance, Instance, int]) -> None:
+    sender, receiver, _ = pair
+    sender.write_control("beforemote", HOOK + "\n")
+    receiver.start()
+    sender.start()
+    _send(sender, f"testuser@{RECEIVER_DOMAIN}", "hooked")
+    data = receiver.wait_for_mail(1)[0].read_bytes()
+    user = "eqmailp" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    assert (f"X-Hook: {RECEIVER_DOMAIN} testuser@mx.test.example testuser@{RECEIVER_DOMAIN} "
+            f"as {user}\n").encode() in data
+    assert b"Subject: hooked" in data
+    if os.geteuid() == 0:  # the sandbox's user gets the message as an fd, not the queue
+        assert b"X-Queue:" not in data
     sender.wait_queue_empty()

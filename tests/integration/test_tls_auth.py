@@ -48,9 +48,17 @@ PASSWORD = "Secret1"
 FOREIGN = "someone@remote.example"
 TIMEOUTSMTPD = 4
 AUTH_DELAY = 0.3
+
+# Where and how checkpassword runs (for connections from 127.0.0.23): its user, the fds
+# it has, its cwd; printed to the log, and the check fails.
+WHOAMI = ('import os, pwd, sys; u = pwd.getpwuid(os.getuid()).pw_name; '
+          'fds = [str(fd) for fd in range(1024) if os.path.exists("/dev/fd/%d" % fd)]; '
+          'print("checkpassword ran as", u, "with fds", *fds, "in", os.getcwd(), file=sys.stderr); '
+          'sys.exit(1)')
 SHELL_CHECKER = f"""#!/bin/sh
 # DJB's checkpassword interface, as an admin writes one: fd 3 carries
 # user NUL password NUL challenge NUL; exit 0 = yes, then run the rest of argv.
+[ "$TCPREMOTEIP" = 127.0.0.23 ] && exec /usr/bin/python3 -S -c '{WHOAMI}'
 input=$(tr '\\0' '\\n' <&3)
 user=$(printf '%s\\n' "$input" | sed -n 1p)
 pass=$(printf '%s\\n' "$input" | sed -n 2p)
@@ -418,6 +426,19 @@ def test_crashing_checkpassword_gets_454(world: World) -> None:
                 "--auth", "PLAIN", "--auth-user", "crash", "--auth-password", "x",
                 "--to", FOREIGN, "--quit-after", "AUTH")
     assert got(out, "454 oops, problem with child and I can't auth (#4.3.0)"), out
+
+
+def test_checkpassword_runs_in_the_plugin_sandbox(world: World) -> None:
+    out = swaks(*server_args("127.0.0.1", world.ports["smtp"]), "--local-interface", "127.0.0.23",
+                "--auth", "PLAIN", "--auth-user", "alice", "--auth-password", PASSWORD,
+                "--to", FOREIGN, "--quit-after", "AUTH")
+    assert got(out, "535 authentication failed (#5.7.1)"), out
+    deadline = time.monotonic() + 5
+    while "checkpassword ran as" not in world.inst.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [ln for ln in world.inst.log().splitlines() if "checkpassword ran as" in ln]
+    # eqmailp, not the listener's eqmaild; only fds 0-3; in the instance root
+    assert line.endswith(f"checkpassword ran as eqmailp with fds 0 1 2 3 in {world.inst.root}"), line
 
 
 def test_smtplib_starttls_login_on_submission(world: World) -> None:

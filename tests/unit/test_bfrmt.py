@@ -1,17 +1,35 @@
-"""eqmail.delivery.bfrmt: the before-remote hook chain, its bounds and its verdicts."""
+"""eqmail.delivery.bfrmt: the before-remote hook chain, its bounds and its verdicts.
+
+The chain runs where production runs it: in a sandbox worker (its own entry point, in a
+subprocess, serving ``<root>/run/sandbox-remote.sock`` for the instance root
+``tmp_path``), reached through :func:`eqmail.delivery.bfrmt.run_chain` with the message
+passed as an fd."""
 
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from spp_harness import Sandbox
 
 from eqmail.delivery import bfrmt
 
 MESSAGE = b"Subject: hi\n\nbody\n"
+
+
+@pytest.fixture(autouse=True)
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test.example\n")
+    sb = Sandbox(tmp_path, remote=True).start()
+    yield sb
+    log = sb.stop()
+    assert "Traceback" not in log, log
 
 
 def run(commands: list[str], tmp: Path, sender: str = "s@x.test", timeout: int = 5,
@@ -85,3 +103,34 @@ def test_parse_commands() -> None:
     assert bfrmt.parse_commands("# signer\n\n dkimsign x \nexec cat\n") == ("dkimsign x", "exec cat")
     assert bfrmt.parse_commands(None) == ()
     assert isinstance(io.BytesIO(), io.BufferedIOBase)
+
+
+def test_message_goes_as_an_fd_and_is_left_alone(tmp_path: Path) -> None:
+    big = b"Subject: big\n\n" + b"x" * 999 + b"\n"
+    big *= 3000  # 3 MB: never in one frame
+    f = tempfile.TemporaryFile()
+    f.write(big)
+    f.seek(123)
+    res = bfrmt.run_chain(("cat",), "y.test", "s@x.test", "r@y.test", f, len(big), tmp_path, 5)
+    assert res.output is not None
+    assert res.output.read() == big
+    assert f.tell() == 123  # the sandbox read through a file description of its own
+    f.seek(0)
+    assert f.read() == big
+
+
+def test_hook_sees_no_other_fd(tmp_path: Path) -> None:
+    fds = "import os; print(*[fd for fd in range(1024) if os.path.exists(f\"/dev/fd/{fd}\")])"
+    res = run([f"cat; exec /usr/bin/python3 -S -c '{fds}'"], tmp_path)
+    assert res.output is not None
+    assert res.output.read() == MESSAGE + b"0 1 2\n"
+
+
+def test_unreachable_sandbox_defers_and_runs_nothing(tmp_path: Path, sandbox: Sandbox) -> None:
+    sandbox.stop()
+    os.unlink(tmp_path / "run" / "sandbox-remote.sock")
+    res = run(["touch ran; cat"], tmp_path)
+    assert res.output is None
+    assert res.report == ("Zbefore-remote hook could not be run: sandbox unavailable; "
+                          "will retry. (#4.3.0)\n")
+    assert not (tmp_path / "ran").exists()
