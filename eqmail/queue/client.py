@@ -135,6 +135,11 @@ class AsyncQueueClient:
     with the envelope.  ``abandon`` drops the connection so the writer removes the
     half-written message."""
 
+    # Idle connections kept for the next session of this process (a connect per SMTP
+    # session was a visible cost under load); only between messages, never mid-message.
+    _idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    MAX_IDLE = 64
+
     def __init__(self, root: Path, role: str = "network") -> None:
         self.root = root
         self.role = role
@@ -143,8 +148,24 @@ class AsyncQueueClient:
         self.broken = False
 
     async def _connect(self) -> None:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                self.reader, self.writer = reader, writer
+                return
+            writer.close()
         self.reader, self.writer = await asyncio.open_unix_connection(str(Instance(self.root).queue_socket))
         self.writer.write(frame(b"H", self.role.encode()))
+
+    def release(self) -> None:
+        """The session is over and no message is in flight: keep the connection."""
+        if self.writer is None or self.reader is None:
+            return
+        if self.broken or self.writer.is_closing() or len(self._idle) >= self.MAX_IDLE:
+            self.writer.close()
+        else:
+            self._idle.append((self.reader, self.writer))
+        self.reader = self.writer = None
 
     async def write(self, data: bytes) -> None:
         if self.broken:

@@ -187,7 +187,9 @@ class Connection:
         await self._perform(self.session.start())
         while not self.closed and not self.session.closed:
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.l.timeout)
+                # asyncio.timeout, not wait_for: no extra task per read on the hot path
+                async with asyncio.timeout(self.l.timeout):
+                    data = await self.reader.read(READ_SIZE)
             except TimeoutError:
                 await self._timeout()
                 return
@@ -273,7 +275,10 @@ class Connection:
 
     async def _drain(self) -> None:
         try:
-            await asyncio.wait_for(self.writer.drain(), self.l.timeout)
+            if self.writer.transport.get_write_buffer_size() == 0:
+                return  # nothing queued: the usual case, no need to wait
+            async with asyncio.timeout(self.l.timeout):
+                await self.writer.drain()
         except (OSError, TimeoutError):
             self.closed = True
 
@@ -338,9 +343,9 @@ class Connection:
     async def cleanup(self) -> None:
         if self.queue is not None:
             if self.message is not None:
-                await self.queue.abandon()
+                await self.queue.abandon()  # the writer removes the half-written message
             else:
-                await self.queue.abandon()
+                self.queue.release()
         try:
             self.writer.close()
         except OSError:
