@@ -24,8 +24,13 @@ DEFAULT_DATABYTES = 52428800  # 50 MB: finite on purpose (docs/compatibility.md)
 
 
 def default_me() -> str:
+    """This host's fully qualified name.  A name without a dot gets ``.localdomain``:
+    qmail-inject appends defaultdomain to dotless hosts, so a bare ``me`` would never
+    match itself in locals."""
     name = socket.getfqdn()
-    return name if name and name != "localhost" else socket.gethostname()
+    if not name or name == "localhost":
+        name = socket.gethostname()
+    return name if "." in name else f"{name}.localdomain"
 
 
 def _write_control(path: Path, text: str, force: bool, report: list[str]) -> None:

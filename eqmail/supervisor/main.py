@@ -318,10 +318,15 @@ class Supervisor:
         return 0
 
     def poll(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
+        events = self.sel.select(timeout)
+        # Signals first: a worker that exits because the whole group got a signal must
+        # be seen as stopping, not as a crash to restart.
+        events.sort(key=lambda ev: ev[0].data[0] != "signal")
+        for key, _ in events:
             kind, obj = key.data
             if kind == "signal":
                 self._drain_signals()
+                self._handle_signals()
             elif kind == "ready":
                 self._on_ready(obj)
             elif kind == "exit":

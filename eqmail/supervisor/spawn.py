@@ -49,6 +49,9 @@ def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]
                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # socket writes report EPIPE instead
+    # Ctrl-C in a terminal reaches the whole process group: only the supervisor acts on
+    # it (a graceful stop in order); a worker must not die mid-commit or mid-delivery.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM sent meanwhile acts now
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

@@ -435,7 +435,6 @@ def run(ctx: WorkerContext) -> int:
     listener = Listener(ctx, spec)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     os.umask(0o077)
     ctx.ready()
     loop.run_until_complete(_accept_loop(listener, sock, stop))

@@ -292,6 +292,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # not ignored in the user's programs
     try:
         if os.geteuid() == 0:
             drop_to(user.uid, user.gid)

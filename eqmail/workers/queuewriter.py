@@ -252,7 +252,6 @@ def run(ctx: WorkerContext) -> int:
     sock = socket.socket(fileno=ctx.extra["socket_fd"])  # bound by the supervisor
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
 
     async def main() -> None:
         srv = await loop.create_unix_server(lambda: QueueProtocol(server), sock=sock)

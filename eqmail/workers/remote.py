@@ -511,6 +511,5 @@ def _open(job: Job, dest: Destination) -> SmtpSession | None:
 def run(ctx: WorkerContext) -> int:
     worker = RemoteWorker(ctx)
     signal.signal(signal.SIGTERM, worker.on_term)
-    signal.signal(signal.SIGINT, worker.on_term)
     threading.current_thread().name = "remote-main"
     return worker.serve()

@@ -322,7 +322,6 @@ def run(ctx: WorkerContext) -> int:
     drain = max(1, len(ctx.controls.beforemote)) * (ctx.controls.timeoutremote + 5) + 5
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.run_until_complete(serve(runner, sock, stop, ctx.ready, remote=remote,
                                   remote_drain=drain))
     return 0

@@ -296,7 +296,7 @@ class Scanner:
 
     # ---------------------------------------------------------- main loop
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGALRM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self._start_watchdog()
         self._open_trigger()
@@ -410,7 +410,7 @@ class Scanner:
             self._open_trigger()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == signal.SIGTERM:
             self.stopping = True
         elif signum == signal.SIGALRM:
             self.manager.flush()
