@@ -12,10 +12,19 @@ A name absent from the zone is NXDOMAIN; a present name without the asked type i
 empty NOERROR answer.  In-zone CNAMEs are chased in the answer like a real
 authoritative server does.  Answers too big for UDP are sent truncated (TC), so the
 client retries over TCP.  Binds port 0 on the given address and reports the port.
+
+A name may also map to ``"GARBAGE"`` (answered with a malformed message), and the whole
+server can misbehave: ``server.behaviour = Behaviour.SILENT`` (it reads every query and
+never answers, like a dead or firewalled resolver) or ``Behaviour.GARBAGE`` (every answer
+is broken: random bytes, a bare header, a record with a bad length, the wrong question,
+a truncated message — in turn, see :func:`garbage`).  The behaviour can be changed while
+the server runs.
 """
 
 from __future__ import annotations
 
+import enum
+import random
 import socket
 import struct
 import threading
@@ -34,6 +43,57 @@ import dns.rrset
 Zone = dict[str, Any]
 
 
+class Behaviour(enum.Enum):
+    NORMAL = "normal"
+    SILENT = "silent"    # never answers
+    GARBAGE = "garbage"  # answers every query with a broken message
+
+
+GARBAGE_KINDS = 6
+
+
+def garbage(query: bytes, kind: int, rng: random.Random) -> bytes:
+    """A broken answer to ``query`` (wire bytes); ``kind`` picks how it is broken."""
+    qid = query[:2] if len(query) >= 2 else b"\0\0"
+    kind %= GARBAGE_KINDS
+    if kind == 0:  # noise, not even a header
+        return rng.randbytes(rng.randint(1, 11))
+    if kind == 1:  # right id, response bit, then noise claiming many records
+        return qid + b"\x81\x80" + b"\x00\x01\xff\xff\xff\xff\x00\x00" + rng.randbytes(40)
+    if kind == 2:  # the question echoed, then an A record whose RDLENGTH lies
+        question = query[12:] if len(query) > 12 else b"\x00\x00\x01\x00\x01"
+        return (qid + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question
+                + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x09\x7f\x00\x00")
+    if kind == 3:  # an answer to a different question
+        other = dns.message.make_query("garbage.invalid.", "A")
+        other.id = int.from_bytes(qid, "big")
+        resp = dns.message.make_response(other)
+        resp.answer.append(dns.rrset.from_text("garbage.invalid.", 60, "IN", "A", "192.0.2.66"))
+        return resp.to_wire()
+    if kind == 4:  # a valid answer cut in the middle
+        try:
+            q = dns.message.from_wire(query)
+            resp = dns.message.make_response(q)
+            resp.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "TXT",
+                                                   '"' + "x" * 200 + '"'))
+            wire = resp.to_wire()
+            return wire[: len(wire) // 2]
+        except dns.exception.DNSException:
+            return qid
+    # a compression pointer loop in the answer's owner name
+    return qid + b"\x81\x80\x00\x00\x00\x01\x00\x00\x00\x00" + b"\xc0\x0c\x00\x01\x00\x01"
+
+
+def _truncated(query: bytes) -> bytes | None:
+    """An empty answer with TC set: "ask me again over TCP"."""
+    try:
+        resp = dns.message.make_response(dns.message.from_wire(query))
+    except dns.exception.DNSException:
+        return None
+    resp.flags |= dns.flags.TC
+    return resp.to_wire()
+
+
 class DnsServer:
     def __init__(self, zone: Zone, host: str = "127.0.0.1") -> None:
         self.zone = {k.lower().rstrip("."): v for k, v in zone.items()}
@@ -42,6 +102,10 @@ class DnsServer:
         self.queries: list[tuple[str, str]] = []
         self.stopping = False
         self.threads: list[threading.Thread] = []
+        self.behaviour = Behaviour.NORMAL
+        self.garbage_sent = 0
+        self.udp_garbage_then_tc = False
+        self._rng = random.Random(8)
 
     # ------------------------------------------------------------ answers
     def _records(self, name: str, rdtype: str) -> list[str]:
@@ -114,6 +178,19 @@ class DnsServer:
         return port
 
     def _reply_wire(self, data: bytes, limit: int | None) -> bytes | None:
+        if self.behaviour is Behaviour.SILENT:
+            self._note(data)
+            return None
+        if self.behaviour is Behaviour.GARBAGE or self._wants_garbage(data):
+            self._note(data)
+            self.garbage_sent += 1
+            if limit is not None:
+                # A resolver drops a malformed UDP answer and keeps waiting (that is only
+                # a timeout): send the garbage, then a truncated answer, so that it asks
+                # again over TCP and has to parse the garbage it gets there.
+                self.udp_garbage_then_tc = True
+                return garbage(data, self.garbage_sent, self._rng)
+            return garbage(data, self.garbage_sent, self._rng)
         try:
             query = dns.message.from_wire(data)
         except dns.exception.DNSException:
@@ -131,15 +208,36 @@ class DnsServer:
             resp.flags |= dns.flags.TC
             return resp.to_wire()
 
+    def _note(self, data: bytes) -> None:
+        """Record a query the server will not answer properly (for assertions)."""
+        try:
+            q = dns.message.from_wire(data).question[0]
+            self.queries.append((q.name.to_text(omit_final_dot=True).lower(),
+                                 dns.rdatatype.to_text(q.rdtype)))
+        except (dns.exception.DNSException, IndexError):
+            self.queries.append(("?", "?"))
+
+    def _wants_garbage(self, data: bytes) -> bool:
+        try:
+            q = dns.message.from_wire(data).question[0]
+        except (dns.exception.DNSException, IndexError):
+            return False
+        return self.zone.get(q.name.to_text(omit_final_dot=True).lower()) == "GARBAGE"
+
     def _serve_udp(self) -> None:
         while not self.stopping:
             try:
                 data, addr = self.udp.recvfrom(65535)
             except OSError:
                 return
+            self.udp_garbage_then_tc = False
             wire = self._reply_wire(data, limit=512)
             if wire is not None:
                 self.udp.sendto(wire, addr)
+            if self.udp_garbage_then_tc:
+                tc = _truncated(data)
+                if tc is not None:
+                    self.udp.sendto(tc, addr)
 
     def _serve_tcp(self) -> None:
         while not self.stopping:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,3 +331,81 @@ class QmailTree:
 
     def destroy(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- shared helpers for fault tests
+
+QUEUE_DIRS = ("pid", "mess", "intd", "todo", "info", "local", "remote", "bounce")
+
+
+def poll(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition",
+         inst: Instance | None = None, interval: float = 0.05) -> object:
+    """Call ``cond`` until it returns something true (returned) or ``timeout`` passes
+    (AssertionError naming ``what``, with the instance's log when given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"\n--- log:\n{inst.log()[-8000:]}" if inst else ""))
+        time.sleep(interval)
+
+
+def queue_files(inst: Instance) -> list[str]:
+    """Every file in the instance's queue directories, relative to queue/ (lock/ aside)."""
+    q = inst.root / "queue"
+    out = []
+    for name in QUEUE_DIRS:
+        for dirpath, _dirs, files in os.walk(q / name):
+            out += [os.path.relpath(os.path.join(dirpath, f), q) for f in files]
+    return sorted(out)
+
+
+def proc_children(pid: int) -> list[tuple[int, bytes]]:
+    """(pid, cmdline) of the live (non-zombie) children of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append((int(entry), cmd))
+    return out
+
+
+def proc_dead(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def worker_pids(inst: Instance, title: str) -> list[int]:
+    """Pids of the supervisor's children whose process title starts with ``title``
+    (``"eqmail: listener"``, ``"eqmail: queue writer"``...)."""
+    sup = inst.supervisor_pid()
+    if sup is None:
+        return []
+    return [pid for pid, cmd in proc_children(sup) if cmd.startswith(title.encode())]
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

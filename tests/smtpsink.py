@@ -4,7 +4,8 @@
 so tests can place it at 127.0.0.x, ::1 or inside a namespace of their own) and serves
 each connection in a thread.  The script says what to answer at each stage, whether to
 offer STARTTLS (or speak TLS at once, port-465 style), to require AUTH LOGIN, to hang
-(never answer) or to drop the connection in the middle of DATA.  Every transaction is
+(never answer), to drop the connection in the middle of DATA or right after the final
+dot, or to send raw bytes (multi-line garbage) instead of a reply.  Every transaction is
 recorded: HELO name, MAIL FROM line, RCPT addresses, the data as received (CRLF, still
 dot-stuffed, without the final dot), TLS yes/no, the authenticated user.
 
@@ -54,6 +55,14 @@ class Script:
     final: str = "250 ok 1234 qp 5"
     hang_at: str = ""  # "banner", "mail", "final": stop answering there
     drop_in_data: bool = False
+    # Drop the connection after the final dot without answering it: the message was
+    # received whole (recorded in SmtpSink.unanswered), the client cannot know that.
+    drop_after_dot: bool = False
+    # Raw bytes sent *instead of* the normal reply at a stage ("banner", "ehlo",
+    # "mail", "rcpt", "data", "final"), e.g. multi-line garbage; the dialogue then goes
+    # on as if the normal reply had been sent.  Data answered with raw bytes at "final"
+    # is recorded in ``unanswered`` too (the client may not have taken it as accepted).
+    raw: dict[str, bytes] = field(default_factory=dict)
 
 
 class SmtpSink:
@@ -61,6 +70,8 @@ class SmtpSink:
                  key: Path | None = None) -> None:
         self.script = script or Script()
         self.transactions: list[Transaction] = []
+        # Messages received whole but never (properly) answered: drop_after_dot, raw "final".
+        self.unanswered: list[Transaction] = []
         self.connections = 0
         self.sockets: list[socket.socket] = []
         self.stopping = False
@@ -113,6 +124,14 @@ class SmtpSink:
         finally:
             io.close()
 
+    def _reply(self, io: _LineIO, stage: str, normal: str) -> None:
+        """The normal reply, or the script's raw bytes for this stage."""
+        raw = self.script.raw.get(stage)
+        if raw is not None:
+            io.conn.sendall(raw)
+        else:
+            io.send(normal)
+
     def _hang(self, io: _LineIO) -> None:
         while not self.stopping and io.readline(timeout=0.2, allow_timeout=True) != b"":
             pass
@@ -121,7 +140,7 @@ class SmtpSink:
         sc = self.script
         if sc.hang_at == "banner":
             return self._hang(io)
-        io.send(sc.banner)
+        self._reply(io, "banner", sc.banner)
         tr = Transaction(peer=peer, tls=io.tls)
         while True:
             line = io.readline()
@@ -134,7 +153,7 @@ class SmtpSink:
                 if verb == "EHLO" and not sc.ehlo:
                     io.send("502 no EHLO here")
                     continue
-                io.send(self._ehlo_reply(io) if verb == "EHLO" else "250 sink.test")
+                self._reply(io, "ehlo", self._ehlo_reply(io) if verb == "EHLO" else "250 sink.test")
             elif verb == "STARTTLS" and sc.starttls and not io.tls:
                 io.send("220 ready for TLS")
                 assert self.ssl_ctx is not None
@@ -149,13 +168,13 @@ class SmtpSink:
                     io.send("530 authentication required")
                     continue
                 tr.mail = cmd[5:]
-                io.send(sc.mail)
+                self._reply(io, "mail", sc.mail)
             elif verb == "RCPT":
                 addr = cmd[8:].strip("<>")
                 reply = sc.rcpt(addr)
                 if reply.startswith("2"):
                     tr.rcpts.append(addr)
-                io.send(reply)
+                self._reply(io, "rcpt", reply)
             elif verb == "DATA":
                 if self._data(io, tr) is False:
                     return
@@ -195,7 +214,7 @@ class SmtpSink:
 
     def _data(self, io: _LineIO, tr: Transaction) -> bool:
         sc = self.script
-        io.send(sc.data)
+        self._reply(io, "data", sc.data)
         if not sc.data.startswith("3"):
             return True
         chunks: list[bytes] = []
@@ -212,9 +231,13 @@ class SmtpSink:
         if sc.hang_at == "final":
             self._hang(io)
             return False
+        if sc.drop_after_dot:
+            with self.lock:
+                self.unanswered.append(tr)
+            return False
         with self.lock:
-            self.transactions.append(tr)
-        io.send(sc.final)
+            (self.unanswered if "final" in sc.raw else self.transactions).append(tr)
+        self._reply(io, "final", sc.final)
         return True
 
 

@@ -154,7 +154,15 @@ class AsyncQueueClient:
                 self.reader, self.writer = reader, writer
                 return
             writer.close()
-        self.reader, self.writer = await asyncio.open_unix_connection(str(Instance(self.root).queue_socket))
+        path = str(Instance(self.root).queue_socket)
+        for attempt in range(50):  # a full accept backlog (EAGAIN) is a moment, not a failure
+            try:
+                self.reader, self.writer = await asyncio.open_unix_connection(path)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        else:
+            raise BlockingIOError("queue writer busy")
         self.writer.write(frame(b"H", self.role.encode()))
 
     def release(self) -> None:
@@ -198,8 +206,10 @@ class AsyncQueueClient:
             ans = QueueAnswer.decode(payload)
             return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
         except (OSError, asyncio.IncompleteReadError, ProtocolError):
+            # no connection at all: qmail's "unable to exec qq"; lost mid-way: "crashed"
+            code = QQExit.CANNOT_EXEC if self.writer is None else QQExit.BUG
             await self.abandon()
-            return SubmitResult.from_code(QQExit.CANNOT_EXEC if self.writer is None else 81)
+            return SubmitResult.from_code(code)
 
     async def abandon(self) -> None:
         self.broken = False

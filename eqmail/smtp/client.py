@@ -98,6 +98,8 @@ class ReplyParser:
                 return out
             line = bytes(self.buf[:nl]).replace(b"\r", b"")
             del self.buf[: nl + 1]
+            if len(line) > MAX_LINE:  # the same verdict however the line was split
+                raise Dropped("reply line too long")
             if len(line) < 3 or not line[:3].isdigit() or len(self.lines) >= MAX_LINES:
                 raise Dropped("malformed reply")
             self.lines.append(line)

@@ -156,7 +156,10 @@ AUTH_WRITE_FAILED = Reply(454, "oops, unable to write pipe and I can't auth (#4.
 
 
 def auth_ok(user: str) -> Reply:
-    return Reply(235, f"ok, {user}, go ahead (#2.0.0)")
+    # The name is the client's own bytes: control characters (CR, LF) would split the
+    # reply into injected lines, so they are shown as '?' (eQmail echoed them raw).
+    shown = "".join("?" if ch < " " or ch == "\x7f" else ch for ch in user)
+    return Reply(235, f"ok, {shown}, go ahead (#2.0.0)")
 
 
 def auth_challenge(b64: str) -> Reply:

@@ -340,15 +340,19 @@ class Supervisor:
         self._handle_signals()
 
     def _on_sessions(self, w: Worker) -> None:
+        if w.status_r < 0:  # a stale event: the worker exited earlier in this batch
+            return
         try:
             data = os.read(w.status_r, 4096)
-        except BlockingIOError:
+        except OSError:
             return
         lines = data.split()
         if lines and lines[-1].isdigit():
             w.sessions = int(lines[-1])
 
     def _on_ready(self, w: Worker) -> None:
+        if w.ready_r < 0:  # a stale event: the worker exited earlier in this batch
+            return
         try:
             data = os.read(w.ready_r, 16)
         except OSError:
@@ -361,7 +365,8 @@ class Supervisor:
             w.state = "running"
 
     def _on_exit(self, w: Worker) -> None:
-        assert w.proc is not None
+        if w.proc is None:  # a stale event for a worker already handled
+            return
         self.sel.unregister(w.proc.pidfd)
         os.close(w.proc.pidfd)
         try:

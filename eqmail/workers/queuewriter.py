@@ -254,7 +254,9 @@ def run(ctx: WorkerContext) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def main() -> None:
-        srv = await loop.create_unix_server(lambda: QueueProtocol(server), sock=sock)
+        # uvloop re-listens with its own default backlog (100) unless told: every
+        # listener's sessions that reach DATA together must find room to connect.
+        srv = await loop.create_unix_server(lambda: QueueProtocol(server), sock=sock, backlog=4096)
         ctx.ready()
         await stop.wait()
         srv.close()

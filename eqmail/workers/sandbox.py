@@ -269,7 +269,7 @@ async def serve(runner: Runner, sock: socket.socket, stop: asyncio.Event,
         finally:
             del conns[task]
 
-    server = await asyncio.start_unix_server(client, sock=sock)
+    server = await asyncio.start_unix_server(client, sock=sock, backlog=4096)
     if remote is not None:
         remote.start(asyncio.get_running_loop())
     if on_ready is not None:
