@@ -62,6 +62,7 @@ class Worker:
     spec: ListenerSpec | None = None
     status_r: int = -1  # listener: its session count arrives here
     sessions: int = 0
+    accepting: bool = True  # listener: False once it said it closed its socket
 
     @property
     def title(self) -> str:
@@ -110,6 +111,7 @@ class Supervisor:
         self.generation = 1
         self.last_reload: dict[str, Any] = {"time": None, "ok": True, "errors": []}
         self.stopping = False
+        self.reload_pending: int | None = None  # generation whose listeners are not all up yet
         self.pending_signals: list[int] = []
 
     # ------------------------------------------------------------ set-up
@@ -312,6 +314,7 @@ class Supervisor:
         while not self.stopping or any(w.proc for w in self.workers):
             self.poll(1.0)
             self._restart_due()
+            self._check_reload_complete()
             if self.stopping:
                 self._stop_step()
         log("status: eqmail stopped")
@@ -347,8 +350,11 @@ class Supervisor:
         except OSError:
             return
         lines = data.split()
-        if lines and lines[-1].isdigit():
-            w.sessions = int(lines[-1])
+        if b"closed" in lines:
+            w.accepting = False
+        numbers = [ln for ln in lines if ln.isdigit()]
+        if numbers:
+            w.sessions = int(numbers[-1])
 
     def _on_ready(self, w: Worker) -> None:
         if w.ready_r < 0:  # a stale event: the worker exited earlier in this batch
@@ -491,7 +497,8 @@ class Supervisor:
                 log(f"alert: reload refused: {err}")
             return
         self.generation += 1
-        self.last_reload = {"time": time.time(), "ok": True, "errors": []}
+        self.last_reload = {"time": time.time(), "ok": True, "errors": [], "complete": False}
+        self.reload_pending = self.generation
         old = self.controls
         self.controls = new
         log(f"status: reloading control files, generation {self.generation}")
@@ -516,6 +523,20 @@ class Supervisor:
                            restart=w.restart)
         self.workers[self.workers.index(w)] = successor
         self.start_worker(successor)
+
+    def _check_reload_complete(self) -> None:
+        """A reload is complete when every listener of the new generation serves and no
+        retired one accepts any more: from then on a new connection sees the new
+        configuration (logged, and shown by status)."""
+        if self.reload_pending is None:
+            return
+        listeners = [w for w in self.workers if w.kind == "listener"]
+        new_ready = all(w.ready for w in listeners if not w.retired)
+        old_closed = all(not w.accepting or w.proc is None for w in listeners if w.retired)
+        if new_ready and old_closed:
+            log(f"status: reload complete, generation {self.reload_pending}")
+            self.last_reload["complete"] = True
+            self.reload_pending = None
 
     def _apply_listener_diff(self, old: Controls, new: Controls) -> None:
         old_specs = {s.key: s for s in old.listen}

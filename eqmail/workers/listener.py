@@ -91,6 +91,16 @@ class Listener:
             except OSError:
                 pass
 
+    def report_closed(self) -> None:
+        """Tell the supervisor this process accepts no more connections (a reload is
+        complete only when every retired listener has said so)."""
+        fd = self.ctx.extra.get("status_fd", -1)
+        if fd >= 0:
+            try:
+                os.write(fd, b"closed\n")
+            except OSError:
+                pass
+
     # ------------------------------------------------------------ one connection
     async def serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -417,6 +427,7 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
     # port refuse at once; the supervisor keeps the ones still listed); sessions in
     # progress finish (bounded by timeouts)
     sock.close()
+    listener.report_closed()
     if tasks:
         await asyncio.wait(tasks)
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
 TESTUSER = f"testuser@{ME}"
-RELOADED = "status: reloading control files"
+RELOADED = "status: reload complete, generation"
 
 
 # ------------------------------------------------------------------ helpers
