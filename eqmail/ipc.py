@@ -63,6 +63,22 @@ def check_header(header: bytes) -> tuple[bytes, int]:
     return kind, length
 
 
+def take_frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
+    """Every complete frame at the start of ``buf`` (removed from it); an incomplete
+    one stays for the next read.  ProtocolError for an unknown or over-long frame."""
+    frames: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while len(buf) - pos >= HEADER.size:
+        kind, length = check_header(bytes(buf[pos : pos + HEADER.size]))
+        start = pos + HEADER.size
+        if len(buf) - start < length:
+            break
+        frames.append((kind, bytes(buf[start : start + length])))
+        pos = start + length
+    del buf[:pos]
+    return frames
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:

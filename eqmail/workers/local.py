@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from eqmail.delivery.users import Assign, UserEntry, resolve
-from eqmail.ipc import HEADER, ProtocolError, check_header, frame, peer_uid
+from eqmail.ipc import ProtocolError, frame, peer_uid, take_frames
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
@@ -264,12 +264,7 @@ class Spawner:
             return
         buf += data
         try:
-            while len(buf) >= HEADER.size:
-                kind, length = check_header(bytes(buf[: HEADER.size]))
-                if len(buf) < HEADER.size + length:
-                    break
-                payload = bytes(buf[HEADER.size : HEADER.size + length])
-                del buf[: HEADER.size + length]
+            for kind, payload in take_frames(buf):
                 if kind != b"D":
                     raise ProtocolError(f"unexpected frame {kind!r}")
                 self.handle_request(conn, payload)

@@ -38,7 +38,7 @@ from typing import BinaryIO
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, local_addresses
-from eqmail.ipc import HEADER, ProtocolError, check_header, frame, peer_uid
+from eqmail.ipc import ProtocolError, frame, peer_uid, take_frames
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.smtp.client import (
@@ -250,12 +250,7 @@ class RemoteWorker:
             return
         buf += data
         try:
-            while len(buf) >= HEADER.size:
-                kind, length = check_header(bytes(buf[: HEADER.size]))
-                if len(buf) < HEADER.size + length:
-                    break
-                payload = bytes(buf[HEADER.size : HEADER.size + length])
-                del buf[: HEADER.size + length]
+            for kind, payload in take_frames(buf):
                 if kind != b"D":
                     raise ProtocolError(f"unexpected frame {kind!r}")
                 self.handle_request(conn, payload)

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from eqmail.ipc import HEADER, ProtocolError, check_header, frame
+from eqmail.ipc import ProtocolError, frame, take_frames
 from eqmail.log import log, sanitize
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
@@ -96,15 +96,12 @@ class DeliveryChannel:
             return None
         self.buf += data
         out = []
-        while len(self.buf) >= HEADER.size:
-            kind, length = check_header(bytes(self.buf[: HEADER.size]))
-            if len(self.buf) < HEADER.size + length:
-                break
-            payload = bytes(self.buf[HEADER.size : HEADER.size + length])
-            del self.buf[: HEADER.size + length]
+        for kind, payload in take_frames(self.buf):
             if kind != b"r":
                 raise ProtocolError(f"unexpected frame {kind!r} from delivery worker")
             num_text, _, report = payload.partition(b"\0")
+            if not num_text.isdigit() or len(num_text) > 6:
+                raise ProtocolError("malformed report from delivery worker")
             slot = self.slots.pop(int(num_text), None)
             if slot is None:
                 continue
