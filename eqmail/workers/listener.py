@@ -48,6 +48,7 @@ from eqmail.tls import ServerTLS, cipher_name, client_cert_email, freeze_plainte
 from eqmail.workers.base import WorkerContext
 
 READ_SIZE = 256 * 1024
+REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
 
 
 class Listener:
@@ -64,6 +65,7 @@ class Listener:
         self.local_ips = frozenset(local_addresses())
         self.timeout = float(c.timeoutsmtpd)
         self.sessions = 0
+        self._report_pending = False
         # Built by the supervisor before the privilege drop (the key may be root-only).
         self.tls: ServerTLS | None = ctx.extra.get("tls")
         # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
@@ -82,8 +84,16 @@ class Listener:
         self.authlimit = AuthLimiter(limit)
 
     def report_sessions(self) -> None:
-        """Tell the supervisor how many sessions are open (for eqmailctl status);
-        never blocks: a full pipe only means an update is skipped."""
+        """Tell the supervisor how many sessions are open (for eqmailctl status), at
+        most every REPORT_INTERVAL seconds (a write per connection showed in the
+        profile); never blocks: a full pipe only means an update is skipped."""
+        if self._report_pending:
+            return
+        self._report_pending = True
+        asyncio.get_running_loop().call_later(REPORT_INTERVAL, self._send_sessions)
+
+    def _send_sessions(self) -> None:
+        self._report_pending = False
         fd = self.ctx.extra.get("status_fd", -1)
         if fd >= 0:
             try:
