@@ -42,6 +42,13 @@ if [ "$EQ_REV" != worktree ]; then
     git -C "$PROJECT" archive "$_sha" eqmail | tar -x -C "$EQ_SRC.tmp"
     mv "$EQ_SRC.tmp" "$EQ_SRC"
   fi
+  # the shipped qmail-spp plugins: the sandbox runs a plugin in-process only when it is a
+  # file directly in <package checkout>/plugins, i.e. $EQ_SRC/plugins for a snapshot
+  if [ ! -d "$EQ_SRC/plugins" ] && git -C "$PROJECT" cat-file -e "$_sha:plugins" 2>/dev/null; then
+    rm -rf "$EQ_SRC/plugins.tmp"; mkdir -p "$EQ_SRC/plugins.tmp"
+    git -C "$PROJECT" archive "$_sha" plugins | tar -x -C "$EQ_SRC/plugins.tmp"
+    mv "$EQ_SRC/plugins.tmp/plugins" "$EQ_SRC/plugins"; rmdir "$EQ_SRC/plugins.tmp"
+  fi
   chmod -R a+rX "$EQ_SRC"
   export PYTHONPATH="$EQ_SRC${PYTHONPATH:+:$PYTHONPATH}"
   EQ_REV_DESC="$_sha (git archive snapshot in $EQ_SRC)"
@@ -49,6 +56,8 @@ else
   EQ_REV_DESC="work tree $(git -C "$PROJECT" rev-parse --short HEAD 2>/dev/null) + $(git -C "$PROJECT" status --porcelain -- eqmail 2>/dev/null | wc -l) changed/new paths in eqmail/"
 fi
 EQ_TO="$EQ_LOCAL@$EQ_DOMAIN"
+# the shipped plugins the measured code runs in-process (bench/plugins.sh)
+if [ "$EQ_REV" != worktree ]; then EQ_PLUGINS="$EQ_SRC/plugins"; else EQ_PLUGINS="$PROJECT/plugins"; fi
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }; }
 
@@ -73,6 +82,10 @@ eq_setup() {
   echo "smtp $EQ_ADDR:$EQ_PORT $opts" > "$EQ_ROOT/control/listen"
   echo '127.:allow,RELAYCLIENT=""' > "$EQ_ROOT/control/tcp.smtp"
   printf '=%s:%s:%s:%s:%s:::\n.\n' "$EQ_LOCAL" "$EQ_USER" "$uid" "$gid" "$EQ_HOME" > "$EQ_ROOT/users/assign"
+  # EQ_CONTROLS="name=value ..." writes extra one-line control files (experiments, e.g.
+  # EQ_CONTROLS=concurrencylocal=50); empty by default: eqmail's defaults are measured
+  local kv
+  for kv in ${EQ_CONTROLS:-}; do echo "${kv#*=}" > "$EQ_ROOT/control/${kv%%=*}"; done
 }
 
 eq_start() {
@@ -142,5 +155,6 @@ machine_info() {
   echo "postfix: $(postconf -d -h mail_version 2>/dev/null)"
   echo "python: $("$EQ_PY" -V 2>&1) ($EQ_PY)"
   echo "eqmail code: $EQ_REV_DESC"
+  echo "eqmail extra controls (EQ_CONTROLS): ${EQ_CONTROLS:-none}"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 }

@@ -19,7 +19,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 
-WAIT = re.compile(r"run_until_complete|run_forever|\.select\(|\bselect\(|\.get\(\)|recv_fds|\.recv\(|\.accept\(|"
+WAIT = re.compile(r"run_until_complete|run_forever|\.select\(|\bselect\(|\.get\((block=True)?\)|recv_fds|\.recv\(|\.accept\(|"
                   r"sleep\(|\.wait\(|\.poll\(|\.join\(|readexactly|\.read\(READ|_wait_for_tstate_lock|recvmsg|\.acquire\(|read_events|os\.read\(self\._inotify_fd")
 SYNC = re.compile(r"fsync|fdatasync|syncfs")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
