@@ -30,6 +30,7 @@ from eqmail.queue.writer import syncfs
 from eqmail.textio import encode
 
 DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
+FRESH_MAX = 20000  # messages whose split is remembered for their first pass
 ADMIN_BOUNCE_TEXT = "This message was removed from the queue by the postmaster. (#5.0.0)\n"
 
 
@@ -103,6 +104,8 @@ class QueueManager:
         self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
         self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.pending_foop: list[int] = []  # finished messages whose foop/ is not sent yet
+        # what preprocessing wrote, for the first pass: (channel, id) -> (sender, birth, records)
+        self.fresh: dict[tuple[Channel, int], tuple[str, float, list[ChannelRecord]]] = {}
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         self.configure(controls)
 
@@ -175,6 +178,8 @@ class QueueManager:
             self._barrier([fd for _, fds in written for fd in fds])
         except OSError as e:
             log(f"warning: trouble syncing preprocessed messages: {e.strerror}; will try again later")
+            for msgid, _ in written:
+                self._forget(msgid)
             return 0
         finally:
             for _, fds in written:
@@ -186,6 +191,7 @@ class QueueManager:
         for (msgid, _), answer in zip(written, answers, strict=True):
             if answer != b"+":
                 log(f"warning: qmail-clean unable to clean up todo/{msgid}")
+                self._forget(msgid)
                 continue
             done += 1
             any_channel = False
@@ -216,8 +222,11 @@ class QueueManager:
         except OSError as e:
             log(f"warning: unable to open todo/{msgid}: {e.strerror}")
             return None
-        for name in ("local", "remote", "info"):
-            _unlink_quiet(p.split_file(name, msgid))
+        # Leftovers of an earlier, interrupted preprocessing (qmail-send unlinks them
+        # unconditionally): info/ is always created first, so without it there are none.
+        if os.path.exists(p.info(msgid)):
+            for name in ("local", "remote", "info"):
+                _unlink_quiet(p.split_file(name, msgid))
         try:
             return self._write_split(msgid, data, size)
         except OSError as e:
@@ -229,7 +238,9 @@ class QueueManager:
         info_fd = os.open(p.info(msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         fds = [info_fd]
         buffers: dict[Channel, list[bytes]] = {Channel.LOCAL: [], Channel.REMOTE: []}
+        addrs: dict[Channel, list[str]] = {Channel.LOCAL: [], Channel.REMOTE: []}
         uid = pid = "?"
+        sender = ""
         lines = [f"new msg {msgid}"]
         try:
             for rec in parse_records(data):
@@ -238,12 +249,14 @@ class QueueManager:
                 elif rec.kind == "p":
                     pid = rec.value
                 elif rec.kind == "F":
+                    sender = rec.value
                     _write_all(info_fd, b"F" + encode(rec.value) + b"\0")
                     lines.append(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> "
                                  f"qp {pid} uid {uid}")
                 elif rec.kind == "T":
                     ch, addr = rewrite(rec.value, self.rules, self.vmap)
                     buffers[ch].append(b"T" + encode(addr) + b"\0")
+                    addrs[ch].append(addr)
                 else:
                     lines.append(f"warning: unknown record type in todo/{msgid}")
             for ch, recs in buffers.items():
@@ -256,7 +269,28 @@ class QueueManager:
                 os.close(fd)
             raise
         log_lines(lines)
+        self._remember(msgid, sender, buffers, addrs)
         return fds
+
+    def _forget(self, msgid: int) -> None:
+        for ch in Channel:
+            self.fresh.pop((ch, msgid), None)
+
+    def _remember(self, msgid: int, sender: str, buffers: dict[Channel, list[bytes]],
+                  addrs: dict[Channel, list[str]]) -> None:
+        """Keep what was just written for the first pass, which then reads no file
+        back (info/ and the channel files are still the truth for every later pass and
+        after a restart).  Bounded: beyond FRESH_MAX messages the files are read."""
+        if len(self.fresh) >= FRESH_MAX:
+            return
+        birth = self.clock()
+        for ch, recs in buffers.items():
+            if recs:
+                offsets = [0]
+                for rec in recs[:-1]:
+                    offsets.append(offsets[-1] + len(rec))
+                records = [ChannelRecord(off, False, addr) for off, addr in zip(offsets, addrs[ch], strict=True)]
+                self.fresh[(ch, msgid)] = (sender, birth, records)
 
     # ------------------------------------------------------------ passes
     def next_requests(self, channel: Channel, limit: int | None = None) -> list[DeliveryRequest]:
@@ -301,6 +335,11 @@ class QueueManager:
                 return ps
 
     def _open_pass(self, channel: Channel, msgid: int, now: float) -> Pass | None:
+        fresh = self.fresh.pop((channel, msgid), None)
+        if fresh is not None and os.path.exists(self._chan_path(channel, msgid)):
+            sender, birth, todo = fresh
+            return Pass(msgid, channel, sender, birth, now,
+                        is_dying(birth, now, self.controls.queuelifetime), todo)
         try:
             with open(self.paths.info(msgid), "rb") as f:
                 info = f.read(4096)
@@ -379,6 +418,7 @@ class QueueManager:
         p = self.paths
         if os.path.exists(p.todo(msgid)):
             return False
+        self._forget(msgid)
         if not self._inject_bounce(msgid):
             self.done_retry[msgid] = self.clock() + 123  # SLEEP_SYSFAIL
             return False
@@ -465,6 +505,7 @@ class QueueManager:
         if not os.path.exists(self.paths.info(msgid)):
             return None
         removed = 0
+        self._forget(msgid)  # from here the files are read back
         for ch, state in self.channels.items():
             try:
                 with open(self._chan_path(ch, msgid), "rb") as f:
