@@ -26,7 +26,13 @@ def sanitize(text: str) -> str:
     return "".join(out)
 
 
+_held: list[str] | None = None  # lines held by hold_log() until flush_log()
+
+
 def log(line: str) -> None:
+    if _held is not None:
+        _held.append(line)
+        return
     data = (line[:MAX_LINE] + "\n").encode("utf-8", "backslashreplace")
     try:
         os.write(2, data)
@@ -34,9 +40,31 @@ def log(line: str) -> None:
         pass
 
 
+def hold_log() -> None:
+    """From now on keep lines until flush_log() (a busy loop logs several lines per
+    message; one write per loop turn instead of one per line)."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def flush_log() -> None:
+    global _held
+    if _held:
+        lines, _held = _held, []
+        _write_lines(lines)
+
+
 def log_lines(lines: list[str]) -> None:
     """Several lines in as few writes as possible, each write at most PIPE_BUF bytes so
     that it stays atomic (lines from other workers never land inside it)."""
+    if _held is not None:
+        _held.extend(lines)
+        return
+    _write_lines(lines)
+
+
+def _write_lines(lines: list[str]) -> None:
     chunk: list[bytes] = []
     size = 0
     for line in lines:

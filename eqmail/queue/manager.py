@@ -47,6 +47,7 @@ class Pass:
     todo: list[ChannelRecord]
     outstanding: int = 0
     deferred: bool = False  # some recipient got a temporary failure
+    fd: int = -1  # the channel file, opened at the first done marker, closed at the end
 
     @property
     def finished(self) -> bool:
@@ -370,7 +371,7 @@ class QueueManager:
         if kind == "D":
             self._add_bounce(req, text)
         if kind in ("K", "D"):
-            self._mark_done(req)
+            self._mark_done(req, ps)
         else:
             ps.deferred = True
         if ps.finished:
@@ -378,6 +379,9 @@ class QueueManager:
 
     def _pass_finished(self, state: ChannelState, ps: Pass) -> None:
         del state.passes[ps.msgid]
+        if ps.fd >= 0:
+            os.close(ps.fd)
+            ps.fd = -1
         if ps.deferred:
             state.schedule_at(ps.msgid, next_retry(ps.birth, ps.started, state.channel))
             return
@@ -386,13 +390,20 @@ class QueueManager:
         if not os.path.exists(self._chan_path(other, ps.msgid)):
             self.message_done(ps.msgid)
 
-    def _mark_done(self, req: DeliveryRequest) -> None:
+    def _mark_done(self, req: DeliveryRequest, ps: Pass | None = None) -> None:
+        """qmail's done marker: the record's T becomes D with a one-byte write.  During a
+        pass the file stays open for the pass's other recipients."""
         try:
-            fd = os.open(self._chan_path(req.channel, req.msgid), os.O_WRONLY)
-            try:
-                os.pwrite(fd, b"D", req.offset)
-            finally:
-                os.close(fd)
+            if ps is None:
+                fd = os.open(self._chan_path(req.channel, req.msgid), os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"D", req.offset)
+                finally:
+                    os.close(fd)
+                return
+            if ps.fd < 0:
+                ps.fd = os.open(self._chan_path(req.channel, req.msgid), os.O_WRONLY)
+            os.pwrite(ps.fd, b"D", req.offset)
         except OSError:
             log(f"warning: trouble marking {req.channel.dirname}/{req.msgid}; "
                 "message will be delivered twice!")
@@ -521,7 +532,7 @@ class QueueManager:
                 req = DeliveryRequest(msgid, ch, rec.offset, "", rec.address)
                 if bounce:
                     self._add_bounce(req, ADMIN_BOUNCE_TEXT)
-                self._mark_done(req)
+                self._mark_done(req, ps)
                 removed += 1
             state.scheduled.pop(msgid, None)  # its heap entry is now stale
             if ps is not None:

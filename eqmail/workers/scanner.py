@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from eqmail.ipc import ProtocolError, frame, take_frames
-from eqmail.log import log, sanitize
+from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import DeliveryRequest, QueueManager
@@ -299,6 +299,7 @@ class Scanner:
         self._start_watchdog()
         self._open_trigger()
         self._open_control()
+        hold_log()
         self.manager.recover()
         self.ctx.ready()
         next_rescan = time.monotonic()
@@ -327,6 +328,7 @@ class Scanner:
             self.manager.retry_done()
             self._dispatch()
             self.manager.flush_cleans()
+            flush_log()  # this turn's lines in one write, before waiting
             timeout = 0.0 if self.want_scan and not self.stopping else self._timeout(next_rescan)
             for key, _ in self.sel.select(timeout):
                 what = key.data
@@ -344,6 +346,7 @@ class Scanner:
                 stop_deadline = time.monotonic() + STOP_GRACE
         self.manager.save_schedule()
         log("status: exiting")
+        flush_log()
         return 0
 
     # ---------------------------------------------------------- admin requests
