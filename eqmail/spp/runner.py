@@ -54,7 +54,17 @@ from eqmail.spp import protocol as P
 from eqmail.spp.config import Plugin
 from eqmail.spp.wire import Request
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "plugins"
+
+def _shipped_dir() -> Path:
+    """Where eqmail's own plugins are: the checkout's plugins/ (an editable install, the
+    embedded instance), else the copy pip installed under <prefix>/share/eqmail/plugins."""
+    checkout = Path(__file__).resolve().parents[2] / "plugins"
+    if (checkout / "sppkit.py").is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "eqmail" / "plugins"
+
+
+SHIPPED_DIR = _shipped_dir()
 PRLIMIT = "/usr/bin/prlimit"
 DEFAULT_PATH = "/usr/bin:/bin"
 SIGDEF = (signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,

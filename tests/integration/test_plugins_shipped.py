@@ -17,12 +17,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dnsserver import DnsServer  # noqa: E402
-from spp_harness import REPO, Sandbox, converse, make_root  # noqa: E402
+from spp_harness import Sandbox, converse, make_root  # noqa: E402
 
 from eqmail.spp.config import Plugin  # noqa: E402
-from eqmail.spp.runner import Limits, Runner  # noqa: E402
+from eqmail.spp.runner import SHIPPED_DIR, Limits, Runner  # noqa: E402
 
-PLUGINS = REPO / "plugins"
+# the plugins as installed (the checkout's plugins/, or the copy a non-editable install put
+# under <venv>/share/eqmail/plugins): what the sandbox recognises as shipped
+PLUGINS = SHIPPED_DIR
 ZONE = {
     "10.2.0.192.bl.test": {"A": ["127.0.0.2"], "TXT": ['"listed for testing"']},
     "good.example": {"MX": [(10, "mx.good.example")],
