@@ -87,7 +87,7 @@ class Sandbox:
         if self.nproc is not None:
             cmd += ["--nproc", str(self.nproc)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, cwd=str(REPO))
+                                     stdin=subprocess.DEVNULL, text=True, cwd=str(self.root))
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
