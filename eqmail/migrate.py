@@ -43,13 +43,12 @@ import os
 import shlex
 import shutil
 import stat
-import struct
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eqmail.cdb import cdb_get, cdb_hash, cdb_records  # noqa: F401 (re-exported)
 from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
@@ -83,52 +82,7 @@ class ImportReport:
         return out
 
 
-# ---------------------------------------------------------------- cdb (read only)
-
-
-def cdb_hash(key: bytes) -> int:
-    """djb's cdb hash: h = 5381; h = ((h << 5) + h) ^ c, in 32 bits."""
-    h = 5381
-    for c in key:
-        h = (((h << 5) + h) & 0xFFFFFFFF) ^ c
-    return h
-
-
-def cdb_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of a cdb in the order they were added: the records run from
-    byte 2048 to the first hash table (the 2048-byte header holds 256 (pos, len) pairs
-    of little-endian u32 pointing at the tables, which follow the records)."""
-    if len(data) < 2048:
-        raise ValueError("truncated cdb header")
-    end = min(struct.unpack_from("<256I", data, 0)[0::2])
-    pos = 2048
-    while pos < end:
-        if pos + 8 > len(data):
-            raise ValueError("truncated cdb record")
-        klen, dlen = struct.unpack_from("<II", data, pos)
-        if pos + 8 + klen + dlen > end:
-            raise ValueError("cdb record runs into the hash tables")
-        yield data[pos + 8: pos + 8 + klen], data[pos + 8 + klen: pos + 8 + klen + dlen]
-        pos += 8 + klen + dlen
-
-
-def cdb_get(data: bytes, key: bytes) -> bytes | None:
-    """The first value stored under ``key`` (cdb_find): table h % 256, slot (h >> 8) % len."""
-    h = cdb_hash(key)
-    tpos, tlen = struct.unpack_from("<II", data, (h & 255) * 8)
-    if tlen == 0:
-        return None
-    slot = (h >> 8) % tlen
-    for _ in range(tlen):
-        hh, rpos = struct.unpack_from("<II", data, tpos + slot * 8)
-        if rpos == 0:
-            return None
-        if hh == h:
-            klen, dlen = struct.unpack_from("<II", data, rpos)
-            if data[rpos + 8: rpos + 8 + klen] == key:
-                return data[rpos + 8 + klen: rpos + 8 + klen + dlen]
-        slot = (slot + 1) % tlen
-    return None
+# ---------------------------------------------------------------- cdb
 
 
 def assign_from_users_cdb(data: bytes) -> list[str]:
