@@ -79,6 +79,40 @@ def take_frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
     return frames
 
 
+def accept_from(listener: socket.socket, allowed_uids: set[int]) -> socket.socket | None:
+    """Accept one connection, non-blocking, only from a peer whose uid is allowed
+    (SO_PEERCRED); anyone else is closed at once."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return None
+    if peer_uid(conn) not in allowed_uids:
+        conn.close()
+        return None
+    conn.setblocking(False)
+    return conn
+
+
+def read_requests(conn: socket.socket, buf: bytearray) -> list[bytes] | None:
+    """The delivery-request (``D``) payloads now readable on a delivery worker's
+    connection; None when the peer closed it.  ProtocolError for any other frame."""
+    try:
+        data = conn.recv(65536)
+    except BlockingIOError:
+        return []
+    except OSError:
+        data = b""
+    if not data:
+        return None
+    buf += data
+    payloads = []
+    for kind, payload in take_frames(buf):
+        if kind != b"D":
+            raise ProtocolError(f"unexpected frame {kind!r}")
+        payloads.append(payload)
+    return payloads
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from eqmail.delivery.users import Assign, UserEntry, resolve
-from eqmail.ipc import ProtocolError, frame, peer_uid, take_frames
+from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
@@ -239,46 +239,28 @@ class Spawner:
         self.stopping = True
 
     def accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        allowed = {0, os.getuid(), self.ctx.ids["send"].uid}
-        if peer_uid(conn) not in allowed:
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.clients[conn] = bytearray()
-        self.sel.register(conn, selectors.EVENT_READ, ("client", 0))
+        conn = accept_from(self.listener, {0, os.getuid(), self.ctx.ids["send"].uid})
+        if conn is not None:
+            self.clients[conn] = bytearray()
+            self.sel.register(conn, selectors.EVENT_READ, ("client", 0))
 
     def client_data(self, conn: socket.socket) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
         buf = self.clients.get(conn)
-        if not data or buf is None:
-            self.drop_client(conn)
-            return
-        buf += data
         try:
-            for kind, payload in take_frames(buf):
-                if kind != b"D":
-                    raise ProtocolError(f"unexpected frame {kind!r}")
-                self.handle_request(conn, payload)
+            payloads = read_requests(conn, buf) if buf is not None else None
         except ProtocolError as e:
             log(f"warning: local delivery: {e}")
+            payloads = None
+        if payloads is None:
             self.drop_client(conn)
+            return
+        for payload in payloads:
+            self.handle_request(conn, payload)
 
     def drop_client(self, conn: socket.socket) -> None:
         self.sel.unregister(conn)
         self.clients.pop(conn, None)
-        conn.close()
-        for child in self.children.values():
-            if child.busy_slot and child.busy_slot[0] is conn:
-                child.busy_slot = (conn, child.busy_slot[1])  # report will be dropped
+        conn.close()  # reports of deliveries still running for it are then dropped
 
 
 def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:

@@ -38,7 +38,7 @@ from typing import BinaryIO
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, local_addresses
-from eqmail.ipc import ProtocolError, frame, peer_uid, take_frames
+from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.smtp.client import (
@@ -225,38 +225,23 @@ class RemoteWorker:
             pass
 
     def accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        allowed = {0, os.getuid(), self.ctx.ids["send"].uid}
-        if peer_uid(conn) not in allowed:
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.clients[conn] = bytearray()
-        self.sel.register(conn, selectors.EVENT_READ, "client")
+        conn = accept_from(self.listener, {0, os.getuid(), self.ctx.ids["send"].uid})
+        if conn is not None:
+            self.clients[conn] = bytearray()
+            self.sel.register(conn, selectors.EVENT_READ, "client")
 
     def client_data(self, conn: socket.socket) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
         buf = self.clients.get(conn)
-        if not data or buf is None:
-            self.drop_client(conn)
-            return
-        buf += data
         try:
-            for kind, payload in take_frames(buf):
-                if kind != b"D":
-                    raise ProtocolError(f"unexpected frame {kind!r}")
-                self.handle_request(conn, payload)
+            payloads = read_requests(conn, buf) if buf is not None else None
         except ProtocolError as e:
             log(f"warning: remote delivery: {sanitize(str(e))}")
+            payloads = None
+        if payloads is None:
             self.drop_client(conn)
+            return
+        for payload in payloads:
+            self.handle_request(conn, payload)
 
     def drop_client(self, conn: socket.socket) -> None:
         self.sel.unregister(conn)

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import ME, Instance, bin_path
+from harness import ME, Instance, bin_path, proc_children, proc_dead, queue_files, worker_pids
 
 from eqmail.queue.client import submit
 
@@ -26,51 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 TESTUSER = f"testuser@{ME}"
 MESSAGES = 200
 BODY = b"".join(b"%04d " % i + b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\n" for i in range(60))
-QUEUE_DIRS = ("pid", "mess", "intd", "todo", "info", "local", "remote", "bounce")
-
-
-def children_of(pid: int) -> list[tuple[int, bytes]]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append((int(entry), cmd))
-    return out
-
-
 def worker_pid(inst: Instance, title: str) -> int | None:
-    sup = inst.supervisor_pid()
-    if sup is None:
-        return None
-    for pid, cmd in children_of(sup):
-        if cmd.startswith(title.encode()):
-            return pid
-    return None
-
-
-def dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def queue_leftovers(inst: Instance) -> list[str]:
-    q = inst.root / "queue"
-    out = []
-    for name in QUEUE_DIRS:
-        for dirpath, _dirs, files in os.walk(q / name):
-            out += [os.path.relpath(os.path.join(dirpath, f), q) for f in files]
-    return out
+    pids = worker_pids(inst, title)
+    return pids[0] if pids else None
 
 
 def message(tag: str) -> bytes:
@@ -108,10 +66,10 @@ class Injector(threading.Thread):
 def kill_group_and_restart(inst: Instance) -> None:
     sup = inst.supervisor_pid()
     assert sup is not None
-    members = [sup, *(p for p, _ in children_of(sup))]
+    members = [sup, *(p for p, _ in proc_children(sup))]
     os.killpg(sup, signal.SIGKILL)  # eqmailctl start made the supervisor a session leader
     deadline = time.monotonic() + 15
-    while not all(dead(p) for p in members):
+    while not all(proc_dead(p) for p in members):
         assert time.monotonic() < deadline, "process group survived kill -9"
         time.sleep(0.02)
     inst.ctl("start")
@@ -133,7 +91,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_mail(running: Instance) 
         else:
             if victim == "delivery child":
                 local = worker_pid(inst, "eqmail: local delivery")
-                kids = [p for p, _ in children_of(local)] if local else []
+                kids = [p for p, _ in proc_children(local)] if local else []
                 pid = rng.choice(kids) if kids else None
             else:
                 pid = worker_pid(inst, f"eqmail: {victim}")
@@ -160,11 +118,11 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_mail(running: Instance) 
             assert m, f"{f} has no Subject"
             delivered.setdefault(m.group(1).decode(), []).append(f)
         missing = set(injector.acked) - set(delivered)
-        if not missing and not queue_leftovers(inst):
+        if not missing and not queue_files(inst):
             break
         assert time.monotonic() < deadline, (
             f"after kills {kills}: {len(missing)} acknowledged messages not delivered "
-            f"({sorted(missing)[:5]}...), queue leftovers {queue_leftovers(inst)[:10]}\n--- log:\n"
+            f"({sorted(missing)[:5]}...), queue leftovers {queue_files(inst)[:10]}\n--- log:\n"
             + inst.log()[-6000:])
         if time.monotonic() >= next_flush:
             inst.ctl("queue", "flush")
@@ -179,7 +137,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_mail(running: Instance) 
             assert data.endswith(b"\n\n" + BODY + f"END {tag}\n".encode()), f"{f} is incomplete"
     duplicates = sum(len(v) - 1 for v in delivered.values())
     assert duplicates <= len(kills) * 10  # only deliveries cut short by a kill are repeated
-    assert queue_leftovers(inst) == []
+    assert queue_files(inst) == []
     swept = sum(int(n) for n in re.findall(r"removed (\d+) orphaned message", inst.log()))
     print(f"\n{swept} orphans swept; injected {MESSAGES} in {injection_time:.1f}s: {len(injector.acked)} acked, "
           f"{injector.refused} refused; kills {kills}; {duplicates} duplicates")
