@@ -27,6 +27,9 @@ QUEUE_DIRS: dict[str, tuple[bool, str, int]] = {
     "remote": (True, "send", 0o700),
     "bounce": (False, "send", 0o700),
     "lock": (False, "queue", 0o750),
+    # eqmail's own: recycled inodes of the queue writer and of the scanner (queue/recycle.py)
+    "spare-queue": (False, "queue", 0o700),
+    "spare-send": (False, "send", 0o700),
 }
 SPLIT_DIRS = tuple(name for name, (split, _, _) in QUEUE_DIRS.items() if split)
 

@@ -24,6 +24,7 @@ from eqmail.delivery.bounce import bounce_note, bounce_target, compose_bounce
 from eqmail.log import log, log_lines, sanitize
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
 from eqmail.queue.layout import QueuePaths
+from eqmail.queue.recycle import InodePool
 from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, verp_sender
 from eqmail.queue.schedule import Channel, is_dying, next_retry
 from eqmail.queue.writer import syncfs
@@ -108,6 +109,8 @@ class QueueManager:
         # what preprocessing wrote, for the first pass: (channel, id) -> (sender, birth, records)
         self.fresh: dict[tuple[Channel, int], tuple[str, float, list[ChannelRecord]]] = {}
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
+        # info/ and channel files are recycled, not unlinked and re-created (eqmail.queue.recycle)
+        self.spares = InodePool(paths.dir("spare-send"))
         self.configure(controls)
 
     def configure(self, controls: Controls) -> None:
@@ -234,9 +237,16 @@ class QueueManager:
             log(f"warning: trouble preprocessing msg {msgid}: {e.strerror}; will try again later")
             return None
 
+    def _create(self, path: os.PathLike[str] | str) -> int:
+        """A new, empty info/ or channel file: a spare one renamed, else created."""
+        spare = self.spares.take(lambda _ino: path)
+        if spare is not None:
+            return spare[0]
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
     def _write_split(self, msgid: int, data: bytes, size: int) -> list[int]:
         p = self.paths
-        info_fd = os.open(p.info(msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        info_fd = self._create(p.info(msgid))
         fds = [info_fd]
         buffers: dict[Channel, list[bytes]] = {Channel.LOCAL: [], Channel.REMOTE: []}
         addrs: dict[Channel, list[str]] = {Channel.LOCAL: [], Channel.REMOTE: []}
@@ -262,7 +272,7 @@ class QueueManager:
                     lines.append(f"warning: unknown record type in todo/{msgid}")
             for ch, recs in buffers.items():
                 if recs:
-                    fd = os.open(self._chan_path(ch, msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    fd = self._create(self._chan_path(ch, msgid))
                     fds.append(fd)
                     _write_all(fd, b"".join(recs))
         except BaseException:
@@ -385,7 +395,7 @@ class QueueManager:
         if ps.deferred:
             state.schedule_at(ps.msgid, next_retry(ps.birth, ps.started, state.channel))
             return
-        _unlink_quiet(self._chan_path(state.channel, ps.msgid))
+        self.spares.give(self._chan_path(state.channel, ps.msgid))
         other = Channel.REMOTE if state.channel is Channel.LOCAL else Channel.LOCAL
         if not os.path.exists(self._chan_path(other, ps.msgid)):
             self.message_done(ps.msgid)
@@ -435,7 +445,7 @@ class QueueManager:
             return False
         self.done_retry.pop(msgid, None)
         log(f"end msg {msgid}")
-        _unlink_quiet(p.info(msgid))
+        self.spares.give(p.info(msgid))
         self.pending_foop.append(msgid)  # sent with others by flush_cleans()
         return True
 

@@ -17,6 +17,10 @@ line and the body; create ``intd/<id%23>/<id>`` O_EXCL with ``u``/``p``/``F``/``
 records; make mess and intd durable; link intd to ``todo/<id%23>/<id>``; make that link
 durable (eqmail is stricter than qmail-queue, which never fsyncs todo/); only then answer.
 
+eqmail names the mess file without the pid/ detour: a recycled file from
+``spare-queue/`` (eqmail.queue.recycle) renamed to ``mess/<n>/<its inode>``, or an
+O_TMPFILE linked there; intd files are recycled the same way.
+
 Durability is batched (group commit, DESIGN §6): every message that is complete when
 the committer is free goes into one batch: create their intd files, one ``syncfs``,
 link them all, a second ``syncfs`` plus fsync of the touched todo/N directories, then all
@@ -39,6 +43,7 @@ from eqmail.dates import date822
 from eqmail.ipc import QQExit
 from eqmail.queue.envelope import Envelope, todo_bytes
 from eqmail.queue.layout import SPLIT, QueuePaths
+from eqmail.queue.recycle import InodePool
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -102,6 +107,9 @@ class QueueStore:
         self.inflight: set[int] = set()
         self._tmpfile = True  # O_TMPFILE works here until shown otherwise
         self._proc_fd = -1
+        # Finished mess and todo files are recycled as new mess and intd files
+        # (eqmail.queue.recycle): no inode is allocated or freed per message.
+        self.spares = InodePool(self.paths.dir("spare-queue"))
 
     # -- S1 -> S2 -------------------------------------------------------------
     def start(self, qp: int, uid: int, received: bytes) -> PendingMessage:
@@ -125,6 +133,12 @@ class QueueStore:
         eqmail creates the file unnamed (O_TMPFILE) in mess/ and links it straight to
         its final name: one create and one link, and a crash before the link leaves
         nothing behind.  Filesystems without O_TMPFILE get qmail's sequence."""
+        try:
+            spare = self.spares.take(self.paths.mess)
+        except OSError as e:
+            raise QueueFailure(QQExit.MESS_DIR, str(e)) from e
+        if spare is not None:
+            return spare
         if self._tmpfile:
             try:
                 fd = os.open(self.paths.dir("mess"), os.O_TMPFILE | os.O_WRONLY, 0o644)
@@ -247,8 +261,10 @@ class QueueStore:
 
     def _write_intd(self, msg: PendingMessage) -> None:
         assert msg.envelope is not None
+        path = self.paths.intd(msg.msgid)
         try:
-            fd = os.open(self.paths.intd(msg.msgid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            spare = self.spares.take(lambda _ino: path)
+            fd = spare[0] if spare else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
             raise QueueFailure(QQExit.INTD_DIR, str(e)) from e
         msg.intd_fd = fd
@@ -302,18 +318,22 @@ class QueueStore:
         msgid = int(num)
         if kind == "foop" and (msgid in self.inflight or os.path.exists(self.paths.todo(msgid))):
             return b"!"
-        targets = (
-            [self.paths.intd(msgid), self.paths.mess(msgid)]
-            if kind == "foop"
-            else [self.paths.intd(msgid), self.paths.todo(msgid)]
-        )
-        for path in targets:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                return b"!"
+        # A finished file goes to the spare pool under its last name, so the other one is
+        # unlinked first.  For todo/ that is the todo name (qmail-clean removes intd/
+        # first): the scanner watches todo/, and a rename out of it would be a move
+        # event that watchdog holds back (0.5 s) to pair it, delaying every later event.
+        # A crash between the two leaves an intd/ file alone, which the message's foop/
+        # removes with its mess file.  A mess file's data blocks are freed now, on this
+        # (the cleaner) thread.
+        try:
+            if kind == "foop":
+                _unlink(self.paths.intd(msgid), strict=True)
+                self.spares.give(self.paths.mess(msgid), truncate=True)
+            else:
+                _unlink(self.paths.todo(msgid), strict=True)
+                self.spares.give(self.paths.intd(msgid))
+        except OSError:
+            return b"!"
         return b"+"
 
     def clean_pid_dir(self, now: float | None = None, older_than: float = OSSIFIED) -> int:
@@ -334,13 +354,15 @@ class QueueStore:
         return removed
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path, strict: bool = False) -> None:
+    """Remove ``path``; absent is fine, other errors count only when ``strict``."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError:
-        pass
+        if strict:
+            raise
 
 
 def failure_code(exc: BaseException) -> QQExit:

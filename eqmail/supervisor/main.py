@@ -30,6 +30,7 @@ from eqmail.control import Controls, ListenerSpec, load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
 from eqmail.log import log
+from eqmail.queue.layout import QUEUE_DIRS
 from eqmail.supervisor.ids import Ids, SystemIds
 from eqmail.supervisor.policy import RestartState
 from eqmail.supervisor.spawn import Spawned, SpawnSpec, spawn
@@ -164,6 +165,15 @@ class Supervisor:
                                          (send.uid, send.gid) if self.ids.privileged else None)
 
     def _ensure_queue_files(self) -> None:
+        # the spare-inode pools are newer than some queues (an older setup, an imported
+        # qmail queue): make whichever is missing, owned as setup would
+        for name, (_split, role, mode) in QUEUE_DIRS.items():
+            d = self.instance.queue / name
+            if name.startswith("spare-") and not d.exists():
+                d.mkdir()
+                os.chmod(d, mode)
+                if self.ids.privileged:
+                    os.chown(d, self.ids[role].uid, self.ids[role].gid)
         lock = self.instance.queue / "lock"
         trigger = lock / "trigger"
         if not trigger.exists():

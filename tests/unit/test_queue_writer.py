@@ -36,6 +36,9 @@ def store(tmp_path: Path) -> Iterator[QueueStore]:
 def all_files(paths: QueuePaths) -> list[str]:
     out = []
     for dirpath, _dirs, files in os.walk(paths.root):
+        rel = os.path.relpath(dirpath, paths.root)
+        if rel.startswith("spare-"):
+            continue  # recycled inodes, not queue entries
         out += [os.path.relpath(os.path.join(dirpath, f), paths.root) for f in files]
     return sorted(out)
 
@@ -242,6 +245,22 @@ def test_clean_requests(store: QueueStore) -> None:
     assert store.clean(f"foop/{n}") == b"+"
     assert all_files(store.paths) == []
     assert store.clean(f"foop/{n}") == b"+"
+
+
+def test_finished_files_are_recycled_as_the_next_messages_files(store: QueueStore) -> None:
+    # the todo and mess inodes of a finished message become the next message's mess and
+    # intd files (renamed, emptied), so no inode is allocated or freed per message
+    first = queue_one(store, b"first body\n", Envelope("s@x", ("r@y",)))
+    n = first.msgid
+    todo_ino = os.stat(store.paths.todo(n)).st_ino
+    assert store.clean(f"todo/{n % 23}/{n}") == b"+" and store.clean(f"foop/{n}") == b"+"
+    spare_dir = store.paths.dir("spare-queue")
+    assert len(os.listdir(spare_dir)) == 2 and len(store.spares) == 2
+    second = queue_one(store, b"second\n", Envelope("a@b", ("c@d",)))
+    assert os.listdir(spare_dir) == [] and len(store.spares) == 0
+    assert {second.msgid, os.stat(store.paths.intd(second.msgid)).st_ino} == {n, todo_ino}
+    assert store.paths.mess(second.msgid).read_bytes().endswith(b"\nsecond\n")
+    assert store.paths.todo(second.msgid).read_bytes() == todo_bytes(1000, 4242, Envelope("a@b", ("c@d",)))
 
 
 def test_clean_foop_refuses_committed_and_in_flight_messages(store: QueueStore) -> None:

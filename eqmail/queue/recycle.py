@@ -1,0 +1,147 @@
+"""Spare inodes: queue files are recycled by rename instead of unlinked and re-created.
+
+Why: every message makes about five queue files (mess, intd/todo, info, local or remote)
+that live for milliseconds.  Creating a file is the expensive part on ext4: the inode
+allocator scans the block group's bitmap, and without a journal (a common VM and
+cloud-image setup, and the benchmark machine's root filesystem) it also skips every
+inode freed in the last 60-300 seconds (``recently_deleted()`` in fs/ext4/ialloc.c),
+one buffer-cache lookup each.  At a thousand messages a second that scan took ~40 % of
+the machine's CPU (perf, bench/PROFILE.md).  A rename touches two directory entries and
+no bitmap, so it costs the same on every filesystem and nothing grows with the rate.
+
+A pool is one directory per owner (the queue writer's and the scanner's files have
+different owners and modes), on the queue's filesystem; files in it are nameless
+garbage: a crash can leave any number of them, and nothing reads them.  ``take``
+renames one to its new queue name and opens it truncated; ``give`` renames a finished
+queue file into the pool instead of unlinking it.  Both fall back to a plain create or
+unlink when the pool is empty, full, or missing (a queue made before pools existed).
+
+Thread-safe enough for the queue writer's threads: ``deque.append``/``pop`` are atomic,
+and a name is used by exactly one taker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+POOL_LIMIT = 4096  # spare files kept; beyond that a finished file is unlinked
+
+
+class InodePool:
+    def __init__(self, directory: Path, limit: int = POOL_LIMIT) -> None:
+        self.directory = directory
+        self.limit = limit
+        self._free: deque[tuple[str, int]] = deque()  # (name in the pool, inode number)
+        self._seq = itertools.count(1)
+        try:
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            self._dir_fd = -1  # no pool directory: create and unlink as before
+            return
+        # Leftovers of an earlier run are spare files like any other: adopt them.
+        for name in os.listdir(self._dir_fd):
+            try:
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if len(self._free) < limit and _plain_file(st):
+                self._free.append((name, st.st_ino))
+            else:
+                _unlink_at(name, self._dir_fd)
+
+    @property
+    def enabled(self) -> bool:
+        return self._dir_fd >= 0
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, name_for: Callable[[int], os.PathLike[str] | str]) -> tuple[int, int] | None:
+        """A spare file renamed to ``name_for(inode)`` and opened for writing, empty;
+        returns (fd, inode), or None when the pool is empty (the caller creates a file).
+
+        ``name_for`` maps the inode number to the queue path, because a mess file's name
+        is its own inode number."""
+        while self._dir_fd >= 0:
+            try:
+                spare, ino = self._free.pop()
+            except IndexError:
+                break
+            path = name_for(ino)
+            try:
+                os.rename(spare, path, src_dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                if _exists_at(spare, self._dir_fd):
+                    self._free.append((spare, ino))
+                    raise  # the target directory is missing: the caller reports it
+                continue  # removed behind our back: try the next one
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            except OSError:
+                _unlink(path)  # e.g. EMFILE: leave no named orphan behind
+                raise
+            if os.fstat(fd).st_ino != ino:  # cannot happen unless someone renamed files
+                os.close(fd)
+                raise OSError(f"spare file {spare} changed identity")
+            return fd, ino
+        return None
+
+    def give(self, path: os.PathLike[str] | str, truncate: bool = False) -> bool:
+        """Retire a queue file: into the pool if there is room, else unlinked.  Returns
+        False when ``path`` did not exist.  ``truncate`` frees its data blocks now
+        rather than when it is taken again."""
+        if self._dir_fd < 0 or len(self._free) >= self.limit:
+            return _unlink(path)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not _plain_file(st):
+            return _unlink(path)
+        spare = f"s{next(self._seq)}.{st.st_ino}"
+        if truncate and st.st_size:
+            try:
+                os.truncate(path, 0)
+            except OSError:
+                pass
+        try:
+            os.rename(path, spare, dst_dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return False
+        self._free.append((spare, st.st_ino))
+        return True
+
+
+
+def _plain_file(st: os.stat_result) -> bool:
+    """Only a regular file with no other name may become spare (a todo file still linked
+    as intd/ must not)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def _unlink(path: os.PathLike[str] | str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink_at(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _exists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True

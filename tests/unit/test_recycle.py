@@ -1,0 +1,92 @@
+"""The spare-inode pool (eqmail.queue.recycle): finished queue files renamed, not unlinked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from eqmail.queue.recycle import InodePool
+
+
+@pytest.fixture
+def pool_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "spare"
+    d.mkdir()
+    return d
+
+
+def test_empty_pool_gives_nothing_and_the_caller_creates(pool_dir: Path, tmp_path: Path) -> None:
+    assert InodePool(pool_dir).take(lambda ino: tmp_path / f"m{ino}") is None
+
+
+def test_given_file_is_taken_back_empty_under_its_new_name(pool_dir: Path, tmp_path: Path) -> None:
+    pool = InodePool(pool_dir)
+    old = tmp_path / "info-17"
+    old.write_bytes(b"Fsender@example.org\0")
+    ino = old.stat().st_ino
+    assert pool.give(old) is True
+    assert not old.exists() and len(pool) == 1 and len(os.listdir(pool_dir)) == 1
+    taken = pool.take(lambda i: tmp_path / f"mess-{i}")
+    assert taken is not None
+    fd, got = taken
+    os.write(fd, b"new")
+    os.close(fd)
+    assert got == ino and (tmp_path / f"mess-{ino}").read_bytes() == b"new"
+    assert os.listdir(pool_dir) == [] and len(pool) == 0
+
+
+def test_give_of_a_missing_file_is_false_and_truncate_frees_the_data(pool_dir: Path, tmp_path: Path) -> None:
+    pool = InodePool(pool_dir)
+    assert pool.give(tmp_path / "absent") is False
+    f = tmp_path / "big"
+    f.write_bytes(b"x" * 100_000)
+    assert pool.give(f, truncate=True)
+    [name] = os.listdir(pool_dir)
+    assert (pool_dir / name).stat().st_size == 0
+
+
+def test_full_pool_unlinks_and_a_second_name_is_never_pooled(pool_dir: Path, tmp_path: Path) -> None:
+    pool = InodePool(pool_dir, limit=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    assert pool.give(a) and pool.give(b)
+    assert not b.exists() and len(os.listdir(pool_dir)) == 1
+    (tmp_path / "spare2").mkdir()
+    pool2 = InodePool(tmp_path / "spare2")
+    linked, other = tmp_path / "todo", tmp_path / "intd"
+    linked.write_bytes(b"T")
+    os.link(linked, other)  # a todo file whose intd name still exists
+    assert pool2.give(linked) is True
+    assert not linked.exists() and other.exists() and len(pool2) == 0
+
+
+def test_leftovers_of_an_earlier_run_are_adopted(pool_dir: Path, tmp_path: Path) -> None:
+    (pool_dir / "s1.99").write_bytes(b"old")
+    (pool_dir / "junkdir").mkdir()
+    pool = InodePool(pool_dir)
+    assert len(pool) == 1
+    taken = pool.take(lambda i: tmp_path / "x")
+    assert taken is not None
+    os.close(taken[0])
+    assert (tmp_path / "x").read_bytes() == b""
+
+
+def test_missing_pool_directory_means_create_and_unlink(tmp_path: Path) -> None:
+    pool = InodePool(tmp_path / "nope")
+    f = tmp_path / "f"
+    f.write_bytes(b"1")
+    assert not pool.enabled and pool.give(f) and not f.exists()
+    assert pool.take(lambda i: tmp_path / "g") is None
+
+
+def test_missing_target_directory_keeps_the_spare(pool_dir: Path, tmp_path: Path) -> None:
+    pool = InodePool(pool_dir)
+    f = tmp_path / "f"
+    f.write_bytes(b"1")
+    pool.give(f)
+    with pytest.raises(FileNotFoundError):
+        pool.take(lambda i: tmp_path / "no-such-dir" / str(i))
+    assert len(pool) == 1 and len(os.listdir(pool_dir)) == 1
