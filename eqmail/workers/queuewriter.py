@@ -54,7 +54,11 @@ class QPCounter:
 
 
 class Committer(threading.Thread):
-    """Commits batches of complete messages; calls ``done(msg)`` in the loop thread."""
+    """Commits batches of complete messages; calls ``done(msg)`` in the loop thread.
+
+    After a batch with a queued message it pulls qmail's trigger (lock/trigger), as
+    qmail-queue does after each message: that is how the scanner learns of new todo/
+    entries."""
 
     def __init__(self, store: QueueStore, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(name="committer", daemon=True)
@@ -63,6 +67,26 @@ class Committer(threading.Thread):
         self.pending: queue_mod.SimpleQueue[tuple[PendingMessage, Callable[[PendingMessage], None]]] = (
             queue_mod.SimpleQueue()
         )
+        self.trigger = store.paths.lock / "trigger"
+        self._trigger_fd = -1
+
+    def pull_trigger(self) -> None:
+        """One byte into the FIFO, never blocking; nobody reading (ENXIO) or a full pipe
+        is fine: the scanner is then down (it rescans at start) or already awake."""
+        for _ in range(2):
+            if self._trigger_fd < 0:
+                try:
+                    self._trigger_fd = os.open(self.trigger, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    return
+            try:
+                os.write(self._trigger_fd, b"x")
+                return
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the scanner that had it open is gone; reopen once
+                os.close(self._trigger_fd)
+                self._trigger_fd = -1
 
     def submit(self, msg: PendingMessage, done: Callable[[PendingMessage], None]) -> None:
         self.pending.put((msg, done))
@@ -84,8 +108,26 @@ class Committer(threading.Thread):
                     if m.result is None:
                         m.result = failure_code(e)
                         self.store.abort(m)
-            for m, done in batch:
-                self.loop.call_soon_threadsafe(done, m)
+            if any(m.result is QQExit.OK for m in msgs):
+                self.pull_trigger()
+            # one wake-up of the loop for the whole batch, not one per message
+            self.loop.call_soon_threadsafe(_answer_batch, batch)
+
+
+def _clean_all(store: QueueStore, requests: list[str]) -> list[bytes]:
+    answers = []
+    for request in requests:
+        try:
+            answers.append(store.clean(request))
+        except Exception as e:  # an answer for every request, whatever happens
+            log(f"warning: qmail-clean {request}: {e}")
+            answers.append(b"!")
+    return answers
+
+
+def _answer_batch(batch: list[tuple[PendingMessage, Callable[[PendingMessage], None]]]) -> None:
+    for m, done in batch:
+        done(m)
 
 
 class QueueProtocol(asyncio.Protocol):
@@ -98,7 +140,8 @@ class QueueProtocol(asyncio.Protocol):
         self.msg: PendingMessage | None = None
         self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
         self.waiting = False
-        self.clean_answers: deque[Future[bytes]] = deque()
+        self.clean_answers: deque[Future[list[bytes]]] = deque()
+        self.clean_requests: list[str] = []  # of the frames read now, run as one job
 
     # -- connection -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +175,8 @@ class QueueProtocol(asyncio.Protocol):
             pos = start + length
             self._frame(kind, payload)
         del buf[:pos]
+        if self.clean_requests:
+            self._run_cleans()
 
     def _drop(self) -> None:
         if self.transport is not None:
@@ -209,18 +254,23 @@ class QueueProtocol(asyncio.Protocol):
         allowed = {0, os.getuid(), self.server.ids["send"].uid}
         if self.uid not in allowed:
             raise ProtocolError("clean request from a uid that is not the scanner's")
+        self.clean_requests.append(payload.decode("ascii", "replace"))
+
+    def _run_cleans(self) -> None:
         # The unlinks run on the cleaner thread, not on this loop that every listener's
-        # DATA passes through; answers go back in request order (the scanner pipelines).
-        future = self.server.cleaner.submit(self.server.store.clean,
-                                            payload.decode("ascii", "replace"))
+        # DATA passes through: the requests of one read (the scanner pipelines a slice's
+        # worth) as one job, answered in request order.
+        requests, self.clean_requests = self.clean_requests, []
+        store = self.server.store
+        future = self.server.cleaner.submit(_clean_all, store, requests)
         self.clean_answers.append(future)
         future.add_done_callback(lambda _f: self.server.loop.call_soon_threadsafe(self._send_cleans))
 
     def _send_cleans(self) -> None:
         while self.clean_answers and self.clean_answers[0].done():
-            answer = self.clean_answers.popleft().result()
+            answers = self.clean_answers.popleft().result()
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(frame(b"K", answer))
+                self.transport.write(b"".join(frame(b"K", a) for a in answers))
 
 
 class QueueServer:

@@ -1,7 +1,8 @@
 """The scanner worker (qmail-send), running as eqmails.
 
-Wakes on: watchdog events in queue/todo (inotify), the qmail trigger FIFO
-(lock/trigger, for compatibility with anything that pulls it), delivery reports from
+Wakes on: the qmail trigger FIFO (lock/trigger), which the queue writer pulls after
+every committed batch as qmail-queue does after every message (and anything else that
+queues mail may pull), delivery reports from
 the local (and later remote) delivery workers, its timers (next scheduled pass, a
 periodic rescan of todo/ that backs up lost events, the cleanup sweep of orphaned mess
 files — at start, when its connection to the queue writer closes (the writer died) and
@@ -31,7 +32,7 @@ from eqmail.queue.schedule import Channel
 from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext
 
-RESCAN_INTERVAL = 60.0  # backs up watchdog; qmail-send rescans todo every 25 min
+RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
 SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
 STOP_GRACE = 60.0
 TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of them);
@@ -219,22 +220,6 @@ class Scanner:
         except OSError:
             pass
 
-    def _start_watchdog(self) -> None:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        scanner = self
-
-        class TodoHandler(FileSystemEventHandler):
-            def on_any_event(self, event: object) -> None:
-                scanner.want_scan = True
-                scanner.wake()
-
-        self.observer = Observer()
-        self.observer.schedule(TodoHandler(), str(self.paths.dir("todo")), recursive=True)
-        self.observer.daemon = True
-        self.observer.start()
-
     def _open_trigger(self) -> None:
         path = self.paths.lock / "trigger"
         if self.trigger_fd >= 0:
@@ -296,7 +281,6 @@ class Scanner:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGALRM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
-        self._start_watchdog()
         self._open_trigger()
         self._open_control()
         hold_log()
