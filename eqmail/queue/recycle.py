@@ -81,13 +81,22 @@ class InodePool:
                     raise  # the target directory is missing: the caller reports it
                 continue  # removed behind our back: try the next one
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                fd = os.open(path, os.O_WRONLY)
             except OSError:
                 _unlink(path)  # e.g. EMFILE: leave no named orphan behind
                 raise
-            if os.fstat(fd).st_ino != ino:  # cannot happen unless someone renamed files
+            try:
+                st = os.fstat(fd)
+                if st.st_ino != ino:  # cannot happen unless someone renamed files
+                    raise OSError(f"spare file {spare} changed identity")
+                # not O_TRUNC: truncating is a full setattr even for an empty file, and
+                # most spares were emptied when they were given back
+                if st.st_size:
+                    os.ftruncate(fd, 0)
+            except OSError:
                 os.close(fd)
-                raise OSError(f"spare file {spare} changed identity")
+                _unlink(path)
+                raise
             return fd, ino
         return None
 

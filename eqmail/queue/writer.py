@@ -21,11 +21,13 @@ eqmail names the mess file without the pid/ detour: a recycled file from
 ``spare-queue/`` (eqmail.queue.recycle) renamed to ``mess/<n>/<its inode>``, or an
 O_TMPFILE linked there; intd files are recycled the same way.
 
-Durability is batched (group commit, DESIGN §6): every message that is complete when
-the committer is free goes into one batch: create their intd files, one ``syncfs``,
-link them all, a second ``syncfs`` plus fsync of the touched todo/N directories, then all
-answers.  A batch of one uses fdatasync of its two files and directory fsyncs instead.
-Any error is a qmail-queue exit code for every message of the batch, and what was
+Durability is batched (group commit, DESIGN §6) and pipelined: every message that is
+complete when the committer is free goes into one batch; a step writes that batch's
+intd files and links the todo/ names of the previous batch (whose files are already
+durable), then ONE barrier (syncfs; fdatasync/fsync of the directory for one message
+alone) makes both durable, and the previous batch is answered.  So a todo link never
+reaches the disk before its files, and under load each barrier serves two batches.
+Any error is a qmail-queue exit code for every message it touches, and what was
 created is removed, so nothing half-written is ever acknowledged or left behind.
 """
 
@@ -224,6 +226,20 @@ class QueueStore:
     # -- S2 -> S4 -------------------------------------------------------------
     def commit(self, batch: list[PendingMessage]) -> None:
         """Commit every message of ``batch``; sets ``msg.result`` for each."""
+        durable = self.commit_step([], batch)
+        if durable:
+            self.commit_step(durable, [])
+
+    def commit_step(self, durable: list[PendingMessage], batch: list[PendingMessage]) -> list[PendingMessage]:
+        """One step of the pipelined group commit, with ONE durability barrier.
+
+        ``durable``: messages whose mess and intd files an earlier step made durable;
+        they get their todo links now, and their result (OK, or the failure) after the
+        barrier.  ``batch``: newly complete messages; their intd files are written, and
+        those that are durable after the barrier are returned, to be linked by the next
+        step.  Under load every barrier thus serves two batches (the links of one, the
+        files of the next) instead of each batch needing two of its own, and the todo
+        link still never reaches the disk before the files it names."""
         live: list[PendingMessage] = []
         for msg in batch:
             try:
@@ -232,32 +248,34 @@ class QueueStore:
             except QueueFailure as e:
                 msg.result = e.code
                 self.abort(msg)
-        if not live:
-            return
-        try:
-            self._barrier_files(live)
-            for msg in live:
-                try:
-                    os.link(self.paths.intd(msg.msgid), self.paths.todo(msg.msgid))
-                except OSError as e:
-                    raise QueueFailure(QQExit.TODO_DIR, str(e)) from e
-                msg.linked = True
-                # From here the scanner may see todo/ and even finish the message before
-                # our barrier returns: its foop/ must not be refused as "in flight".
-                self.inflight.discard(msg.msgid)
-            self._barrier_links(live)
-        except (QueueFailure, OSError) as e:
-            code = e.code if isinstance(e, QueueFailure) else QQExit.WRITE_ERROR
-            for msg in live:
-                msg.result = code
+        linked: list[PendingMessage] = []
+        for msg in durable:
+            try:
+                os.link(self.paths.intd(msg.msgid), self.paths.todo(msg.msgid))
+            except OSError:
+                msg.result = QQExit.TODO_DIR  # qmail-queue: "trouble creating links"
                 self.abort(msg)
-            return
-        for msg in live:
+                continue
+            msg.linked = True
+            # From here the scanner may see todo/ and even finish the message before
+            # our barrier returns: its foop/ must not be refused as "in flight".
+            self.inflight.discard(msg.msgid)
+            linked.append(msg)
+        if not live and not linked:
+            return []
+        try:
+            self._barrier(linked, live)
+        except OSError:
+            for msg in linked + live:
+                msg.result = QQExit.WRITE_ERROR
+                self.abort(msg)
+            return []
+        for msg in linked:
             for fd in (msg.intd_fd, msg.mess_fd):
                 os.close(fd)
             msg.intd_fd = msg.mess_fd = -1
             msg.result = QQExit.OK
-            self.inflight.discard(msg.msgid)
+        return live
 
     def _write_intd(self, msg: PendingMessage) -> None:
         assert msg.envelope is not None
@@ -275,28 +293,20 @@ class QueueStore:
         except OSError as e:
             raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
 
-    def _barrier_files(self, live: list[PendingMessage]) -> None:
-        """mess and intd contents (and the mess directory entries) on disk."""
-        try:
-            if len(live) == 1:
-                msg = live[0]
-                os.fdatasync(msg.mess_fd)
-                os.fdatasync(msg.intd_fd)
-                fsync_dir(self.paths.dir("mess") / str(msg.msgid % SPLIT))
-            else:
-                syncfs(self.root_fd)
-        except OSError as e:
-            raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
-
-    def _barrier_links(self, live: list[PendingMessage]) -> None:
-        """The todo links on disk: only after this may anyone hear 'queued'."""
-        try:
-            if len(live) > 1:
-                syncfs(self.root_fd)
-            for split in sorted({m.msgid % SPLIT for m in live}):
-                fsync_dir(self.paths.dir("todo") / str(split))
-        except OSError as e:
-            raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+    def _barrier(self, linked: list[PendingMessage], written: list[PendingMessage]) -> None:
+        """Make durable the todo links of ``linked`` and the mess and intd files (and
+        mess directory entries) of ``written``.  One message alone: fdatasync of its
+        files and fsync of its directory; anything more: one syncfs, which writes every
+        dirty inode and metadata block of the filesystem, directories included."""
+        if len(linked) + len(written) > 1:
+            syncfs(self.root_fd)
+        elif written:
+            msg = written[0]
+            os.fdatasync(msg.mess_fd)
+            os.fdatasync(msg.intd_fd)
+            fsync_dir(self.paths.dir("mess") / str(msg.msgid % SPLIT))
+        else:
+            fsync_dir(self.paths.dir("todo") / str(linked[0].msgid % SPLIT))
 
     # -- qmail-clean ----------------------------------------------------------
     def clean(self, request: str) -> bytes:
@@ -323,15 +333,15 @@ class QueueStore:
         # first): the scanner watches todo/, and a rename out of it would be a move
         # event that watchdog holds back (0.5 s) to pair it, delaying every later event.
         # A crash between the two leaves an intd/ file alone, which the message's foop/
-        # removes with its mess file.  A mess file's data blocks are freed now, on this
-        # (the cleaner) thread.
+        # removes with its mess file.  The data blocks are freed now, on this (the
+        # cleaner) thread, not when the loop or the committer takes the file.
         try:
             if kind == "foop":
                 _unlink(self.paths.intd(msgid), strict=True)
                 self.spares.give(self.paths.mess(msgid), truncate=True)
             else:
                 _unlink(self.paths.todo(msgid), strict=True)
-                self.spares.give(self.paths.intd(msgid))
+                self.spares.give(self.paths.intd(msgid), truncate=True)
         except OSError:
             return b"!"
         return b"+"

@@ -92,26 +92,33 @@ class Committer(threading.Thread):
         self.pending.put((msg, done))
 
     def run(self) -> None:
+        # messages whose files the last barrier made durable: linked by the next step
+        durable: list[tuple[PendingMessage, Callable[[PendingMessage], None]]] = []
         while True:
-            batch = [self.pending.get()]
+            # with messages waiting for their links, take what is ready and go on
+            batch = [] if durable else [self.pending.get()]
             while True:
                 try:
                     batch.append(self.pending.get_nowait())
                 except queue_mod.Empty:
                     break
-            msgs = [m for m, _ in batch]
+            waiting = {id(m): done for m, done in durable + batch}
             try:
-                self.store.commit(msgs)
+                live = self.store.commit_step([m for m, _ in durable], [m for m, _ in batch])
             except BaseException as e:  # never leave a client without an answer
                 log(f"alert: queue commit failed: {e!r}")
-                for m in msgs:
+                live = []
+                for m, _ in durable + batch:
                     if m.result is None:
                         m.result = failure_code(e)
                         self.store.abort(m)
-            if any(m.result is QQExit.OK for m in msgs):
+            finished = [(m, done) for m, done in durable + batch if m.result is not None]
+            durable = [(m, waiting[id(m)]) for m in live]
+            if any(m.result is QQExit.OK for m, _ in finished):
                 self.pull_trigger()
-            # one wake-up of the loop for the whole batch, not one per message
-            self.loop.call_soon_threadsafe(_answer_batch, batch)
+            if finished:
+                # one wake-up of the loop for all of them, not one per message
+                self.loop.call_soon_threadsafe(_answer_batch, finished)
 
 
 def _clean_all(store: QueueStore, requests: list[str]) -> list[bytes]:

@@ -172,7 +172,7 @@ def test_abort_leaves_nothing_behind(store: QueueStore) -> None:
     assert all_files(store.paths) == []
 
 
-def test_failed_link_aborts_the_whole_batch_and_leaves_nothing(store: QueueStore) -> None:
+def test_failed_link_fails_only_that_message_and_leaves_nothing_of_it(store: QueueStore) -> None:
     msgs = []
     for i in range(3):
         m = store.start(i + 1, 0, b"R\n")
@@ -186,8 +186,10 @@ def test_failed_link_aborts_the_whole_batch_and_leaves_nothing(store: QueueStore
         store.commit(msgs)
     finally:
         victim.mkdir()
-    assert {m.result for m in msgs} == {QQExit.TODO_DIR}
-    assert all_files(store.paths) == []
+    assert [m.result for m in msgs] == [QQExit.OK, QQExit.TODO_DIR, QQExit.OK]
+    n = msgs[1].msgid
+    assert not any(f.endswith(f"/{n}") for f in all_files(store.paths))
+    assert store.paths.todo(msgs[0].msgid).exists() and store.paths.todo(msgs[2].msgid).exists()
 
 
 def test_failed_intd_create_fails_only_that_message(store: QueueStore) -> None:
@@ -360,3 +362,32 @@ def test_envelope_parser_takes_any_bytes(data: bytes) -> None:
         assert e.code in (11, 54, 91)
     else:
         assert data.startswith(env.encode_for_queue())
+
+
+def test_pipelined_step_links_the_previous_batch_with_one_barrier(store: QueueStore,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the committer's step: the files of the new batch and the todo links of the previous
+    # one (whose files are already durable) share one barrier; a todo link is never made
+    # before the barrier that covered its files
+    import eqmail.queue.writer as writer_mod
+
+    calls: list[str] = []
+    real_syncfs = writer_mod.syncfs
+    monkeypatch.setattr(writer_mod, "syncfs", lambda fd: (calls.append("syncfs"), real_syncfs(fd)))
+
+    def ready(i: int) -> PendingMessage:
+        m = store.start(i, 0, b"R\n")
+        store.write(m, b"body %d\n" % i)
+        m.envelope = Envelope("s@x", (f"r{i}@y",))
+        return m
+
+    a, b = ready(1), ready(2)
+    assert store.commit_step([], [a, b]) == [a, b]
+    assert calls == ["syncfs"] and a.result is None and not store.paths.todo(a.msgid).exists()
+    c = ready(3)
+    assert store.commit_step([a, b], [c]) == [c]
+    assert calls == ["syncfs", "syncfs"]
+    assert a.result is b.result is QQExit.OK and c.result is None
+    assert store.paths.todo(a.msgid).exists() and not store.paths.todo(c.msgid).exists()
+    assert store.commit_step([c], []) == []  # one link alone: fsync of its todo/N, no syncfs
+    assert calls == ["syncfs", "syncfs"] and c.result is QQExit.OK and store.paths.todo(c.msgid).exists()
