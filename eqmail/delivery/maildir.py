@@ -1,9 +1,10 @@
 """Delivery of one message into a Maildir (qmail-local's maildir child, maildir(5)).
 
 What it owns: writing ``prefix`` (Return-Path + Delivered-To lines) and the message into
-``<maildir>/tmp/<time>.<unique>.<host>`` created with O_EXCL, fsync, link to ``new/``
-under the same name, unlink the tmp name, and -- stricter than qmail -- fsync ``new/``
-so the new directory entry is on disk before success is reported.
+a new file, fsync, and linking it to ``new/<time>.<unique>.<host>``; then -- stricter
+than qmail -- fsync ``new/`` so the new directory entry is on disk before success is
+reported.  The file is created unnamed in ``tmp/`` (O_TMPFILE) where the filesystem
+allows, else as qmail does: ``tmp/<name>`` with O_EXCL, linked, the tmp name unlinked.
 
 Privilege: runs as the recipient; creates files 0600 (qmail-local runs with umask 077).
 
@@ -19,6 +20,7 @@ not reproduced here: a delivery that hangs is the calling worker's to time out.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -123,34 +125,76 @@ def deliver(maildir: str, prefix: bytes, message: BinaryIO, *, hostname: str | N
     except OSError as exc:
         raise MaildirError(CHDIR_TEXT) from exc
     try:
-        fd, name = _create_tmp(dir_fd, hostname)
-        tmp = f"tmp/{name}"
-        try:
-            try:
-                _copy(fd, prefix, message)
-                os.fsync(fd)
-            finally:
-                os.close(fd)  # close errors matter on NFS: reported below as failure
-            os.link(tmp, f"new/{name}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except MaildirError:
-            _unlink_quietly(dir_fd, tmp)
-            raise
-        except OSError as exc:
-            # Includes EEXIST from link(): qmail assumes an NFS retry succeeded, but a
-            # new/ name we did not just create is not ours to vouch for.
-            _unlink_quietly(dir_fd, tmp)
-            raise MaildirError(TEMP_TEXT) from exc
+        name = _deliver_unnamed(dir_fd, prefix, message, hostname)
+        if name is None:
+            name = _deliver_via_tmp(dir_fd, prefix, message, hostname)
         try:
             _fsync_dir(dir_fd, "new")
         except OSError as exc:
             # Not durable, so not delivered: withdraw it, or the retry would duplicate it.
             _unlink_quietly(dir_fd, f"new/{name}")
-            _unlink_quietly(dir_fd, tmp)
             raise MaildirError(TEMP_TEXT) from exc
-        _unlink_quietly(dir_fd, tmp)
         return name
     finally:
         os.close(dir_fd)
+
+
+def _deliver_unnamed(dir_fd: int, prefix: bytes, message: BinaryIO, hostname: str) -> str | None:
+    """The file is created without a name (O_TMPFILE in tmp/), written, fsynced and only
+    then linked into new/: readers never see it partial, a crash leaves nothing, and
+    neither tmp/ name nor unlink is needed.  Creating a file without a name does not
+    lock tmp/, so concurrent deliveries to one Maildir do not queue on that directory
+    while the filesystem allocates their inodes.  None where the filesystem has no
+    O_TMPFILE (NFS, old kernels): then qmail's tmp/ name is used."""
+    try:
+        fd = os.open("tmp", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise MaildirError(TEMP_TEXT) from exc
+    try:
+        _copy(fd, prefix, message)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise MaildirError(TEMP_TEXT) from exc
+        for attempt in range(_TRIES):
+            name = unique_name(hostname)
+            try:
+                # the unnamed file gets its name through its /proc/self/fd entry
+                os.link(f"/proc/self/fd/{fd}", f"new/{name}", dst_dir_fd=dir_fd, follow_symlinks=True)
+                return name
+            except FileExistsError:
+                if attempt + 1 < _TRIES:
+                    time.sleep(_RETRY_SLEEP)
+            except OSError as exc:
+                raise MaildirError(TEMP_TEXT) from exc
+        raise MaildirError(TEMP_TEXT)
+    finally:
+        os.close(fd)
+
+
+def _deliver_via_tmp(dir_fd: int, prefix: bytes, message: BinaryIO, hostname: str) -> str:
+    """maildir(5) as qmail does it: tmp/<name>, fsync, link to new/<name>, unlink tmp/."""
+    fd, name = _create_tmp(dir_fd, hostname)
+    tmp = f"tmp/{name}"
+    try:
+        try:
+            _copy(fd, prefix, message)
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # close errors matter on NFS: reported below as failure
+        os.link(tmp, f"new/{name}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except MaildirError:
+        _unlink_quietly(dir_fd, tmp)
+        raise
+    except OSError as exc:
+        # Includes EEXIST from link(): qmail assumes an NFS retry succeeded, but a
+        # new/ name we did not just create is not ours to vouch for.
+        _unlink_quietly(dir_fd, tmp)
+        raise MaildirError(TEMP_TEXT) from exc
+    _unlink_quietly(dir_fd, tmp)
+    return name
 
 
 def _unlink_quietly(dir_fd: int, path: str) -> None:

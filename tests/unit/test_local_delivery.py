@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -506,3 +507,24 @@ def test_default_chain_selects_most_specific(home: Path, tmp_path: Path) -> None
         "foo-default Bar\ndid 0+0+1\n"
     )
     assert run(home, tmp_path, local="joe-zap", ext="Zap").text == "default Zap\ndid 0+0+1\n"
+
+
+def test_maildir_without_o_tmpfile_uses_a_tmp_name(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NFS and old kernels have no O_TMPFILE: qmail's tmp/<name> -> new/<name> path, and
+    # tmp/ is empty afterwards; with O_TMPFILE the file never has a tmp/ name at all
+    box = make_maildir(home / "box")
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(maildir.os, "open", no_tmpfile)
+    name = maildir.deliver(str(box), b"P: 1\n", io.BytesIO(b"body\n"), hostname="h")
+    assert (box / "new" / name).read_bytes() == b"P: 1\nbody\n"
+    assert list((box / "tmp").iterdir()) == []
+    monkeypatch.undo()
+    name2 = maildir.deliver(str(box), b"", io.BytesIO(b"two\n"), hostname="h")
+    assert name2 != name and (box / "new" / name2).read_bytes() == b"two\n"
+    assert list((box / "tmp").iterdir()) == []
