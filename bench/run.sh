@@ -9,7 +9,8 @@
 #
 # Environment: BENCH_STATE (default /var/tmp/eqmail-bench), N, RUNS, MATRIX, EQ_PORT (2726), POSTFIX_PORT (2725),
 # EQ_CONCURRENCY (100), EQ_PROCESSES (listener processes=, default eqmail's), TIMEOUT (s per run),
-# EQ_REV (worktree | git rev), QUIET_WAIT/QUIET_LOAD (wait for a quiet machine first).
+# EQ_REV (worktree | git rev), QUIET_WAIT/QUIET_LOAD (wait for a quiet machine first),
+# WARMUP (messages sent to each server before the measured runs, default N; 0 = none).
 # Runs are interleaved (cell by cell, Postfix and eqmail alternating, order flipped every
 # run) so that drift on this shared VM hits both targets alike.
 # Output: a table with medians and eqmail/Postfix ratios; raw JSON under
@@ -48,6 +49,22 @@ one() {  # label target polldir to size conc
   sed -n '3p;/smtp-source:/p' "$OUT/last-$label.txt"
   cat "$OUT/last-$label.txt" >> "$OUT/$label.txt"
 }
+
+# Warm-up, not measured: both servers take WARMUP messages (5 KB, 10 sessions) and
+# deliver them, then both Maildirs are emptied.  A freshly started server pays one-time
+# costs in its first burst (eqmail: its spare-inode pools are empty, so every queue file
+# is created, right after this script deleted the previous instance's files); a running
+# server does not.  WARMUP=0 measures the cold start.
+WARMUP="${WARMUP:-$N}"
+if [ "$WARMUP" -gt 0 ]; then
+  echo "== warm-up: $WARMUP messages to each server (not measured)"
+  for t in postfix eqmail; do
+    if [ "$t" = postfix ]; then tgt="$POSTFIX_ADDR:$POSTFIX_PORT"; poll="$PF_MAILDIR_NEW"; to="$PF_TO"
+    else tgt="$EQ_ADDR:$EQ_PORT"; poll="$EQ_MAILDIR_NEW"; to="$EQ_TO"; fi
+    "$PY" "$SHARED_BENCH/mta_bench.py" --target "$tgt" --poll-dir "$poll" --to "$to" --label "warmup-$t" \
+        -n "$WARMUP" --runs 1 --matrix 5120x10 --timeout "$TIMEOUT" > "$OUT/warmup-$t.txt" 2>&1 || true
+  done
+fi
 
 echo "== runs (N=$N per run; one TCP connection per message)"
 printf '%-14s %7s %4s %3s %9s %9s %8s %9s %6s %6s %3s\n' target size conc run accept_s acc_msg/s e2e_s e2e_msg/s deliv cpu% rc
