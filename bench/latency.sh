@@ -28,6 +28,7 @@ pf_start
 eq_start
 
 wait_quiet | tee -a "$OUT/env.txt"
+settle_after_delete | tee -a "$OUT/env.txt"
 if [ -z "${RATE:-}" ]; then
   echo "== calibration: $CAL_N x 5 KB, 10 sessions"
   "$PY" "$SHARED_BENCH/mta_bench.py" --target "$POSTFIX_ADDR:$POSTFIX_PORT" --poll-dir "$PF_MAILDIR_NEW" --to "$PF_TO" \

@@ -63,10 +63,24 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "must run as root" >&2; exit 1; }; }
 
 # A fresh eqmail instance: control/, queue/, users/assign mapping $EQ_LOCAL to a system
 # user whose ~/Maildir/ is the delivery directory (eqmail's default delivery ./Maildir/).
+# The previous instance's queue/ and home/ are kept when its queue is empty (as every
+# benchmark leaves it), like Postfix's queue, which the harness keeps too: deleting the
+# thousands of files they hold would slow both servers for minutes (settle_after_delete).
+# Everything else (control/, users/, log/, run/) is made afresh.  EQ_FRESH=1 deletes all.
 eq_setup() {
   need_root
   if [ -f "$EQ_ROOT/run/eqmail.pid" ]; then "$EQCTL" --root "$EQ_ROOT" stop >/dev/null 2>&1 || true; fi
-  rm -rf "$EQ_ROOT"
+  if [ -e "$EQ_ROOT" ]; then
+    if [ "${EQ_FRESH:-0}" != 1 ] && [ -d "$EQ_ROOT/queue/mess" ] \
+        && [ -z "$(find "$EQ_ROOT/queue/mess" "$EQ_ROOT/queue/todo" "$EQ_ROOT/queue/info" -type f -print -quit)" ]; then
+      find "$EQ_ROOT" -mindepth 1 -maxdepth 1 ! -name queue ! -name home -exec rm -rf {} +
+      find "$EQ_HOME/Maildir/new" "$EQ_HOME/Maildir/cur" "$EQ_HOME/Maildir/tmp" -type f -delete 2>/dev/null || true
+    else
+      rm -rf "$EQ_ROOT"
+      sync
+      date +%s > "$BENCH_STATE/.deleted-at"  # see settle_after_delete
+    fi
+  fi
   mkdir -p "$EQ_ROOT"; chmod 755 "$BENCH_STATE" "$EQ_ROOT"
   if ! id "$EQ_USER" >/dev/null 2>&1; then
     useradd --system --user-group --no-create-home --home-dir "$EQ_HOME" --shell /usr/sbin/nologin "$EQ_USER"
@@ -157,4 +171,21 @@ machine_info() {
   echo "eqmail code: $EQ_REV_DESC"
   echo "eqmail extra controls (EQ_CONTROLS): ${EQ_CONTROLS:-none}"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+# ext4 without a journal (this VM's root filesystem) skips inodes freed in the last
+# 60 s (300 s while their inode-table block is still dirty) when it allocates a new one,
+# one lookup each (recently_deleted() in fs/ext4/ialloc.c), and both servers' queues
+# and Maildirs share the same block groups.  Deleting the previous instance (tens of
+# thousands of files) would therefore slow every file creation of BOTH servers for the
+# next minute, and by how much would depend on how big that instance was.  So measure
+# only once the deletion is out of that window (it was followed by sync, so 60 s).
+settle_after_delete() {
+  local settle="${SETTLE:-65}" at now
+  [ -f "$BENCH_STATE/.deleted-at" ] || return 0
+  at=$(cat "$BENCH_STATE/.deleted-at"); now=$(date +%s)
+  if [ $((now - at)) -lt "$settle" ]; then
+    echo "settle: waiting $((settle - (now - at)))s after deleting the previous instance (SETTLE=$settle)"
+    sleep $((settle - (now - at)))
+  fi
 }

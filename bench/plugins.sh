@@ -87,6 +87,7 @@ echo "plugin smoke check (expect 553): $check" | tee -a "$OUT/env.txt"
 case "$check" in *553*) ;; *) echo "control/smtpplugins was not applied" >&2; exit 1 ;; esac
 CURRENT=check
 wait_quiet | tee -a "$OUT/env.txt"
+settle_after_delete | tee -a "$OUT/env.txt"
 
 forks() { awk '/^processes/{print $2}' /proc/stat; }
 one() {  # label run

@@ -52,6 +52,7 @@ SINK_PID=$!
 pf_start
 eq_start
 wait_quiet | tee -a "$OUT/env.txt"
+settle_after_delete | tee -a "$OUT/env.txt"
 
 one() {  # label target cell
   "$PY" "$SHARED_BENCH/mta_bench.py" --target "$2" --poll-dir "$SINK_DIR/new" --to "user@relay.test" \

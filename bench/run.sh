@@ -10,7 +10,8 @@
 # Environment: BENCH_STATE (default /var/tmp/eqmail-bench), N, RUNS, MATRIX, EQ_PORT (2726), POSTFIX_PORT (2725),
 # EQ_CONCURRENCY (100), EQ_PROCESSES (listener processes=, default eqmail's), TIMEOUT (s per run),
 # EQ_REV (worktree | git rev), QUIET_WAIT/QUIET_LOAD (wait for a quiet machine first),
-# WARMUP (messages sent to each server before the measured runs, default N; 0 = none).
+# WARMUP (messages sent to each server before the measured runs, default N; 0 = none),
+# SETTLE (seconds between deleting the previous instance and measuring, default 65; see lib.sh).
 # Runs are interleaved (cell by cell, Postfix and eqmail alternating, order flipped every
 # run) so that drift on this shared VM hits both targets alike.
 # Output: a table with medians and eqmail/Postfix ratios; raw JSON under
@@ -40,6 +41,7 @@ fi
 pf_start
 eq_start
 wait_quiet | tee -a "$OUT/env.txt"
+settle_after_delete | tee -a "$OUT/env.txt"
 
 one() {  # label target polldir to size conc
   local label="$1" target="$2" poll="$3" to="$4" cell="$5"

@@ -57,6 +57,7 @@ postfix -c "$PF_CONF" check
 pf_start
 eq_start
 wait_quiet | tee -a "$OUT/env.txt"
+settle_after_delete | tee -a "$OUT/env.txt"
 pf_master=$(head -1 "$PF_QUEUE/pid/master.pid" | tr -d ' ')
 eq_sup=$(cat "$EQ_ROOT/run/eqmail.pid")
 
