@@ -17,14 +17,18 @@ queue file into the pool instead of unlinking it.  Both fall back to a plain cre
 unlink when the pool is empty, full, or missing (a queue made before pools existed).
 
 Thread-safe enough for the queue writer's threads: ``deque.append``/``pop`` are atomic,
-and a name is used by exactly one taker.
+and a name is used by exactly one taker.  Files given back with data are emptied by one
+background thread per pool before they become takeable.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import queue
 import stat
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +40,11 @@ class InodePool:
     def __init__(self, directory: Path, limit: int = POOL_LIMIT) -> None:
         self.directory = directory
         self.limit = limit
-        self._free: deque[tuple[str, int]] = deque()  # (name in the pool, inode number)
+        self._free: deque[tuple[str, int]] = deque()  # (name in the pool, inode number): empty files
         self._seq = itertools.count(1)
+        self._to_empty: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._emptying = 0  # given files not emptied yet
+        self._emptier: threading.Thread | None = None
         try:
             self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -100,11 +107,15 @@ class InodePool:
             return fd, ino
         return None
 
-    def give(self, path: os.PathLike[str] | str, truncate: bool = False) -> bool:
+    def give(self, path: os.PathLike[str] | str) -> bool:
         """Retire a queue file: into the pool if there is room, else unlinked.  Returns
-        False when ``path`` did not exist.  ``truncate`` frees its data blocks now
-        rather than when it is taken again."""
-        if self._dir_fd < 0 or len(self._free) >= self.limit:
+        False when ``path`` did not exist.
+
+        A file with data is emptied by the pool's own thread before it can be taken
+        again: truncating waits for any write-back of its pages in flight (another
+        worker's syncfs, the flusher), and neither the caller's loop nor ``take``
+        should wait for that."""
+        if self._dir_fd < 0 or len(self._free) + self._emptying >= self.limit:
             return _unlink(path)
         try:
             st = os.stat(path, follow_symlinks=False)
@@ -113,18 +124,42 @@ class InodePool:
         if not _plain_file(st):
             return _unlink(path)
         spare = f"s{next(self._seq)}.{st.st_ino}"
-        if truncate and st.st_size:
-            try:
-                os.truncate(path, 0)
-            except OSError:
-                pass
         try:
             os.rename(path, spare, dst_dir_fd=self._dir_fd)
         except FileNotFoundError:
             return False
-        self._free.append((spare, st.st_ino))
+        if st.st_size == 0:
+            self._free.append((spare, st.st_ino))
+        else:
+            self._emptying += 1
+            self._to_empty.put((spare, st.st_ino))
+            if self._emptier is None:
+                self._emptier = threading.Thread(target=self._empty_forever, name="spare-emptier",
+                                                 daemon=True)
+                self._emptier.start()
         return True
 
+    def _empty_forever(self) -> None:
+        while True:
+            spare, ino = self._to_empty.get()
+            try:
+                fd = os.open(spare, os.O_WRONLY, dir_fd=self._dir_fd)
+                try:
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(fd)
+            except OSError:
+                _unlink_at(spare, self._dir_fd)  # an odd spare is not worth keeping
+            else:
+                self._free.append((spare, ino))
+            finally:
+                self._emptying -= 1
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every given file is emptied and takeable (tests)."""
+        deadline = time.monotonic() + timeout
+        while self._emptying and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 def _plain_file(st: os.stat_result) -> bool:

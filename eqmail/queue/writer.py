@@ -24,8 +24,8 @@ O_TMPFILE linked there; intd files are recycled the same way.
 Durability is batched (group commit, DESIGN §6) and pipelined: every message that is
 complete when the committer is free goes into one batch; a step writes that batch's
 intd files and links the todo/ names of the previous batch (whose files are already
-durable), then ONE barrier (syncfs; fdatasync/fsync of the directory for one message
-alone) makes both durable, and the previous batch is answered.  So a todo link never
+durable), then ONE barrier (syncfs; fsync of its todo/N for a lone link) makes both
+durable, and the previous batch is answered.  So a todo link never
 reaches the disk before its files, and under load each barrier serves two batches.
 Any error is a qmail-queue exit code for every message it touches, and what was
 created is removed, so nothing half-written is ever acknowledged or left behind.
@@ -295,16 +295,12 @@ class QueueStore:
 
     def _barrier(self, linked: list[PendingMessage], written: list[PendingMessage]) -> None:
         """Make durable the todo links of ``linked`` and the mess and intd files (and
-        mess directory entries) of ``written``.  One message alone: fdatasync of its
-        files and fsync of its directory; anything more: one syncfs, which writes every
-        dirty inode and metadata block of the filesystem, directories included."""
-        if len(linked) + len(written) > 1:
+        mess directory entries) of ``written``: one syncfs, which writes every dirty
+        inode and metadata block of the filesystem, directories included, with one
+        cache flush (three separate fdatasync/fsync calls for one message's files
+        would be three flushes).  A single todo link needs only its directory."""
+        if written or len(linked) > 1:
             syncfs(self.root_fd)
-        elif written:
-            msg = written[0]
-            os.fdatasync(msg.mess_fd)
-            os.fdatasync(msg.intd_fd)
-            fsync_dir(self.paths.dir("mess") / str(msg.msgid % SPLIT))
         else:
             fsync_dir(self.paths.dir("todo") / str(linked[0].msgid % SPLIT))
 
@@ -333,15 +329,14 @@ class QueueStore:
         # first): the scanner watches todo/, and a rename out of it would be a move
         # event that watchdog holds back (0.5 s) to pair it, delaying every later event.
         # A crash between the two leaves an intd/ file alone, which the message's foop/
-        # removes with its mess file.  The data blocks are freed now, on this (the
-        # cleaner) thread, not when the loop or the committer takes the file.
+        # removes with its mess file.
         try:
             if kind == "foop":
                 _unlink(self.paths.intd(msgid), strict=True)
-                self.spares.give(self.paths.mess(msgid), truncate=True)
+                self.spares.give(self.paths.mess(msgid))
             else:
                 _unlink(self.paths.todo(msgid), strict=True)
-                self.spares.give(self.paths.intd(msgid), truncate=True)
+                self.spares.give(self.paths.intd(msgid))
         except OSError:
             return b"!"
         return b"+"

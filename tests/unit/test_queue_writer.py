@@ -257,6 +257,7 @@ def test_finished_files_are_recycled_as_the_next_messages_files(store: QueueStor
     todo_ino = os.stat(store.paths.todo(n)).st_ino
     assert store.clean(f"todo/{n % 23}/{n}") == b"+" and store.clean(f"foop/{n}") == b"+"
     spare_dir = store.paths.dir("spare-queue")
+    store.spares.settle()
     assert len(os.listdir(spare_dir)) == 2 and len(store.spares) == 2
     second = queue_one(store, b"second\n", Envelope("a@b", ("c@d",)))
     assert os.listdir(spare_dir) == [] and len(store.spares) == 0

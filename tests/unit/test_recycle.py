@@ -27,6 +27,7 @@ def test_given_file_is_taken_back_empty_under_its_new_name(pool_dir: Path, tmp_p
     old.write_bytes(b"Fsender@example.org\0")
     ino = old.stat().st_ino
     assert pool.give(old) is True
+    pool.settle()
     assert not old.exists() and len(pool) == 1 and len(os.listdir(pool_dir)) == 1
     taken = pool.take(lambda i: tmp_path / f"mess-{i}")
     assert taken is not None
@@ -37,14 +38,16 @@ def test_given_file_is_taken_back_empty_under_its_new_name(pool_dir: Path, tmp_p
     assert os.listdir(pool_dir) == [] and len(pool) == 0
 
 
-def test_give_of_a_missing_file_is_false_and_truncate_frees_the_data(pool_dir: Path, tmp_path: Path) -> None:
+def test_give_of_a_missing_file_is_false_and_data_is_freed_in_the_background(pool_dir: Path,
+                                                                              tmp_path: Path) -> None:
     pool = InodePool(pool_dir)
     assert pool.give(tmp_path / "absent") is False
     f = tmp_path / "big"
     f.write_bytes(b"x" * 100_000)
-    assert pool.give(f, truncate=True)
+    assert pool.give(f)
+    pool.settle()
     [name] = os.listdir(pool_dir)
-    assert (pool_dir / name).stat().st_size == 0
+    assert (pool_dir / name).stat().st_size == 0 and len(pool) == 1
 
 
 def test_full_pool_unlinks_and_a_second_name_is_never_pooled(pool_dir: Path, tmp_path: Path) -> None:
@@ -53,6 +56,7 @@ def test_full_pool_unlinks_and_a_second_name_is_never_pooled(pool_dir: Path, tmp
     a.write_bytes(b"a")
     b.write_bytes(b"b")
     assert pool.give(a) and pool.give(b)
+    pool.settle()
     assert not b.exists() and len(os.listdir(pool_dir)) == 1
     (tmp_path / "spare2").mkdir()
     pool2 = InodePool(tmp_path / "spare2")
@@ -87,6 +91,7 @@ def test_missing_target_directory_keeps_the_spare(pool_dir: Path, tmp_path: Path
     f = tmp_path / "f"
     f.write_bytes(b"1")
     pool.give(f)
+    pool.settle()
     with pytest.raises(FileNotFoundError):
         pool.take(lambda i: tmp_path / "no-such-dir" / str(i))
     assert len(pool) == 1 and len(os.listdir(pool_dir)) == 1
