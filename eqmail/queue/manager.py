@@ -172,10 +172,12 @@ class QueueManager:
         A crash anywhere leaves todo/ in place, so the message is preprocessed again from
         scratch — never lost, never half-split."""
         written: list[tuple[int, list[int]]] = []
+        channels: dict[int, list[Channel]] = {}  # the channel files each message got
         for msgid in ids:
-            fds = self._split_one(msgid)
-            if fds is not None:
-                written.append((msgid, fds))
+            split = self._split_one(msgid)
+            if split is not None:
+                written.append((msgid, split[0]))
+                channels[msgid] = split[1]
         if not written:
             return 0
         try:
@@ -198,12 +200,9 @@ class QueueManager:
                 self._forget(msgid)
                 continue
             done += 1
-            any_channel = False
-            for ch, state in self.channels.items():
-                if os.path.exists(self._chan_path(ch, msgid)):
-                    state.schedule_at(msgid, now)
-                    any_channel = True
-            if not any_channel:
+            for ch in channels[msgid]:
+                self.channels[ch].schedule_at(msgid, now)
+            if not channels[msgid]:
                 self.message_done(msgid)
         return done
 
@@ -214,8 +213,9 @@ class QueueManager:
         else:
             syncfs(self.root_fd)
 
-    def _split_one(self, msgid: int) -> list[int] | None:
-        """Step 1 for one message; returns the open fds of the files written."""
+    def _split_one(self, msgid: int) -> tuple[list[int], list[Channel]] | None:
+        """Step 1 for one message; returns the open fds of the files written and the
+        channels that got a file."""
         p = self.paths
         try:
             with open(p.todo(msgid), "rb") as f:
@@ -244,7 +244,7 @@ class QueueManager:
             return spare[0]
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def _write_split(self, msgid: int, data: bytes, size: int) -> list[int]:
+    def _write_split(self, msgid: int, data: bytes, size: int) -> tuple[list[int], list[Channel]]:
         p = self.paths
         info_fd = self._create(p.info(msgid))
         fds = [info_fd]
@@ -281,7 +281,7 @@ class QueueManager:
             raise
         log_lines(lines)
         self._remember(msgid, sender, buffers, addrs)
-        return fds
+        return fds, [ch for ch, recs in buffers.items() if recs]
 
     def _forget(self, msgid: int) -> None:
         for ch in Channel:
