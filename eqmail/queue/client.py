@@ -146,6 +146,11 @@ class AsyncQueueClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.broken = False
+        # body frames not sent yet: a small message goes out with its envelope in one
+        # write (one syscall here, one read in the writer), a big one in FLUSH pieces
+        self.pending = bytearray()
+
+    FLUSH = 64 * 1024
 
     async def _connect(self) -> None:
         while self._idle:
@@ -169,7 +174,8 @@ class AsyncQueueClient:
         """The session is over and no message is in flight: keep the connection."""
         if self.writer is None or self.reader is None:
             return
-        if self.broken or self.writer.is_closing() or len(self._idle) >= self.MAX_IDLE:
+        if self.broken or self.pending or self.writer.is_closing() or len(self._idle) >= self.MAX_IDLE:
+            self.pending.clear()
             self.writer.close()
         else:
             self._idle.append((self.reader, self.writer))
@@ -183,9 +189,12 @@ class AsyncQueueClient:
                 await self._connect()
             assert self.writer is not None
             for i in range(0, len(data), CHUNK):
-                self.writer.write(frame(b"B", data[i : i + CHUNK]))
-            if self.writer.transport.get_write_buffer_size() > 1 << 20:
-                await self.writer.drain()
+                self.pending += frame(b"B", data[i : i + CHUNK])
+            if len(self.pending) >= self.FLUSH:
+                self.writer.write(bytes(self.pending))
+                self.pending.clear()
+                if self.writer.transport.get_write_buffer_size() > 1 << 20:
+                    await self.writer.drain()
         except OSError:
             self.broken = True
 
@@ -197,7 +206,9 @@ class AsyncQueueClient:
             if self.writer is None:
                 await self._connect()
             assert self.writer is not None and self.reader is not None
-            self.writer.write(frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue()))
+            self.pending += frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue())
+            self.writer.write(bytes(self.pending))
+            self.pending.clear()
             header = await self.reader.readexactly(HEADER.size)
             kind, length = check_header(header)
             payload = await self.reader.readexactly(length)
@@ -213,6 +224,7 @@ class AsyncQueueClient:
 
     async def abandon(self) -> None:
         self.broken = False
+        self.pending.clear()
         if self.writer is not None:
             self.writer.close()
             try:
