@@ -41,6 +41,7 @@ class SpawnSpec:
     keep_fds: tuple[int, ...]
     log_fd: int
     title: str
+    nice: int = 0  # added to the worker's niceness (never lowered)
 
 
 def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]) -> None:
@@ -68,6 +69,8 @@ def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]
         setproctitle(spec.title)
     except ImportError:  # pragma: no cover
         pass
+    if spec.nice > 0:
+        os.nice(spec.nice)
     if spec.ids is not None:
         drop_to(spec.ids.uid, spec.ids.gid, spec.groups)
     if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:

@@ -392,6 +392,24 @@ def test_status_json(running: Instance) -> None:
     assert text.startswith(f"eqmail: running, pid {s['pid']}")
 
 
+def test_delivery_side_runs_at_a_lower_cpu_priority(running: Instance) -> None:
+    # receiving first: the scanner and the delivery workers (and what they start) are
+    # niced by 5, the listeners and the queue writer are not
+    def nice(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+
+    base = nice(running.supervisor_pid())
+    got = {w["kind"]: nice(w["pid"]) - base for w in status(running)["workers"]}
+    assert got["scanner"] == got["local"] == got["remote"] == 5, got
+    assert got["queuewriter"] == got["logger"] == 0, got
+    assert all(v == 0 for k, v in got.items() if k == "listener"), got
+    dotqmail(running, ".qmail-nice", "|cut -d' ' -f19 /proc/self/stat > nice.out\n")
+    send(running, b"Subject: nice\n\nx\n", f"testuser+nice@{ME}", tool="eqmail-inject")
+    poll((running.home / "nice.out").exists, what="program output", inst=running)
+    assert int((running.home / "nice.out").read_text()) - base == 5
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root: real uid changes")
 def test_worker_privileges(running: Instance) -> None:
     import grp
