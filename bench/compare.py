@@ -38,16 +38,16 @@ def main() -> None:
             cells.append(key)
         by[(r["label"], *key)].append(r)
     rows = []
-    print("| msg size | sessions | Postfix accept msg/s | eqmail accept msg/s | **accept ratio** "
+    print("| msg size | sessions | messages | Postfix accept msg/s | eqmail accept msg/s | **accept ratio** "
           "| Postfix e2e msg/s | eqmail e2e msg/s | **e2e ratio** | ok runs (pf / eq) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for size, conc in cells:
         pf, eq = by[("postfix", size, conc)], by[("eqmail", size, conc)]
 
         def ok(rs):
             return sum(1 for r in rs if r["rc"] == 0 and r["delivered"] == r["messages"])
 
-        s = {"size": size, "conc": conc,
+        s = {"size": size, "conc": conc, "messages": max((r["messages"] for r in pf + eq), default=0),
              "postfix_accept": med([r["accept_mps"] for r in pf]), "eqmail_accept": med([r["accept_mps"] for r in eq]),
              "postfix_e2e": med([r["e2e_mps"] for r in pf]), "eqmail_e2e": med([r["e2e_mps"] for r in eq]),
              "postfix_ok": f"{ok(pf)}/{len(pf)}", "eqmail_ok": f"{ok(eq)}/{len(eq)}",
@@ -56,7 +56,7 @@ def main() -> None:
         s["accept_ratio"] = ratio(s["eqmail_accept"], s["postfix_accept"])
         s["e2e_ratio"] = ratio(s["eqmail_e2e"], s["postfix_e2e"])
         rows.append(s)
-        print(f"| {size // 1024} KB | {conc} | {f(s['postfix_accept'])} | {f(s['eqmail_accept'])} | "
+        print(f"| {size // 1024} KB | {conc} | {s['messages']} | {f(s['postfix_accept'])} | {f(s['eqmail_accept'])} | "
               f"**{f(s['accept_ratio'], 2)}×** | {f(s['postfix_e2e'])} | {f(s['eqmail_e2e'])} | "
               f"**{f(s['e2e_ratio'], 2)}×** | {s['postfix_ok']} / {s['eqmail_ok']} |")
     bad = [r for r in runs if not (r["rc"] == 0 and r["delivered"] == r["messages"])]

@@ -3,7 +3,7 @@
 # a Maildir, measured with Postfix's smtp-source through the shared harness
 # (../shared/bench/mta_bench.py).
 #
-#   bench/run.sh                 # N=2000, RUNS=3, matrix 5120x1,5120x10,5120x50,102400x10
+#   bench/run.sh                 # N=2000, RUNS=3, 5 KB x {1,10,50} (N) and 100 KB x {1,10,50} (500 each)
 #   QUICK=1 bench/run.sh         # N=300, RUNS=1 (smoke run, ~2 min)
 #   N=500 RUNS=1 MATRIX=5120x10 bench/run.sh
 #
@@ -23,7 +23,9 @@ need_root
 if [ "${QUICK:-0}" = 1 ]; then N="${N:-300}"; RUNS="${RUNS:-1}"; fi
 N="${N:-2000}"
 RUNS="${RUNS:-3}"
-MATRIX="${MATRIX:-5120x1,5120x10,5120x50,102400x10}"
+# issue 8's matrix: 2000 x 5 KB and 500 x 100 KB, each at 1, 10 and 50 sessions
+# (a cell's ":MESSAGES" overrides N for that cell)
+MATRIX="${MATRIX:-5120x1,5120x10,5120x50,102400x1:500,102400x10:500,102400x50:500}"
 TIMEOUT="${TIMEOUT:-300}"
 OUT="${OUT:-$BENCH_STATE/results/$(date -u +%Y%m%dT%H%M%SZ)-throughput}"
 mkdir -p "$OUT"
@@ -43,10 +45,11 @@ eq_start
 wait_quiet | tee -a "$OUT/env.txt"
 settle_after_delete | tee -a "$OUT/env.txt"
 
-one() {  # label target polldir to size conc
-  local label="$1" target="$2" poll="$3" to="$4" cell="$5"
+one() {  # label target polldir to cell  (cell: SIZExCONC or SIZExCONC:MESSAGES)
+  local label="$1" target="$2" poll="$3" to="$4" cell="${5%%:*}" n="$N"
+  [ "$5" != "$cell" ] && n="${5#*:}"
   "$PY" "$SHARED_BENCH/mta_bench.py" --target "$target" --poll-dir "$poll" --to "$to" --label "$label" \
-      -n "$N" --runs 1 --matrix "$cell" --timeout "$TIMEOUT" --jsonl "$OUT/raw-runs.jsonl" \
+      -n "$n" --runs 1 --matrix "$cell" --timeout "$TIMEOUT" --jsonl "$OUT/raw-runs.jsonl" \
       > "$OUT/last-$label.txt" 2>&1 || true
   sed -n '3p;/smtp-source:/p' "$OUT/last-$label.txt"
   cat "$OUT/last-$label.txt" >> "$OUT/$label.txt"
