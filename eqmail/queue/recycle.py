@@ -23,6 +23,7 @@ background thread per pool before they become takeable.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import queue
@@ -34,12 +35,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 POOL_LIMIT = 4096  # spare files kept; beyond that a finished file is unlinked
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux; not in every Python's fcntl
 
 
 class InodePool:
-    def __init__(self, directory: Path, limit: int = POOL_LIMIT) -> None:
+    def __init__(self, directory: Path, limit: int = POOL_LIMIT, background: bool = True) -> None:
         self.directory = directory
         self.limit = limit
+        # background: a thread of the pool empties given files; else the owner calls
+        # empty_given() from a thread of its own (the queue writer's cleaner)
+        self.background = background
         self._free: deque[tuple[str, int]] = deque()  # (name in the pool, inode number): empty files
         self._seq = itertools.count(1)
         self._to_empty: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
@@ -108,32 +113,50 @@ class InodePool:
         return None
 
     def give(self, path: os.PathLike[str] | str) -> bool:
-        """Retire a queue file: into the pool if there is room, else unlinked.  Returns
-        False when ``path`` did not exist.
+        """Retire a queue file: into the pool if nobody has it open and there is room,
+        else unlinked.  Returns False when ``path`` did not exist.
 
-        A file with data is emptied by the pool's own thread before it can be taken
-        again: truncating waits for any write-back of its pages in flight (another
-        worker's syncfs, the flusher), and neither the caller's loop nor ``take``
-        should wait for that."""
+        "Nobody has it open" is what makes recycling safe: an unlinked file stays
+        whole for a process that still reads it (a delivery started by a scanner that
+        was killed meanwhile, ``eqmailctl queue``), a recycled one would be emptied
+        and rewritten under it.  A write lease (F_SETLEASE) is granted only when no
+        other descriptor of the file is open anywhere, and held across the rename;
+        after it the file is reachable only through this owner's pool directory.
+
+        A file with data is emptied before it can be taken again: by the pool's own
+        thread, or by the owner's (``background=False``).  Truncating waits for any
+        write-back of its pages in flight, and the caller should not."""
         if self._dir_fd < 0 or len(self._free) + self._emptying >= self.limit:
             return _unlink(path)
         try:
-            st = os.stat(path, follow_symlinks=False)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
-        if not _plain_file(st):
-            return _unlink(path)
-        spare = f"s{next(self._seq)}.{st.st_ino}"
+        except OSError:
+            return _unlink(path)  # not a file we can vouch for (a symlink, no access)
         try:
-            os.rename(path, spare, dst_dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            return False
+            st = os.fstat(fd)
+            if not _plain_file(st):
+                return _unlink(path)
+            try:
+                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)
+            except OSError:
+                return _unlink(path)  # open elsewhere (or leases unavailable): let it be
+            spare = f"s{next(self._seq)}.{st.st_ino}"
+            try:
+                os.rename(path, spare, dst_dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                return False
+            finally:
+                fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        finally:
+            os.close(fd)
         if st.st_size == 0:
             self._free.append((spare, st.st_ino))
         else:
             self._emptying += 1
             self._to_empty.put((spare, st.st_ino))
-            if self._emptier is None:
+            if self.background and self._emptier is None:
                 self._emptier = threading.Thread(target=self._empty_forever, name="spare-emptier",
                                                  daemon=True)
                 self._emptier.start()
@@ -141,23 +164,36 @@ class InodePool:
 
     def _empty_forever(self) -> None:
         while True:
-            spare, ino = self._to_empty.get()
+            self._empty_one(*self._to_empty.get())
+
+    def empty_given(self) -> None:
+        """Empty every file given so far (``background=False`` pools)."""
+        while True:
             try:
-                fd = os.open(spare, os.O_WRONLY, dir_fd=self._dir_fd)
-                try:
-                    os.ftruncate(fd, 0)
-                finally:
-                    os.close(fd)
-            except OSError:
-                _unlink_at(spare, self._dir_fd)  # an odd spare is not worth keeping
-            else:
-                self._free.append((spare, ino))
+                spare, ino = self._to_empty.get_nowait()
+            except queue.Empty:
+                return
+            self._empty_one(spare, ino)
+
+    def _empty_one(self, spare: str, ino: int) -> None:
+        try:
+            fd = os.open(spare, os.O_WRONLY, dir_fd=self._dir_fd)
+            try:
+                os.ftruncate(fd, 0)
             finally:
-                self._emptying -= 1
+                os.close(fd)
+        except OSError:
+            _unlink_at(spare, self._dir_fd)  # an odd spare is not worth keeping
+        else:
+            self._free.append((spare, ino))
+        finally:
+            self._emptying -= 1
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until every given file is emptied and takeable (tests)."""
         deadline = time.monotonic() + timeout
+        if not self.background:
+            self.empty_given()
         while self._emptying and time.monotonic() < deadline:
             time.sleep(0.005)
 

@@ -95,3 +95,28 @@ def test_missing_target_directory_keeps_the_spare(pool_dir: Path, tmp_path: Path
     with pytest.raises(FileNotFoundError):
         pool.take(lambda i: tmp_path / "no-such-dir" / str(i))
     assert len(pool) == 1 and len(os.listdir(pool_dir)) == 1
+
+
+def test_a_file_someone_has_open_is_unlinked_not_recycled(pool_dir: Path, tmp_path: Path) -> None:
+    # a delivery may still read a mess file (its scanner was killed and the message was
+    # finished by the next one): recycling would empty and rewrite it under that reader
+    import subprocess
+    import sys
+
+    f = tmp_path / "mess-1"
+    f.write_bytes(b"Subject: still being read\n\nbody\n")
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nf = open(sys.argv[1], 'rb')\n"
+                               "print('open', flush=True)\ntime.sleep(30)\nsys.stdout.write(f.read().decode())",
+                               str(f)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+        pool = InodePool(pool_dir)
+        assert pool.give(f) is True
+        assert not f.exists() and os.listdir(pool_dir) == [] and len(pool) == 0
+    finally:
+        reader.kill()
+        reader.wait()
+    # and with nobody reading, the same kind of file is recycled
+    g = tmp_path / "mess-2"
+    g.write_bytes(b"x")
+    assert pool.give(g) and len(os.listdir(pool_dir)) == 1
