@@ -111,7 +111,9 @@ class QueueStore:
         self._proc_fd = -1
         # Finished mess and todo files are recycled as new mess and intd files
         # (eqmail.queue.recycle): no inode is allocated or freed per message.
-        self.spares = InodePool(self.paths.dir("spare-queue"))
+        # Emptied by the worker's cleaner thread after it answered (empty_given): a
+        # pool thread of its own would be a fourth thread contending for the GIL.
+        self.spares = InodePool(self.paths.dir("spare-queue"), background=False)
 
     # -- S1 -> S2 -------------------------------------------------------------
     def start(self, qp: int, uid: int, received: bytes) -> PendingMessage:

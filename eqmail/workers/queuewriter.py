@@ -272,6 +272,9 @@ class QueueProtocol(asyncio.Protocol):
         future = self.server.cleaner.submit(_clean_all, store, requests)
         self.clean_answers.append(future)
         future.add_done_callback(lambda _f: self.server.loop.call_soon_threadsafe(self._send_cleans))
+        # then, on the same thread while the answers go out, empty the files the
+        # requests gave to the spare pool (truncating may wait for write-back)
+        self.server.cleaner.submit(store.spares.empty_given)
 
     def _send_cleans(self) -> None:
         while self.clean_answers and self.clean_answers[0].done():
