@@ -218,8 +218,7 @@ class QueueManager:
         channels that got a file."""
         p = self.paths
         try:
-            with open(p.todo(msgid), "rb") as f:
-                data = f.read(64 << 20)
+            data = read_bounded(p.todo(msgid), 64 << 20)
             size = os.stat(p.mess(msgid)).st_size
         except FileNotFoundError:
             return None
@@ -355,8 +354,7 @@ class QueueManager:
             with open(self.paths.info(msgid), "rb") as f:
                 info = f.read(4096)
             birth = os.stat(self.paths.info(msgid)).st_mtime
-            with open(self._chan_path(channel, msgid), "rb") as f:
-                records = parse_channel(f.read(64 << 20))
+            records = parse_channel(read_bounded(self._chan_path(channel, msgid), 64 << 20))
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -529,8 +527,7 @@ class QueueManager:
         self._forget(msgid)  # from here the files are read back
         for ch, state in self.channels.items():
             try:
-                with open(self._chan_path(ch, msgid), "rb") as f:
-                    records = parse_channel(f.read(64 << 20))
+                records = parse_channel(read_bounded(self._chan_path(ch, msgid), 64 << 20))
             except FileNotFoundError:
                 continue
             ps = state.passes.get(msgid)
@@ -593,6 +590,25 @@ class QueueManager:
         dues += self.done_retry.values()
         dues += self.foop_retry.values()
         return min(dues) if dues else None
+
+
+def read_bounded(path: os.PathLike[str] | str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file.  Not ``open(...).read(limit)``: that allocates
+    (mmap) a buffer of ``limit`` bytes for every small todo/ or channel file, and
+    ``open`` asks whether the file is a terminal."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        total = 0
+        while total < limit:
+            chunk = os.read(fd, min(65536, limit - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
