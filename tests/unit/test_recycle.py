@@ -120,3 +120,4 @@ def test_a_file_someone_has_open_is_unlinked_not_recycled(pool_dir: Path, tmp_pa
     g = tmp_path / "mess-2"
     g.write_bytes(b"x")
     assert pool.give(g) and len(os.listdir(pool_dir)) == 1
+
