@@ -12,21 +12,33 @@ no bitmap, so it costs the same on every filesystem and nothing grows with the r
 A pool is one directory per owner (the queue writer's and the scanner's files have
 different owners and modes), on the queue's filesystem; files in it are nameless
 garbage: a crash can leave any number of them, and nothing reads them.  ``take``
-renames one to its new queue name and opens it truncated; ``give`` renames a finished
-queue file into the pool instead of unlinking it.  Both fall back to a plain create or
-unlink when the pool is empty, full, or missing (a queue made before pools existed).
+renames an (emptied) one to its new queue name, never over an existing name
+(renameat2 RENAME_NOREPLACE, as O_EXCL did), and opens it; ``give`` renames a finished
+queue file into the pool instead of unlinking it, unless someone still has it open.
+Both fall back to a plain create or unlink when the pool is empty, full, or missing (a
+queue made before pools existed).
 
 Thread-safe enough for the queue writer's threads: ``deque.append``/``pop`` are atomic,
-and a name is used by exactly one taker.  Files given back with data are emptied by one
-background thread per pool before they become takeable.
+a name is used by exactly one taker, and the count of files being emptied has a lock.
+Files given back with data are emptied before they become takeable: by a thread of the
+pool, or by the owner calling :meth:`InodePool.empty_given` (the queue writer).
+
+Durability: a give and a later take of the same inode are not ordered on disk by any
+barrier of their own.  On a journalling filesystem (ext4's default, xfs) metadata
+operations reach the disk in order, so a power failure cannot bring back an old name
+on a reused inode; on ext4 without a journal, as after any power failure there, run
+fsck before starting (listed in docs/compatibility.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import itertools
 import os
 import queue
+import signal
 import stat
 import threading
 import time
@@ -49,12 +61,18 @@ class InodePool:
         self._seq = itertools.count(1)
         self._to_empty: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._emptying = 0  # given files not emptied yet
+        self._count_lock = threading.Lock()
         self._emptier: threading.Thread | None = None
         try:
             self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             self._dir_fd = -1  # no pool directory: create and unlink as before
             return
+        # Someone opening a file while we hold its lease makes the kernel send us SIGIO,
+        # whose default action kills (the workers ignore it from the start: spawn.py).
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGIO) == signal.SIG_DFL:
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
         # Leftovers of an earlier run are spare files like any other: adopt them.
         for name in os.listdir(self._dir_fd):
             try:
@@ -86,12 +104,14 @@ class InodePool:
                 break
             path = name_for(ino)
             try:
-                os.rename(spare, path, src_dir_fd=self._dir_fd)
-            except FileNotFoundError:
-                if _exists_at(spare, self._dir_fd):
-                    self._free.append((spare, ino))
-                    raise  # the target directory is missing: the caller reports it
-                continue  # removed behind our back: try the next one
+                _rename_noreplace(self._dir_fd, spare, path)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and not _exists_at(spare, self._dir_fd):
+                    continue  # removed behind our back: try the next one
+                # the target exists (a name that does not match its inode, as in a
+                # copied queue) or its directory is missing: the caller reports it
+                self._free.append((spare, ino))
+                raise
             try:
                 fd = os.open(path, os.O_WRONLY)
             except OSError:
@@ -102,7 +122,7 @@ class InodePool:
                 if st.st_ino != ino:  # cannot happen unless someone renamed files
                     raise OSError(f"spare file {spare} changed identity")
                 # not O_TRUNC: truncating is a full setattr even for an empty file, and
-                # most spares were emptied when they were given back
+                # spares are emptied before they can be taken (adopted ones may not be)
                 if st.st_size:
                     os.ftruncate(fd, 0)
             except OSError:
@@ -154,7 +174,8 @@ class InodePool:
         if st.st_size == 0:
             self._free.append((spare, st.st_ino))
         else:
-            self._emptying += 1
+            with self._count_lock:
+                self._emptying += 1
             self._to_empty.put((spare, st.st_ino))
             if self.background and self._emptier is None:
                 self._emptier = threading.Thread(target=self._empty_forever, name="spare-emptier",
@@ -187,7 +208,8 @@ class InodePool:
         else:
             self._free.append((spare, ino))
         finally:
-            self._emptying -= 1
+            with self._count_lock:
+                self._emptying -= 1
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until every given file is emptied and takeable (tests)."""
@@ -217,6 +239,20 @@ def _unlink_at(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src_dir_fd: int, src: str, dst: os.PathLike[str] | str) -> None:
+    """rename(2) that fails with EEXIST instead of replacing ``dst`` (renameat2)."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), os.fspath(dst))
+
+
+AT_FDCWD = -100
 
 
 def _exists_at(name: str, dir_fd: int) -> bool:

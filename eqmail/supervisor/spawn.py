@@ -50,6 +50,10 @@ def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]
                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # socket writes report EPIPE instead
+    # The spare-inode pools hold a file lease for a moment (eqmail.queue.recycle); if
+    # someone opens that file meanwhile, the kernel tells the holder with SIGIO, whose
+    # default action would kill the worker.  The lease is released right away anyway.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     # Ctrl-C in a terminal reaches the whole process group: only the supervisor acts on
     # it (a graceful stop in order); a worker must not die mid-commit or mid-delivery.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -404,6 +404,12 @@ def test_delivery_side_runs_at_a_lower_cpu_priority(running: Instance) -> None:
     assert got["scanner"] == got["local"] == got["remote"] == 5, got
     assert got["queuewriter"] == got["logger"] == 0, got
     assert all(v == 0 for k, v in got.items() if k == "listener"), got
+    # and every worker ignores SIGIO: a file lease of the spare pools (queue/recycle.py)
+    # broken by someone opening the file must not kill the queue writer or the scanner
+    for w in status(running)["workers"]:
+        with open(f"/proc/{w['pid']}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGIO - 1)), w
     dotqmail(running, ".qmail-nice", "|cut -d' ' -f19 /proc/self/stat > nice.out\n")
     send(running, b"Subject: nice\n\nx\n", f"testuser+nice@{ME}", tool="eqmail-inject")
     out = running.home / "nice.out"

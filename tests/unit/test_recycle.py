@@ -121,3 +121,17 @@ def test_a_file_someone_has_open_is_unlinked_not_recycled(pool_dir: Path, tmp_pa
     g.write_bytes(b"x")
     assert pool.give(g) and len(os.listdir(pool_dir)) == 1
 
+
+
+def test_take_never_replaces_an_existing_name(pool_dir: Path, tmp_path: Path) -> None:
+    # O_EXCL's guarantee: a name that already exists (e.g. mess/<n>/<id> in a copied
+    # queue, where names do not match inodes) is an error, and the spare stays spare
+    pool = InodePool(pool_dir)
+    f = tmp_path / "old"
+    f.write_bytes(b"")
+    pool.give(f)
+    victim = tmp_path / "queued"
+    victim.write_bytes(b"a queued message")
+    with pytest.raises(FileExistsError):
+        pool.take(lambda i: victim)
+    assert victim.read_bytes() == b"a queued message" and len(pool) == 1
