@@ -453,6 +453,9 @@ class QueueManager:
         if not self.pending_foop:
             return
         ids, self.pending_foop = self.pending_foop, []
+        ids = [i for i in ids if not self._id_reused(i)]
+        if not ids:
+            return
         for msgid, answer in zip(ids, self.clean([f"foop/{i}" for i in ids]), strict=True):
             if answer != b"+":
                 log(f"warning: qmail-clean unable to clean up foop/{msgid}")
@@ -500,15 +503,27 @@ class QueueManager:
         """
         info = set(self.paths.ids_in("info"))
         todo = set(self.paths.ids_in("todo"))
+        # finished messages whose foop/ is on its way already: one request per message
+        # (a second one, late, could hit a new message that got the recycled id)
+        busy = set(self.pending_foop) | set(self.foop_retry)
         removed = 0
         for msgid in self.paths.ids_in("mess"):
-            if msgid in info or msgid in todo:
+            if msgid in info or msgid in todo or msgid in busy:
                 continue
             if self.clean([f"foop/{msgid}"])[0] == b"+":
                 removed += 1
         return removed
 
     # ------------------------------------------------------------ helpers
+    def _id_reused(self, msgid: int) -> bool:
+        """A finished message's foop/ is stale once its id belongs to a newer message:
+        ids are inode numbers, and the queue writer recycles a removed mess file's inode
+        for the next message at once.  A newer message always has todo/ (the writer
+        refuses foop/ then, and while it is still being written) or info/ (only this
+        scanner creates info/, and a finished message's info/ is gone before its foop/
+        is queued)."""
+        return os.path.exists(self.paths.info(msgid))
+
     def _chan_path(self, channel: Channel, msgid: int) -> os.PathLike[str] | str:
         return self.paths.split_file(channel.dirname, msgid)
 
@@ -582,6 +597,8 @@ class QueueManager:
         for msgid, due in list(self.foop_retry.items()):
             if due <= now:
                 del self.foop_retry[msgid]
+                if self._id_reused(msgid):
+                    continue
                 if self.clean([f"foop/{msgid}"])[0] != b"+":
                     self.foop_retry[msgid] = now + 60
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eqmail.queue.manager import read_bounded
+from eqmail.control import load_controls
+from eqmail.queue.layout import create_queue
+from eqmail.queue.manager import QueueManager, read_bounded
 
 
 def test_read_bounded_reads_whole_small_files_and_stops_at_the_limit(tmp_path: Path) -> None:
@@ -15,3 +17,45 @@ def test_read_bounded_reads_whole_small_files_and_stops_at_the_limit(tmp_path: P
     f.write_bytes(data)
     assert read_bounded(f, 1 << 20) == data
     assert read_bounded(f, 70_000) == data[:70_000]
+
+
+def _manager(tmp_path: Path, cleaned: list[str]) -> QueueManager:
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test.example\n")
+    paths = create_queue(tmp_path / "queue")
+
+    def cleaner(requests: list[str]) -> list[bytes]:
+        cleaned.extend(requests)
+        return [b"+"] * len(requests)
+
+    return QueueManager(load_controls(tmp_path), paths, cleaner, lambda *a: (True, "1"))
+
+
+def test_a_late_foop_never_hits_a_newer_message_with_the_recycled_id(tmp_path: Path) -> None:
+    # message 4242 finished, but its foop/ was refused (writer restarting) and waits for
+    # a retry; meanwhile its inode was recycled as the id of a new message, which has
+    # been preprocessed (info/ exists): the retry must be dropped, not remove mess/4242
+    cleaned: list[str] = []
+    m = _manager(tmp_path, cleaned)
+    m.foop_retry[4242] = 0.0
+    m.paths.mess(4242).write_bytes(b"the new message\n")
+    m.paths.info(4242).write_bytes(b"Fs@x\0")
+    m.retry_done()
+    m.pending_foop.append(4242)
+    m.flush_cleans()
+    assert cleaned == [] and 4242 not in m.foop_retry
+    # without a newer message the retry goes out as before
+    m.paths.info(4242).unlink()
+    m.foop_retry[4242] = 0.0
+    m.retry_done()
+    assert cleaned == ["foop/4242"]
+
+
+def test_sweep_leaves_messages_whose_foop_is_already_on_its_way(tmp_path: Path) -> None:
+    cleaned: list[str] = []
+    m = _manager(tmp_path, cleaned)
+    for msgid in (100, 200, 300):
+        m.paths.mess(msgid).write_bytes(b"x")
+    m.foop_retry[100] = 1e12
+    m.pending_foop.append(200)
+    assert m.sweep() == 1 and cleaned == ["foop/300"]
