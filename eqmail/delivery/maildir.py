@@ -32,6 +32,7 @@ _TRIES = 3  # like qmail: three attempts at a fresh name, 2 s apart
 _RETRY_SLEEP = 2.0
 
 _counter = itertools.count(1)
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 CHDIR_TEXT = "Unable to chdir to maildir. (#4.2.1)"
 READ_TEXT = "Unable to read message. (#4.3.0)"
@@ -146,6 +147,8 @@ def _deliver_unnamed(dir_fd: int, prefix: bytes, message: BinaryIO, hostname: st
     lock tmp/, so concurrent deliveries to one Maildir do not queue on that directory
     while the filesystem allocates their inodes.  None where the filesystem has no
     O_TMPFILE (NFS, old kernels): then qmail's tmp/ name is used."""
+    if not _PROC_FD:
+        return None  # no /proc: an unnamed file could not be given its name
     try:
         fd = os.open("tmp", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     except OSError as exc:

@@ -95,7 +95,9 @@ def received_line(qp: int, who: str, now: float | None = None) -> bytes:
 
 class QueueStore:
     """The file operations; one instance per queue.  Not thread-safe by itself: the
-    worker calls start/write/abort from its event loop and commit from one thread."""
+    worker calls start/write/abort from its event loop, commit_step from its committer
+    thread and clean from its cleaner thread.  What they share is safe for that:
+    ``inflight`` (single set operations) and the spare pool (see eqmail.queue.recycle)."""
 
     def __init__(self, queue_root: Path) -> None:
         self.paths = QueuePaths(queue_root)
@@ -309,7 +311,7 @@ class QueueStore:
     # -- qmail-clean ----------------------------------------------------------
     def clean(self, request: str) -> bytes:
         """qmail-clean: ``foop/<id>`` removes intd+mess, ``todo/[<n>/]<id>`` removes
-        intd then todo.  Answers ``+`` (done; absent is fine), ``!`` or ``x``.
+        todo then intd.  Answers ``+`` (done; absent is fine), ``!`` or ``x``.
 
         ``foop/`` is refused (``!``) for a message still being written or already
         committed (todo/ present): then the scanner's sweep of mess files that have
@@ -327,11 +329,11 @@ class QueueStore:
         if kind == "foop" and (msgid in self.inflight or os.path.exists(self.paths.todo(msgid))):
             return b"!"
         # A finished file goes to the spare pool under its last name, so the other one is
-        # unlinked first.  For todo/ that is the todo name (qmail-clean removes intd/
-        # first): the scanner watches todo/, and a rename out of it would be a move
-        # event that watchdog holds back (0.5 s) to pair it, delaying every later event.
-        # A crash between the two leaves an intd/ file alone, which the message's foop/
-        # removes with its mess file.
+        # unlinked first.  For todo/ the todo name goes first (qmail-clean removes intd/
+        # first) and the file leaves through intd/: todo/ then only ever loses names by
+        # unlink, which anything watching todo/ (an admin's inotify tool) sees as a
+        # plain delete.  A crash between the two leaves an intd/ file alone, which the
+        # message's foop/ removes with its mess file.
         try:
             if kind == "foop":
                 _unlink(self.paths.intd(msgid), strict=True)

@@ -134,7 +134,10 @@ def _clean_all(store: QueueStore, requests: list[str]) -> list[bytes]:
 
 def _answer_batch(batch: list[tuple[PendingMessage, Callable[[PendingMessage], None]]]) -> None:
     for m, done in batch:
-        done(m)
+        try:
+            done(m)
+        except Exception as e:  # one client's trouble must not keep the others unanswered
+            log(f"warning: answering queue client for msg {m.msgid}: {e!r}")
 
 
 class QueueProtocol(asyncio.Protocol):
