@@ -93,9 +93,10 @@ def accept_from(listener: socket.socket, allowed_uids: set[int]) -> socket.socke
     return conn
 
 
-def read_requests(conn: socket.socket, buf: bytearray) -> list[bytes] | None:
-    """The delivery-request (``D``) payloads now readable on a delivery worker's
-    connection; None when the peer closed it.  ProtocolError for any other frame."""
+def read_requests(conn: socket.socket, buf: bytearray, kind: bytes = b"D") -> list[bytes] | None:
+    """The payloads of ``kind`` frames now readable on a non-blocking connection
+    (delivery requests ``D`` at a delivery worker, reports ``r`` at the scanner); None
+    when the peer closed it.  ProtocolError for any other frame."""
     try:
         data = conn.recv(65536)
     except BlockingIOError:
@@ -106,9 +107,9 @@ def read_requests(conn: socket.socket, buf: bytearray) -> list[bytes] | None:
         return None
     buf += data
     payloads = []
-    for kind, payload in take_frames(buf):
-        if kind != b"D":
-            raise ProtocolError(f"unexpected frame {kind!r}")
+    for got, payload in take_frames(buf):
+        if got != kind:
+            raise ProtocolError(f"unexpected frame {got!r}")
         payloads.append(payload)
     return payloads
 

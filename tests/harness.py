@@ -12,6 +12,7 @@ process runs as the invoking user and users/assign maps the test addresses to it
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 VENV_BIN = Path(os.environ.get("EQMAIL_VENV", Path(sys.executable).parent.parent)) / "bin"
 ME = "mx.test.example"
@@ -361,6 +363,20 @@ def queue_files(inst: Instance) -> list[str]:
         for dirpath, _dirs, files in os.walk(q / name):
             out += [os.path.relpath(os.path.join(dirpath, f), q) for f in files]
     return sorted(out)
+
+
+def dotqmail(inst: Instance, name: str, text: str) -> Path:
+    """A .qmail file in the test user's home, owned by them, mode 0644."""
+    path = inst.home / name
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    os.chown(path, inst.uid, inst.gid)
+    return path
+
+
+def status(inst: Instance) -> dict[str, Any]:
+    """``eqmailctl status --json`` of a running instance."""
+    return json.loads(inst.ctl("status", "--json").stdout)
 
 
 def proc_children(pid: int) -> list[tuple[int, bytes]]:

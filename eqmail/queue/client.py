@@ -9,7 +9,6 @@ qmail-queue's exit code and qmail_close()'s text.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -232,17 +231,3 @@ class AsyncQueueClient:
             except OSError:
                 pass
         self.writer = self.reader = None
-
-
-def pull_trigger(root: Path) -> None:
-    """qmail's triggerpull: one byte into lock/trigger, non-blocking, errors ignored."""
-    try:
-        fd = os.open(Instance(root).queue / "lock" / "trigger", os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return
-    try:
-        os.write(fd, b"\0")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -23,7 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from eqmail.ipc import ProtocolError, frame, take_frames
+from eqmail.ipc import ProtocolError, frame, read_requests
 from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
@@ -88,19 +88,11 @@ class DeliveryChannel:
     def read_reports(self) -> list[tuple[Slot, str, str]] | None:
         """Reports now readable; None when the worker went away."""
         assert self.sock is not None
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return []
-        except OSError:
-            data = b""
-        if not data:
+        payloads = read_requests(self.sock, self.buf, kind=b"r")
+        if payloads is None:
             return None
-        self.buf += data
         out = []
-        for kind, payload in take_frames(self.buf):
-            if kind != b"r":
-                raise ProtocolError(f"unexpected frame {kind!r} from delivery worker")
+        for payload in payloads:
             num_text, _, report = payload.partition(b"\0")
             if not num_text.isdigit() or len(num_text) > 6:
                 raise ProtocolError("malformed report from delivery worker")

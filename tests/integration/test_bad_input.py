@@ -9,46 +9,16 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-from harness import IS_ROOT, ME, Instance
+from harness import IS_ROOT, ME, Instance, dotqmail, poll, queue_files
 
 from eqmail.queue.client import submit
 
 pytestmark = pytest.mark.timeout(180)
 TESTUSER = f"testuser@{ME}"
-
-
-def poll(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition",
-         inst: Instance | None = None) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n--- log:\n{inst.log()}" if inst else ""))
-
-
-def dotqmail(inst: Instance, name: str, text: str) -> Path:
-    path = inst.home / name
-    path.write_text(text)
-    os.chmod(path, 0o644)
-    os.chown(path, inst.uid, inst.gid)
-    return path
-
-
-def queue_files(inst: Instance) -> list[str]:
-    q = inst.root / "queue"
-    out = []
-    for name in ("pid", "mess", "intd", "todo", "info", "local", "remote", "bounce"):
-        for dirpath, _dirs, files in os.walk(q / name):
-            out += [os.path.relpath(os.path.join(dirpath, f), q) for f in files]
-    return sorted(out)
 
 
 # ------------------------------------------------------------------ control files

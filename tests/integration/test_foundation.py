@@ -13,12 +13,9 @@ import json
 import os
 import re
 import signal
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from harness import IS_ROOT, ME, Instance
+from harness import IS_ROOT, ME, Instance, dotqmail, poll, status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,33 +27,9 @@ TESTUSER = f"testuser@{ME}"
 # ------------------------------------------------------------------ helpers
 
 
-def poll(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition",
-         inst: Instance | None = None) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n--- log:\n{inst.log()}" if inst else ""))
-
-
-def dotqmail(inst: Instance, name: str, text: str) -> Path:
-    """A .qmail file in the test user's home, owned by them, mode 0644."""
-    path = inst.home / name
-    path.write_text(text)
-    os.chmod(path, 0o644)
-    os.chown(path, inst.uid, inst.gid)
-    return path
-
-
 def send(inst: Instance, message: bytes, *args: str, tool: str = "eqmail-sendmail") -> None:
     res = inst.sendmail(list(args), message, tool=tool)
     assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
-
-
-def status(inst: Instance) -> dict:
-    return json.loads(inst.ctl("status", "--json").stdout)
 
 
 def worker(inst: Instance, kind: str) -> dict:

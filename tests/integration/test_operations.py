@@ -19,12 +19,11 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import IS_ROOT, ME, Instance, bin_path, free_port
+from harness import IS_ROOT, ME, Instance, bin_path, free_port, poll, status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,21 +33,6 @@ RELOADED = "status: reload complete, generation"
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def poll(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition",
-         inst: Instance | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"\n--- log:\n{inst.log()}" if inst else ""))
-
-
-def status(inst: Instance) -> dict[str, Any]:
-    return json.loads(inst.ctl("status", "--json").stdout)
 
 
 def reloads(inst: Instance) -> int:
