@@ -106,6 +106,9 @@ class QueueManager:
         self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
         self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.pending_foop: list[int] = []  # finished messages whose foop/ is not sent yet
+        # set when a todo/ entry could not be preprocessed (disk full, I/O error): the
+        # scanner tries again soon instead of at its next periodic rescan
+        self.todo_trouble = False
         # what preprocessing wrote, for the first pass: (channel, id) -> (sender, birth, records)
         self.fresh: dict[tuple[Channel, int], tuple[str, float, list[ChannelRecord]]] = {}
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -184,6 +187,7 @@ class QueueManager:
             self._barrier([fd for _, fds in written for fd in fds])
         except OSError as e:
             log(f"warning: trouble syncing preprocessed messages: {e.strerror}; will try again later")
+            self.todo_trouble = True
             for msgid, _ in written:
                 self._forget(msgid)
             return 0
@@ -197,6 +201,7 @@ class QueueManager:
         for (msgid, _), answer in zip(written, answers, strict=True):
             if answer != b"+":
                 log(f"warning: qmail-clean unable to clean up todo/{msgid}")
+                self.todo_trouble = True
                 self._forget(msgid)
                 continue
             done += 1
@@ -224,6 +229,7 @@ class QueueManager:
             return None
         except OSError as e:
             log(f"warning: unable to open todo/{msgid}: {e.strerror}")
+            self.todo_trouble = True
             return None
         # Leftovers of an earlier, interrupted preprocessing (qmail-send unlinks them
         # unconditionally): info/ is always created first, so without it there are none.
@@ -234,6 +240,7 @@ class QueueManager:
             return self._write_split(msgid, data, size)
         except OSError as e:
             log(f"warning: trouble preprocessing msg {msgid}: {e.strerror}; will try again later")
+            self.todo_trouble = True
             return None
 
     def _create(self, path: os.PathLike[str] | str) -> int:

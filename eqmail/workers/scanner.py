@@ -33,6 +33,7 @@ from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext
 
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
+TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again later"
 SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
 STOP_GRACE = 60.0
 TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of them);
@@ -290,9 +291,13 @@ class Scanner:
                 # A bounded slice per turn: deliveries are started (below) between
                 # slices, so a burst of new mail never starves delivery.
                 self.want_scan = False
+                self.manager.todo_trouble = False
                 if self.manager.process_todo(limit=TODO_SLICE) >= TODO_SLICE:
                     self.want_scan = True  # more is waiting: come back without sleeping
-                next_rescan = time.monotonic() + RESCAN_INTERVAL
+                # an entry that could not be preprocessed (a full disk frees up as
+                # deliveries finish) is tried again soon, not at the periodic rescan
+                next_rescan = time.monotonic() + (TODO_TROUBLE_RETRY if self.manager.todo_trouble
+                                                  else RESCAN_INTERVAL)
             if time.time() >= next_sweep:
                 self.want_sweep = True
             if self.want_sweep and not self.stopping and self._writer_conn() is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+import pytest
 
 from eqmail.control import load_controls
 from eqmail.queue.layout import create_queue
@@ -59,3 +62,22 @@ def test_sweep_leaves_messages_whose_foop_is_already_on_its_way(tmp_path: Path) 
     m.foop_retry[100] = 1e12
     m.pending_foop.append(200)
     assert m.sweep() == 1 and cleaned == ["foop/300"]
+
+
+def test_a_todo_entry_that_cannot_be_preprocessed_is_flagged_for_an_early_retry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # disk full while splitting todo/: the entry stays, and the scanner is told to try
+    # again soon (TODO_TROUBLE_RETRY) rather than at its 60 s rescan
+    cleaned: list[str] = []
+    m = _manager(tmp_path, cleaned)
+    m.paths.mess(77).write_bytes(b"Subject: x\n\nbody\n")
+    m.paths.todo(77).write_bytes(b"u0\0p1\0Fs@x\0Tr@mx.test.example\0\0")
+
+    def full(*_a: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(m, "_write_split", full)
+    assert m.process_todo() == 0 and m.todo_trouble and m.paths.todo(77).exists() and cleaned == []
+    monkeypatch.undo()
+    m.todo_trouble = False
+    assert m.process_todo() == 1 and not m.todo_trouble and cleaned == ["todo/8/77"]
