@@ -1,4 +1,4 @@
-"""Pure helpers of the scanner's queue logic (eqmail.queue.manager)."""
+"""The scanner's queue logic (eqmail.queue.manager): bounded reads, retries, stale clean requests."""
 
 from __future__ import annotations
 
