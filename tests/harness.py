@@ -190,6 +190,18 @@ class Instance:
         new = (maildir or self.home / "Maildir") / "new"
         return sorted(new.iterdir()) if new.exists() else []
 
+    def flush_until_mail(self, count: int, timeout: float = 60.0) -> list[Path]:
+        """Flush the queue every 2 s until ``count`` messages are in the Maildir.
+
+        A delivery that read a .qmail file before the test rewrote it can end in a
+        deferral after one flush (qmail-send's ALRM, too, reschedules only what is
+        waiting then); its retry would otherwise come by the schedule, minutes later."""
+        deadline = time.monotonic() + timeout
+        while len(self.maildir_files()) < count and time.monotonic() < deadline:
+            self.ctl("queue", "flush")
+            time.sleep(2)
+        return self.wait_for_mail(count, timeout=1)
+
     def wait_for_mail(self, count: int = 1, maildir: Path | None = None, timeout: float = 20.0) -> list[Path]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

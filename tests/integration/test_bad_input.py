@@ -199,8 +199,7 @@ def test_disk_full(small_queue: Instance) -> None:
     assert mess <= known, (mess - known)
     # space comes back (the user fixes the .qmail, the messages go), everything acked arrives
     qm.write_text("./Maildir/\n")
-    inst.ctl("queue", "flush")
-    files = inst.wait_for_mail(len(acked), timeout=60)
+    files = inst.flush_until_mail(len(acked))
     inst.wait_queue_empty(timeout=60)
     got = {}
     for f in files:

@@ -349,8 +349,7 @@ def test_smtp_answers_451_when_the_queue_is_full_and_resumes(
     assert smtp_send(port, f"testuser+hold@{ME}", b"Subject: more\r\n\r\n" + body)[0] == 451
     # space comes back: everything acknowledged is delivered whole ...
     hold.write_text("./Maildir/\n")
-    inst.ctl("queue", "flush")
-    files_ = inst.wait_for_mail(len(acked), timeout=60)
+    files_ = inst.flush_until_mail(len(acked))
     inst.wait_queue_empty(timeout=60)
     got = {}
     for f in files_:
