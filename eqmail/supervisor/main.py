@@ -11,29 +11,32 @@ each is ready.  A worker that exits is restarted with back-off (policy.py).  SIG
 reparses control/ and, when it is valid, applies it as a diff; when it is not, the old
 configuration keeps running and status shows the errors.  SIGTERM stops the listeners
 first, then the scanner (which finishes or defers its deliveries), then the rest.
+
+Split across the package: socket binding and sd_notify in sockets.py, the worker record
+and entry table in worker.py, the status socket and its report in status.py, the reload
+diff in reload.py (a mixin of ``Supervisor``), fork and privilege drop in spawn.py.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from eqmail.control import Controls, ListenerSpec, load_controls
-from eqmail.errors import ControlErrors
+from eqmail.control import ListenerSpec, load_controls
 from eqmail.instance import Instance
 from eqmail.log import log
 from eqmail.queue.layout import QUEUE_DIRS
 from eqmail.supervisor.ids import Ids, SystemIds
-from eqmail.supervisor.policy import RestartState
-from eqmail.supervisor.spawn import Spawned, SpawnSpec, spawn
+from eqmail.supervisor.reload import ReloadMixin
+from eqmail.supervisor.sockets import bind_listener, bind_unix, sd_notify
+from eqmail.supervisor.spawn import SpawnSpec, spawn
+from eqmail.supervisor.status import StatusSocket, supervisor_report
+from eqmail.supervisor.worker import Worker, has_worker, worker_entry
 from eqmail.workers.base import WorkerContext
 
 READY_TIMEOUT = 30.0
@@ -51,64 +54,7 @@ class StartError(Exception):
 DELIVERY_NICE = {"scanner": 5, "local": 5, "remote": 5}
 
 
-@dataclass
-class Worker:
-    kind: str
-    name: str
-    entry: Callable[[WorkerContext], int]
-    role: str | None  # None: stays root (the local spawner)
-    extra: dict[str, Any] = field(default_factory=dict)
-    keep_fds: tuple[int, ...] = ()
-    proc: Spawned | None = None
-    ready: bool = False
-    state: str = "starting"
-    restart: RestartState = field(default_factory=RestartState)
-    restart_at: float | None = None
-    ready_r: int = -1
-    retired: bool = False  # stopped on purpose (reload diff or shutdown): do not restart
-    generation: int = 0
-    controls: Controls | None = None
-    spec: ListenerSpec | None = None
-    status_r: int = -1  # listener: its session count arrives here
-    sessions: int = 0
-    accepting: bool = True  # listener: False once it said it closed its socket
-
-    @property
-    def title(self) -> str:
-        return f"eqmail: {self.name}"
-
-
-def _entry(kind: str) -> Callable[[WorkerContext], int]:
-    # Imported in the supervisor before any fork: a worker that dropped privileges
-    # may not be able to read the package files any more.
-    from eqmail.workers import local, logger, queuewriter, sandbox, scanner, watcher
-
-    table: dict[str, Callable[[WorkerContext], int]] = {
-        "logger": logger.run,
-        "sandbox": sandbox.run,
-        "watcher": watcher.run,
-        "queuewriter": queuewriter.run,
-        "local": local.run,
-        "scanner": scanner.run,
-    }
-    if kind == "listener":
-        from eqmail.workers import listener
-
-        return listener.run
-    if kind == "remote":
-        from eqmail.workers import remote
-
-        return remote.run
-    return table[kind]
-
-
-def _has_worker(kind: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(f"eqmail.workers.{kind}") is not None
-
-
-class Supervisor:
+class Supervisor(ReloadMixin):
     def __init__(self, root: Any, foreground: bool = True, notify_fd: int = -1) -> None:
         self.instance = Instance(root)
         self.foreground = foreground
@@ -168,7 +114,7 @@ class Supervisor:
         # eqmailctl (root) asks the scanner to delete/bounce messages and for deliveries
         self.scanner_sock = bind_unix(self.instance.run / "scanner.sock", 0o600, None)
         self.remote_sock = None
-        if _has_worker("remote"):
+        if has_worker("remote"):
             self.remote_sock = bind_unix(self.instance.run / "remote.sock", 0o600,
                                          (send.uid, send.gid) if self.ids.privileged else None)
 
@@ -210,26 +156,28 @@ class Supervisor:
         remote: list[Worker] = []
         if self.remote_sock is not None:
             scanner_extra["remote_socket"] = str(self.instance.run / "remote.sock")
-            remote.append(Worker("remote", "remote delivery", _entry("remote"), "remote",
+            remote.append(Worker("remote", "remote delivery", worker_entry("remote"), "remote",
                                  extra={"socket_fd": self.remote_sock.fileno()},
                                  keep_fds=(self.remote_sock.fileno(),)))
         return [
-            Worker("logger", "logger", _entry("logger"), "log",
+            Worker("logger", "logger", worker_entry("logger"), "log",
                    extra={"log_read_fd": self.log_r, "out_fd": self.out_fd},
                    keep_fds=(self.log_r, self.out_fd)),
-            Worker("queuewriter", "queue writer", _entry("queuewriter"), "queue",
-                   extra={"socket_fd": self.queue_sock.fileno()}, keep_fds=(self.queue_sock.fileno(),)),
-            Worker("local", "local delivery", _entry("local"), None,
-                   extra={"socket_fd": self.local_sock.fileno()}, keep_fds=(self.local_sock.fileno(),)),
+            Worker("queuewriter", "queue writer", worker_entry("queuewriter"), "queue",
+                   extra={"socket_fd": self.queue_sock.fileno()},
+                   keep_fds=(self.queue_sock.fileno(),)),
+            Worker("local", "local delivery", worker_entry("local"), None,
+                   extra={"socket_fd": self.local_sock.fileno()},
+                   keep_fds=(self.local_sock.fileno(),)),
             *remote,
-            Worker("sandbox", "plugin sandbox", _entry("sandbox"), "plugin",
+            Worker("sandbox", "plugin sandbox", worker_entry("sandbox"), "plugin",
                    extra={"socket_fd": self.sandbox_sock.fileno(),
                           "remote_socket_fd": self.sandbox_remote_sock.fileno()},
                    keep_fds=(self.sandbox_sock.fileno(), self.sandbox_remote_sock.fileno())),
-            Worker("scanner", "scanner", _entry("scanner"), "send",
+            Worker("scanner", "scanner", worker_entry("scanner"), "send",
                    extra={**scanner_extra, "control_fd": self.scanner_sock.fileno()},
                    keep_fds=(self.scanner_sock.fileno(),)),
-            Worker("watcher", "control watcher", _entry("watcher"), "log",
+            Worker("watcher", "control watcher", worker_entry("watcher"), "log",
                    extra={"notify_fd": self.watch_w}, keep_fds=(self.watch_w,)),
         ]
 
@@ -243,7 +191,7 @@ class Supervisor:
         tls = ServerTLS.load(self.instance.control, env=dict(spec.env))
         name = f"listener {spec.service} {spec.display_address}"
         return [Worker("listener", name + (f" #{i + 1}" if spec.processes > 1 else ""),
-                       _entry("listener"), "daemon",
+                       worker_entry("listener"), "daemon",
                        extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls},
                        keep_fds=(sock.fileno(),), spec=spec)
                 for i in range(spec.processes)]
@@ -325,7 +273,8 @@ class Supervisor:
                 self.workers.append(lw)
                 self.start_worker(lw)
         self.wait_ready([w for w in self.workers if w.kind != "remote"])
-        self._open_status_socket()
+        self.status_server = StatusSocket(self.instance.status_socket)
+        self.sel.register(self.status_server.sock, selectors.EVENT_READ, ("status", None))
         self.sel.register(self.watch_r, selectors.EVENT_READ, ("watch", None))
         log(f"status: eqmail started, pid {os.getpid()}, generation {self.generation}")
         self._notify(b"ok\n")
@@ -353,7 +302,7 @@ class Supervisor:
             elif kind == "exit":
                 self._on_exit(obj)
             elif kind == "status":
-                self._serve_status()
+                self.status_server.serve(self.status)
             elif kind == "watch":
                 self._on_control_change()
             elif kind == "sessions":
@@ -492,145 +441,9 @@ class Supervisor:
             if self.stop_phase == len(self.STOP_ORDER) - 1:
                 os.dup2(self.out_fd, 2)  # the logger goes last; keep our own lines visible
 
-    # ------------------------------------------------------------ reload
-    def _on_control_change(self) -> None:
-        try:
-            while os.read(self.watch_r, 64):
-                pass
-        except BlockingIOError:
-            pass
-        if not self.stopping:
-            log("status: control files changed")
-            self.reload()
-
-    def reload(self) -> None:
-        if self.stopping:  # a HUP racing a stop: new workers now would never be stopped
-            log("status: reload ignored: stopping")
-            return
-        try:
-            new = load_controls(self.instance.root)
-        except ControlErrors as e:
-            self.last_reload = {"time": time.time(), "ok": False, "errors": [str(x) for x in e.errors]}
-            for err in e.errors:
-                log(f"alert: reload refused: {err}")
-            return
-        self.generation += 1
-        self.last_reload = {"time": time.time(), "ok": True, "errors": [], "complete": False}
-        self.reload_pending = self.generation
-        old = self.controls
-        self.controls = new
-        log(f"status: reloading control files, generation {self.generation}")
-        self._apply_listener_diff(old, new)
-        for w in self.workers:
-            if w.proc is not None and _differs(old, new, WORKER_CONTROLS.get(w.kind, ())):
-                self._replace(w)
-
-    def _replace(self, w: Worker) -> None:
-        """Stop ``w`` gracefully and start its successor with the new controls when it
-        has exited (the scanner must never run twice at once)."""
-        w.retired = True
-        w.state = "stopping"
-        assert w.proc is not None
-        os.kill(w.proc.pid, signal.SIGTERM)
-
-    def _retired_exit(self, w: Worker) -> None:
-        if w.kind == "listener":
-            self.workers.remove(w)
-            return
-        successor = Worker(w.kind, w.name, w.entry, w.role, extra=w.extra, keep_fds=w.keep_fds,
-                           restart=w.restart)
-        self.workers[self.workers.index(w)] = successor
-        self.start_worker(successor)
-
-    def _check_reload_complete(self) -> None:
-        """A reload is complete when every listener of the new generation serves and no
-        retired one accepts any more: from then on a new connection sees the new
-        configuration (logged, and shown by status)."""
-        if self.reload_pending is None:
-            return
-        listeners = [w for w in self.workers if w.kind == "listener"]
-        new_ready = all(w.ready for w in listeners if not w.retired)
-        old_closed = all(not w.accepting or w.proc is None for w in listeners if w.retired)
-        if new_ready and old_closed:
-            log(f"status: reload complete, generation {self.reload_pending}")
-            self.last_reload["complete"] = True
-            self.reload_pending = None
-
-    def _apply_listener_diff(self, old: Controls, new: Controls) -> None:
-        old_specs = {s.key: s for s in old.listen}
-        new_specs = {s.key: s for s in new.listen}
-        for key, spec in new_specs.items():
-            if key in old_specs and old_specs[key] == spec:
-                # unchanged socket and options: a fresh generation picks up other controls
-                pass
-            if key not in self.listen_socks:
-                try:
-                    self.listen_socks[key] = bind_listener(spec)
-                except OSError as e:
-                    log(f"alert: cannot bind {spec.display_address}: {e.strerror}")
-                    continue
-        for w in [w for w in self.workers if w.kind == "listener" and w.proc is not None]:
-            w.retired = True
-            w.state = "stopping"
-            os.kill(w.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
-        for key, spec in new_specs.items():
-            if key in self.listen_socks:
-                for lw in self._listener_workers(spec):
-                    self.workers.append(lw)
-                    self.start_worker(lw)
-        for key in set(old_specs) - set(new_specs):
-            sock = self.listen_socks.pop(key, None)
-            if sock is not None:
-                sock.close()
-
-    # ------------------------------------------------------------ status
-    def _open_status_socket(self) -> None:
-        path = str(self.instance.status_socket)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.status_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.status_sock.bind(path)
-        os.chmod(path, 0o666)
-        self.status_sock.listen(16)
-        self.status_sock.setblocking(False)
-        self.sel.register(self.status_sock, selectors.EVENT_READ, ("status", None))
-
-    def _serve_status(self) -> None:
-        try:
-            conn, _ = self.status_sock.accept()
-        except OSError:
-            return
-        try:
-            conn.settimeout(2.0)
-            conn.recv(64)  # the request line ("status"); read first so the client's send succeeds
-            conn.sendall(json.dumps(self.status()).encode() + b"\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
+    # ------------------------------------------------------------ status, readiness
     def status(self) -> dict[str, Any]:
-        from eqmail.supervisor.status import queue_counts, read_title
-
-        workers = []
-        for w in self.workers:
-            pid = w.proc.pid if w.proc else 0
-            uid, gid = _proc_ids(pid) if pid else (-1, -1)
-            workers.append({"kind": w.kind, "name": w.name, "pid": pid, "uid": uid, "gid": gid,
-                            "state": w.state, "restarts": w.restart.restarts,
-                            "generation": w.generation, "title": read_title(pid) if pid else ""})
-        listeners = [{"service": s.service, "address": s.address,
-                      "port": _bound_port(self.listen_socks.get(s.key)), "concurrency": s.concurrency,
-                      "sessions": sum(w.sessions for w in self.workers
-                                      if w.kind == "listener" and w.spec is not None
-                                      and w.spec.key == s.key and w.proc is not None)}
-                     for s in self.controls.listen]
-        return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
-                "generation": self.generation, "last_reload": self.last_reload,
-                "workers": workers, "listeners": listeners,
-                "queue": queue_counts(self.instance.queue)}
+        return supervisor_report(self)
 
     def _notify(self, data: bytes) -> None:
         if self.notify_fd >= 0:
@@ -641,88 +454,5 @@ class Supervisor:
                 pass
             self.notify_fd = -1
         if os.environ.get("NOTIFY_SOCKET"):
-            _sd_notify(b"READY=1")
+            sd_notify(b"READY=1")
 
-
-# The control values each long-running worker was built from: a reload restarts a
-# worker (gracefully) only when one of its values changed.  Listeners are always
-# renewed: they are cheap to replace and old sessions finish under the old generation.
-WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
-    "scanner": ("me", "locals", "virtualdomains", "percenthack", "envnoathost", "bouncefrom",
-                "bouncehost", "doublebouncehost", "doublebounceto", "concurrencylocal",
-                "concurrencyremote", "queuelifetime"),
-    "local": ("me", "assign", "defaultdelivery", "concurrencylocal"),
-    "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
-               "concurrencyremote", "locals", "beforemote", "tlsclientciphers", "clientcert",
-               "tlshosts", "tlshosts_exhaustive", "notlshosts"),
-    "sandbox": ("spptimeout",),
-}
-
-
-def _differs(old: Controls, new: Controls, fields: tuple[str, ...]) -> bool:
-    return any(getattr(old, f, None) != getattr(new, f, None) for f in fields)
-
-
-def _bound_port(sock: socket.socket | None) -> int:
-    if sock is None:
-        return 0
-    try:
-        return int(sock.getsockname()[1])
-    except OSError:
-        return 0
-
-
-def _proc_ids(pid: int) -> tuple[int, int]:
-    uid = gid = -1
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    uid = int(line.split()[1])
-                elif line.startswith("Gid:"):
-                    gid = int(line.split()[1])
-    except OSError:
-        pass
-    return uid, gid
-
-
-def _sd_notify(msg: bytes) -> None:
-    addr = os.environ.get("NOTIFY_SOCKET", "")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(msg, addr)
-    except OSError:
-        pass
-
-
-def bind_unix(path: Any, mode: int, owner: tuple[int, int] | None) -> socket.socket:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    os.chmod(path, mode)
-    if owner is not None:
-        os.chown(path, *owner)
-    sock.listen(512)
-    sock.set_inheritable(True)
-    return sock
-
-
-def bind_listener(spec: ListenerSpec) -> socket.socket:
-    """Bind one listening socket (tcpserver's job).  v6 sockets are IPV6_V6ONLY so v4
-    and v6 are separate listeners."""
-    family = socket.AF_INET6 if spec.family_v6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((spec.address, spec.port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock

@@ -1,8 +1,8 @@
 """Spawn mechanics: fork a worker, set it up, drop privileges, call its run().
 
 Only system calls here; the decisions (which workers, when to restart) live in
-policy.py and main.py.  A worker is a plain ``os.fork`` and the supervisor selects on a
-pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess`` library's fork
+policy.py, main.py and reload.py.  A worker is a plain ``os.fork`` and the supervisor
+selects on a pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess`` library's fork
 Process was tried: its exit sentinel is a pipe whose write end the child must keep open,
 which conflicts with closing every inherited fd — see docs/design-notes.md.)
 

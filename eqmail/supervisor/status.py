@@ -1,14 +1,31 @@
-"""Status helpers: queue counts from the directories, process titles from /proc.
+"""Status: the supervisor's status socket and report, queue counts, /proc look-ups.
 
-Used by the supervisor's status socket and by ``eqmailctl status`` when the daemon is
-not running (queue counts only).
+Owns: run/status.sock (``StatusSocket``: bound by the supervisor as root, mode 0666,
+non-blocking; each connection sends a request line and gets one JSON line back), the
+report it serves (``supervisor_report``: workers with pid, uid/gid, state, restarts,
+generation and title; listeners with their bound port and session count; the last
+reload; queue counts), and the helpers it is built from.  ``queue_counts`` is also used
+by ``eqmailctl status`` when the daemon is not running.
+
+Failure modes: a client that does not read or write within 2 s, or goes away, is
+dropped; a process that exited meanwhile shows uid/gid -1 and an empty title.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from eqmail.queue.layout import QueuePaths
+from eqmail.supervisor.sockets import bound_port
+
+if TYPE_CHECKING:
+    from eqmail.supervisor.main import Supervisor
 
 
 def queue_counts(queue_root: Path) -> dict[str, int]:
@@ -28,3 +45,71 @@ def read_title(pid: int) -> str:
             return f.read(512).replace(b"\0", b" ").decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+def proc_ids(pid: int) -> tuple[int, int]:
+    """The real uid and gid of ``pid`` from /proc; (-1, -1) if it is gone."""
+    uid = gid = -1
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[1])
+    except OSError:
+        pass
+    return uid, gid
+
+
+def supervisor_report(sup: Supervisor) -> dict[str, Any]:
+    """What ``eqmailctl status`` shows about a running instance."""
+    workers = []
+    for w in sup.workers:
+        pid = w.proc.pid if w.proc else 0
+        uid, gid = proc_ids(pid) if pid else (-1, -1)
+        workers.append({"kind": w.kind, "name": w.name, "pid": pid, "uid": uid, "gid": gid,
+                        "state": w.state, "restarts": w.restart.restarts,
+                        "generation": w.generation, "title": read_title(pid) if pid else ""})
+    listeners = [{"service": s.service, "address": s.address,
+                  "port": bound_port(sup.listen_socks.get(s.key)), "concurrency": s.concurrency,
+                  "sessions": sum(w.sessions for w in sup.workers
+                                  if w.kind == "listener" and w.spec is not None
+                                  and w.spec.key == s.key and w.proc is not None)}
+                 for s in sup.controls.listen]
+    return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - sup.started, 1),
+            "generation": sup.generation, "last_reload": sup.last_reload,
+            "workers": workers, "listeners": listeners,
+            "queue": queue_counts(sup.instance.queue)}
+
+
+class StatusSocket:
+    """run/status.sock; the supervisor registers ``sock`` with its selector and calls
+    ``serve`` when it is readable."""
+
+    def __init__(self, path: Path) -> None:
+        name = str(path)
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(name)
+        os.chmod(name, 0o666)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+
+    def serve(self, report: Callable[[], dict[str, Any]]) -> None:
+        """Answer one waiting client with ``report()`` as a JSON line."""
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(2.0)
+            conn.recv(64)  # the request line ("status"); read first so the client's send succeeds
+            conn.sendall(json.dumps(report()).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()

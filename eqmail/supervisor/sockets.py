@@ -1,0 +1,73 @@
+"""Sockets the supervisor binds as root, and its sd_notify readiness message.
+
+Owns: binding every listening socket before any worker starts — the TCP listeners
+(tcpserver's job) and the Unix sockets in run/ — so that a worker never needs write
+access to run/ or a privileged port, and a restarted worker serves the same socket.
+Runs as root, in the supervisor only.
+
+Inputs: a ``ListenerSpec`` or a path with its mode and owner.  Outputs: a listening,
+inheritable socket (the worker receives its fd through fork).  Failure modes: binding
+raises ``OSError`` to the caller (start-up fails; a reload logs and skips that
+listener).  ``bound_port`` and ``sd_notify`` never raise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from eqmail.control import ListenerSpec
+
+
+def bind_unix(path: Any, mode: int, owner: tuple[int, int] | None) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, *owner)
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_listener(spec: ListenerSpec) -> socket.socket:
+    """Bind one listening socket (tcpserver's job).  v6 sockets are IPV6_V6ONLY so v4
+    and v6 are separate listeners."""
+    family = socket.AF_INET6 if spec.family_v6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((spec.address, spec.port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bound_port(sock: socket.socket | None) -> int:
+    """The port ``sock`` is bound to (the real one when spec.port was 0); 0 if none."""
+    if sock is None:
+        return 0
+    try:
+        return int(sock.getsockname()[1])
+    except OSError:
+        return 0
+
+
+def sd_notify(msg: bytes) -> None:
+    """Send ``msg`` to systemd's $NOTIFY_SOCKET, if there is one; best effort."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return
+    if addr.startswith("@"):  # an abstract socket
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(msg, addr)
+    except OSError:
+        pass
