@@ -1,9 +1,12 @@
-"""qmail-send's queue logic: preprocessing, passes, done markers, bounces, completion.
+"""qmail-send's queue logic: passes, done markers, bounces, completion.
 
-Owns info/, local/, remote/ and bounce/ (as eqmails).  Deletions in todo/, intd/ and
-mess/ go through the queue writer's clean requests (qmail-clean), because the scanner
-cannot write there.  No sockets or event loop here: the scanner worker
-(eqmail.workers.scanner) calls these methods and moves delivery requests and reports.
+Owns info/, local/, remote/ and bounce/ (as eqmails).  Creating info/ and the channel
+files from todo/ (qmail-send's todo_do) is eqmail.queue.preprocess: this manager owns
+its Preprocessor and delegates process_todo / preprocess / preprocess_batch to it.
+Deletions in todo/, intd/ and mess/ go through the queue writer's clean requests
+(qmail-clean), because the scanner cannot write there.  No sockets or event loop here:
+the scanner worker (eqmail.workers.scanner) calls these methods and moves delivery
+requests and reports.
 
 The files are the truth: everything in memory can be rebuilt from info/, local/,
 remote/, todo/ (and the mtimes of local/remote files, where a graceful stop saved the
@@ -21,17 +24,17 @@ from dataclasses import dataclass, field
 
 from eqmail.control import Controls
 from eqmail.delivery.bounce import bounce_note, bounce_target, compose_bounce
-from eqmail.log import log, log_lines, sanitize
+from eqmail.log import log
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
+from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
+from eqmail.queue.preprocess import Cleaner, Preprocessor
 from eqmail.queue.recycle import InodePool
 from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, verp_sender
 from eqmail.queue.schedule import Channel, is_dying, next_retry
-from eqmail.queue.writer import syncfs
 from eqmail.textio import encode
 
 DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
-FRESH_MAX = 20000  # messages whose split is remembered for their first pass
 ADMIN_BOUNCE_TEXT = "This message was removed from the queue by the postmaster. (#5.0.0)\n"
 
 
@@ -88,7 +91,6 @@ class ChannelState:
         return None
 
 
-Cleaner = Callable[[list[str]], list[bytes]]  # pipelined qmail-clean requests
 Injector = Callable[[str, list[str], bytes, int], tuple[bool, str]]
 
 
@@ -106,14 +108,12 @@ class QueueManager:
         self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
         self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.pending_foop: list[int] = []  # finished messages whose foop/ is not sent yet
-        # set when a todo/ entry could not be preprocessed (disk full, I/O error): the
-        # scanner tries again soon instead of at its next periodic rescan
-        self.todo_trouble = False
-        # what preprocessing wrote, for the first pass: (channel, id) -> (sender, birth, records)
-        self.fresh: dict[tuple[Channel, int], tuple[str, float, list[ChannelRecord]]] = {}
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         # info/ and channel files are recycled, not unlinked and re-created (eqmail.queue.recycle)
         self.spares = InodePool(paths.dir("spare-send"))
+        # todo/ -> info/, local/, remote/; also remembers each split for its first pass
+        self.preprocessor = Preprocessor(paths, cleaner, self.spares, self.root_fd,
+                                         self._rewrite, self._schedule_new, clock)
         self.configure(controls)
 
     def configure(self, controls: Controls) -> None:
@@ -152,162 +152,38 @@ class QueueManager:
                 except OSError:
                     pass
 
-    # ------------------------------------------------------------ todo
+    # ------------------------------------------------------------ todo (eqmail.queue.preprocess)
     def process_todo(self, limit: int | None = None) -> int:
         """Preprocess todo entries (all, or at most ``limit``); returns how many."""
-        ids = sorted(self.paths.ids_in("todo"))
-        if limit is not None:
-            ids = ids[:limit]
-        return self.preprocess_batch(ids)
+        return self.preprocessor.process_todo(limit)
 
     def preprocess(self, msgid: int) -> bool:
-        return self.preprocess_batch([msgid]) == 1
+        return self.preprocessor.preprocess(msgid)
 
     def preprocess_batch(self, ids: list[int]) -> int:
-        """qmail-send's todo_do for several messages at once, with one durability
-        barrier for all of them (group commit, as the queue writer does):
+        """qmail-send's todo_do; info/ and the channel files are durable before todo/ is
+        cleaned (the steps and why: Preprocessor.preprocess_batch)."""
+        return self.preprocessor.preprocess_batch(ids)
 
-        1. write info/ and local/ / remote/ for every message;
-        2. make them durable: fsync of each file for one message, one syncfs for more;
-        3. only then ask the cleaner to remove todo/ (and intd/), pipelined;
-        4. schedule the channels (S5).
+    @property
+    def todo_trouble(self) -> bool:
+        """A todo/ entry could not be preprocessed; the scanner reads and resets it."""
+        return self.preprocessor.trouble
 
-        A crash anywhere leaves todo/ in place, so the message is preprocessed again from
-        scratch — never lost, never half-split."""
-        written: list[tuple[int, list[int]]] = []
-        channels: dict[int, list[Channel]] = {}  # the channel files each message got
-        for msgid in ids:
-            split = self._split_one(msgid)
-            if split is not None:
-                written.append((msgid, split[0]))
-                channels[msgid] = split[1]
-        if not written:
-            return 0
-        try:
-            self._barrier([fd for _, fds in written for fd in fds])
-        except OSError as e:
-            log(f"warning: trouble syncing preprocessed messages: {e.strerror}; will try again later")
-            self.todo_trouble = True
-            for msgid, _ in written:
-                self._forget(msgid)
-            return 0
-        finally:
-            for _, fds in written:
-                for fd in fds:
-                    os.close(fd)
-        answers = self.clean([f"todo/{msgid % 23}/{msgid}" for msgid, _ in written])
-        now = self.clock()
-        done = 0
-        for (msgid, _), answer in zip(written, answers, strict=True):
-            if answer != b"+":
-                log(f"warning: qmail-clean unable to clean up todo/{msgid}")
-                self.todo_trouble = True
-                self._forget(msgid)
-                continue
-            done += 1
-            for ch in channels[msgid]:
-                self.channels[ch].schedule_at(msgid, now)
-            if not channels[msgid]:
-                self.message_done(msgid)
-        return done
+    @todo_trouble.setter
+    def todo_trouble(self, value: bool) -> None:
+        self.preprocessor.trouble = value
 
-    def _barrier(self, fds: list[int]) -> None:
-        if len(fds) <= 3:  # one message: its info and channel files
-            for fd in fds:
-                os.fsync(fd)
-        else:
-            syncfs(self.root_fd)
+    def _rewrite(self, addr: str) -> tuple[Channel, str]:
+        return rewrite(addr, self.rules, self.vmap)  # the rules of the latest configure()
 
-    def _split_one(self, msgid: int) -> tuple[list[int], list[Channel]] | None:
-        """Step 1 for one message; returns the open fds of the files written and the
-        channels that got a file."""
-        p = self.paths
-        try:
-            data = read_bounded(p.todo(msgid), 64 << 20)
-            size = os.stat(p.mess(msgid)).st_size
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            log(f"warning: unable to open todo/{msgid}: {e.strerror}")
-            self.todo_trouble = True
-            return None
-        # Leftovers of an earlier, interrupted preprocessing (qmail-send unlinks them
-        # unconditionally): info/ is always created first, so without it there are none.
-        if os.path.exists(p.info(msgid)):
-            for name in ("local", "remote", "info"):
-                _unlink_quiet(p.split_file(name, msgid))
-        try:
-            return self._write_split(msgid, data, size)
-        except OSError as e:
-            log(f"warning: trouble preprocessing msg {msgid}: {e.strerror}; will try again later")
-            self.todo_trouble = True
-            return None
-
-    def _create(self, path: os.PathLike[str] | str) -> int:
-        """A new, empty info/ or channel file: a spare one renamed, else created."""
-        spare = self.spares.take(lambda _ino: path)
-        if spare is not None:
-            return spare[0]
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-
-    def _write_split(self, msgid: int, data: bytes, size: int) -> tuple[list[int], list[Channel]]:
-        p = self.paths
-        info_fd = self._create(p.info(msgid))
-        fds = [info_fd]
-        buffers: dict[Channel, list[bytes]] = {Channel.LOCAL: [], Channel.REMOTE: []}
-        addrs: dict[Channel, list[str]] = {Channel.LOCAL: [], Channel.REMOTE: []}
-        uid = pid = "?"
-        sender = ""
-        lines = [f"new msg {msgid}"]
-        try:
-            for rec in parse_records(data):
-                if rec.kind == "u":
-                    uid = rec.value
-                elif rec.kind == "p":
-                    pid = rec.value
-                elif rec.kind == "F":
-                    sender = rec.value
-                    _write_all(info_fd, b"F" + encode(rec.value) + b"\0")
-                    lines.append(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> "
-                                 f"qp {pid} uid {uid}")
-                elif rec.kind == "T":
-                    ch, addr = rewrite(rec.value, self.rules, self.vmap)
-                    buffers[ch].append(b"T" + encode(addr) + b"\0")
-                    addrs[ch].append(addr)
-                else:
-                    lines.append(f"warning: unknown record type in todo/{msgid}")
-            for ch, recs in buffers.items():
-                if recs:
-                    fd = self._create(self._chan_path(ch, msgid))
-                    fds.append(fd)
-                    _write_all(fd, b"".join(recs))
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        log_lines(lines)
-        self._remember(msgid, sender, buffers, addrs)
-        return fds, [ch for ch, recs in buffers.items() if recs]
-
-    def _forget(self, msgid: int) -> None:
-        for ch in Channel:
-            self.fresh.pop((ch, msgid), None)
-
-    def _remember(self, msgid: int, sender: str, buffers: dict[Channel, list[bytes]],
-                  addrs: dict[Channel, list[str]]) -> None:
-        """Keep what was just written for the first pass, which then reads no file
-        back (info/ and the channel files are still the truth for every later pass and
-        after a restart).  Bounded: beyond FRESH_MAX messages the files are read."""
-        if len(self.fresh) >= FRESH_MAX:
-            return
-        birth = self.clock()
-        for ch, recs in buffers.items():
-            if recs:
-                offsets = [0]
-                for rec in recs[:-1]:
-                    offsets.append(offsets[-1] + len(rec))
-                records = [ChannelRecord(off, False, addr) for off, addr in zip(offsets, addrs[ch], strict=True)]
-                self.fresh[(ch, msgid)] = (sender, birth, records)
+    def _schedule_new(self, msgid: int, channels: list[Channel], now: float) -> None:
+        """Step 4 of preprocessing (S5): each channel with a file is due now; a message
+        without recipients is complete at once."""
+        for ch in channels:
+            self.channels[ch].schedule_at(msgid, now)
+        if not channels:
+            self.message_done(msgid)
 
     # ------------------------------------------------------------ passes
     def next_requests(self, channel: Channel, limit: int | None = None) -> list[DeliveryRequest]:
@@ -352,7 +228,7 @@ class QueueManager:
                 return ps
 
     def _open_pass(self, channel: Channel, msgid: int, now: float) -> Pass | None:
-        fresh = self.fresh.pop((channel, msgid), None)
+        fresh = self.preprocessor.take_fresh(channel, msgid)
         if fresh is not None and os.path.exists(self._chan_path(channel, msgid)):
             sender, birth, todo = fresh
             return Pass(msgid, channel, sender, birth, now,
@@ -430,7 +306,7 @@ class QueueManager:
             try:
                 fd = os.open(self.paths.bounce(req.msgid), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
-                    _write_all(fd, encode(note))
+                    write_all(fd, encode(note))
                 finally:
                     os.close(fd)
                 return
@@ -444,7 +320,7 @@ class QueueManager:
         p = self.paths
         if os.path.exists(p.todo(msgid)):
             return False
-        self._forget(msgid)
+        self.preprocessor.forget(msgid)
         if not self._inject_bounce(msgid):
             self.done_retry[msgid] = self.clock() + 123  # SLEEP_SYSFAIL
             return False
@@ -485,7 +361,7 @@ class QueueManager:
         target = bounce_target(sender, c.doublebounceto, c.doublebouncehost)
         if target is None:
             log(f"triple bounce: discarding bounce/{msgid}")
-            _unlink_quiet(p.bounce(msgid))
+            unlink_quiet(p.bounce(msgid))
             return True
         head = compose_bounce(target=target, original_sender=sender, notes=notes,
                               bouncefrom=c.bouncefrom, bouncehost=c.bouncehost)
@@ -494,7 +370,7 @@ class QueueManager:
             log(f"warning: trouble injecting bounce message, will try later ({text})")
             return False
         log(f"bounce msg {msgid} qp {text}")
-        _unlink_quiet(p.bounce(msgid))
+        unlink_quiet(p.bounce(msgid))
         return True
 
     def sweep(self) -> int:
@@ -546,7 +422,7 @@ class QueueManager:
         if not os.path.exists(self.paths.info(msgid)):
             return None
         removed = 0
-        self._forget(msgid)  # from here the files are read back
+        self.preprocessor.forget(msgid)  # from here the files are read back
         for ch, state in self.channels.items():
             try:
                 records = parse_channel(read_bounded(self._chan_path(ch, msgid), 64 << 20))
@@ -615,34 +491,3 @@ class QueueManager:
         dues += self.foop_retry.values()
         return min(dues) if dues else None
 
-
-def read_bounded(path: os.PathLike[str] | str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a file.  Not ``open(...).read(limit)``: that allocates
-    (mmap) a buffer of ``limit`` bytes for every small todo/ or channel file, and
-    ``open`` asks whether the file is a terminal."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        total = 0
-        while total < limit:
-            chunk = os.read(fd, min(65536, limit - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _unlink_quiet(path: os.PathLike[str] | str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

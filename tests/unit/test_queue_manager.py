@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from eqmail.control import load_controls
+from eqmail.queue.fileio import read_bounded
 from eqmail.queue.layout import create_queue
-from eqmail.queue.manager import QueueManager, read_bounded
+from eqmail.queue.manager import QueueManager
 
 
 def test_read_bounded_reads_whole_small_files_and_stops_at_the_limit(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_a_todo_entry_that_cannot_be_preprocessed_is_flagged_for_an_early_retry(
     def full(*_a: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(m, "_write_split", full)
+    monkeypatch.setattr(m.preprocessor, "_write_split", full)
     assert m.process_todo() == 0 and m.todo_trouble and m.paths.todo(77).exists() and cleaned == []
     monkeypatch.undo()
     m.todo_trouble = False
