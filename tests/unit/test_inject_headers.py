@@ -1,4 +1,5 @@
-"""qmail-inject's header work (eqmail.inject.headers), checked against qmail's output."""
+"""qmail-inject's header work (eqmail.inject.headers, eqmail.inject.tokens), checked against
+qmail's output."""
 
 from __future__ import annotations
 
@@ -12,15 +13,12 @@ from eqmail.inject.headers import (
     Defaults,
     HeaderError,
     HeaderWork,
-    T,
-    address_list,
     envelope_arg,
     field_valid,
     identity_from_env,
-    quote2,
     read_header,
-    tokenize,
 )
+from eqmail.inject.tokens import T, address_list, quote2, tokenize
 
 DEFAULTS = Defaults(b"example.com", b"host", b"plus.example", b"id.example")
 NOW = 1700000000  # 14 Nov 2023 22:13:20 UTC

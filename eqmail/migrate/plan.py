@@ -1,68 +1,50 @@
-"""``eqmailctl import-qmail QMAILHOME``: take over a stopped qmail installation.
+"""What ``eqmailctl import-qmail`` carries over of a qmail installation's configuration.
 
-Owns: reading a qmail (netqmail 1.06 / eQmail 1.09) installation and writing its
-configuration and its queue into an eqmail instance (DESIGN §2, qmail-core §1, §6, §7).
-
-What is carried over:
+Owns: reading qmail's control/, users/ and alias/ (and qmail-start's argument in ``rc``)
+into a list of :class:`Planned` files, checking that eqmail would load the merged
+control directory, and writing the plan into the instance (DESIGN §2, qmail-core §1):
 - control files eqmail knows (``control.KNOWN_FILES`` / ``OTHER_KNOWN_FILES``, with
   ``tlshosts/`` and ``notlshosts/``); ``morercpthosts`` is regenerated from
   ``morercpthosts.cdb`` because that is what qmail-smtpd read.  Unknown files are
   listed, not copied.  An existing eqmail file is replaced only with ``--force``.
 - ``users/assign``: qmail-lspawn reads only ``users/cdb``, so when the cdb exists the
-  assign lines are regenerated from it (a small cdb reader below); a differing assign
-  source is reported.
+  assign lines are regenerated from it (:func:`assign_from_users_cdb`); a differing
+  assign source is reported.
 - ``alias/.qmail-*``, owned by eqmail's alias user.
 - ``defaultdelivery`` from qmail-start's first argument in ``rc`` when no
   ``control/defaultdelivery`` exists.
-- the queue, in qmail's format, plain (unsplit todo/intd) or big-todo: messages get new
-  ids (an id is the mess file's inode).  S4 messages (todo present) become new S4
-  messages with the same u/p/F/T records; S5 messages (info present) get their info
-  (mtime = birth), local/remote files (T/D records, mtime = next retry) and bounce
-  file copied.  S2/S3 leftovers (no todo, no info) are skipped: qmail-send would have
-  deleted them.  Nothing in the qmail installation is changed.
+Also owns what the queue import (:mod:`eqmail.migrate.queue`) shares with it: the
+:class:`ImportReport`, :class:`ImportRefused`, eqmail's owners for qmail's users
+(:class:`Owners`) and the durable :func:`write_file`.
 
-Order per S5 message, so a crash never leaves an info file without its channel
-files (eqmail's recovery would then call the message finished): mess, then
-local/remote/bounce, then info, each fsync'd with its directory.  S4 messages go
-through :class:`eqmail.queue.writer.QueueStore` (intd -> todo link is the commit point).
-Every imported message is recorded in ``queue/lock/qmail-import`` so a second run does
-not queue it twice.
-
-Privilege: root for a system instance (files get eqmail's owners: mess/intd/todo
-eqmailq, info/local/remote/bounce eqmails); a private instance runs as its user.
-
-Refuses (:class:`ImportRefused`, nothing written) when qmail-send or any program from
-QMAILHOME/bin runs (``lock/sendmutex`` locked, or /proc), when the eqmail instance runs
-(its pid-file lock), or when the merged control directory would not load.
+Privilege: root for a system instance (files get eqmail's owners, mapped from qmail's);
+a private instance runs as its user.  Nothing in the qmail installation is changed.
+Inputs: the qmail home, the eqmail :class:`~eqmail.instance.Instance`, ``--force``.
+Outputs: files under the instance's control/, users/ and alias/; lines in the report.
+Failure modes: :class:`ImportRefused` from :func:`check_merged` (nothing written) when
+the merged control directory would not load; OSError from the file system.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shlex
 import shutil
 import stat
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eqmail.cdb import cdb_get, cdb_hash, cdb_records  # noqa: F401 (re-exported)
+from eqmail.cdb import cdb_records
 from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
-from eqmail.ipc import QQExit
-from eqmail.queue.envelope import Envelope, parse_records
-from eqmail.queue.layout import QueuePaths
-from eqmail.queue.writer import PendingMessage, QueueStore, fsync_dir, syncfs
+from eqmail.queue.writer import fsync_dir
 from eqmail.supervisor.ids import SystemIds
 
-IMPORT_RECORD = "qmail-import"  # in queue/lock/: what earlier runs imported
 # qmail's users and groups (conf-users, conf-groups) -> eqmail's roles (supervisor.ids)
 QMAIL_USER_ROLES = {"qmaild": "daemon", "qmailq": "queue", "qmails": "send", "qmailr": "remote",
                     "qmailp": "plugin", "qmaill": "log", "alias": "alias"}
-CHUNK = 1 << 20
 
 
 class ImportRefused(Exception):
@@ -107,58 +89,6 @@ def assign_from_users_cdb(data: bytes) -> list[str]:
         else:
             lines.append(f"+{key[1:].decode('utf-8', 'surrogateescape')}:{text}:")
     return lines
-
-
-# ---------------------------------------------------------------- safety checks
-
-
-def qmail_processes(qhome: Path) -> list[str]:
-    """Running programs of this qmail installation: any process whose executable lives
-    in QMAILHOME/bin (qmail-send, qmail-smtpd under tcpserver, qmail-queue...)."""
-    bindir = str(qhome.resolve() / "bin") + "/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-        except OSError:
-            continue
-        if exe.startswith(bindir):
-            found.append(f"pid {entry} ({os.path.basename(exe)})")
-    return found
-
-
-def lock_qmail_send(qhome: Path) -> int | None:
-    """Take qmail-send's own lock (``lock/sendmutex``, flock exclusive, as qmail-send's
-    lock_exnb) so it cannot start during the import.  None when the queue has no
-    sendmutex; ImportRefused when someone holds it."""
-    path = qhome / "queue" / "lock" / "sendmutex"
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a qmail built without flock uses lockf
-    except OSError:
-        os.close(fd)
-        raise ImportRefused(f"qmail-send is running ({path} is locked): stop qmail first") from None
-    return fd
-
-
-def lock_eqmail(inst: Instance) -> int:
-    """Hold the supervisor's pid-file lock for the import: refuses when eqmail runs, and
-    keeps ``eqmailctl start`` from starting half-way through."""
-    inst.run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(inst.pidfile, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).strip().decode(errors="replace")
-        os.close(fd)
-        raise ImportRefused(f"eqmail is running (pid {pid}): run 'eqmailctl stop' first") from None
-    return fd
 
 
 # ---------------------------------------------------------------- file helpers
@@ -425,219 +355,3 @@ def check_merged(inst: Instance, plan: list[Planned], force: bool) -> None:
         except ControlErrors as e:
             raise ImportRefused("eqmail would refuse the imported configuration (nothing changed):\n"
                                 + "\n".join(str(x) for x in e.errors)) from None
-
-
-# ---------------------------------------------------------------- the queue
-
-
-def _scan(base: Path) -> dict[int, Path]:
-    """id -> file for a qmail queue directory, split (``N/id``) or not (``id``)."""
-    found: dict[int, Path] = {}
-    if not base.is_dir():
-        return found
-    for entry in os.scandir(base):
-        if entry.is_dir(follow_symlinks=False) and entry.name.isdigit():
-            for sub in os.scandir(entry.path):
-                if sub.is_file(follow_symlinks=False) and sub.name.isdigit():
-                    found[int(sub.name)] = Path(sub.path)
-        elif entry.is_file(follow_symlinks=False) and entry.name.isdigit():
-            found[int(entry.name)] = Path(entry.path)
-    return found
-
-
-class QueueImporter:
-    def __init__(self, qhome: Path, inst: Instance, owners: Owners, report: ImportReport) -> None:
-        self.src = qhome / "queue"
-        self.qhome = qhome.resolve()
-        self.dst = QueuePaths(inst.queue)
-        self.owners = owners
-        self.report = report
-        self.record_path = self.dst.lock / IMPORT_RECORD
-        self.done = self._read_record()
-
-    def _read_record(self) -> dict[str, int]:
-        try:
-            text = self.record_path.read_text(errors="surrogateescape")
-        except FileNotFoundError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            key, _, new = line.rpartition("\t")
-            if new.isdigit():
-                out[key] = int(new)
-        return out
-
-    def run(self) -> None:
-        dirs = {name: _scan(self.src / name) for name in
-                ("mess", "todo", "intd", "info", "local", "remote")}
-        bounce = _scan(self.src / "bounce")
-        layout = "big-todo" if any(p.parent != self.src / "todo" for p in dirs["todo"].values()) else "plain"
-        self.store = QueueStore(self.dst.root)
-        try:
-            for msgid in sorted(dirs["mess"]):
-                self._one(msgid, dirs, bounce, layout)
-            # Ownership and times of everything above are metadata: one barrier for all.
-            syncfs(self.store.root_fd)
-        finally:
-            os.close(self.store.root_fd)
-        for name in ("todo", "info"):
-            for msgid in sorted(set(dirs[name]) - set(dirs["mess"])):
-                self.report.not_carried.append(f"queue {name} {msgid} (no mess file: nothing to deliver)")
-        if dirs["mess"]:
-            self.report.notes.append("the qmail queue was left as it is: do not start qmail-send again "
-                                     "(it would deliver these messages a second time)")
-
-    def _one(self, msgid: int, dirs: dict[str, dict[int, Path]], bounce: dict[int, Path], layout: str) -> None:
-        mess = dirs["mess"][msgid]
-        st = mess.stat()
-        key = f"{self.qhome}\t{msgid}\t{st.st_size}\t{st.st_mtime_ns}"
-        if key in self.done:
-            self.report.notes.append(f"queue msg {msgid} was imported earlier as msg {self.done[key]}: skipped")
-            return
-        if msgid in dirs["todo"]:
-            new = self._import_todo(mess, dirs["todo"][msgid])
-            what = f"not yet preprocessed, {layout} todo"
-        elif msgid in dirs["info"]:
-            chans = {ch: dirs[ch].get(msgid) for ch in ("local", "remote")}
-            new = self._import_preprocessed(mess, dirs["info"][msgid], chans, bounce.get(msgid))
-            what = "preprocessed: " + ", ".join(
-                f"{ch} {_count(p, b'T')} to do / {_count(p, b'D')} done" for ch, p in chans.items() if p)
-        else:
-            state = "S3, mess+intd" if msgid in dirs["intd"] else "S2, mess only"
-            self.report.not_carried.append(f"queue msg {msgid} ({state}: an interrupted qmail-queue; "
-                                           "qmail-send would have deleted it)")
-            return
-        if new is None:
-            return
-        self._append_record(key, new)
-        self.report.imported.append(f"queue msg {msgid} as msg {new} ({what})")
-
-    def _new_mess(self, mess: Path, qp: int, uid: int) -> PendingMessage:
-        """A new mess file with the original bytes (no Received line of our own)."""
-        msg = self.store.start(qp, uid, b"")
-        try:
-            with open(mess, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    self.store.write(msg, chunk)
-            owner = self.owners.role("queue")
-            if owner is not None:
-                os.fchown(msg.mess_fd, *owner)
-            os.fchmod(msg.mess_fd, 0o644)
-        except BaseException:
-            self.store.abort(msg)
-            raise
-        return msg
-
-    def _import_todo(self, mess: Path, todo: Path) -> int | None:
-        recs = parse_records(todo.read_bytes())
-        fields = {r.kind: r.value for r in recs if r.kind in "upF"}
-        rcpts = tuple(r.value for r in recs if r.kind == "T")
-        others = sorted({r.kind for r in recs} - set("upFT"))
-        if "F" not in fields:
-            self.report.not_carried.append(f"queue msg {todo.name} (todo without an F record)")
-            return None
-        if others:
-            self.report.notes.append(f"queue msg {todo.name}: todo records {''.join(others)} dropped "
-                                     "(qmail-send ignores them too)")
-        uid = int(fields["u"]) if fields.get("u", "").isdigit() else 0
-        qp = int(fields["p"]) if fields.get("p", "").isdigit() else os.getpid()
-        pending = self._new_mess(mess, qp, uid)
-        msgid = pending.msgid
-        pending.envelope = Envelope(fields["F"], rcpts)
-        self.store.commit([pending])  # QueueStore removes what it created if this fails
-        if pending.result != QQExit.OK:
-            raise OSError(f"cannot queue a copy of {mess}: {pending.result!r}")
-        owner = self.owners.role("queue")
-        if owner is not None:
-            os.chown(self.dst.todo(msgid), *owner)  # intd and todo are one inode
-        return msgid
-
-    def _import_preprocessed(self, mess: Path, info: Path, chans: dict[str, Path | None],
-                             bounce: Path | None) -> int | None:
-        pending = self._new_mess(mess, os.getpid(), os.getuid())
-        msgid = pending.msgid
-        try:
-            os.fdatasync(pending.mess_fd)
-        finally:
-            os.close(pending.mess_fd)
-        fsync_dir(self.dst.mess(msgid).parent)
-        send = self.owners.role("send")
-        # channel files and bounce before info: info without them would read as "finished"
-        for ch, src in chans.items():
-            if src is not None:
-                self._copy(src, self.dst.split_file(ch, msgid), send)
-        if bounce is not None:
-            self._copy(bounce, self.dst.bounce(msgid), send)
-        self._copy(info, self.dst.info(msgid), send)
-        return msgid
-
-    def _copy(self, src: Path, dest: Path, owner: tuple[int, int] | None) -> None:
-        st = src.stat()
-        write_file(dest, src.read_bytes(), 0o600, owner, (st.st_atime_ns, st.st_mtime_ns), exclusive=True)
-
-    def _append_record(self, key: str, new: int) -> None:
-        fd = os.open(self.record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, f"{key}\t{new}\n".encode("utf-8", "surrogateescape"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.done[key] = new
-
-
-def _count(path: Path | None, tag: bytes) -> int:
-    if path is None:
-        return 0
-    return sum(1 for r in path.read_bytes().split(b"\0") if r[:1] == tag)
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def import_qmail(qhome: Path, root: Path, force: bool = False) -> ImportReport:
-    """Import the qmail installation at ``qhome`` into the eqmail instance at ``root``."""
-    qhome = Path(qhome)
-    inst = Instance(Path(root))
-    if not (qhome / "control").is_dir() and not (qhome / "queue").is_dir():
-        raise ImportRefused(f"{qhome} has neither control/ nor queue/: not a qmail installation")
-    running = qmail_processes(qhome)
-    if running:
-        raise ImportRefused(f"qmail programs from {qhome}/bin are running ({', '.join(running)}): stop qmail first")
-    send_fd = lock_qmail_send(qhome)
-    pid_fd = lock_eqmail(inst)
-    try:
-        return _import_locked(qhome, inst, force)
-    finally:
-        os.close(pid_fd)
-        if send_fd is not None:
-            os.close(send_fd)
-
-
-def _import_locked(qhome: Path, inst: Instance, force: bool) -> ImportReport:
-    report = ImportReport()
-    fresh = not (inst.control / "me").exists()
-    if fresh:
-        force = True  # nothing there yet but what set-up would write
-    owners = Owners()
-    plan = plan_controls(qhome, inst, force, owners, report)
-    plan += plan_users(qhome, report)
-    plan += plan_alias(qhome, owners, report)
-    if fresh and not any(p.dest == "control/me" for p in plan):
-        raise ImportRefused(f"{qhome}/control/me is missing and the instance is not set up: "
-                            "run 'eqmailctl setup --me HOST' first")
-    check_merged(inst, plan, force)
-    for d in (inst.control, inst.users, inst.alias):
-        d.mkdir(parents=True, exist_ok=True)
-    apply_plan(inst, plan, force, report)
-    if fresh or not inst.queue.is_dir():
-        from eqmail.setup import setup_instance
-
-        me = (inst.control / "me").read_text().split("\n", 1)[0].strip()
-        report.notes += [f"setup: {x}" for x in setup_instance(inst.root, me=me, force=False)
-                         if not x.startswith("kept")]
-    advise_smtpd(qhome, report)
-    if (qhome / "queue").is_dir():
-        started = time.monotonic()
-        QueueImporter(qhome, inst, owners, report).run()
-        report.notes.append(f"queue imported in {time.monotonic() - started:.1f}s")
-    return report
