@@ -1,11 +1,12 @@
 """The SMTP client side of remote delivery (qmail-remote's dialogue, eQmail's TLS/AUTH).
 
 Owns: one SMTP conversation on one connected socket — greeting, EHLO/HELO, STARTTLS or
-implicit TLS (pyOpenSSL), AUTH LOGIN to a smarthost, MAIL/RCPT/DATA, RSET for reuse —
-and every text qmail-remote reports about it.  The pure parts (reply parsing, EHLO
-keywords, address quoting, dot-stuffing, certificate name matching, qmail-rspawn's
-report merge) are module functions with no I/O; :class:`SmtpSession` does the I/O.
-Runs in the remote delivery worker (eqmailr).
+implicit TLS, AUTH LOGIN to a smarthost, MAIL/RCPT/DATA, RSET for reuse — and every
+text qmail-remote reports about it.  The pure parts (reply parsing, EHLO keywords,
+address quoting, dot-stuffing, qmail-rspawn's report merge) are module functions with
+no I/O; :class:`SmtpSession` does the I/O through a :class:`Transport`.  The connection
+itself, the TLS policy and contexts and the certificate name rules are
+eqmail.smtp.transport's.  Runs in the remote delivery worker (eqmailr).
 
 Inputs: a connected socket, the destination (:class:`Destination`), helohost, the TLS
 configuration (:class:`TlsConfig`), ``timeoutremote`` for every read and write.
@@ -18,30 +19,34 @@ the connection died after the final dot).
 Failures: terminal reports travel as :class:`Quit`; :class:`TryNext` = a 4xx greeting
 (try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
 STARTTLS handshake failed (the caller reconnects to the same address in clear text
-once: DESIGN, Postfix's behaviour).  Hosts with ``tlshosts/<host>.pem`` never fall back
-and are verified strictly (subjectAltName DNS names, else CN; no eQmail CN fallback).
+once: DESIGN, Postfix's behaviour); a dead, silent or garbled peer is
+:class:`Dropped` (eqmail.smtp.transport's).  Hosts with ``tlshosts/<host>.pem`` never
+fall back and are verified strictly (subjectAltName DNS names, else CN; no eQmail CN
+fallback).
 """
 
 from __future__ import annotations
 
 import base64
-import enum
-import select
-import socket
-import time
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import BinaryIO
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+
+from eqmail.smtp.transport import (
+    CHUNK,
+    Dropped,
+    TlsConfig,
+    TlsMode,
+    Transport,
+    certificate_names,
+    peer_name_problem,
+    ssl_error_text,
+)
 
 MAX_TEXT = 5000  # qmail-remote's HUGESMTPTEXT
 MAX_LINE = 16384  # one reply line; longer = broken peer
 MAX_LINES = 512
-CHUNK = 65536
 
 
 class Quit(Exception):
@@ -50,10 +55,6 @@ class Quit(Exception):
     def __init__(self, report: str) -> None:
         super().__init__(report)
         self.report = report
-
-
-class Dropped(Exception):
-    """The connection died, timed out or spoke garbage."""
 
 
 class TryNext(Exception):
@@ -154,28 +155,6 @@ def stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
     return out.replace(b"\n", b"\r\n"), chunk.endswith(b"\n") if chunk else at_line_start
 
 
-def name_matches(host: str, pattern: str) -> bool:
-    host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
-    if pattern == host:
-        return True
-    if pattern.startswith("*.") and "." in host:
-        return host.split(".", 1)[1] == pattern[2:]
-    return False
-
-
-def peer_name_problem(host: str, dns_sans: list[str], cns: list[str]) -> str | None:
-    """Strict name check: DNS subjectAltNames if any (CN then ignored), else the CN."""
-    if dns_sans:
-        if any(name_matches(host, s) for s in dns_sans):
-            return None
-        return "received certificate for " + ", ".join(dns_sans)[:200]
-    if not cns:
-        return "certificate contains no valid commonName"
-    if any(name_matches(host, c) for c in cns):
-        return None
-    return "received certificate for " + cns[0][:200]
-
-
 def rspawn_report(rcpt: str | None, message: str) -> str:
     """qmail-rspawn's merge of one recipient's r/h/s report with the message report."""
     result = {"K": 1, "Z": 0, "D": -1}.get(message[:1], 0)
@@ -188,153 +167,6 @@ def rspawn_report(rcpt: str | None, message: str) -> str:
 def dropped_text(ip: str, critical: bool) -> str:
     dup = "Possible duplicate! " if critical else ""
     return f"ZConnected to {ip} but connection died. {dup}(#4.4.2)\n"
-
-
-# ------------------------------------------------------------------ TLS policy
-
-
-class TlsMode(enum.Enum):
-    OFF = "off"
-    OPPORTUNISTIC = "opportunistic"
-    MANDATORY = "mandatory"
-
-
-def _ssl_error(e: Exception) -> str:
-    if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
-        return "; ".join(str(x[-1]) for x in e.args[0] if x) or "handshake failed"
-    return str(e) or e.__class__.__name__
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """The outbound TLS control files (eQmail §6), by MX/relay host name."""
-
-    control: Path
-    ciphers: str = "DEFAULT"
-    clientcert: bool = False
-    tlshosts: frozenset[str] = frozenset()  # names with control/tlshosts/<name>.pem
-    exhaustive: bool = False
-    notls: frozenset[str] = frozenset()
-
-    def mode_for(self, host: str) -> tuple[TlsMode, str]:
-        name = host.lower()
-        if name and name in self.tlshosts:
-            return TlsMode.MANDATORY, f"control/tlshosts/{name}.pem"
-        if self.exhaustive or (name and name in self.notls):
-            return TlsMode.OFF, ""
-        return TlsMode.OPPORTUNISTIC, ""
-
-    def context(self, pem: str) -> SSL.Context:
-        return _context(self.control, self.ciphers, self.clientcert, pem)
-
-
-@lru_cache(maxsize=64)
-def _context(control: Path, ciphers: str, clientcert: bool, pem: str) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    try:
-        ctx.set_cipher_list((ciphers or "DEFAULT").encode())
-    except SSL.Error:
-        ctx.set_cipher_list(b"DEFAULT")
-    if clientcert:  # offered when loadable, silently skipped otherwise (eQmail)
-        try:
-            ctx.use_certificate_chain_file(str(control / "clientcert.pem"))
-            ctx.use_privatekey_file(str(control / "clientcert.pem"))
-        except SSL.Error:
-            pass
-    if pem:
-        ctx.load_verify_locations(str(control.parent / pem))
-
-        def record(conn: SSL.Connection, _c: object, errnum: int, depth: int, ok: int) -> bool:
-            if not ok and conn.get_app_data() is None:
-                conn.set_app_data(_verify_error_text(errnum))
-            return True  # decide after the handshake, with our own texts
-
-        ctx.set_verify(SSL.VERIFY_PEER, record)
-    else:
-        ctx.set_verify(SSL.VERIFY_NONE, lambda *_: True)
-    return ctx
-
-
-def _verify_error_text(errnum: int) -> str:
-    try:
-        from OpenSSL._util import ffi, lib
-
-        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode()
-    except Exception:  # pragma: no cover - private API moved
-        return f"verify error {errnum}"
-
-
-# ------------------------------------------------------------------ transport
-
-
-class Transport:
-    """A socket, maybe under TLS, where every read and write has a deadline."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.conn: SSL.Connection | None = None
-        self.timeout = timeout
-
-    def _wait(self, write: bool, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Dropped("timeout")
-        r, w, _ = select.select([] if write else [self.sock], [self.sock] if write else [], [], left)
-        if not r and not w:
-            raise Dropped("timeout")
-
-    def _io(self, op, *args):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return op(*args)
-            except (BlockingIOError, SSL.WantReadError):
-                self._wait(False, deadline)
-            except SSL.WantWriteError:
-                self._wait(True, deadline)
-            except SSL.ZeroReturnError:
-                return b""
-            except (OSError, SSL.Error) as e:
-                raise Dropped(_ssl_error(e)) from None
-
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self.conn is None:
-                try:
-                    n = self.sock.send(view)
-                except BlockingIOError:
-                    self._wait(True, time.monotonic() + self.timeout)
-                    continue
-                except OSError as e:
-                    raise Dropped(str(e)) from None
-            else:
-                n = self._io(self.conn.send, bytes(view[:16384]))
-            view = view[n:]
-
-    def recv(self) -> bytes:
-        if self.conn is None:
-            return self._io(self._plain_recv)
-        return self._io(self.conn.recv, CHUNK)
-
-    def _plain_recv(self) -> bytes:
-        return self.sock.recv(CHUNK)
-
-    def start_tls(self, ctx: SSL.Context, server_name: str) -> SSL.Connection:
-        conn = SSL.Connection(ctx, self.sock)
-        conn.set_connect_state()
-        if server_name:
-            conn.set_tlsext_host_name(server_name.encode("idna"))
-        self.conn = conn
-        self._io(conn.do_handshake)
-        return conn
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -448,7 +280,7 @@ class SmtpSession:
                 raise RetryClear(str(e)) from None
             raise self._tls_fail(f"TLS connect failed: {e}") from None
         except SSL.Error as e:  # context problems (unreadable .pem)
-            raise self._tls_fail(f"TLS connect failed: {_ssl_error(e)}") from None
+            raise self._tls_fail(f"TLS connect failed: {ssl_error_text(e)}") from None
         self.tls_active = True
         if mode is TlsMode.MANDATORY:
             self._verify(conn, pem)
@@ -460,13 +292,7 @@ class SmtpSession:
         peer = conn.get_peer_certificate()
         if peer is None:
             raise self._tls_fail(f"TLS unable to verify server with {pem}: no certificate provided")
-        cert = peer.to_cryptography()
-        try:
-            ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            sans = list(ext.value.get_values_for_type(x509.DNSName))
-        except x509.ExtensionNotFound:
-            sans = []
-        cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        sans, cns = certificate_names(peer.to_cryptography())
         problem = peer_name_problem(self.dest.host, sans, cns)
         if problem is not None:
             raise self._tls_fail(f"TLS unable to verify server {self.dest.host}: {problem}")
@@ -555,21 +381,3 @@ class SmtpSession:
                 pass
         self.usable = False
         self.transport.close()
-
-
-def connect(ip: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection with ``timeoutconnect``; OSError/TimeoutError on failure."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def counts_for_tcpto(exc: BaseException) -> bool:
-    """Timeouts (qmail) and refused connections (eQmail) mark an address in tcpto."""
-    return isinstance(exc, (TimeoutError, socket.timeout, ConnectionRefusedError))

@@ -6,7 +6,8 @@ qmail-spp hook points — with eQmail's reply texts (eqmail.smtp.replies) and eq
 stricter rules (DESIGN.md): 12,288-byte command lines, AUTH= believed only after AUTH,
 no PLAIN/LOGIN advertised before TLS with TLSREQUIRED=1, the CRAM-MD5 exemption from
 TLSREQUIRED compared case-insensitively, no open relay without rcpthosts, [rcpt]
-plugins that really run.
+plugins that really run.  Buffering, line framing, the action list and waiting for
+results are the base class's (eqmail.smtp.plumbing.SessionPlumbing).
 
 Privilege: none needed; no sockets, files, clock or process access.  Time comes from
 the injected ``clock``; everything else from :class:`SessionConfig` and ``env`` (the
@@ -37,44 +38,34 @@ from eqmail.smtp.actions import (
     BeginMessage,
     CheckClientCert,
     CheckPassword,
-    Close,
     EndMessage,
     HookOutcome,
     HookStage,
     HookVerdict,
-    Log,
     MessageData,
     QueueOutcome,
     QueueStatus,
     RunHook,
-    Send,
     StartTLS,
 )
 from eqmail.smtp.address import parse_address, parse_mail_params
 from eqmail.smtp.auth import MECHANISMS, AuthExchange, AuthStep, Credentials, Failed
 from eqmail.smtp.data import DataReader, DataStatus
+from eqmail.smtp.plumbing import MAX_PENDING, OVERFLOW, SessionPlumbing
 from eqmail.smtp.received import received_line
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.state import Phase, SessionConfig, SppState, digits
 from eqmail.textio import decode, encode
 
-# Bytes a client may send while the session waits for a queue/auth/hook/cert result.
-# Legitimate pipelining after "." is a few commands (DATA is a sync point).
-MAX_PENDING = 1024 * 1024
-OVERFLOW = Reply(421, "too much pipelined input (#4.5.0)")
-
 __all__ = ["MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig", "SppState"]
 
 
-class Session:
+class Session(SessionPlumbing):
     """One SMTP connection.  See the module docstring for how to drive it."""
 
     def __init__(self, cfg: SessionConfig, env: dict[str, str],
                  clock: Callable[[], float]) -> None:
-        self.cfg = cfg
-        self.env = dict(env)
-        self.clock = clock
-        self.phase = Phase.COMMAND
+        super().__init__(cfg, env, clock)
         self.in_tls = False
         self.authenticated = False
         self.auth_failures = 0
@@ -89,56 +80,18 @@ class Session:
         self._barf = False
         self._mailfrom: str | None = None    # last accepted MAIL, for log lines
         self._last_addr: str | None = None   # last parsed address, for log lines
-        self._buf = bytearray()
-        self._eof = False
-        self._discarding = False             # inside an over-long command line
-        self._out: list[Action] = []
         self._reader: DataReader | None = None
         self._auth: AuthExchange | None = None
-        self._resume: Callable[..., None] | None = None
         self._cert_tried = False
         self._cert_reason: str | None = None
 
-    # ---- the I/O layer's API ---------------------------------------------------------
+    # ---- the I/O layer's API (feed, eof, wants_input, closed: SessionPlumbing) -------
 
     def start(self) -> list[Action]:
         """The greeting (after the [connection] plugins, if any)."""
         self._hook(HookStage.CONNECTION, "",
                    lambda _o: self._send(replies.greeting(self.cfg.greeting)))
         return self._flush()
-
-    def feed(self, data: bytes) -> list[Action]:
-        if self.phase is Phase.CLOSED:
-            return []
-        if self.phase is Phase.WAIT_TLS:
-            return []  # plain text sent before the handshake: never a command
-        if self.phase is Phase.WAIT and len(self._buf) + len(data) > MAX_PENDING:
-            self._send(OVERFLOW)
-            self._close()
-            return self._flush()
-        self._buf += data
-        self._pump()
-        return self._flush()
-
-    def eof(self) -> list[Action]:
-        if self.phase is Phase.CLOSED:
-            return []
-        self._eof = True
-        if self.phase is Phase.WAIT_TLS:
-            self._close()
-        self._pump()
-        return self._flush()
-
-    @property
-    def wants_input(self) -> bool:
-        """False while closed or while a result is pending and input piles up."""
-        if self.phase is Phase.CLOSED:
-            return False
-        return not (self.phase is Phase.WAIT and len(self._buf) >= MAX_PENDING // 2)
-
-    @property
-    def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
 
     def queue_result(self, result: QueueOutcome) -> list[Action]:
         return self._resume_with(result)
@@ -182,99 +135,6 @@ class Session:
                 f"{self.env.get('TCPREMOTEIP', 'unknown')} to {show(self._last_addr)} "
                 f"helo {show(self.helo)}")
 
-    # ---- plumbing --------------------------------------------------------------------
-
-    def _send(self, reply: Reply) -> None:
-        self._send_raw(reply.wire())
-
-    def _send_raw(self, data: bytes) -> None:
-        if not data:
-            return
-        last = self._out[-1] if self._out else None
-        if isinstance(last, Send):  # one write for pipelined replies
-            self._out[-1] = Send(last.data + data)
-        else:
-            self._out.append(Send(data))
-
-    def _log(self, event: str) -> None:
-        self._out.append(Log(self.log_line(event)))
-
-    def _close(self) -> None:
-        if self.phase is Phase.DATA:
-            self._out.append(AbortMessage())
-        self._out.append(Close())
-        self.phase = Phase.CLOSED
-        self._buf.clear()
-
-    def _flush(self) -> list[Action]:
-        out, self._out = self._out, []
-        return out
-
-    def _wait(self, action: Action, resume: Callable[..., None]) -> None:
-        self._out.append(action)
-        self._resume = resume
-        self.phase = Phase.WAIT
-
-    def _resume_with(self, result: object) -> list[Action]:
-        if self.phase is not Phase.WAIT or self._resume is None:
-            return []  # not expected now (late or duplicate result): ignore
-        resume, self._resume = self._resume, None
-        self.phase = Phase.COMMAND
-        resume(result)
-        self._pump()
-        return self._flush()
-
-    def _pump(self) -> None:
-        """Process buffered input until it runs out or a result must be awaited."""
-        while self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
-            if self.phase is Phase.DATA:
-                if not self._data_step():
-                    break
-                continue
-            line = self._take_line()
-            if line is None:
-                break
-            if self.phase is Phase.AUTH:
-                self._auth_line(line)
-            else:
-                self._command(line)
-        if self._eof and self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
-            self._log("read failed")
-            self._close()
-
-    def _take_line(self) -> bytes | None:
-        """The next command line without LF and one trailing CR, or None for "need more".
-        Lines over cfg.max_line are answered and skipped without being buffered."""
-        buf, limit = self._buf, self.cfg.max_line
-        while True:
-            if self._discarding:
-                lf = buf.find(b"\n")
-                if lf < 0:
-                    buf.clear()
-                    return None
-                del buf[:lf + 1]
-                self._discarding = False
-            lf = buf.find(b"\n", 0, limit + 2)
-            if lf < 0:
-                if len(buf) <= limit + 1:
-                    return None
-                self._discarding = True
-                self._line_too_long()
-                continue
-            line = bytes(buf[:lf])
-            del buf[:lf + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) <= limit:
-                return line
-            self._line_too_long()
-
-    def _line_too_long(self) -> None:
-        self._send(replies.LINE_TOO_LONG)
-        if self.phase is Phase.AUTH:
-            self._auth = None
-            self.phase = Phase.COMMAND
-
     # ---- hooks -----------------------------------------------------------------------
 
     def _hook(self, stage: HookStage, arg: str, then: Callable[[HookOutcome], None]) -> None:
@@ -317,6 +177,12 @@ class Session:
             self._send(replies.UNRECOGNISED)
         else:
             handler(self, arg)
+
+    def _line_too_long(self) -> None:
+        self._send(replies.LINE_TOO_LONG)
+        if self.phase is Phase.AUTH:
+            self._auth = None
+            self.phase = Phase.COMMAND
 
     def _reset_transaction(self) -> None:
         self.sender = None

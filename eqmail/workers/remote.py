@@ -43,19 +43,15 @@ from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.smtp.client import (
     Destination,
-    Dropped,
     Quit,
     RetryClear,
     SmtpSession,
-    TlsConfig,
-    Transport,
     TryNext,
-    connect,
-    counts_for_tcpto,
     dropped_text,
     quote_address,
     rspawn_report,
 )
+from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
 from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext
 

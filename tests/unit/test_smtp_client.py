@@ -1,4 +1,5 @@
-"""eqmail.smtp.client: the pure parts, then one SMTP session against tests/smtpsink.py."""
+"""eqmail.smtp.client and .transport: the pure parts, then one SMTP session against
+tests/smtpsink.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 from smtpsink import Script, SmtpSink, mint
 
 from eqmail.smtp import client as c
-from eqmail.smtp.client import Destination, Quit, RetryClear, SmtpSession, TlsConfig, TryNext
+from eqmail.smtp import transport as t
+from eqmail.smtp.client import Destination, Quit, RetryClear, SmtpSession, TryNext
+from eqmail.smtp.transport import TlsConfig
 
 # ------------------------------------------------------------------ pure parts
 
@@ -30,9 +33,9 @@ def test_reply_parser_joins_lines_and_cleans_text() -> None:
 def test_reply_parser_bounds() -> None:
     (r,) = c.ReplyParser().feed(b"550 " + b"x" * 6000 + b"\r\n")
     assert len(r.text) == c.MAX_TEXT
-    with pytest.raises(c.Dropped):
+    with pytest.raises(t.Dropped):
         c.ReplyParser().feed(b"hello\r\n")
-    with pytest.raises(c.Dropped):
+    with pytest.raises(t.Dropped):
         c.ReplyParser().feed(b"2" * (c.MAX_LINE + 1))
 
 
@@ -79,14 +82,14 @@ def test_stuff_is_independent_of_chunking(data: bytes, cuts: list[int]) -> None:
 
 
 def test_peer_name_rules() -> None:
-    assert c.peer_name_problem("mx.example.net", ["mx.example.net"], ["other"]) is None
-    assert c.peer_name_problem("mx.example.net", ["*.example.net"], []) is None
-    assert c.peer_name_problem("a.mx.example.net", ["*.example.net"], []) is not None
+    assert t.peer_name_problem("mx.example.net", ["mx.example.net"], ["other"]) is None
+    assert t.peer_name_problem("mx.example.net", ["*.example.net"], []) is None
+    assert t.peer_name_problem("a.mx.example.net", ["*.example.net"], []) is not None
     # strict: a DNS SAN that does not match is a failure even when the CN matches
-    assert c.peer_name_problem("mx.example.net", ["www.example.net"], ["mx.example.net"]) == (
+    assert t.peer_name_problem("mx.example.net", ["www.example.net"], ["mx.example.net"]) == (
         "received certificate for www.example.net")
-    assert c.peer_name_problem("mx.example.net", [], ["MX.example.net"]) is None
-    assert c.peer_name_problem("mx.example.net", [], []) == "certificate contains no valid commonName"
+    assert t.peer_name_problem("mx.example.net", [], ["MX.example.net"]) is None
+    assert t.peer_name_problem("mx.example.net", [], []) == "certificate contains no valid commonName"
 
 
 def test_rspawn_report_merge() -> None:
@@ -105,10 +108,10 @@ def test_rspawn_report_merge() -> None:
 
 def test_tls_modes(tmp_path: Path) -> None:
     cfg = TlsConfig(tmp_path, tlshosts=frozenset({"mx.a"}), notls=frozenset({"mx.b"}))
-    assert cfg.mode_for("MX.A") == (c.TlsMode.MANDATORY, "control/tlshosts/mx.a.pem")
-    assert cfg.mode_for("mx.b")[0] is c.TlsMode.OFF
-    assert cfg.mode_for("mx.c")[0] is c.TlsMode.OPPORTUNISTIC
-    assert TlsConfig(tmp_path, exhaustive=True).mode_for("mx.c")[0] is c.TlsMode.OFF
+    assert cfg.mode_for("MX.A") == (t.TlsMode.MANDATORY, "control/tlshosts/mx.a.pem")
+    assert cfg.mode_for("mx.b")[0] is t.TlsMode.OFF
+    assert cfg.mode_for("mx.c")[0] is t.TlsMode.OPPORTUNISTIC
+    assert TlsConfig(tmp_path, exhaustive=True).mode_for("mx.c")[0] is t.TlsMode.OFF
 
 
 # ------------------------------------------------------------------ live sessions
@@ -135,7 +138,7 @@ def session(port: int, host: str = "", tls: TlsConfig | None = None, user: str |
             password: str | None = None, timeout: float = 5, implicit: bool = False) -> SmtpSession:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     dest = Destination("127.0.0.1", port, host, user, password, implicit)
-    return SmtpSession(c.Transport(sock, timeout), dest, "client.test",
+    return SmtpSession(t.Transport(sock, timeout), dest, "client.test",
                        tls or TlsConfig(Path("/nonexistent")))
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eqmail.smtp.client import MAX_LINE, MAX_TEXT, Dropped, Reply, ReplyParser
+from eqmail.smtp.client import MAX_LINE, MAX_TEXT, Reply, ReplyParser
+from eqmail.smtp.transport import Dropped
 
 Outcome = tuple[list[Reply], str | None]
 

@@ -1,0 +1,241 @@
+"""The connection under the SMTP client: TCP connect, a deadline-bound socket, outbound TLS.
+
+Owns: opening the TCP connection (``timeoutconnect``) and deciding whether its failure
+counts for tcpto; :class:`Transport`, the socket (plain, or under a pyOpenSSL
+connection after STARTTLS / implicit TLS) on which every read and write has the
+``timeoutremote`` deadline; the outbound TLS policy by host name (:class:`TlsConfig`:
+tlshosts/, notls, tlsclientciphers, clientcert.pem, eQmail §6) and the cached
+client contexts it builds; strict certificate name checks (subjectAltName DNS names,
+else CN).  Runs in the remote delivery worker (eqmailr); reads control/clientcert.pem and
+control/tlshosts/<host>.pem through OpenSSL, nothing else.
+
+Inputs: an IP address and port, a connected socket, the TLS control values.  Outputs:
+bytes read, a handshaken :class:`OpenSSL.SSL.Connection`, a :class:`TlsMode` and the
+.pem to verify with, certificate name problems as text for qmail-remote's reports.
+
+Failures: a read or write that dies, times out or fails inside TLS raises
+:class:`Dropped` (its text from :func:`ssl_error_text`); an unusable .pem raises
+:class:`OpenSSL.SSL.Error` from :meth:`TlsConfig.context`; :func:`connect` raises
+OSError/TimeoutError.  The report texts built from these are eqmail.smtp.client's.
+"""
+
+from __future__ import annotations
+
+import enum
+import select
+import socket
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+CHUNK = 65536
+
+
+class Dropped(Exception):
+    """The connection died, timed out or spoke garbage."""
+
+
+def connect(ip: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection with ``timeoutconnect``; OSError/TimeoutError on failure."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def counts_for_tcpto(exc: BaseException) -> bool:
+    """Timeouts (qmail) and refused connections (eQmail) mark an address in tcpto."""
+    return isinstance(exc, (TimeoutError, socket.timeout, ConnectionRefusedError))
+
+
+# ------------------------------------------------------------------ TLS policy
+
+
+class TlsMode(enum.Enum):
+    OFF = "off"
+    OPPORTUNISTIC = "opportunistic"
+    MANDATORY = "mandatory"
+
+
+def ssl_error_text(e: Exception) -> str:
+    if isinstance(e, SSL.Error) and e.args and isinstance(e.args[0], list):
+        return "; ".join(str(x[-1]) for x in e.args[0] if x) or "handshake failed"
+    return str(e) or e.__class__.__name__
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The outbound TLS control files (eQmail §6), by MX/relay host name."""
+
+    control: Path
+    ciphers: str = "DEFAULT"
+    clientcert: bool = False
+    tlshosts: frozenset[str] = frozenset()  # names with control/tlshosts/<name>.pem
+    exhaustive: bool = False
+    notls: frozenset[str] = frozenset()
+
+    def mode_for(self, host: str) -> tuple[TlsMode, str]:
+        name = host.lower()
+        if name and name in self.tlshosts:
+            return TlsMode.MANDATORY, f"control/tlshosts/{name}.pem"
+        if self.exhaustive or (name and name in self.notls):
+            return TlsMode.OFF, ""
+        return TlsMode.OPPORTUNISTIC, ""
+
+    def context(self, pem: str) -> SSL.Context:
+        return _context(self.control, self.ciphers, self.clientcert, pem)
+
+
+@lru_cache(maxsize=64)
+def _context(control: Path, ciphers: str, clientcert: bool, pem: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    try:
+        ctx.set_cipher_list((ciphers or "DEFAULT").encode())
+    except SSL.Error:
+        ctx.set_cipher_list(b"DEFAULT")
+    if clientcert:  # offered when loadable, silently skipped otherwise (eQmail)
+        try:
+            ctx.use_certificate_chain_file(str(control / "clientcert.pem"))
+            ctx.use_privatekey_file(str(control / "clientcert.pem"))
+        except SSL.Error:
+            pass
+    if pem:
+        ctx.load_verify_locations(str(control.parent / pem))
+
+        def record(conn: SSL.Connection, _c: object, errnum: int, depth: int, ok: int) -> bool:
+            if not ok and conn.get_app_data() is None:
+                conn.set_app_data(_verify_error_text(errnum))
+            return True  # decide after the handshake, with our own texts
+
+        ctx.set_verify(SSL.VERIFY_PEER, record)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *_: True)
+    return ctx
+
+
+def _verify_error_text(errnum: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode()
+    except Exception:  # pragma: no cover - private API moved
+        return f"verify error {errnum}"
+
+
+# ------------------------------------------------------------------ certificate names
+
+
+def name_matches(host: str, pattern: str) -> bool:
+    host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
+    if pattern == host:
+        return True
+    if pattern.startswith("*.") and "." in host:
+        return host.split(".", 1)[1] == pattern[2:]
+    return False
+
+
+def peer_name_problem(host: str, dns_sans: list[str], cns: list[str]) -> str | None:
+    """Strict name check: DNS subjectAltNames if any (CN then ignored), else the CN."""
+    if dns_sans:
+        if any(name_matches(host, s) for s in dns_sans):
+            return None
+        return "received certificate for " + ", ".join(dns_sans)[:200]
+    if not cns:
+        return "certificate contains no valid commonName"
+    if any(name_matches(host, c) for c in cns):
+        return None
+    return "received certificate for " + cns[0][:200]
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """The names :func:`peer_name_problem` checks: DNS subjectAltNames, commonNames."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        sans = list(ext.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        sans = []
+    cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return sans, cns
+
+
+# ------------------------------------------------------------------ transport
+
+
+class Transport:
+    """A socket, maybe under TLS, where every read and write has a deadline."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.conn: SSL.Connection | None = None
+        self.timeout = timeout
+
+    def _wait(self, write: bool, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Dropped("timeout")
+        r, w, _ = select.select([] if write else [self.sock], [self.sock] if write else [], [], left)
+        if not r and not w:
+            raise Dropped("timeout")
+
+    def _io(self, op, *args):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return op(*args)
+            except (BlockingIOError, SSL.WantReadError):
+                self._wait(False, deadline)
+            except SSL.WantWriteError:
+                self._wait(True, deadline)
+            except SSL.ZeroReturnError:
+                return b""
+            except (OSError, SSL.Error) as e:
+                raise Dropped(ssl_error_text(e)) from None
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.conn is None:
+                try:
+                    n = self.sock.send(view)
+                except BlockingIOError:
+                    self._wait(True, time.monotonic() + self.timeout)
+                    continue
+                except OSError as e:
+                    raise Dropped(str(e)) from None
+            else:
+                n = self._io(self.conn.send, bytes(view[:16384]))
+            view = view[n:]
+
+    def recv(self) -> bytes:
+        if self.conn is None:
+            return self._io(self._plain_recv)
+        return self._io(self.conn.recv, CHUNK)
+
+    def _plain_recv(self) -> bytes:
+        return self.sock.recv(CHUNK)
+
+    def start_tls(self, ctx: SSL.Context, server_name: str) -> SSL.Connection:
+        conn = SSL.Connection(ctx, self.sock)
+        conn.set_connect_state()
+        if server_name:
+            conn.set_tlsext_host_name(server_name.encode("idna"))
+        self.conn = conn
+        self._io(conn.do_handshake)
+        return conn
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
