@@ -199,7 +199,9 @@ class Instance:
         deadline = time.monotonic() + timeout
         while len(self.maildir_files()) < count and time.monotonic() < deadline:
             self.ctl("queue", "flush")
-            time.sleep(2)
+            next_flush = time.monotonic() + 2
+            while len(self.maildir_files()) < count and time.monotonic() < next_flush:
+                time.sleep(0.05)
         return self.wait_for_mail(count, timeout=1)
 
     def wait_for_mail(self, count: int = 1, maildir: Path | None = None, timeout: float = 20.0) -> list[Path]:

@@ -2,7 +2,7 @@
 
 Owns info/, local/, remote/ and bounce/ (as eqmails).  Creating info/ and the channel
 files from todo/ (qmail-send's todo_do) is eqmail.queue.preprocess: this manager owns
-its Preprocessor and delegates process_todo / preprocess / preprocess_batch to it.
+its Preprocessor and delegates process_todo / preprocess to it.
 Deletions in todo/, intd/ and mess/ go through the queue writer's clean requests
 (qmail-clean), because the scanner cannot write there.  No sockets or event loop here:
 the scanner worker (eqmail.workers.scanner) calls these methods and moves delivery
@@ -159,11 +159,6 @@ class QueueManager:
 
     def preprocess(self, msgid: int) -> bool:
         return self.preprocessor.preprocess(msgid)
-
-    def preprocess_batch(self, ids: list[int]) -> int:
-        """qmail-send's todo_do; info/ and the channel files are durable before todo/ is
-        cleaned (the steps and why: Preprocessor.preprocess_batch)."""
-        return self.preprocessor.preprocess_batch(ids)
 
     @property
     def todo_trouble(self) -> bool:

@@ -2,8 +2,8 @@
 
 Only system calls here; the decisions (which workers, when to restart) live in
 policy.py, main.py and reload.py.  A worker is a plain ``os.fork`` and the supervisor
-selects on a pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess`` library's fork
-Process was tried: its exit sentinel is a pipe whose write end the child must keep open,
+selects on a pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess``
+library's fork Process was tried: its exit sentinel is a pipe whose write end the child must keep open,
 which conflicts with closing every inherited fd — see docs/design-notes.md.)
 
 In the child, before the worker's code runs: signal handlers back to defaults and the
