@@ -8,7 +8,9 @@ dropped privileges (checked) before calling it.  The worker signals readiness wi
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,3 +42,19 @@ class WorkerContext:
             except OSError:
                 pass
             self.ready_fd = -1
+
+
+def stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGTERM sets ``stop`` — also a SIGTERM that arrives before ``loop`` runs.
+
+    uvloop arms its signal wake-up only while the loop runs: a signal that comes between
+    ``add_signal_handler`` and ``run_until_complete`` is taken by its no-op Python handler
+    and lost, and the supervisor then waits for this worker forever (a reload retiring a
+    listener that had just started did exactly that).  So SIGTERM is blocked here and
+    unblocked by the loop's first callback, where a pending one is delivered and handled.
+    Threads started in between inherit the block, which keeps the signal the main
+    thread's; a program started in between would inherit it too, so start none.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, {signal.SIGTERM})

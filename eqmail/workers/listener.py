@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import ssl
 import time
@@ -45,7 +44,7 @@ from eqmail.spp.client import run_hook
 from eqmail.spp.config import PluginTableCache, SppConfigError
 from eqmail.tcprules import Rules
 from eqmail.tls import ServerTLS, cipher_name, client_cert_email, freeze_plaintext, read_tlsclients
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
@@ -455,7 +454,7 @@ def run(ctx: WorkerContext) -> int:
     sock.set_inheritable(False)  # never leak it into checkpassword or plugins
     listener = Listener(ctx, spec)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    stop_on_sigterm(loop, stop)
     os.umask(0o077)
     ctx.ready()
     loop.run_until_complete(_accept_loop(listener, sock, stop))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import queue as queue_mod
-import signal
 import socket
 import threading
 import time
@@ -35,7 +34,7 @@ from eqmail.queue.writer import (
     failure_code,
     received_line,
 )
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 ROLES = {"network": "from network", "bounce": "for bounce", "alias": "by alias"}
 
@@ -305,6 +304,8 @@ def run(ctx: WorkerContext) -> int:
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    stop_on_sigterm(loop, stop)  # before the committer thread starts: it inherits the block
     os.umask(0o033)
     server = QueueServer(ctx, loop)
     # a writer that was killed may have left pid/ names; none is in use now (one writer)
@@ -313,8 +314,6 @@ def run(ctx: WorkerContext) -> int:
         log(f"queue writer: removed {removed} stale pid/ files")
     server.committer.start()
     sock = socket.socket(fileno=ctx.extra["socket_fd"])  # bound by the supervisor
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     async def main() -> None:
         # uvloop re-listens with its own default backlog (100) unless told: every

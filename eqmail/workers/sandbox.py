@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import math
 import os
-import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -66,7 +65,7 @@ from eqmail.spp.wire import (
     send_frame_fds,
     write_frame,
 )
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 NPROC_PRIVILEGED = 256  # processes of user eqmailp in all (plugins + their children)
 MAX_REMOTE = 64  # remote connections served at once (the remote worker opens one per chain)
@@ -321,7 +320,7 @@ def run(ctx: WorkerContext) -> int:
     # a chain in progress: every command may use its timeout, plus the kill and reap
     drain = max(1, len(ctx.controls.beforemote)) * (ctx.controls.timeoutremote + 5) + 5
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    stop_on_sigterm(loop, stop)  # after preload(): plugins must not inherit a blocked SIGTERM
     loop.run_until_complete(serve(runner, sock, stop, ctx.ready, remote=remote,
                                   remote_drain=drain))
     return 0
