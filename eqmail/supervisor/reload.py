@@ -26,6 +26,7 @@ from eqmail.instance import Instance
 from eqmail.log import log
 from eqmail.supervisor.sockets import bind_listener
 from eqmail.supervisor.worker import Worker
+from eqmail.workers.base import drain_wake_pipe
 
 # The control values each long-running worker was built from: a reload restarts a
 # worker (gracefully) only when one of its values changed.  Listeners are always
@@ -64,11 +65,7 @@ class ReloadMixin:
         def _listener_workers(self, spec: ListenerSpec) -> list[Worker]: ...
 
     def _on_control_change(self) -> None:
-        try:
-            while os.read(self.watch_r, 64):
-                pass
-        except BlockingIOError:
-            pass
+        drain_wake_pipe(self.watch_r)
         if not self.stopping:
             log("status: control files changed")
             self.reload()

@@ -58,3 +58,13 @@ def stop_on_sigterm(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Non
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def drain_wake_pipe(fd: int) -> None:
+    """Empty a non-blocking self-pipe whose bytes only mean "look again" (a signal, a
+    finished thread, a changed control file): what is pending is read and dropped."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # EAGAIN: empty now
+        pass

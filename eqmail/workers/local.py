@@ -31,7 +31,7 @@ from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, drain_wake_pipe
 
 CHILD_IDLE = 60.0
 MAX_JOB = 64 * 1024
@@ -224,11 +224,7 @@ class Spawner:
                 elif kind == "child" and ident in self.children:
                     self.child_report(self.children[ident])
                 elif kind == "wake":
-                    try:
-                        while os.read(self.wake_r, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
+                    drain_wake_pipe(self.wake_r)
             self.expire_idle()
             self.collect_zombies()
         for child in list(self.children.values()):

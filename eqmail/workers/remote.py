@@ -53,7 +53,7 @@ from eqmail.smtp.client import (
 )
 from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
 from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, drain_wake_pipe
 
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
 GATHER = 0.02  # a new batch waits this long for the scanner's other recipients of it
@@ -158,11 +158,7 @@ class RemoteWorker:
             pass
 
     def collect(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except OSError:
-            pass
+        drain_wake_pipe(self.wake_r)
         while True:
             try:
                 results = self.done.get_nowait()

@@ -30,7 +30,7 @@ from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import DeliveryRequest, QueueManager
 from eqmail.queue.schedule import Channel
 from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WorkerContext, drain_wake_pipe
 
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
 TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again later"
@@ -314,7 +314,7 @@ class Scanner:
             for key, _ in self.sel.select(timeout):
                 what = key.data
                 if what == "wake":
-                    self._drain_wake()
+                    drain_wake_pipe(self.wake_r)
                 elif what == "trigger":
                     self._drain_trigger()
                 elif what == "writer":
@@ -374,13 +374,6 @@ class Scanner:
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.time()))
         return min(timeout, 5.0) if not self.stopping else 0.5
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _drain_trigger(self) -> None:
         try:
