@@ -14,16 +14,21 @@ MAX_LINE = 4000
 
 
 def sanitize(text: str) -> str:
-    """qmail-send's log safety: unprintables become ``_``, newlines ``/``."""
-    out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("/")
-        elif ch < " " or ch == "\x7f":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """The one log-safety rule, applied to every line by log()/log_lines().
+
+    qmail-send's: a newline becomes ``/`` and every other unprintable character ``_`` --
+    here "unprintable" is Python's: C0 and C1 controls (CR, ESC, NUL, DEL, NEL), line and
+    paragraph separators, and format characters such as U+202E (right-to-left override).
+    So no client-supplied string (HELO, envelope address, AUTH user, a remote server's
+    text) can start a forged log line or send a terminal escape sequence.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else "/" if ch == "\n" else "_" for ch in text)
+
+
+def _encode(line: str) -> bytes:
+    return (sanitize(line[:MAX_LINE]) + "\n").encode("utf-8", "backslashreplace")
 
 
 _held: list[str] | None = None  # lines held by hold_log() until flush_log()
@@ -33,7 +38,7 @@ def log(line: str) -> None:
     if _held is not None:
         _held.append(line)
         return
-    data = (line[:MAX_LINE] + "\n").encode("utf-8", "backslashreplace")
+    data = _encode(line)
     try:
         os.write(2, data)
     except OSError:
@@ -68,7 +73,7 @@ def _write_lines(lines: list[str]) -> None:
     chunk: list[bytes] = []
     size = 0
     for line in lines:
-        data = (line[:MAX_LINE] + "\n").encode("utf-8", "backslashreplace")
+        data = _encode(line)
         if size + len(data) > 4096 and chunk:
             _write(b"".join(chunk))
             chunk, size = [], 0

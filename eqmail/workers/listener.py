@@ -31,7 +31,7 @@ from typing import Any
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimiter, read_authlimit
 from eqmail.control import ListenerSpec
-from eqmail.log import log
+from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
 from eqmail.queue.client import AsyncQueueClient
 from eqmail.smtp import actions as A
@@ -372,8 +372,8 @@ class Connection:
 
 
 def _printable(name: bytes) -> str:
-    """A user name for a log line: printable ASCII, at most 64 characters."""
-    text = "".join(chr(b) if 0x21 <= b < 0x7F else "?" for b in name[:64])
+    """A user name for a log line: at most 64 characters, made safe by log.sanitize."""
+    text = sanitize(name[:64].decode("utf-8", "replace")).replace(" ", "?")
     return text + ("..." if len(name) > 64 else "")
 
 

@@ -5,6 +5,11 @@ timestamp to stdout (systemd, daemontools, a terminal) or to the log file the su
 opened for it (control/logfile), or — when control/logfile says ``syslog`` — to syslog
 with facility mail and tag ``eqmail`` (syslog adds its own time).  Lines are at most
 4000 bytes; a longer one is cut.
+
+Workers' own lines are already made safe by eqmail.log.sanitize(); but fd 2 is also
+where plugins, checkpassword and delivery programs write their stderr, so every line is
+scrubbed again here: a control byte (CR, ESC, NUL, DEL, ...) becomes ``_`` and cannot
+rewrite the terminal or a log viewer's line (a CR before the newline is dropped).
 """
 
 from __future__ import annotations
@@ -16,6 +21,16 @@ import time
 from eqmail.workers.base import WorkerContext
 
 MAX_LINE = 4000
+_CONTROLS = bytes(range(32)) + b"\x7f"
+_SCRUB = bytes.maketrans(_CONTROLS, b"_" * len(_CONTROLS))
+
+
+def scrub(line: bytes) -> bytes:
+    """One raw log line made safe (at most MAX_LINE bytes, no control bytes)."""
+    line = line[:MAX_LINE]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line.translate(_SCRUB)
 
 
 def _stamp() -> bytes:
@@ -66,14 +81,14 @@ def run(ctx: WorkerContext) -> int:
         if to_syslog:
             for ln in lines:
                 priority = syslog.LOG_WARNING if ln.startswith((b"alert:", b"warning:")) else syslog.LOG_INFO
-                syslog.syslog(priority, ln[:MAX_LINE].decode("utf-8", "replace"))
+                syslog.syslog(priority, scrub(ln).decode("utf-8", "replace"))
             continue
         stamp = _stamp()
-        out_data = b"".join(stamp + ln[:MAX_LINE] + b"\n" for ln in lines)
+        out_data = b"".join(stamp + scrub(ln) + b"\n" for ln in lines)
         try:
             os.write(out, out_data)
         except OSError:
             pass
     if pending:
-        os.write(out, _stamp() + pending + b"\n")
+        os.write(out, _stamp() + scrub(pending) + b"\n")
     return 0
