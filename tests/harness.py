@@ -31,6 +31,20 @@ ME = "mx.test.example"
 TEST_USER = "eqmtest"
 IS_ROOT = os.geteuid() == 0
 
+_null_dns_port: int | None = None
+
+
+def null_dns() -> int:
+    """The port of this test process's loopback DNS server that knows no names (every
+    query is NXDOMAIN).  Every instance uses it unless a test gives control/dnsservers:
+    no test may ask the machine's resolver (that would send queries off the machine)."""
+    global _null_dns_port
+    if _null_dns_port is None:
+        from dnsserver import DnsServer
+
+        _null_dns_port = DnsServer({}).start()
+    return _null_dns_port
+
 
 def bin_path(name: str) -> str:
     p = VENV_BIN / name
@@ -109,6 +123,7 @@ class Instance:
         make_maildir(home / "Maildir", uid, gid)
         inst = cls(root, uid, gid, home)
         inst.ctl("setup", "--me", ME)
+        inst.write_control("dnsservers", f"127.0.0.1:{null_dns()}")
         if listen is not None:
             inst.write_control("listen", listen)
         for name, value in (extra_controls or {}).items():

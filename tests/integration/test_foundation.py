@@ -415,7 +415,10 @@ def test_worker_privileges(running: Instance) -> None:
     # a delivery child runs as the recipient, never as root
     dotqmail(running, ".qmail-who", "|id -u > who.uid; id -g > who.gid\n")
     send(running, b"Subject: who\n\nx\n", f"testuser+who@{ME}", tool="eqmail-inject")
-    poll((running.home / "who.gid").exists, what="program output", inst=running)
+    who_gid = running.home / "who.gid"
+    # the shell creates the file before id writes into it: wait for its content
+    poll(lambda: who_gid.exists() and who_gid.read_text().endswith("\n"), what="program output",
+         inst=running)
     assert (running.home / "who.uid").read_text().strip() == str(running.uid)
     assert (running.home / "who.gid").read_text().strip() == str(running.gid)
     local_pid = worker(running, "local")["pid"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import TEST_USER, bin_path, ensure_test_user, free_port
+from harness import TEST_USER, bin_path, ensure_test_user, free_port, null_dns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 
@@ -45,6 +45,7 @@ def test_normal_user_runs_its_own_instance() -> None:
         setup = _as_user(ctl, "--root", str(root), "setup", "--me", "user.test.example", root=root)
         assert setup.returncode == 0, setup.stderr
         (root / "control" / "listen").write_text(f"smtp 127.0.0.1:{port}\n")
+        (root / "control" / "dnsservers").write_text(f"127.0.0.1:{null_dns()}\n")
         home = root / "home"
         for sub in ("", "Maildir", "Maildir/new", "Maildir/cur", "Maildir/tmp"):
             (home / sub).mkdir(exist_ok=True)
