@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eqmail.cdb import cdb_records
+from eqmail.cdb import CdbError, cdb_records
 from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
@@ -67,7 +67,16 @@ class ImportReport:
 # ---------------------------------------------------------------- cdb
 
 
-def assign_from_users_cdb(data: bytes) -> list[str]:
+def read_cdb(path: Path) -> list[tuple[bytes, bytes]]:
+    """Every record of a qmail cdb; a truncated or damaged file refuses the import with
+    a message naming it (qmail would have failed lookups in it)."""
+    try:
+        return list(cdb_records(path.read_bytes()))
+    except CdbError as e:
+        raise ImportRefused(f"{path}: {e}: rebuild it with qmail's tools first") from None
+
+
+def assign_from_users_cdb(data: bytes | list[tuple[bytes, bytes]]) -> list[str]:
     """users/assign lines (without the final ``.``) regenerated from qmail-newu's cdb.
 
     qmail-newu stores ``=local`` as key ``!local\\0`` and ``+prefix`` as ``!prefix``
@@ -75,7 +84,7 @@ def assign_from_users_cdb(data: bytes) -> list[str]:
     NUL-separated; the empty key holds the wildcard characters, implied by the ``+``
     lines themselves."""
     lines = []
-    for key, value in cdb_records(data):
+    for key, value in (cdb_records(data) if isinstance(data, bytes) else data):
         if not key:
             continue
         if not key.startswith(b"!"):
@@ -203,7 +212,7 @@ def plan_controls(qhome: Path, inst: Instance, force: bool, owners: Owners,
                             owners.mapped(st)))
     mrh = cdir / "morercpthosts.cdb"
     if mrh.exists():
-        hosts = [k.decode("utf-8", "surrogateescape") for k, _ in cdb_records(mrh.read_bytes())]
+        hosts = [k.decode("utf-8", "surrogateescape") for k, _ in read_cdb(mrh)]
         plan.append(Planned("control/morercpthosts", "".join(h + "\n" for h in hosts).encode("utf-8", "surrogateescape"),
                             0o644, None, f"from morercpthosts.cdb, {len(hosts)} domains"))
         src = cdir / "morercpthosts"
@@ -266,7 +275,10 @@ def _plan_defaultdelivery(qhome: Path, report: ImportReport) -> list[Planned]:
 def plan_users(qhome: Path, report: ImportReport) -> list[Planned]:
     cdb, assign = qhome / "users" / "cdb", qhome / "users" / "assign"
     if cdb.exists():
-        lines = assign_from_users_cdb(cdb.read_bytes())
+        try:
+            lines = assign_from_users_cdb(read_cdb(cdb))
+        except ValueError as e:  # a well-formed cdb with entries qmail-newu never writes
+            raise ImportRefused(f"{cdb}: {e}") from None
         if assign.exists():
             source = [ln for ln in _lines(assign.read_bytes()) if ln != "."]
             if _normal(source) == _normal(lines):

@@ -20,6 +20,7 @@ from harness import IS_ROOT, QmailTree, cdb_make
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eqmail.cdb import CdbError
 from eqmail.migrate import (
     ImportRefused,
     assign_from_users_cdb,
@@ -47,6 +48,36 @@ def test_cdb_reader_reads_what_cdbmake_wrote(records: list[tuple[bytes, bytes]])
     for key, _ in records:  # cdb_find returns the first record under a key
         assert cdb_get(data, key) == next(v for k, v in records if k == key)
     assert cdb_get(data, b"\xffnot-a-key\xff") is None or any(k == b"\xffnot-a-key\xff" for k, _ in records)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=20)), max_size=20),
+       st.data())
+def test_truncated_cdb_is_an_error_never_a_short_value(records: list[tuple[bytes, bytes]],
+                                                       draw: st.DataObject) -> None:
+    data = cdb_make(records)
+    cut = draw.draw(st.integers(0, len(data) - 1))
+    with pytest.raises(CdbError):
+        list(cdb_records(data[:cut]))
+    for key, _ in records[:3]:
+        with pytest.raises(CdbError):
+            cdb_get(data[:cut], key)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=12), st.binary(max_size=20)), min_size=1, max_size=20),
+       st.data())
+def test_damaged_cdb_gives_values_or_cdberror(records: list[tuple[bytes, bytes]],
+                                              draw: st.DataObject) -> None:
+    data = bytearray(cdb_make(records))
+    for _ in range(draw.draw(st.integers(1, 8))):
+        data[draw.draw(st.integers(0, len(data) - 1))] = draw.draw(st.integers(0, 255))
+    try:
+        list(cdb_records(bytes(data)))
+        for key, _ in records:
+            cdb_get(bytes(data), key)
+    except CdbError:
+        pass  # anything else (struct.error, IndexError) fails the test
 
 
 def newu(lines: list[str]) -> bytes:
@@ -253,6 +284,19 @@ def test_refused_while_eqmail_runs(qmail: QmailTree, root: Path) -> None:
         os.close(fd)
     assert (root / "control" / "me").read_text() == f"{ME}\n"
     assert queue_ids(root, "mess") == []
+
+
+def test_truncated_users_cdb_refuses_the_import_naming_it(qmail: QmailTree, root: Path) -> None:
+    populate(qmail)
+    whole = (qmail.home / "users" / "cdb").read_bytes()
+    qmail.write("users/cdb", whole[:-5])
+    with pytest.raises(ImportRefused, match=r"users/cdb: truncated cdb: hash table"):
+        import_qmail(qmail.home, root)
+    assert not (root / "control" / "me").exists()
+    qmail.write("users/cdb", whole)
+    qmail.write("control/morercpthosts.cdb", cdb_make([(b"more.example", b"")])[:-3])
+    with pytest.raises(ImportRefused, match=r"control/morercpthosts.cdb: truncated cdb"):
+        import_qmail(qmail.home, root)
 
 
 def test_refused_when_eqmail_would_not_load_it(qmail: QmailTree, root: Path) -> None:
