@@ -8,8 +8,11 @@ Owns: the exact text of (reference/qmail-core.md §5.1, eqmail-features.md §5, 
 - ``(HELO <helo>)`` only when a HELO/EHLO name was given and it differs,
   case-insensitively, from remotehost;
 - ``<remoteinfo>@`` only when TCPREMOTEINFO is set (ident, AUTH user or AUTH=);
-- in remotehost, helo, remoteinfo, remoteip and local every byte outside
-  ``A-Za-z0-9.@%+/=:-`` becomes ``?`` (so a client cannot inject header lines);
+- in remotehost, helo, remoteinfo, remoteip and local every *byte* outside
+  ``A-Za-z0-9.@%+/=:-`` becomes ``?`` (so a client cannot inject header lines): a
+  two-byte UTF-8 character gives ``??``, and a NUL ends the text, as received.c's
+  safeput() on a C string does;
+- the HELO/remotehost comparison is qmail's case_diffs(): ASCII letters only;
 - protocol is ``SMTP``, ``ESMTPA`` or ``ESMTPS (<cipher> encrypted)`` (optionally
   followed by ``\\n  (cert <email>)``), written as given;
 - the date is eQmail's: local time with a numeric offset, ``7 Mar 2016 14:05:09 +0100``
@@ -30,8 +33,23 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.@%+/=:\-]")
 
 
 def safe(text: str) -> str:
-    """Replace every character qmail's received.c does not trust with ``?``."""
-    return _UNSAFE.sub("?", text)
+    """received.c's safeput(): the text as the bytes the client sent (eqmail.textio's
+    surrogateescape form), cut at the first NUL, every untrusted byte made ``?``."""
+    data = text.encode("utf-8", "surrogateescape").split(b"\0", 1)[0]
+    return _UNSAFE.sub("?", data.decode("latin-1"))
+
+
+def _c_string(text: str) -> str:
+    """What qmail-smtpd's C string holds: the text up to its first NUL."""
+    return text.split("\0", 1)[0]
+
+
+def _ascii_lower(text: str) -> str:
+    """case_diffs() folds only A-Z (str.lower() would also fold e.g. the Kelvin sign)."""
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
 
 def date822(t: float, utcoffset: int | None = None) -> str:
@@ -60,7 +78,7 @@ def received_line(
 ) -> str:
     """The complete Received header, two lines, ending in ``\\n`` (stored form: LF)."""
     parts = ["Received: from ", safe(remotehost)]
-    if helo is not None and helo.lower() != remotehost.lower():
+    if helo is not None and _ascii_lower(_c_string(helo)) != _ascii_lower(_c_string(remotehost)):
         parts += [" (HELO ", safe(helo), ")"]
     parts.append(" (")
     if remoteinfo is not None:

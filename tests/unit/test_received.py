@@ -40,7 +40,10 @@ def test_date822_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_safe() -> None:
     assert safe("a-Z.0@%+/=:x") == "a-Z.0@%+/=:x"
-    assert safe("a b\r\n(c)\u00e9") == "a?b???c??"
+    assert safe("a b\r\n(c)\u00e9") == "a?b???c???"  # one ? per byte: é is two in UTF-8
+    assert safe("h\u00e9\u20acx") == "h?????x"
+    assert safe("good\0.evil\nX-Injected: 1") == "good"  # a NUL ends a C string
+    assert safe("b\udcffc") == "b?c"  # a raw 8-bit byte that was not UTF-8: one ?
 
 
 def base(**kw: object) -> str:
@@ -71,3 +74,9 @@ def test_remoteinfo_and_protocols() -> None:
 def test_injection_is_neutralised() -> None:
     line = base(helo="x\nX-Evil: 1", remoteinfo="a b", remotehost="h\r\n")
     assert line.count("\n") == 2
+
+
+def test_helo_comparison_is_ascii_only() -> None:
+    # str.lower() folds the Kelvin sign to "k"; qmail's case_diffs() does not
+    assert "(HELO ???.example)" in base(remotehost="k.example", helo="\u212a.example")
+    assert "HELO" not in base(remotehost="mx.example", helo="MX.example\0trailer")
