@@ -20,19 +20,13 @@ Bounds: each query has ``lifetime`` seconds, one resolution ``3 * lifetime`` in 
 at most MAX_MX exchangers, MAX_ADDRS addresses per name and MAX_TOTAL in all are used;
 UDP answers are limited by EDNS to 1232 bytes (TCP on truncation, 64 KiB by protocol).
 
-Local addresses (:func:`local_addresses`): IPv4 from the SIOCGIFCONF ioctl (every
-address of every interface, like qmail's ipme.c), IPv6 from ``/proc/thread-self/net/
-if_inet6`` (the calling thread's network namespace), plus 0.0.0.0 and ::.
+This machine's own addresses (for "am I an MX") come from eqmail.netif.
 """
 
 from __future__ import annotations
 
-import array
-import fcntl
 import ipaddress
 import random
-import socket
-import struct
 import time
 from dataclasses import dataclass
 
@@ -254,46 +248,3 @@ class Resolver:
                 break
             name = answer.rrset[0].target.to_text(omit_final_dot=True)
         return domain if name.lower() == domain.lower() else name
-
-
-# ------------------------------------------------------------ local addresses
-
-SIOCGIFCONF = 0x8912
-IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
-
-
-def _ipv4_addresses() -> set[str]:
-    out: set[str] = set()
-    size = IFREQ_SIZE * 256
-    buf = array.array("B", bytes(size))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifc = struct.pack("iL", size, buf.buffer_info()[0])
-        used = struct.unpack("iL", fcntl.ioctl(s.fileno(), SIOCGIFCONF, ifc))[0]
-    raw = buf.tobytes()
-    for off in range(0, used, IFREQ_SIZE):
-        # ifr_name[16], then struct sockaddr_in: family(2) port(2) addr(4)
-        out.add(socket.inet_ntoa(raw[off + 20 : off + 24]))
-    return out
-
-
-def _ipv6_addresses() -> set[str]:
-    out: set[str] = set()
-    for path in ("/proc/thread-self/net/if_inet6", "/proc/net/if_inet6"):
-        try:
-            with open(path) as f:
-                for line in f:
-                    hexaddr = line.split()[0]
-                    out.add(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
-            return out
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def local_addresses() -> frozenset[str]:
-    """Every address of this host's interfaces (qmail's ipme), plus 0.0.0.0 and ::."""
-    try:
-        v4 = _ipv4_addresses()
-    except OSError:
-        v4 = {"127.0.0.1"}
-    return frozenset(v4 | _ipv6_addresses() | {"0.0.0.0", "::"})

@@ -1,45 +1,37 @@
-"""This machine's interface addresses (qmail's ipme), IPv4 and IPv6.
+"""This machine's interface addresses (qmail's ipme), IPv4 and IPv6: the one place that
+knows them.
 
-IPv4 through the SIOCGIFADDR ioctl for every interface name, IPv6 from
-/proc/net/if_inet6; no external command.  Used for localiphost substitution in the SMTP
-session and for "am I an MX" in remote delivery.  Never raises: an interface that
-cannot be read is skipped.
+Every address of every interface, secondary IPv4 addresses included (they have no
+interface label, so the SIOCGIFCONF/SIOCGIFADDR ioctls miss them), from getifaddrs(3)
+through psutil; in the calling process's network namespace.  Plus ``0.0.0.0`` and
+``::``, which qmail's ipme also counts as "me" (an MX pointing there is a loop).
+Used for localiphost substitution in the SMTP session and for "am I an MX" in remote
+delivery.  Never raises: if the interfaces cannot be read, the loopback addresses.
 """
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import socket
-import struct
 
-SIOCGIFADDR = 0x8915
+import psutil
 
-
-def _ipv4_addresses() -> list[str]:
-    out: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _index, name in socket.if_nameindex():
-            try:
-                req = struct.pack("256s", name.encode()[:15])
-                res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, req)
-            except OSError:
-                continue
-            out.append(socket.inet_ntoa(res[20:24]))
-    return out
+_ALWAYS = frozenset({"0.0.0.0", "::"})
 
 
-def _ipv6_addresses() -> list[str]:
-    out: list[str] = []
+def local_addresses() -> frozenset[str]:
+    """Every address of this host's interfaces, plus 0.0.0.0 and ::."""
+    out: set[str] = set()
     try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                hexaddr = line.split()[0]
-                out.append(str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-def local_addresses() -> list[str]:
-    return _ipv4_addresses() + _ipv6_addresses()
+        interfaces = psutil.net_if_addrs()
+    except (OSError, RuntimeError):
+        return _ALWAYS | {"127.0.0.1", "::1"}
+    for addrs in interfaces.values():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:  # link-local IPv6 comes as fe80::1%eth0
+                out.add(str(ipaddress.ip_address(a.address.split("%", 1)[0])))
+            except ValueError:
+                continue
+    return frozenset(out) | _ALWAYS

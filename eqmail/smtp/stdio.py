@@ -98,7 +98,7 @@ class StdioSession:
         self.timeout = float(controls.timeoutsmtpd)
         cfg = session_config(controls, env, rcpthosts=rcpt_matcher(controls),
                              badmailfrom=BadMailFrom.from_lines(controls.badmailfrom),
-                             local_ips=frozenset(local_addresses()),
+                             local_ips=local_addresses(),
                              tls_available=False, auth_available=False)
         self.session = Session(cfg, env, time.time)
         self.quit_reply = replies.quit_(cfg.greeting).wire()

@@ -61,7 +61,7 @@ class Listener:
         self.rules = Rules.parse(rules_text, f"control/{spec.rules}") if rules_text else None
         self.rcpthosts = rcpt_matcher(c)
         self.badmailfrom = BadMailFrom.from_lines(c.badmailfrom)
-        self.local_ips = frozenset(local_addresses())
+        self.local_ips = local_addresses()
         self.timeout = float(c.timeoutsmtpd)
         self.sessions = 0
         self._report_pending = False

@@ -37,9 +37,10 @@ from typing import BinaryIO
 
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
-from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, local_addresses
+from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates
 from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log, sanitize
+from eqmail.netif import local_addresses
 from eqmail.queue import tcpto
 from eqmail.smtp.client import (
     Destination,

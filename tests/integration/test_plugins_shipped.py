@@ -176,3 +176,38 @@ def test_plugins_work_as_standalone_programs(tmp_path: Path, dns: DnsServer) -> 
     assert run("dnsbl").startswith("E553 sorry, your IP address (192.0.2.10) is listed")
     assert run("tarpit") == ""
     assert os.access(PLUGINS / "greylist", os.X_OK)
+
+
+def test_greylist_expires_idle_triplets(tmp_path: Path) -> None:
+    """Idle triplets are deleted by a bounded sweep: one bucket per check, once an hour."""
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "greylistdir").write_text("grey\n")
+    (tmp_path / "control" / "greylistexpire").write_text("86400\n")
+    env = {"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "192.0.2.10",
+           "SMTPMAILFROM": "a@example.org", "SMTPRCPTTO": "b@c"}
+
+    def run() -> str:
+        p = subprocess.run([sys.executable, str(PLUGINS / "greylist")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    assert run().startswith("E451")
+    [mine] = [p for p in (tmp_path / "grey").rglob("*") if p.is_file()]
+    bucket = mine.parent
+    old = time.time() - 2 * 86400
+
+    def stale(name: str) -> Path:
+        path = bucket / name
+        path.write_text("1.0")
+        os.utime(path, (old, old))
+        return path
+    gone, kept = stale("a" * 64), bucket / ("b" * 64)
+    kept.write_text("1.0")  # idle for less than greylistexpire
+    assert run().startswith("E451")  # still within greylistdelay
+    assert not gone.exists() and kept.exists() and mine.exists()
+    later = stale("c" * 64)
+    run()
+    assert later.exists()  # swept less than an hour ago: this call does no work
+    os.utime(bucket / ".swept", (old, old))
+    run()
+    assert not later.exists() and kept.exists() and mine.exists()

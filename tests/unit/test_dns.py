@@ -143,6 +143,3 @@ def test_order_mx_is_stable_by_preference() -> None:
     assert order_mx(recs, random.Random(3)) == [(10, "a"), (20, "b"), (30, "c")]
 
 
-def test_local_addresses() -> None:
-    me = edns.local_addresses()
-    assert "127.0.0.1" in me and "0.0.0.0" in me and "::" in me
