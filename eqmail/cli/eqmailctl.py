@@ -329,6 +329,12 @@ def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
             print(f"{fn}: I have no idea what this file does.")
     if c.rcpthosts is None:
         print("warning: control/rcpthosts is missing: eqmail accepts only its locals and virtualdomains")
+    from eqmail.delivery.hookcheck import line_problem
+
+    for line in c.beforemote:
+        problem = line_problem(line)
+        if problem:
+            print(f"warning: control/beforemote: {line!r} {problem}; every remote delivery will defer")
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from eqmail.cdb import CdbError, cdb_records
 from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, load_controls
+from eqmail.delivery.hookcheck import import_fragment
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
 from eqmail.queue.writer import fsync_dir
@@ -198,6 +199,9 @@ def plan_controls(qhome: Path, inst: Instance, force: bool, owners: Owners,
             continue  # turned into morercpthosts below
         if name == "morercpthosts" and (cdir / "morercpthosts.cdb").exists():
             continue  # qmail-smtpd read the cdb, not this source
+        if name == "beforemote" and src.is_file():
+            plan += _plan_beforemote(src, owners, report)
+            continue
         if src.is_dir():
             for dirpath, _dirs, files in os.walk(src):
                 for fn in sorted(files):
@@ -270,6 +274,21 @@ def _plan_defaultdelivery(qhome: Path, report: ImportReport) -> list[Planned]:
         return []
     return [Planned("control/defaultdelivery", value.strip("\n").encode() + b"\n", 0o644, None,
                     "from qmail-start's argument in rc")]
+
+
+def _plan_beforemote(src: Path, owners: Owners, report: ImportReport) -> list[Planned]:
+    """eQmail sourced control/beforemote as a shell fragment; eqmail runs its lines as
+    filter commands.  The stock fragment is dropped, a simple one translated, any other
+    left behind with a warning (eqmail.delivery.hookcheck)."""
+    result = import_fragment(src.read_bytes().decode("utf-8", "surrogateescape"))
+    if result.commands is None:
+        report.not_carried.append(result.note)
+        return []
+    report.notes.append(result.note)
+    st = src.stat()
+    data = "".join(c + "\n" for c in result.commands).encode("utf-8", "surrogateescape")
+    return [Planned("control/beforemote", data, stat.S_IMODE(st.st_mode) & 0o7755, owners.mapped(st),
+                    "translated from a qmail-bfrmt fragment")]
 
 
 def plan_users(qhome: Path, report: ImportReport) -> list[Planned]:

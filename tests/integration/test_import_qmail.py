@@ -138,3 +138,56 @@ def test_imported_queue_is_delivered_exactly_once(instance: Instance, big_todo: 
     assert again.returncode == 1
     assert "eqmail is running" in again.stderr
     assert queue_files(instance) == []
+
+
+# What eQmail 1.09's installer (config-bfrmt) writes into control/beforemote, mode 644.
+EQMAIL_STOCK_BEFOREMOTE = ('#!/bin/sh\n# config file for qmail-bfrmt\n#\n\n# Enter commands here, like\n\n'
+                           'export DKREMOTE="$BINDIR/qmail-remote"\n'
+                           'np="$BINDIR/qmail-remote" ; exec $np "$@"\n')
+
+
+def test_eqmail_stock_beforemote_is_dropped_and_remote_mail_flows(instance: Instance) -> None:
+    """An eQmail 1.09 installation as its installer leaves it (stock control/beforemote)
+    with a queued remote message: the import drops the fragment and says so, `check`
+    is quiet about it, and the message goes out instead of deferring forever."""
+    from smtpsink import SmtpSink
+
+    sink = SmtpSink()
+    port = sink.listen("127.0.0.1")
+    tree = QmailTree.create(big_todo=True)
+    try:
+        tree.write("control/me", f"{ME}\n")
+        tree.write("control/locals", f"{ME}\n")
+        tree.write("control/rcpthosts", f"{ME}\n")
+        tree.write("control/smtproutes", f"remote.example:[127.0.0.1]:{port}\n")
+        tree.write("control/beforemote", EQMAIL_STOCK_BEFOREMOTE, 0o644)
+        tree.write("users/assign", (instance.root / "users" / "assign").read_text())
+        msg = tree.add_mess(b"Received: (qmail 1 invoked by uid 0); 1 Jan 2024 00:00:00 -0000\n"
+                            b"Subject: to the world\n\nout\n")
+        tree.add_todo(msg, SENDER, ["friend@remote.example"], uid=0, pid=1)
+        res = instance.ctl("import-qmail", str(tree.home), "--force")
+    finally:
+        tree.destroy()
+    assert ("not carried over: control/beforemote is eQmail's stock qmail-bfrmt fragment "
+            "(it only runs qmail-remote): not carried over, eqmail sends directly") in res.stdout, res.stdout
+    assert not (instance.root / "control" / "beforemote").exists()
+    assert "beforemote" not in instance.ctl("check").stdout
+    instance.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not sink.transactions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [t.rcpts for t in sink.transactions] == [["friend@remote.example"]], instance.log()
+        assert sink.transactions[0].data.endswith(b"\r\nout\r\n")
+        wait_empty(instance)
+    finally:
+        sink.stop()
+
+
+def test_check_flags_a_beforemote_line_that_is_not_a_command(instance: Instance) -> None:
+    instance.write_control("beforemote", 'export DKREMOTE="$BINDIR/qmail-remote"\ncat\n/nonexistent/signer -k x\n')
+    out = instance.ctl("check").stdout
+    assert ("warning: control/beforemote: 'export DKREMOTE=\"$BINDIR/qmail-remote\"' runs qmail-remote "
+            "itself (an eQmail qmail-bfrmt fragment)") in out, out
+    assert "warning: control/beforemote: '/nonexistent/signer -k x' /nonexistent/signer is not an executable file" in out
+    assert "'cat'" not in out
