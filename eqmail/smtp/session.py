@@ -12,7 +12,8 @@ results are the base class's (eqmail.smtp.plumbing.SessionPlumbing).
 Privilege: none needed; no sockets, files, clock or process access.  Time comes from
 the injected ``clock``; everything else from :class:`SessionConfig` and ``env`` (the
 tcpserver-style environment; the session keeps its own copy and changes it the way
-qmail-smtpd changes its environment: AUTH sets RELAYCLIENT and TCPREMOTEINFO, plugins
+qmail-smtpd changes its environment: AUTH sets TCPREMOTEINFO (relaying after AUTH is the
+session's own flag, as in eQmail's AUTH patch, not RELAYCLIENT), plugins
 set SMTPHELOHOST/SMTPMAILFROM/...; the I/O layer passes ``session.env`` on to
 checkpassword, plugins and the queue writer).
 
@@ -307,7 +308,8 @@ class Session(SessionPlumbing):
         if self.spp.enabled:
             # eqmail runs [rcpt] plugins (eQmail 1.09 never does), upstream qmail-spp order.
             self.spp.rcpt_count_all += 1
-            allowed = "RELAYCLIENT" in self.env or self._relay_allowed(addr)
+            allowed = ("RELAYCLIENT" in self.env or self.authenticated
+                       or self._relay_allowed(addr))
             self.env.update(SMTPRCPTTO=addr, SMTPRCPTCOUNT=str(self.spp.rcpt_count),
                             SMTPRCPTCOUNTALL=str(self.spp.rcpt_count_all),
                             SMTPRCPTHOSTSOK="1" if allowed else "0")
@@ -317,6 +319,8 @@ class Session(SessionPlumbing):
         if outcome.address is not None:
             addr = outcome.address
         relayclient = self.env.get("RELAYCLIENT")
+        if relayclient is None and self.authenticated:
+            relayclient = ""  # eQmail's AUTH patch: its internal relay flag, not the variable
         check = (outcome.verdict is HookVerdict.NORMAL
                  and self.spp.mail_verdict is HookVerdict.NORMAL)
         if relayclient is not None:
@@ -477,7 +481,9 @@ class Session(SessionPlumbing):
     def _auth_ok(self, user: str) -> None:
         self.authenticated = True
         self.protocol = "ESMTPA"
-        self.env["RELAYCLIENT"] = ""
+        # Relaying is allowed by the session's own flag (see _rcpt_accept): plugins must
+        # not see RELAYCLIENT, or every plugin that skips relay clients would skip every
+        # authenticated user; they see SMTPAUTHUSER and SMTPRCPTHOSTSOK=1 instead.
         self.env["TCPREMOTEINFO"] = user
         self._send(replies.auth_ok(user))
 
