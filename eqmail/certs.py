@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from eqmail.tls import DH_MIN_BITS, CertError
+from eqmail.tls import DH_MIN_BITS
+from eqmail.tls import CertError as CertError  # re-exported: eqmailctl catches it from here
 
 CERT_DAYS = 366           # eQmail's Makefile-cert.mk
 RSA_BITS = 3072
@@ -184,8 +186,10 @@ def make_dhparams(control: Path, bits: int = DH_MIN_BITS) -> Path:
 
 def ensure_tls_files(control: Path, me: str, force: bool, report: list[str]) -> None:
     """``eqmailctl setup``: a self-signed certificate and DH parameters unless present."""
-    for name, make in ((SERVERCERT, lambda: make_servercert(control, me)),
-                       (DHPARAMS, lambda: make_dhparams(control))):
+    makers: tuple[tuple[str, Callable[[], Path]], ...] = (
+        (SERVERCERT, lambda: make_servercert(control, me)),
+        (DHPARAMS, lambda: make_dhparams(control)))
+    for name, make in makers:
         path = control / name
         if path.exists() and not force:
             report.append(f"kept {path}")
@@ -217,7 +221,7 @@ def install_signed(control: Path, signed_pem: bytes) -> x509.Certificate:
         raise CertError(f"not a PEM certificate: {e}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CertError("unsupported key type")
-    if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+    if chain[0].public_key() != key.public_key():
         raise CertError("the certificate does not match the pending key")
     write_private(control / SERVERCERT, servercert_pem(chain, key), _root_owner())
     os.unlink(key_path)

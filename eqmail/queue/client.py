@@ -65,7 +65,7 @@ def _chunks(message: bytes | BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
                 return
             yield chunk
         return
-    for chunk in message:  # type: ignore[union-attr]
+    for chunk in message:
         for i in range(0, len(chunk), CHUNK):
             yield chunk[i : i + CHUNK]
 

@@ -44,7 +44,7 @@ class SpawnSpec:
     nice: int = 0  # added to the worker's niceness (never lowered)
 
 
-def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]) -> None:
+def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals | int]) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM,
                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
@@ -96,7 +96,7 @@ def _close_other_fds(keep: set[int]) -> None:
                 pass
 
 
-def _worker_main(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals]) -> None:
+def _worker_main(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals | int]) -> None:
     try:
         _child_setup(spec, supervisor_pid, mask)
         code = spec.entry(spec.ctx)
