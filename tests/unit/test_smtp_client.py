@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -519,3 +521,53 @@ def test_tls_pin_for_a_relay_given_as_an_ip_address(sink_factory, tmp_path: Path
             session(port, host="127.0.0.1", tls=tls).open()
         assert e.value.report.startswith("Z" + problem)
         assert sink.transactions == [] and b"MAIL" not in b"".join(sink.commands)
+
+
+def test_plain_text_arriving_after_the_starttls_220_is_never_a_reply(tmp_path: Path) -> None:
+    """The injected lines come in their own segment, after the 220: whether they are
+    found waiting (violation) or land in the handshake (it fails), they are never read
+    as the answer to the EHLO under TLS.  Opportunistic TLS then retries in clear text
+    (RetryClear); a pinned host gives up."""
+    _, _, ca = mint(tmp_path, ["mx.tls.test"])
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def peer() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                f = conn.makefile("rb")
+                conn.sendall(b"220 hostile ESMTP\r\n")
+                seen.append(f.readline())
+                conn.sendall(b"250-hostile\r\n250 STARTTLS\r\n")
+                seen.append(f.readline())
+                conn.sendall(b"220 go ahead\r\n")
+                time.sleep(0.3)
+                conn.sendall(b"250-hostile\r\n250 AUTH LOGIN\r\n")
+                conn.settimeout(5)
+                try:
+                    while conn.recv(4096):
+                        pass
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+
+    def attempt(tls: TlsConfig) -> SmtpSession:
+        sock = socket.create_connection(("::1", port), timeout=5)
+        return SmtpSession(t.Transport(sock, 5), Destination("::1", port, "mx.tls.test"),
+                           "client.test", tls)
+
+    with pytest.raises(RetryClear):
+        attempt(TlsConfig(tmp_path)).open()
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "tlshosts" / "mx.tls.test.pem").write_bytes(ca.read_bytes())
+    with pytest.raises(Quit) as e:
+        attempt(TlsConfig(control, tlshosts=frozenset({"mx.tls.test"}))).open()
+    assert e.value.report.startswith("ZTLS connect failed: ")
+    thread.join(10)
+    listener.close()
+    assert [ln.split()[0] for ln in seen] == [b"EHLO", b"STARTTLS"] * 2
