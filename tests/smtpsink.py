@@ -5,9 +5,11 @@ so tests can place it at 127.0.0.x, ::1 or inside a namespace of their own) and 
 each connection in a thread.  The script says what to answer at each stage, whether to
 offer STARTTLS (or speak TLS at once, port-465 style), to require AUTH LOGIN, to hang
 (never answer), to drop the connection in the middle of DATA or right after the final
-dot, or to send raw bytes (multi-line garbage) instead of a reply.  Every transaction is
-recorded: HELO name, MAIL FROM line, RCPT addresses, the data as received (CRLF, still
-dot-stuffed, without the final dot), TLS yes/no, the authenticated user.
+dot, or to send raw bytes (multi-line garbage, extra lines, replies with plain text
+behind them) instead of a reply — a hostile peer for the client's lockstep checks.
+Every transaction is recorded: HELO name, MAIL FROM line, RCPT addresses, the data as
+received (CRLF, still dot-stuffed, without the final dot), TLS yes/no, the
+authenticated user; every command line received is in ``commands``.
 
 Certificates come from :func:`mint` (cryptography): a CA and a leaf for given names,
 written to a temporary directory — never checked in.
@@ -53,14 +55,15 @@ class Script:
     rcpt: Callable[[str], str] = lambda _addr: "250 ok"
     data: str = "354 go ahead"
     final: str = "250 ok 1234 qp 5"
+    size: int | None = 10000000  # the EHLO SIZE keyword's value (None: no SIZE keyword)
     hang_at: str = ""  # "banner", "mail", "final": stop answering there
     drop_in_data: bool = False
     # Drop the connection after the final dot without answering it: the message was
     # received whole (recorded in SmtpSink.unanswered), the client cannot know that.
     drop_after_dot: bool = False
     # Raw bytes sent *instead of* the normal reply at a stage ("banner", "ehlo",
-    # "mail", "rcpt", "data", "final"), e.g. multi-line garbage; the dialogue then goes
-    # on as if the normal reply had been sent.  Data answered with raw bytes at "final"
+    # "starttls", "mail", "rcpt", "data", "final"), e.g. multi-line garbage; the dialogue
+    # then goes on as if the normal reply had been sent.  Data answered with raw bytes at "final"
     # is recorded in ``unanswered`` too (the client may not have taken it as accepted).
     raw: dict[str, bytes] = field(default_factory=dict)
 
@@ -73,6 +76,7 @@ class SmtpSink:
         # Messages received whole but never (properly) answered: drop_after_dot, raw "final".
         self.unanswered: list[Transaction] = []
         self.connections = 0
+        self.commands: list[bytes] = []  # every command line received (not DATA lines)
         self.sockets: list[socket.socket] = []
         self.stopping = False
         self.ssl_ctx: ssl.SSLContext | None = None
@@ -146,6 +150,8 @@ class SmtpSink:
             line = io.readline()
             if not line:
                 return
+            with self.lock:
+                self.commands.append(line)
             cmd = line.decode("utf-8", "replace").rstrip("\r\n")
             verb = cmd.split(" ", 1)[0].upper()
             if verb in ("EHLO", "HELO"):
@@ -155,7 +161,7 @@ class SmtpSink:
                     continue
                 self._reply(io, "ehlo", self._ehlo_reply(io) if verb == "EHLO" else "250 sink.test")
             elif verb == "STARTTLS" and sc.starttls and not io.tls:
-                io.send("220 ready for TLS")
+                self._reply(io, "starttls", "220 ready for TLS")
                 assert self.ssl_ctx is not None
                 io.wrap(self.ssl_ctx)
                 tr = Transaction(peer=peer, tls=True)
@@ -194,7 +200,7 @@ class SmtpSink:
             lines.append("250-STARTTLS")
         if self.script.auth is not None:
             lines.append("250-AUTH PLAIN LOGIN")
-        lines.append("250 SIZE 10000000")
+        lines.append("250 HELP" if self.script.size is None else f"250 SIZE {self.script.size}")
         return "\r\n".join(lines)
 
     def _auth_login(self, io: _LineIO, cmd: str) -> str | None:

@@ -16,13 +16,27 @@ Outputs: per recipient ``r`` / ``h<text>`` / ``s<text>`` and one message report
 newlines, ``Remote host said: ...`` from the last reply, ``Possible duplicate!`` when
 the connection died after the final dot).
 
+Lockstep: the client reads exactly the replies it asked for.  Every reply must be
+well formed (:func:`parse_reply`: three digits, one code on every line) and of the
+class its stage allows (a 3xx where a final answer is due, a 2xx to DATA, is a
+protocol error), and nothing may follow it — neither in the bytes read with it nor
+waiting on the socket when the next command is due (:meth:`SmtpSession.reply`,
+:meth:`SmtpSession.expect_silence`).  So stray or injected lines (after the greeting,
+with the 220 to STARTTLS — Exim's CVE-2021-38371 —, anywhere) can never be taken as the
+answer to a later command, and only a well-formed 2xx to the end of data reports the
+message accepted.  A server that breaks this gets a ``Z`` report (retry later).
+
 Failures: terminal reports travel as :class:`Quit`; :class:`TryNext` = a 4xx greeting
 (try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
 STARTTLS handshake failed (the caller reconnects to the same address in clear text
 once: DESIGN, Postfix's behaviour); a dead, silent or garbled peer is
-:class:`Dropped` (eqmail.smtp.transport's).  Hosts with ``tlshosts/<host>.pem`` never
-fall back and are verified strictly (subjectAltName DNS names, else CN; no eQmail CN
-fallback).
+:class:`Dropped` (eqmail.smtp.transport's), one that breaks the lockstep or the reply
+syntax :class:`ProtocolViolation` (a Dropped with its own report text).  Hosts with
+``tlshosts/<host>.pem`` (relays given as an IP address: ``tlshosts/<address>.pem``)
+never fall back and are verified strictly (subjectAltName DNS names, else CN; no eQmail
+CN fallback; an IP relay's certificate must carry that address as an iPAddress
+subjectAltName).  A message larger than the server's advertised ``SIZE`` is not sent
+(``D``, #5.3.4).
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from typing import BinaryIO
 
 from OpenSSL import SSL
 
+from eqmail.smtp.dataout import DataEncoder, wire_size
 from eqmail.smtp.transport import (
     CHUNK,
     Dropped,
@@ -40,6 +55,7 @@ from eqmail.smtp.transport import (
     TlsMode,
     Transport,
     certificate_names,
+    ip_literal,
     peer_name_problem,
     ssl_error_text,
 )
@@ -65,6 +81,17 @@ class RetryClear(Exception):
     """Opportunistic TLS failed its handshake: retry this address without TLS."""
 
 
+class ProtocolViolation(Dropped):
+    """The server broke SMTP's lockstep or reply syntax: a malformed reply, one of the
+    wrong class for its stage, or data nobody asked for.  ``reply`` = the offending
+    reply when there is one (its text goes into the report)."""
+
+    def __init__(self, why: str, reply: Reply | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.reply = reply
+
+
 # ------------------------------------------------------------------ pure parts
 
 
@@ -81,12 +108,49 @@ def clean_text(data: bytes) -> str:
     return "".join("?" if (c < " " and c not in "\n\t") or c == "\x7f" else c for c in text)
 
 
+def reply_line(line: bytes) -> tuple[int, bool]:
+    """One reply line (CRs removed, no LF): its code, and whether it ends the reply.
+    RFC 5321 §4.2: three digits, the first 2-5, then SP, ``-`` (more lines follow) or
+    nothing."""
+    if len(line) > MAX_LINE:  # the same verdict however the line was split
+        raise ProtocolViolation("reply line too long")
+    if (len(line) < 3 or not line[:3].isdigit() or line[:1] not in (b"2", b"3", b"4", b"5")
+            or line[3:4] not in (b"", b" ", b"-")):
+        raise ProtocolViolation("malformed reply")
+    return int(line[:3]), line[3:4] != b"-"
+
+
+def parse_reply(lines: list[bytes]) -> Reply:
+    """The one reply parser: a complete reply from its lines (CRs removed, no LF).
+    Every line well formed, every one but the last continued with ``-``, one code on
+    every line — a multi-line reply whose lines disagree is not a reply at all."""
+    if not lines:
+        raise ProtocolViolation("empty reply")
+    codes = set()
+    for i, ln in enumerate(lines):
+        code, last = reply_line(ln)
+        if last != (i == len(lines) - 1):
+            raise ProtocolViolation("malformed reply")
+        codes.add(code)
+    if len(codes) != 1:
+        raise ProtocolViolation("multi-line reply with different codes")
+    text = clean_text(b"".join(ln + b"\n" for ln in lines))[:MAX_TEXT]
+    rest = tuple(clean_text(ln[4:]) for ln in lines)
+    return Reply(codes.pop(), text, rest)
+
+
 class ReplyParser:
-    """Bytes from the server -> complete replies.  Pure; no I/O."""
+    """Bytes from the server -> complete replies (:func:`parse_reply`).  Pure; no I/O.
+    Bounded: a line over MAX_LINE or a reply over MAX_LINES lines is a violation."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.lines: list[bytes] = []
+
+    @property
+    def idle(self) -> bool:
+        """Nothing read beyond the replies already returned."""
+        return not self.buf and not self.lines
 
     def feed(self, data: bytes) -> list[Reply]:
         self.buf += data
@@ -95,23 +159,17 @@ class ReplyParser:
             nl = self.buf.find(b"\n")
             if nl < 0:
                 if len(self.buf) > MAX_LINE:
-                    raise Dropped("reply line too long")
+                    raise ProtocolViolation("reply line too long")
                 return out
             line = bytes(self.buf[:nl]).replace(b"\r", b"")
             del self.buf[: nl + 1]
-            if len(line) > MAX_LINE:  # the same verdict however the line was split
-                raise Dropped("reply line too long")
-            if len(line) < 3 or not line[:3].isdigit() or len(self.lines) >= MAX_LINES:
-                raise Dropped("malformed reply")
+            _, last = reply_line(line)
+            if len(self.lines) >= MAX_LINES:
+                raise ProtocolViolation("reply too long")
             self.lines.append(line)
-            if line[3:4] != b"-":
-                out.append(self._reply())
-
-    def _reply(self) -> Reply:
-        lines, self.lines = self.lines, []
-        text = clean_text(b"".join(ln + b"\n" for ln in lines))[:MAX_TEXT]
-        rest = tuple(clean_text(ln[4:]) for ln in lines)
-        return Reply(int(lines[-1][:3]), text, rest)
+            if last:
+                lines, self.lines = self.lines, []
+                out.append(parse_reply(lines))
 
 
 def said(reply: Reply | None) -> str:
@@ -147,12 +205,17 @@ def quote_address(addr: str) -> str:
     return f"{quoted}@{domain}" if at else quoted
 
 
-def stuff(chunk: bytes, at_line_start: bool) -> tuple[bytes, bool]:
-    """LF -> CRLF and a leading dot doubled, for one chunk of a streamed message."""
-    out = chunk.replace(b"\n.", b"\n..")
-    if at_line_start and chunk.startswith(b"."):
-        out = b"." + out
-    return out.replace(b"\n", b"\r\n"), chunk.endswith(b"\n") if chunk else at_line_start
+def size_offered(ehlo: Reply | None) -> int | None:
+    """RFC 1870: None if the EHLO reply has no SIZE keyword, else the limit it states
+    (0 = none stated, or not a number: no fixed limit)."""
+    if ehlo is None:
+        return None
+    for ln in ehlo.lines[1:]:
+        words = ln.split()
+        if words and words[0].upper() == "SIZE":
+            arg = words[1] if len(words) > 1 else ""
+            return int(arg) if arg.isdigit() and len(arg) <= 20 else 0
+    return None
 
 
 def rspawn_report(rcpt: str | None, message: str) -> str:
@@ -169,11 +232,24 @@ def dropped_text(ip: str, critical: bool) -> str:
     return f"ZConnected to {ip} but connection died. {dup}(#4.4.2)\n"
 
 
+def violation_text(ip: str, e: ProtocolViolation, critical: bool) -> str:
+    """The report for a server out of step: temporary, like a dropped connection."""
+    dup = "Possible duplicate! " if critical else ""
+    return (f"ZConnected to {ip} but the server broke the SMTP protocol ({e.why}). "
+            f"{dup}(#4.5.0)\n{said(e.reply)}")
+
+
+def size_text(ip: str, size: int, limit: int) -> str:
+    """Postfix's 5.3.4: the server said in advance that it takes no message this big."""
+    return (f"DConnected to {ip} but the message ({size} bytes) is larger than the server "
+            f"accepts ({limit} bytes): message size exceeds fixed limit. (#5.3.4)\n")
+
+
 @dataclass(frozen=True)
 class Destination:
     ip: str
     port: int = 25
-    host: str = ""  # MX or relay name: TLS file lookup, SNI, name check
+    host: str = ""  # MX or relay name (an IP relay: its address): TLS files, SNI, name check
     user: str | None = None
     password: str | None = None
     implicit_tls: bool = False  # TLS from the first byte (smtproutes port 465)
@@ -182,33 +258,50 @@ class Destination:
 @dataclass
 class SmtpSession:
     """One SMTP connection.  ``open`` runs the greeting up to AUTH; ``transaction``
-    sends one message; ``rset`` readies a reused connection."""
+    sends one message; ``rset`` readies a reused connection.  Replies are read in
+    lockstep (module docstring): :meth:`reply` after each command, :meth:`expect_silence`
+    before the next one."""
 
     transport: Transport
     dest: Destination
     helohost: str
     tls: TlsConfig
     parser: ReplyParser = field(default_factory=ReplyParser)
-    pending: list[Reply] = field(default_factory=list)
+    last: str = "the greeting"  # what the last reply answered, for violation texts
     authed: bool = False
     tls_active: bool = False
     usable: bool = False
+    size_limit: int | None = None  # the server's SIZE (0 = no limit); None: not offered
 
     @property
     def ip(self) -> str:
         return self.dest.ip
 
-    def reply(self) -> Reply:
-        while not self.pending:
+    def reply(self, stage: str) -> Reply:
+        """The one reply to what we just sent.  Anything read beyond it (a second reply,
+        part of one) was asked for by nobody: it would be taken as the answer to a
+        later command, so it is a violation, never kept."""
+        got: list[Reply] = []
+        while not got:
             data = self.transport.recv()
             if not data:
                 raise Dropped("connection closed")
-            self.pending += self.parser.feed(data)
-        return self.pending.pop(0)
+            got = self.parser.feed(data)
+        if len(got) > 1 or not self.parser.idle:
+            raise ProtocolViolation(f"unsolicited data after {stage}")
+        self.last = stage
+        return got[0]
 
-    def command(self, line: str) -> Reply:
+    def expect_silence(self) -> None:
+        """Before we speak again: whatever has arrived since the last reply is unsolicited.
+        (End of stream is left for the next read to report.)"""
+        if self.transport.pending_input():
+            raise ProtocolViolation(f"unsolicited data after {self.last}")
+
+    def command(self, line: str, stage: str) -> Reply:
+        self.expect_silence()
         self.transport.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        return self.reply()
+        return self.reply(stage)
 
     def quit(self, prepend: str, append: str, reply: Reply | None) -> Quit:
         """qmail-remote's quit(): QUIT without waiting, the report with the remote text."""
@@ -221,11 +314,19 @@ class SmtpSession:
 
     # ---------------------------------------------------------------- opening
     def open(self, allow_tls: bool = True) -> None:
-        """Greeting, EHLO/HELO, TLS as the policy says, AUTH LOGIN with credentials."""
+        """Greeting, EHLO/HELO, TLS as the policy says, AUTH LOGIN with credentials.
+        A server out of step gives a terminal (temporary) report, as a failed greeting."""
+        try:
+            self._open(allow_tls)
+        except ProtocolViolation as e:
+            self.usable = False
+            raise Quit(violation_text(self.ip, e, False)) from None
+
+    def _open(self, allow_tls: bool) -> None:
         mode, pem = self.tls.mode_for(self.dest.host)
         if self.dest.implicit_tls:
             self._handshake(mode, pem, implicit=True)
-        greeting = self.reply()
+        greeting = self.reply("the greeting")
         if self.dest.implicit_tls and greeting.code != 220:
             raise self.quit("ZTLS Connected to ", " but greeting failed", greeting)
         if 500 <= greeting.code < 600:
@@ -241,14 +342,15 @@ class SmtpSession:
         if self.dest.user is not None and self.dest.password is not None and ehlo is not None:
             if auth_login_offered(ehlo):
                 self._auth_login()
+        self.size_limit = size_offered(ehlo)
         self.usable = True
 
     def _hello(self) -> Reply | None:
         """EHLO, else HELO (qmail-core §4.3); the EHLO reply, or None after HELO."""
-        ehlo = self.command(f"EHLO {self.helohost}")
+        ehlo = self.command(f"EHLO {self.helohost}", "the reply to EHLO")
         if ehlo.code == 250:
             return ehlo
-        helo = self.command(f"HELO {self.helohost}")
+        helo = self.command(f"HELO {self.helohost}", "the reply to HELO")
         if helo.code != 250:
             raise self.quit("ZConnected to ", " but my name was rejected", helo)
         return None
@@ -263,17 +365,24 @@ class SmtpSession:
             if mode is TlsMode.MANDATORY:
                 raise self._tls_fail(f"No TLS achieved while {pem} exists")
             return ehlo
-        r = self.command("STARTTLS")
+        r = self.command("STARTTLS", "the reply to STARTTLS")
         if r.code != 220:
             if mode is TlsMode.MANDATORY:
                 raise self._tls_fail(f"STARTTLS rejected while {pem} exists")
             return ehlo  # carry on in clear text with the first EHLO's answer
+        # Clear text sent with or after the 220 must never be read as the first reply
+        # under TLS (CVE-2021-38371): reply() refused it if it came with the 220; what is
+        # already waiting is refused here; what arrives later goes into the handshake,
+        # which then fails.
+        self.expect_silence()
         self._handshake(mode, pem, implicit=False)
+        self.parser = ReplyParser()
         return self._hello()
 
     def _handshake(self, mode: TlsMode, pem: str, implicit: bool) -> None:
+        sni = self.dest.host if ip_literal(self.dest.host) is None else ""
         try:
-            conn = self.transport.start_tls(self.tls.context(pem), self.dest.host)
+            conn = self.transport.start_tls(self.tls.context(pem), sni)
         except Dropped as e:
             if mode is TlsMode.OPPORTUNISTIC and not implicit:
                 self.close(send_quit=False)
@@ -292,8 +401,8 @@ class SmtpSession:
         peer = conn.get_peer_certificate()
         if peer is None:
             raise self._tls_fail(f"TLS unable to verify server with {pem}: no certificate provided")
-        sans, cns = certificate_names(peer.to_cryptography())
-        problem = peer_name_problem(self.dest.host, sans, cns)
+        sans, cns, ips = certificate_names(peer.to_cryptography())
+        problem = peer_name_problem(self.dest.host, sans, cns, ips)
         if problem is not None:
             raise self._tls_fail(f"TLS unable to verify server {self.dest.host}: {problem}")
 
@@ -303,7 +412,7 @@ class SmtpSession:
                  (base64.b64encode(self.dest.user.encode()).decode(), "username"),
                  (base64.b64encode(self.dest.password.encode()).decode(), "password"))
         for i, (line, what) in enumerate(steps):
-            r = self.command(line)
+            r = self.command(line, f"the reply to AUTH LOGIN ({what})")
             if r.code != (235 if i == 2 else 334):
                 raise self.quit("ZConnected to ", f" but authentication was rejected ({what})", r)
         self.authed = True
@@ -313,25 +422,35 @@ class SmtpSession:
                     body: BinaryIO) -> tuple[list[str] | None, str]:
         """One message: per-recipient reports (None if RCPT was never reached) and the
         message report.  The body is the stored message (LF line ends, ending in LF)."""
+        size = wire_size(body)
+        if self.size_limit and size > self.size_limit:
+            return None, size_text(self.ip, size, self.size_limit)  # nothing sent: still usable
         self.usable = False
         rcpts: list[str] | None = None
         critical = False
         try:
-            auth = f" AUTH=<{sender}>" if self.authed else ""
-            r = self.command(f"MAIL FROM:<{sender}>{auth}")
+            params = f" AUTH=<{sender}>" if self.authed else ""
+            if self.size_limit is not None:
+                params += f" SIZE={size}"
+            r = self.command(f"MAIL FROM:<{sender}>{params}", "the reply to MAIL")
             if r.code >= 500:
                 raise self.quit("DConnected to ", " but sender was rejected", r)
             if r.code >= 400:
                 raise self.quit("ZConnected to ", " but sender was rejected", r)
+            _final(r, "MAIL")
             rcpts = [self._rcpt(rc) for rc in recipients]
             if not any(x == "r" for x in rcpts):
                 raise self.quit("DGiving up on ", "", None)
-            r = self.command("DATA")
+            r = self.command("DATA", "the reply to DATA")
             if r.code >= 400:
                 raise self.quit("D" if r.code >= 500 else "Z", " failed on DATA command", r)
+            if not 300 <= r.code < 400:
+                raise ProtocolViolation(f"{r.code} reply to DATA", r)
+            self.expect_silence()
             self._blast(body)
             critical = True  # qmail's flagcritical: the final dot is out
-            r = self.reply()
+            r = self.reply("the reply to the end of data")
+            _final(r, "the end of data")
             self.usable = True
             if r.code >= 500:
                 return rcpts, f"D{self.ip} failed after I sent the message.\n{said(r)}"
@@ -340,34 +459,34 @@ class SmtpSession:
             return rcpts, f"K{self.ip} accepted message.\n{said(r)}"
         except Quit as q:
             return rcpts, q.report
+        except ProtocolViolation as e:
+            self.usable = False
+            return rcpts, violation_text(self.ip, e, critical)
         except Dropped:
             self.usable = False
             return rcpts, dropped_text(self.ip, critical)
 
     def _rcpt(self, recipient: str) -> str:
-        r = self.command(f"RCPT TO:<{recipient}>")
+        r = self.command(f"RCPT TO:<{recipient}>", "the reply to RCPT")
         if r.code >= 400:
             return f"{'h' if r.code >= 500 else 's'}{self.ip} does not like recipient.\n{said(r)}"
+        _final(r, "RCPT")
         return "r"
 
     def _blast(self, body: BinaryIO) -> None:
-        at_start = True
+        encoder = DataEncoder()
         pending = bytearray()
-        while True:
-            chunk = body.read(CHUNK)
-            if not chunk:
-                break
-            data, at_start = stuff(chunk, at_start)
-            pending += data
+        while chunk := body.read(CHUNK):
+            pending += encoder.feed(chunk)
             if len(pending) >= CHUNK:
                 self.transport.send(bytes(pending))
                 pending.clear()
-        self.transport.send(bytes(pending) + b".\r\n")
+        self.transport.send(bytes(pending) + encoder.end())
 
     def rset(self) -> bool:
         """Ready a reused connection for the next transaction."""
         try:
-            ok = self.command("RSET").code == 250
+            ok = self.command("RSET", "the reply to RSET").code == 250
         except Dropped:
             ok = False
         self.usable = ok
@@ -381,3 +500,10 @@ class SmtpSession:
                 pass
         self.usable = False
         self.transport.close()
+
+
+def _final(r: Reply, stage: str) -> None:
+    """A reply where a final answer is due: a 3xx there is a protocol error, never
+    "accepted" (1xx and other first digits never get this far: :func:`reply_line`)."""
+    if not 200 <= r.code < 300 and not 400 <= r.code < 600:
+        raise ProtocolViolation(f"{r.code} reply to {stage}", r)

@@ -6,11 +6,11 @@ connection after STARTTLS / implicit TLS) on which every read and write has the
 ``timeoutremote`` deadline; the outbound TLS policy by host name (:class:`TlsConfig`:
 tlshosts/, notls, tlsclientciphers, clientcert.pem, eQmail §6) and the cached
 client contexts it builds; strict certificate name checks (subjectAltName DNS names,
-else CN).  Runs in the remote delivery worker (eqmailr); reads control/clientcert.pem and
+else CN; for a relay given as an IP address, an iPAddress subjectAltName).  Runs in the remote delivery worker (eqmailr); reads control/clientcert.pem and
 control/tlshosts/<host>.pem through OpenSSL, nothing else.
 
 Inputs: an IP address and port, a connected socket, the TLS control values.  Outputs:
-bytes read, a handshaken :class:`OpenSSL.SSL.Connection`, a :class:`TlsMode` and the
+bytes read (with a deadline, or only what has already arrived), a handshaken :class:`OpenSSL.SSL.Connection`, a :class:`TlsMode` and the
 .pem to verify with, certificate name problems as text for qmail-remote's reports.
 
 Failures: a read or write that dies, times out or fails inside TLS raises
@@ -22,6 +22,7 @@ OSError/TimeoutError.  The report texts built from these are eqmail.smtp.client'
 from __future__ import annotations
 
 import enum
+import ipaddress
 import select
 import socket
 import time
@@ -85,10 +86,17 @@ class TlsConfig:
     notls: frozenset[str] = frozenset()
 
     def mode_for(self, host: str) -> tuple[TlsMode, str]:
-        name = host.lower()
-        if name and name in self.tlshosts:
-            return TlsMode.MANDATORY, f"control/tlshosts/{name}.pem"
-        if self.exhaustive or (name and name in self.notls):
+        """By the MX or relay host name; a relay given as an IP address goes by that
+        address as written in smtproutes (``tlshosts/127.0.0.1.pem``,
+        ``tlshosts/2001:db8::1.pem``), then by its canonical form."""
+        names = [host.lower()]
+        ip = ip_literal(host)
+        if ip is not None and ip != names[0]:
+            names.append(ip)
+        for name in names:
+            if name and name in self.tlshosts:
+                return TlsMode.MANDATORY, f"control/tlshosts/{name}.pem"
+        if self.exhaustive or any(name and name in self.notls for name in names):
             return TlsMode.OFF, ""
         return TlsMode.OPPORTUNISTIC, ""
 
@@ -135,6 +143,15 @@ def _verify_error_text(errnum: int) -> str:
 # ------------------------------------------------------------------ certificate names
 
 
+def ip_literal(host: str) -> str | None:
+    """``host`` in canonical IP form when it is an IP address (an IP relay's TLS name),
+    else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
 def name_matches(host: str, pattern: str) -> bool:
     host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
     if pattern == host:
@@ -144,8 +161,14 @@ def name_matches(host: str, pattern: str) -> bool:
     return False
 
 
-def peer_name_problem(host: str, dns_sans: list[str], cns: list[str]) -> str | None:
-    """Strict name check: DNS subjectAltNames if any (CN then ignored), else the CN."""
+def peer_name_problem(host: str, dns_sans: list[str], cns: list[str],
+                      ip_sans: list[str] | None = None) -> str | None:
+    """Strict name check: DNS subjectAltNames if any (CN then ignored), else the CN.
+    ``host`` an IP address (a relay given as one): an iPAddress subjectAltName must be
+    that address; a certificate without any subjectAltName may name it in its CN."""
+    ip = ip_literal(host)
+    if ip is not None:
+        return _ip_name_problem(ip, dns_sans, cns, ip_sans or [])
     if dns_sans:
         if any(name_matches(host, s) for s in dns_sans):
             return None
@@ -157,15 +180,29 @@ def peer_name_problem(host: str, dns_sans: list[str], cns: list[str]) -> str | N
     return "received certificate for " + cns[0][:200]
 
 
-def certificate_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
-    """The names :func:`peer_name_problem` checks: DNS subjectAltNames, commonNames."""
+def _ip_name_problem(ip: str, dns_sans: list[str], cns: list[str],
+                     ip_sans: list[str]) -> str | None:
+    if ip in ip_sans:
+        return None
+    if not dns_sans and not ip_sans and ip in (ip_literal(c) for c in cns):
+        return None
+    names = ip_sans + dns_sans or cns
+    if not names:
+        return "certificate contains no valid commonName"
+    return "received certificate for " + ", ".join(names)[:200]
+
+
+def certificate_names(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
+    """The names :func:`peer_name_problem` checks: DNS subjectAltNames, commonNames,
+    iPAddress subjectAltNames (canonical text)."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         sans = list(ext.value.get_values_for_type(x509.DNSName))
+        ips = [str(a) for a in ext.value.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
-        sans = []
+        sans, ips = [], []
     cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return sans, cns
+    return sans, cns, ips
 
 
 # ------------------------------------------------------------------ transport
@@ -225,10 +262,26 @@ class Transport:
     def _plain_recv(self) -> bytes:
         return self.sock.recv(CHUNK)
 
+    def pending_input(self) -> bytes | None:
+        """What the peer has sent that nobody has read yet, without waiting: None when
+        nothing has arrived (or only part of a TLS record), b"" at end of stream.  The
+        SMTP client's lockstep check: between a reply and our next command the server
+        has nothing to say."""
+        try:
+            if self.conn is None:
+                return self.sock.recv(CHUNK)
+            return self.conn.recv(CHUNK)
+        except (BlockingIOError, InterruptedError, SSL.WantReadError, SSL.WantWriteError):
+            return None
+        except SSL.ZeroReturnError:
+            return b""
+        except (OSError, SSL.Error) as e:
+            raise Dropped(ssl_error_text(e)) from None
+
     def start_tls(self, ctx: SSL.Context, server_name: str) -> SSL.Connection:
         conn = SSL.Connection(ctx, self.sock)
         conn.set_connect_state()
-        if server_name:
+        if server_name and ip_literal(server_name) is None:  # RFC 6066: no IP in SNI
             conn.set_tlsext_host_name(server_name.encode("idna"))
         self.conn = conn
         self._io(conn.do_handshake)

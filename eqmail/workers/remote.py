@@ -37,7 +37,7 @@ from typing import BinaryIO
 
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
-from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates
+from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
@@ -416,11 +416,27 @@ def _send(job: Job, domain: str, sender: str, recipients: list[str], body: Binar
     port = route.port if route is not None else 25
     user = route.user if route is not None else None
     password = route.password if route is not None else None
-    dests = [Destination(a.ip, port, a.host, user, password, port == 465) for a in addrs]
+    ip_relay = relay_tls_name(route.relay) if route is not None else ""
+    dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465)
+             for a in addrs]
     rcpt_reports, message = _deliver(job, dests, quote_address(sender) if sender else "", rcpts, body)
     if rcpt_reports is None:
         return [rspawn_report(None, message)] * n
     return [rspawn_report(r, message) for r in rcpt_reports]
+
+
+def relay_tls_name(relay: str) -> str:
+    """The name a relay given as an IP address goes by for TLS (tlshosts/<name>.pem,
+    notlshosts/<name>, the certificate check): the address as written in smtproutes,
+    without brackets or an ``IPv6:`` prefix, lower case — ``[127.0.0.1]`` and
+    ``127.0.0.1`` -> ``127.0.0.1``, ``[IPv6:2001:DB8::1]`` -> ``2001:db8::1``.  "" for
+    a relay given by name (its addresses carry that name already)."""
+    if literal_ip(relay) is None:
+        return ""
+    text = relay[1:-1] if relay.startswith("[") and relay.endswith("]") else relay
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    return text.lower()
 
 
 def _deliver(job: Job, dests: list[Destination], sender: str, rcpts: list[str],

@@ -276,7 +276,9 @@ def test_smarthost_route_ipv6_literal_with_auth_login(start_worker, sinks) -> No
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@anywhere.example"])
     assert report.startswith("K::1 accepted message.\n")
     (tr,) = relay.transactions
-    assert tr.auth_user == "relayuser" and tr.mail == "FROM:<s@client.test> AUTH=<s@client.test>"
+    assert tr.auth_user == "relayuser"
+    size = len(MESSAGE.replace(b"\n", b"\r\n"))  # the server offers SIZE: RFC 1870's size
+    assert tr.mail == f"FROM:<s@client.test> AUTH=<s@client.test> SIZE={size}"
 
 
 def test_starttls_used_when_offered(start_worker, sinks, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

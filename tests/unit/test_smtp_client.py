@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from smtpsink import Script, SmtpSink, mint
 from eqmail.smtp import client as c
 from eqmail.smtp import transport as t
 from eqmail.smtp.client import Destination, Quit, RetryClear, SmtpSession, TryNext
+from eqmail.smtp.dataout import LINE_END, DataEncoder, wire_size
 from eqmail.smtp.transport import TlsConfig
 
 # ------------------------------------------------------------------ pure parts
@@ -35,8 +38,82 @@ def test_reply_parser_bounds() -> None:
     assert len(r.text) == c.MAX_TEXT
     with pytest.raises(t.Dropped):
         c.ReplyParser().feed(b"hello\r\n")
-    with pytest.raises(t.Dropped):
+    with pytest.raises(c.ProtocolViolation, match="too long"):
         c.ReplyParser().feed(b"2" * (c.MAX_LINE + 1))
+    with pytest.raises(c.ProtocolViolation, match="reply too long"):
+        c.ReplyParser().feed(b"250-x\r\n" * (c.MAX_LINES + 1))
+
+
+# (server bytes, the replies as (code, text), or the violation)
+REPLIES: list[tuple[bytes, list[tuple[int, str]] | str]] = [
+    (b"250 ok\r\n", [(250, "250 ok\n")]),
+    (b"250\r\n", [(250, "250\n")]),
+    (b"250-a\r\n250-b\r\n250 c\r\n", [(250, "250-a\n250-b\n250 c\n")]),
+    (b"250-a\n250 b\n", [(250, "250-a\n250 b\n")]),  # bare LF: qmail drops CRs anyway
+    (b"354 go\r\n", [(354, "354 go\n")]),
+    (b"221 bye\r\n250 ok\r\n", [(221, "221 bye\n"), (250, "250 ok\n")]),  # two replies
+    (b"250-a\r\n", []),  # incomplete
+    (b"250-a\r\n550 b\r\n", "multi-line reply with different codes"),
+    (b"550-a\r\n250 b\r\n", "multi-line reply with different codes"),
+    (b"250-a\r\n251-b\r\n250 c\r\n", "multi-line reply with different codes"),
+    (b"hello\r\n", "malformed reply"),
+    (b"25\r\n", "malformed reply"),
+    (b"2a0 x\r\n", "malformed reply"),
+    (b" 250 x\r\n", "malformed reply"),
+    (b"250x\r\n", "malformed reply"),
+    (b"250\tx\r\n", "malformed reply"),
+    (b"150 x\r\n", "malformed reply"),
+    (b"650 x\r\n", "malformed reply"),
+    (b"000 x\r\n", "malformed reply"),
+    (b"\r\n", "malformed reply"),
+]
+
+
+@pytest.mark.parametrize(("data", "expect"), REPLIES)
+def test_reply_parsing_table(data: bytes, expect: list[tuple[int, str]] | str) -> None:
+    for cuts in ([len(data)], range(1, len(data) + 1)):  # whole, and byte by byte
+        p, got, prev = c.ReplyParser(), [], 0
+        try:
+            for cut in cuts:
+                got += p.feed(data[prev:cut])
+                prev = cut
+        except c.ProtocolViolation as e:
+            assert e.why == expect
+            continue
+        assert [(r.code, r.text) for r in got] == expect
+
+
+@pytest.mark.parametrize(("lines", "expect"), [
+    ([b"250 x"], 250),
+    ([b"250-x", b"250 y"], 250),
+    ([], "empty reply"),
+    ([b"250 x", b"250 y"], "malformed reply"),  # a final line that is not last
+    ([b"250-x"], "malformed reply"),  # continued but nothing follows
+    ([b"250-x", b"251 y"], "multi-line reply with different codes"),
+])
+def test_parse_reply_table(lines: list[bytes], expect: int | str) -> None:
+    if isinstance(expect, int):
+        assert c.parse_reply(lines).code == expect
+    else:
+        with pytest.raises(c.ProtocolViolation) as e:
+            c.parse_reply(lines)
+        assert e.value.why == expect
+
+
+@pytest.mark.parametrize(("ehlo", "size"), [
+    (b"250-x\r\n250 SIZE 1000\r\n", 1000),
+    (b"250-x\r\n250-size 52428800\r\n250 HELP\r\n", 52428800),
+    (b"250-x\r\n250 SIZE\r\n", 0),
+    (b"250-x\r\n250 SIZE 0\r\n", 0),
+    (b"250-x\r\n250 SIZE lots\r\n", 0),
+    (b"250-x\r\n250 SIZES 10\r\n", None),
+    (b"250 SIZE 10\r\n", None),  # the first line is the greeting, not a keyword
+    (b"250-x\r\n250 PIPELINING\r\n", None),
+])
+def test_size_offered(ehlo: bytes, size: int | None) -> None:
+    (r,) = c.ReplyParser().feed(ehlo)
+    assert c.size_offered(r) == size
+    assert c.size_offered(None) is None
 
 
 def test_ehlo_keywords_and_auth_login() -> None:
@@ -57,28 +134,72 @@ def test_quote_address() -> None:
     assert c.quote_address("a..b@example.net") == '"a..b"@example.net'
 
 
-def stuff_all(data: bytes, cuts: list[int]) -> bytes:
-    out, start, prev = b"", True, 0
+def encode_all(data: bytes, cuts: list[int]) -> bytes:
+    enc, out, prev = DataEncoder(), b"", 0
     for cut in sorted(set(cuts)) + [len(data)]:
-        chunk, prev = data[prev:cut], cut
-        piece, start = c.stuff(chunk, start)
-        out += piece
-    return out
+        out += enc.feed(data[prev:cut])
+        prev = cut
+    return out + enc.end()
 
 
-def test_stuff_examples() -> None:
-    assert stuff_all(b".a\n..b\nc.\n", []) == b"..a\r\n...b\r\nc.\r\n"
-    assert stuff_all(b"x\n.y\n", [2]) == b"x\r\n..y\r\n"
+@pytest.mark.parametrize(("stored", "wire"), [
+    (b".a\n..b\nc.\n", b"..a\r\n...b\r\nc.\r\n.\r\n"),
+    (b"x\n.y\n", b"x\r\n..y\r\n.\r\n"),
+    # a bare CR is a line end (notqmail), and the line it starts is dot-stuffed
+    (b"a\rb\n", b"a\r\nb\r\n.\r\n"),
+    (b"a\r.\r\nb\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\r\n", b"a\r\n\r\n.\r\n"),
+    (b"a\r\rb\n", b"a\r\n\r\nb\r\n.\r\n"),
+    # CRLF stays one line end (never CRCRLF)
+    (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+    (b"x\n\r\n.\r\n", b"x\r\n\r\n..\r\n.\r\n"),
+    (b"", b".\r\n"),
+    (b"end\r", b"end\r\n.\r\n"),
+    (b"no line end", b"no line end\r\n.\r\n"),
+])
+def test_data_stream_examples(stored: bytes, wire: bytes) -> None:
+    assert encode_all(stored, []) == wire
+    assert encode_all(stored, list(range(len(stored)))) == wire  # one byte at a time
+    assert wire_size(io.BytesIO(stored)) == len(unstuff(wire))
 
 
-@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6))
-def test_stuff_is_independent_of_chunking(data: bytes, cuts: list[int]) -> None:
-    data = data.replace(b"\r", b"")
+def unstuff(wire: bytes) -> bytes:
+    """What the receiver stores: the data without the final dot, one leading dot off."""
+    assert wire.endswith(b"\r\n.\r\n") or wire == b".\r\n"
+    lines = wire[:-3].split(b"\r\n")
+    return b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines)
+
+
+@given(st.binary(max_size=300).map(lambda b: b.replace(b"a", b"\r").replace(b"b", b"\n")
+                                   .replace(b"c", b".")),
+       st.lists(st.integers(0, 300), max_size=8))
+def test_data_stream_has_only_crlf_and_is_independent_of_chunking(
+        data: bytes, cuts: list[int]) -> None:
     cuts = [x for x in cuts if x <= len(data)]
-    whole = stuff_all(data, [])
-    assert stuff_all(data, cuts) == whole
-    lines = whole.replace(b"\r\n", b"\n").split(b"\n")  # undo: CRLF, then one leading dot
-    assert b"\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines) == data
+    whole = encode_all(data, [])
+    assert encode_all(data, cuts) == whole
+    body = whole[:-3]
+    # no bare CR, no bare LF, no line that is a lone dot before the end
+    assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")
+    assert b"\r\n.\r\n" not in b"\r\n" + body
+    expect = LINE_END.sub(b"\r\n", data)
+    if expect and not expect.endswith(b"\r\n"):
+        expect += b"\r\n"
+    assert unstuff(whole) == expect
+    assert wire_size(io.BytesIO(data)) == len(expect)
+
+
+def test_peer_name_rules_for_ip_relays() -> None:
+    """A relay given as an IP address: its certificate must name that address."""
+    assert t.peer_name_problem("127.0.0.1", [], ["x"], ["127.0.0.1"]) is None
+    assert t.peer_name_problem("2001:db8::1", [], [], ["2001:db8::1"]) is None
+    assert t.peer_name_problem("127.0.0.1", ["relay.test"], ["relay.test"], []) == (
+        "received certificate for relay.test")
+    assert t.peer_name_problem("127.0.0.1", [], [], ["127.0.0.2"]) == (
+        "received certificate for 127.0.0.2")
+    assert t.peer_name_problem("127.0.0.1", [], ["127.0.0.1"], []) is None  # no SANs: CN
+    assert t.peer_name_problem("127.0.0.1", ["127.0.0.1"], ["127.0.0.1"], []) is not None
+    assert t.peer_name_problem("127.0.0.1", [], [], []) == "certificate contains no valid commonName"
 
 
 def test_peer_name_rules() -> None:
@@ -112,6 +233,14 @@ def test_tls_modes(tmp_path: Path) -> None:
     assert cfg.mode_for("mx.b")[0] is t.TlsMode.OFF
     assert cfg.mode_for("mx.c")[0] is t.TlsMode.OPPORTUNISTIC
     assert TlsConfig(tmp_path, exhaustive=True).mode_for("mx.c")[0] is t.TlsMode.OFF
+    # relays given as IP addresses: by the address as written, then its canonical form
+    ips = TlsConfig(tmp_path, tlshosts=frozenset({"127.0.0.1", "2001:db8::1", "2001:0db8::2"}),
+                    notls=frozenset({"10.0.0.1"}))
+    assert ips.mode_for("127.0.0.1") == (t.TlsMode.MANDATORY, "control/tlshosts/127.0.0.1.pem")
+    assert ips.mode_for("2001:0db8:0::1") == (t.TlsMode.MANDATORY, "control/tlshosts/2001:db8::1.pem")
+    assert ips.mode_for("2001:0db8::2") == (t.TlsMode.MANDATORY, "control/tlshosts/2001:0db8::2.pem")
+    assert ips.mode_for("10.0.0.1")[0] is t.TlsMode.OFF
+    assert ips.mode_for("127.0.0.2")[0] is t.TlsMode.OPPORTUNISTIC
 
 
 # ------------------------------------------------------------------ live sessions
@@ -150,12 +279,13 @@ def test_transaction_texts_and_wire_format(sink_factory) -> None:  # type: ignor
     assert rcpts == ["r", "h127.0.0.1 does not like recipient.\nRemote host said: 550 no such user\n"]
     assert msg == "K127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
     (tr,) = sink.transactions
-    assert tr.helo == "client.test" and tr.mail == "FROM:<s@x.test>" and tr.rcpts == ["a@y.test"]
+    assert tr.helo == "client.test" and tr.rcpts == ["a@y.test"]
+    assert tr.mail == "FROM:<s@x.test> SIZE=35"  # the CRLF size, without the doubled dot
     assert tr.data == b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n" and not tr.tls
     assert s.usable and s.rset()  # reuse: a second transaction on the same connection
     _, msg2 = s.transaction("", ["a@y.test"], io.BytesIO(b"x\n"))
     assert msg2.startswith("K127.0.0.1 accepted") and sink.connections == 1
-    assert sink.transactions[1].mail == "FROM:<>"
+    assert sink.transactions[1].mail == "FROM:<> SIZE=3"
     s.close()
 
 
@@ -264,8 +394,180 @@ def test_auth_login(sink_factory) -> None:  # type: ignore[no-untyped-def]
     s.open()
     assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].startswith("K")
     assert sink.transactions[0].auth_user == "joe"
-    assert sink.transactions[0].mail == "FROM:<s@x.test> AUTH=<s@x.test>"
+    assert sink.transactions[0].mail == "FROM:<s@x.test> AUTH=<s@x.test> SIZE=35"
     with pytest.raises(Quit) as e:
         session(port, user="joe", password="wrong").open()
     assert e.value.report == ("ZConnected to 127.0.0.1 but authentication was rejected (password)."
                               "\nRemote host said: 535 authentication failed\n")
+
+
+# ------------------------------------------------------------------ a hostile server
+
+DELIVERED = "K127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
+
+
+def violation(why: str, said: str = "", dup: bool = False) -> str:
+    return (f"ZConnected to 127.0.0.1 but the server broke the SMTP protocol ({why}). "
+            f"{'Possible duplicate! ' if dup else ''}(#4.5.0)\n"
+            + (f"Remote host said: {said}\n" if said else ""))
+
+
+@pytest.mark.parametrize(("raw", "report"), [
+    # extra lines after a reply: today they shift every later reply by one, and DATA's
+    # 354 ends up taken as the answer to the end of data
+    ({"banner": b"220 sink.test\r\n250 extra\r\n"}, violation("unsolicited data after the greeting")),
+    ({"ehlo": b"250-sink.test\r\n250 SIZE 100000\r\n250 extra\r\n"},
+     violation("unsolicited data after the reply to EHLO")),
+    ({"mail": b"250 ok\r\n250 ok\r\n"}, violation("unsolicited data after the reply to MAIL")),
+    ({"rcpt": b"250 ok\r\n250"}, violation("unsolicited data after the reply to RCPT")),
+    ({"data": b"354 go\r\n250 ok\r\n"}, violation("unsolicited data after the reply to DATA")),
+    ({"final": b"250 ok\r\n250 ok\r\n"},
+     violation("unsolicited data after the reply to the end of data", dup=True)),
+    # a reply of the wrong class, or not one reply at all
+    ({"mail": b"354 go on\r\n"}, violation("354 reply to MAIL", "354 go on")),
+    ({"rcpt": b"354 go on\r\n"}, violation("354 reply to RCPT", "354 go on")),
+    ({"data": b"250 ok\r\n"}, violation("250 reply to DATA", "250 ok")),
+    ({"final": b"354 more please\r\n"},
+     violation("354 reply to the end of data", "354 more please", dup=True)),
+    ({"final": b"250-ok\r\n550 rejected\r\n"},
+     violation("multi-line reply with different codes", dup=True)),
+    ({"mail": b"250-ok\r\n451 later\r\n"}, violation("multi-line reply with different codes")),
+    ({"final": b"250 queued\r\n"}, "K127.0.0.1 accepted message.\nRemote host said: 250 queued\n"),
+])
+def test_lockstep_and_reply_classes(sink_factory, raw: dict[str, bytes], report: str) -> None:  # type: ignore[no-untyped-def]
+    sink, port = sink_factory(Script(raw=raw, final="451 not really"))
+    s = session(port)
+    try:
+        s.open()
+    except Quit as q:  # a violation before MAIL ends the attempt there
+        assert q.report == report
+        assert b"MAIL" not in b"".join(sink.commands)
+        return
+    rcpts, msg = s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))
+    assert msg == report
+    if report[0] == "K":
+        assert rcpts == ["r"]
+        return
+    assert not s.usable
+    assert sink.transactions == []  # nothing the sink answered with its own reply
+    if "Possible duplicate" not in report:
+        assert sink.unanswered == []  # the message never reached it
+
+
+def test_bytes_with_the_starttls_220_are_never_read_as_a_tls_reply(sink_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """CVE-2021-38371's class: plain text behind the 220 would be the first reply
+    read under TLS; the attempt is given up instead (mandatory TLS here too)."""
+    cert, key, ca = mint(tmp_path, ["mx.tls.test"])
+    injected = b"220 ready\r\n250-mx.tls.test\r\n250 AUTH LOGIN\r\n"
+    sink, port = sink_factory(Script(starttls=True, raw={"starttls": injected}), (cert, key))
+    with pytest.raises(Quit) as e:
+        session(port, host="mx.tls.test").open()
+    assert e.value.report == violation("unsolicited data after the reply to STARTTLS")
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "tlshosts" / "mx.tls.test.pem").write_bytes(ca.read_bytes())
+    tls = TlsConfig(control, tlshosts=frozenset({"mx.tls.test"}))
+    with pytest.raises(Quit) as e:
+        session(port, host="mx.tls.test", tls=tls).open()
+    assert e.value.report == violation("unsolicited data after the reply to STARTTLS")
+    assert [ln.split()[0] for ln in sink.commands] == [b"EHLO", b"STARTTLS"] * 2
+    assert sink.transactions == []
+
+
+def test_size_limit_of_the_server(sink_factory) -> None:  # type: ignore[no-untyped-def]
+    wire = len(b"Subject: hi\r\n\r\n.leading dot\r\nbody\r\n")  # 35: without stuffing
+    sink, port = sink_factory(Script(size=wire - 1))
+    s = session(port)
+    s.open()
+    assert s.transaction("s@x.test", ["a@y.test", "b@y.test"], io.BytesIO(MESSAGE)) == (
+        None, f"DConnected to 127.0.0.1 but the message ({wire} bytes) is larger than the server "
+              f"accepts ({wire - 1} bytes): message size exceeds fixed limit. (#5.3.4)\n")
+    assert b"MAIL" not in b"".join(sink.commands)
+    assert s.usable  # nothing was started: the connection can take the next message
+    assert s.rset()
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(b"x" * (wire - 3) + b"\n"))[1] == DELIVERED
+    assert sink.transactions[0].mail == f"FROM:<s@x.test> SIZE={wire - 1}"
+    for size, mail in ((wire, f"FROM:<s@x.test> SIZE={wire}"), (0, f"FROM:<s@x.test> SIZE={wire}"),
+                       (None, "FROM:<s@x.test>")):
+        sink, port = sink_factory(Script(size=size))  # exactly the limit, no limit, no SIZE
+        s = session(port)
+        s.open()
+        assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == DELIVERED
+        assert sink.transactions[0].mail == mail
+
+
+def test_tls_pin_for_a_relay_given_as_an_ip_address(sink_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from certs import CA
+
+    ca, other = CA.create(), CA.create("another CA")
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "tlshosts" / "127.0.0.1.pem").write_bytes(ca.pem)
+    tls = TlsConfig(control, tlshosts=frozenset({"127.0.0.1"}))
+    good = ca.server("127.0.0.1").write(tmp_path, "good")
+    sink, port = sink_factory(Script(starttls=True), good)
+    s = session(port, host="127.0.0.1", tls=tls)
+    s.open()
+    assert s.tls_active
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == DELIVERED
+    assert sink.transactions[0].tls
+    for issued, problem in (
+            (other.server("127.0.0.1"), "TLS unable to verify server with control/tlshosts/127.0.0.1.pem: "),
+            (ca.server("relay.test"), "TLS unable to verify server 127.0.0.1: received certificate for "
+                                      "relay.test; connected to 127.0.0.1.\n")):
+        wrong = issued.write(tmp_path, f"wrong{len(problem)}")
+        sink, port = sink_factory(Script(starttls=True), wrong)
+        with pytest.raises(Quit) as e:
+            session(port, host="127.0.0.1", tls=tls).open()
+        assert e.value.report.startswith("Z" + problem)
+        assert sink.transactions == [] and b"MAIL" not in b"".join(sink.commands)
+
+
+def test_plain_text_arriving_after_the_starttls_220_is_never_a_reply(tmp_path: Path) -> None:
+    """The injected lines come in their own segment, after the 220: whether they are
+    found waiting (violation) or land in the handshake (it fails), they are never read
+    as the answer to the EHLO under TLS.  Opportunistic TLS then retries in clear text
+    (RetryClear); a pinned host gives up."""
+    _, _, ca = mint(tmp_path, ["mx.tls.test"])
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def peer() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                f = conn.makefile("rb")
+                conn.sendall(b"220 hostile ESMTP\r\n")
+                seen.append(f.readline())
+                conn.sendall(b"250-hostile\r\n250 STARTTLS\r\n")
+                seen.append(f.readline())
+                conn.sendall(b"220 go ahead\r\n")
+                time.sleep(0.3)
+                conn.sendall(b"250-hostile\r\n250 AUTH LOGIN\r\n")
+                conn.settimeout(5)
+                try:
+                    while conn.recv(4096):
+                        pass
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+
+    def attempt(tls: TlsConfig) -> SmtpSession:
+        sock = socket.create_connection(("::1", port), timeout=5)
+        return SmtpSession(t.Transport(sock, 5), Destination("::1", port, "mx.tls.test"),
+                           "client.test", tls)
+
+    with pytest.raises(RetryClear):
+        attempt(TlsConfig(tmp_path)).open()
+    control = tmp_path / "control"
+    (control / "tlshosts").mkdir(parents=True)
+    (control / "tlshosts" / "mx.tls.test.pem").write_bytes(ca.read_bytes())
+    with pytest.raises(Quit) as e:
+        attempt(TlsConfig(control, tlshosts=frozenset({"mx.tls.test"}))).open()
+    assert e.value.report.startswith("ZTLS connect failed: ")
+    thread.join(10)
+    listener.close()
+    assert [ln.split()[0] for ln in seen] == [b"EHLO", b"STARTTLS"] * 2
