@@ -145,7 +145,11 @@ class Session(SessionPlumbing):
         self._wait(RunHook(stage, arg), lambda outcome: self._hook_done(outcome, then))
 
     def _hook_done(self, outcome: HookOutcome, then: Callable[[HookOutcome], None]) -> None:
-        self._send_raw(outcome.output)
+        if outcome.verdict in (HookVerdict.NORMAL, HookVerdict.OK_SKIP):
+            # Unfinished P lines: the command's one reply is the session's own (below).
+            self.spp.open_reply = outcome.output
+        else:
+            self._send_raw(outcome.output)  # the plugin's reply, or the 451
         for name, value in outcome.env:
             if value is None:
                 self.env.pop(name, None)
@@ -153,7 +157,8 @@ class Session(SessionPlumbing):
                 self.env[name] = value
         self.spp.headers.extend(outcome.headers)
         for stage, text in outcome.later:
-            self.spp.later.setdefault(stage, []).append(text)
+            # One reply per command: the first text queued for it wins.
+            self.spp.later.setdefault(stage, [text])
         if outcome.disable:
             self.spp.enabled = False
         if outcome.verdict is HookVerdict.TERMINATE:
@@ -167,6 +172,14 @@ class Session(SessionPlumbing):
         for text in texts or ():
             self._send_raw(text)
         return bool(texts)
+
+    def _send(self, reply: Reply) -> None:
+        """Every reply: plugin continuation lines left open for it go first when they
+        carry its code (one multi-line reply); with another code they are dropped."""
+        prefix, self.spp.open_reply = self.spp.open_reply, b""
+        if prefix[:3] == b"%d" % reply.code:
+            self._send_raw(prefix)
+        super()._send(reply)
 
     # ---- commands --------------------------------------------------------------------
 

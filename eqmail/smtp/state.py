@@ -54,6 +54,9 @@ class SppState:
     mail_verdict: HookVerdict = HookVerdict.NORMAL
     rcpt_count: int = 0
     rcpt_count_all: int = 0
+    # P continuation lines (``250-...``) waiting for the session's own reply to the
+    # command, which finishes them when its code matches (else they are dropped).
+    open_reply: bytes = b""
 
     def reset(self) -> None:
         """RSET and the start of a message clear H and L* (HELO does not)."""

@@ -47,6 +47,7 @@ from typing import Any
 
 from eqmail.ipc import HEADER, ProtocolError
 from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
+from eqmail.spp.protocol import valid_header, wire_shape
 
 REQUEST = b"Q"
 ANSWER = b"A"
@@ -107,17 +108,44 @@ def encode_outcome(o: HookOutcome) -> bytes:
 
 
 def decode_outcome(payload: bytes) -> HookOutcome:
+    """The sandbox's answer, checked again on the listener's side: its reply bytes and
+    headers must keep the rules eqmail.spp.protocol enforces (one reply per command,
+    one header field per header), whatever the sandbox process has become."""
     try:
         obj: dict[str, Any] = json.loads(payload)
         env = tuple((str(n), None if v is None else str(v)) for n, v in obj["env"])
-        return HookOutcome(
+        outcome = HookOutcome(
             verdict=HookVerdict(obj["verdict"]), output=obj["output"].encode("latin-1"),
             env=env, headers=tuple(str(h) for h in obj["headers"]),
             later=tuple((HookStage(s), t.encode("latin-1")) for s, t in obj["later"]),
             disable=bool(obj["disable"]),
             address=None if obj["address"] is None else str(obj["address"]))
+        problem = _outcome_problem(outcome)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ProtocolError(f"bad sandbox answer: {e}") from None
+    if problem:
+        raise ProtocolError(f"bad sandbox answer: {problem}")
+    return outcome
+
+
+def _outcome_problem(o: HookOutcome) -> str | None:
+    """Why ``o`` could make a second reply or a broken header; None when it is sane.
+    (UnicodeEncodeError, a ValueError, for a header that is no surrogate-escaped str.)"""
+    shape = wire_shape(o.output)
+    if o.verdict is HookVerdict.REJECT:
+        ok = shape == (1, None)
+    elif o.verdict is HookVerdict.TERMINATE:
+        ok = shape in ((0, None), (1, None))
+    else:  # the session's own reply finishes an open continuation
+        ok = shape is not None and shape[0] == 0
+    if not ok:
+        return "output is not one reply"
+    if len({stage for stage, _ in o.later}) != len(o.later) or any(
+            wire_shape(text) != (1, None) for _, text in o.later):
+        return "a queued text is not one reply"
+    if not all(valid_header(h.encode("utf-8", "surrogateescape")) for h in o.headers):
+        return "a header is not one header field"
+    return None
 
 
 async def read_frame(reader: asyncio.StreamReader, expect: bytes) -> bytes:
