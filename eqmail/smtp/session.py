@@ -49,7 +49,14 @@ from eqmail.smtp.actions import (
     StartTLS,
 )
 from eqmail.smtp.address import parse_address, parse_mail_params
-from eqmail.smtp.auth import MECHANISMS, AuthExchange, AuthStep, Credentials, Failed
+from eqmail.smtp.auth import (
+    MECHANISMS,
+    AuthExchange,
+    AuthStep,
+    Credentials,
+    Failed,
+    cram_challenge,
+)
 from eqmail.smtp.data import DataReader, DataStatus
 from eqmail.smtp.plumbing import MAX_PENDING, OVERFLOW, SessionPlumbing
 from eqmail.smtp.received import received_line
@@ -57,7 +64,15 @@ from eqmail.smtp.replies import Reply
 from eqmail.smtp.state import Phase, SessionConfig, SppState, digits
 from eqmail.textio import decode, encode
 
-__all__ = ["MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig", "SppState"]
+__all__ = ["MAX_AUTH_FAILURES", "MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig",
+           "SppState"]
+
+# Failed AUTHs (535s) one session may have; the last one is answered 421 and the
+# connection closed.  3: a client with a stored password gains nothing by retrying it
+# in the same session, and one that falls back through CRAM-MD5, PLAIN and LOGIN with
+# one wrong password still sees every failure; more in one session is guessing.  The
+# per-address lock-out across sessions is control/authlimit's (eqmail.authlimit).
+MAX_AUTH_FAILURES = 3
 
 
 class Session(SessionPlumbing):
@@ -451,9 +466,9 @@ class Session(SessionPlumbing):
         elif method not in MECHANISMS:
             self._send(replies.AUTH_UNIMPLEMENTED)
         else:
-            challenge = f"<{self.cfg.pid}.{int(self.clock())}@{self.cfg.local_host}>"
-            self._auth = AuthExchange(method, encode(challenge) if method == "cram-md5"
-                                      else b"")
+            challenge = (cram_challenge(self.cfg.local_host, self.cfg.randbits)
+                         if method == "cram-md5" else b"")
+            self._auth = AuthExchange(method, challenge)
             self._auth_step(self._auth.start(initial.lstrip(b" ")))
 
     def _auth_line(self, line: bytes) -> None:
@@ -480,7 +495,12 @@ class Session(SessionPlumbing):
             self._send(Reply(454, temporary))
         elif not ok:
             self.auth_failures += 1
-            self._send(replies.AUTH_FAILED)
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self._log("too many auth failures")
+                self._send(replies.AUTH_TOO_MANY)
+                self._close()
+            else:
+                self._send(replies.AUTH_FAILED)
         else:
             user = decode(creds.user)
             if self.spp.enabled:

@@ -8,6 +8,8 @@ Pure data; no failure modes.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,7 +33,9 @@ class SessionConfig:
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
     max_line: int = 12288
-    pid: int = 0                    # for the CRAM-MD5 challenge <pid.time@local>
+    # The CRAM-MD5 challenge's two numbers (eqmail.smtp.auth.cram_challenge); tests
+    # give a deterministic one.
+    randbits: Callable[[int], int] = secrets.randbits
     utcoffset: int | None = None    # Received date offset; None = local zone
 
 
