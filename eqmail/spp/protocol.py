@@ -235,6 +235,7 @@ class Section:
         self._disable = False
         self._verdict = HookVerdict.NORMAL
         self._failure: bytes | None = None
+        self.failure: str | None = None        # why the section failed, for the log
 
     def add(self, plugin_line: str, data: bytes, failure: str | None = None) -> bool:
         """One plugin's stdout (or why it failed).  True: the section is over."""
@@ -286,6 +287,7 @@ class Section:
 
     def _fail(self, plugin_line: str, reason: str) -> bool:
         self._texts.clear()  # never finished before a terminal: the 451 is the reply
+        self.failure = reason
         self._failure = failure_text(plugin_line, reason)
         self._verdict = HookVerdict.REJECT
         return True

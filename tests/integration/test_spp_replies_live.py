@@ -166,3 +166,5 @@ def test_invalid_header_lines_are_refused_never_stored(inst: Instance) -> None:
     for bad in (b"No colon", b"empty name", b"Bad Name", b"X-Evil", b"Bcc", b"folded",
                 b"X-Ok", b"X-Long", b"\r"):
         assert bad not in header, bad
+    # the admin learns which plugin broke which rule
+    assert inst.log().count("warning: qmail-spp: plugins/mail: malformed header") == len(BAD_SENDERS)
