@@ -14,12 +14,24 @@ delay and adds a per-address count of failures in a sliding window:
   the count (one known account must not unlock guessing at the others).
 
 An "address" is the IPv4 address or the IPv6 /64 (one host usually has a whole /64).
-The table is per listener process and is bounded (least recently seen addresses are
-forgotten first); it starts empty when the listener restarts (reload, crash).
+The table is bounded (least recently seen addresses are forgotten first).  It lives in
+the plugin sandbox worker (eqmail.workers.sandbox), which runs every checkpassword for
+every listener process: so the count is one for all of them (``processes=N``, smtp,
+submission and smtps alike), and it survives a reload (listeners are re-forked, the
+sandbox is not) and a listener killed with SIGKILL.  The sandbox checks an address's
+lock-out, runs the checker and records its failure as one step per address (checks
+from one address are serialised), so parallel sessions cannot all guess before the
+count catches up.  It starts empty only when the sandbox itself restarts (a crash, or
+a reload that changes spptimeout); the per-session cap still holds then.  Each
+listener sends its own parsed control/authlimit with every check, so a changed file
+applies from the reload on, to the counts gathered before it.
 
 Configuration: ``control/authlimit``, one line ``FAILURES SECONDS [DELAY]``, default
 ``10 600 5``.  ``FAILURES`` 0 turns the lock-out off (the delay stays: eQmail's
 behaviour).  DELAY may be fractional (the tests use a short one).
+
+The listener keeps the 535 delay (the sandbox answers how long) and reads the file;
+eqmail.smtp.session closes a session at its MAX_AUTH_FAILURES-th failure.
 
 Pure apart from the injected clock; never raises after construction.
 """
@@ -126,21 +138,25 @@ class AuthLimiter:
             client.failures.clear()
         return 0.0
 
-    def failed(self, ip: str) -> float:
-        """Record a failed AUTH; returns the seconds to wait before the 535."""
+    def failed(self, ip: str, limit: AuthLimit | None = None) -> float:
+        """Record a failed AUTH under ``limit`` (default: the limiter's own); returns
+        the seconds to wait before the 535."""
+        limit = limit or self.limit
         now = self.clock()
         key = client_key(ip)
         client = self._clients.pop(key, None) or _Client()
         self._clients[key] = client  # most recently seen last
         while len(self._clients) > self.max_addresses:
             self._clients.popitem(last=False)
-        horizon = now - self.limit.seconds
-        client.failures = [t for t in client.failures if t > horizon]
+        horizon = now - limit.seconds
+        # Only the newest max(FAILURES, MAX_DELAY_STEPS) times can matter: bounded.
+        keep = max(limit.failures, MAX_DELAY_STEPS) - 1
+        client.failures = [t for t in client.failures[-keep:] if t > horizon]
         client.failures.append(now)
         count = len(client.failures)
-        if self.limit.failures and count >= self.limit.failures:
-            client.locked_until = now + self.limit.seconds
-        return self.limit.delay * min(count, MAX_DELAY_STEPS)
+        if limit.failures and count >= limit.failures:
+            client.locked_until = now + limit.seconds
+        return limit.delay * min(count, MAX_DELAY_STEPS)
 
     def __len__(self) -> int:
         return len(self._clients)

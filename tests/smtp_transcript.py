@@ -9,6 +9,7 @@ line number and what differed.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ def build_session(t: Transcript):  # -> (Session, config dict); imports kept loc
     from eqmail.smtp.session import Session, SessionConfig
 
     c = {**DEFAULT_CONFIG, **t.config}
+    numbers, turn = (int(c["pid"]), int(c["clock"])), itertools.count()
     rcpthosts = None if c["rcpthosts"] == "NONE" else RcptHosts.from_lines(c["rcpthosts"].split())
     cfg = SessionConfig(
         greeting=c["greeting"], local_host=c["local_host"], databytes=int(c["databytes"]),
@@ -158,7 +160,9 @@ def build_session(t: Transcript):  # -> (Session, config dict); imports kept loc
         local_ips=frozenset(c["local_ips"].split()), localiphost=c["localiphost"] or None,
         tls_available=c["tls"] == "1", auth_available=c["auth"] == "1",
         tls_client_relay=c["tls_client_relay"] == "1", plugins_enabled=c["plugins"] == "1",
-        max_line=int(c["max_line"]), pid=int(c["pid"]), utcoffset=int(c["utcoffset"]),
+        max_line=int(c["max_line"]), utcoffset=int(c["utcoffset"]),
+        # the challenge's two "random" numbers: eQmail's <pid.time@local>, for the texts
+        randbits=lambda _bits: numbers[next(turn) % 2],
     )
     clock = float(c["clock"])
     return Session(cfg, {**DEFAULT_ENV, **t.env}, lambda: clock), c

@@ -117,7 +117,7 @@ def session_config(**kw: object) -> SessionConfig:
     base: dict[str, object] = dict(
         greeting="mx.test.example", local_host="mx.test.example", databytes=0,
         rcpthosts=RcptHosts.from_lines(["mx.test.example", "example.org"]),
-        plugins_enabled=True, pid=4242)
+        plugins_enabled=True)
     base.update(kw)
     return SessionConfig(**base)  # type: ignore[arg-type]
 

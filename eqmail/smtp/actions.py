@@ -147,11 +147,15 @@ class HookVerdict(Enum):
 class HookOutcome:
     """Everything one section's plugins produced, for :meth:`Session.hook_result`.
 
-    ``output`` is sent first, verbatim (P lines, the E/R text, a 451 failure text; the
-    plugin layer makes sure it is well-formed CRLF-terminated SMTP replies).  Then, in
-    this order: ``env`` changes (S -> value, U -> None), ``headers`` (H, appended to the
-    next message after the Received line, LF added by the session), ``later`` texts (LM /
-    LR / LD, raw reply bytes shown at the next MAIL / RCPT / DATA which they reject),
+    ``output`` is the command's reply when the verdict is REJECT or TERMINATE (the E/R
+    text after its P lines, or a 451 failure text) and is sent first; with NORMAL or
+    OK_SKIP it is only P continuation lines (``250-...``), which lead the session's own
+    reply when that has their code and are dropped otherwise: one reply per command
+    (the plugin layer makes sure of these shapes, eqmail.spp.protocol).  Then, in
+    this order: ``env`` changes (S -> value, U -> None), ``headers`` (H, one header field
+    each, appended to the next message after the Received line, LF added by the
+    session), ``later`` texts (LM / LR / LD, one complete reply per stage, shown at the
+    next MAIL / RCPT / DATA which they reject; the first one queued wins),
     ``disable`` (A: no more plugins this session), ``address`` (C: replaces the MAIL or
     RCPT address; ignored at other stages), then the verdict.
     """

@@ -149,6 +149,8 @@ AUTH_USERNAME = Reply(334, "Username:")
 AUTH_PASSWORD = Reply(334, "Password:")
 AUTH_EMPTY_CHALLENGE = Reply(334, "")
 AUTH_FAILED = Reply(535, "authentication failed (#5.7.1)")
+# eqmail: the session's last failed AUTH (eqmail.smtp.session.MAX_AUTH_FAILURES).
+AUTH_TOO_MANY = Reply(421, "too many authentication failures, closing connection (#4.7.0)")
 AUTH_CHILD_CRASHED = Reply(454, "oops, problem with child and I can't auth (#4.3.0)")
 AUTH_NO_PIPE = Reply(454, "oops, unable to open pipe and I can't auth (#4.3.0)")
 AUTH_NO_CHILD = Reply(454, "oops, child won't start and I can't auth (#4.3.0)")

@@ -50,7 +50,14 @@ from eqmail.smtp.actions import (
     StartTLS,
 )
 from eqmail.smtp.address import parse_address, parse_mail_params
-from eqmail.smtp.auth import MECHANISMS, AuthExchange, AuthStep, Credentials, Failed
+from eqmail.smtp.auth import (
+    MECHANISMS,
+    AuthExchange,
+    AuthStep,
+    Credentials,
+    Failed,
+    cram_challenge,
+)
 from eqmail.smtp.data import DataReader, DataStatus
 from eqmail.smtp.plumbing import MAX_PENDING, OVERFLOW, SessionPlumbing
 from eqmail.smtp.received import received_line
@@ -58,7 +65,15 @@ from eqmail.smtp.replies import Reply
 from eqmail.smtp.state import Phase, SessionConfig, SppState, digits
 from eqmail.textio import decode, encode
 
-__all__ = ["MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig", "SppState"]
+__all__ = ["MAX_AUTH_FAILURES", "MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig",
+           "SppState"]
+
+# Failed AUTHs (535s) one session may have; the last one is answered 421 and the
+# connection closed.  3: a client with a stored password gains nothing by retrying it
+# in the same session, and one that falls back through CRAM-MD5, PLAIN and LOGIN with
+# one wrong password still sees every failure; more in one session is guessing.  The
+# per-address lock-out across sessions is control/authlimit's (eqmail.authlimit).
+MAX_AUTH_FAILURES = 3
 
 
 class Session(SessionPlumbing):
@@ -146,7 +161,11 @@ class Session(SessionPlumbing):
         self._wait(RunHook(stage, arg), lambda outcome: self._hook_done(outcome, then))
 
     def _hook_done(self, outcome: HookOutcome, then: Callable[[HookOutcome], None]) -> None:
-        self._send_raw(outcome.output)
+        if outcome.verdict in (HookVerdict.NORMAL, HookVerdict.OK_SKIP):
+            # Unfinished P lines: the command's one reply is the session's own (below).
+            self.spp.open_reply = outcome.output
+        else:
+            self._send_raw(outcome.output)  # the plugin's reply, or the 451
         for name, value in outcome.env:
             if value is None:
                 self.env.pop(name, None)
@@ -154,7 +173,8 @@ class Session(SessionPlumbing):
                 self.env[name] = value
         self.spp.headers.extend(outcome.headers)
         for stage, text in outcome.later:
-            self.spp.later.setdefault(stage, []).append(text)
+            # One reply per command: the first text queued for it wins.
+            self.spp.later.setdefault(stage, [text])
         if outcome.disable:
             self.spp.enabled = False
         if outcome.verdict is HookVerdict.TERMINATE:
@@ -168,6 +188,14 @@ class Session(SessionPlumbing):
         for text in texts or ():
             self._send_raw(text)
         return bool(texts)
+
+    def _send(self, reply: Reply) -> None:
+        """Every reply: plugin continuation lines left open for it go first when they
+        carry its code (one multi-line reply); with another code they are dropped."""
+        prefix, self.spp.open_reply = self.spp.open_reply, b""
+        if prefix[:3] == b"%d" % reply.code:
+            self._send_raw(prefix)
+        super()._send(reply)
 
     # ---- commands --------------------------------------------------------------------
 
@@ -442,9 +470,9 @@ class Session(SessionPlumbing):
         elif method not in MECHANISMS:
             self._send(replies.AUTH_UNIMPLEMENTED)
         else:
-            challenge = f"<{self.cfg.pid}.{int(self.clock())}@{self.cfg.local_host}>"
-            self._auth = AuthExchange(method, encode(challenge) if method == "cram-md5"
-                                      else b"")
+            challenge = (cram_challenge(self.cfg.local_host, self.cfg.randbits)
+                         if method == "cram-md5" else b"")
+            self._auth = AuthExchange(method, challenge)
             self._auth_step(self._auth.start(initial.lstrip(b" ")))
 
     def _auth_line(self, line: bytes) -> None:
@@ -471,7 +499,12 @@ class Session(SessionPlumbing):
             self._send(Reply(454, temporary))
         elif not ok:
             self.auth_failures += 1
-            self._send(replies.AUTH_FAILED)
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self._log("too many auth failures")
+                self._send(replies.AUTH_TOO_MANY)
+                self._close()
+            else:
+                self._send(replies.AUTH_FAILED)
         else:
             user = decode(creds.user)
             if self.spp.enabled:

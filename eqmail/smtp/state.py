@@ -8,6 +8,8 @@ Pure data; no failure modes.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,7 +33,9 @@ class SessionConfig:
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
     max_line: int = 12288
-    pid: int = 0                    # for the CRAM-MD5 challenge <pid.time@local>
+    # The CRAM-MD5 challenge's two numbers (eqmail.smtp.auth.cram_challenge); tests
+    # give a deterministic one.
+    randbits: Callable[[int], int] = secrets.randbits
     utcoffset: int | None = None    # Received date offset; None = local zone
 
 
@@ -54,6 +58,9 @@ class SppState:
     mail_verdict: HookVerdict = HookVerdict.NORMAL
     rcpt_count: int = 0
     rcpt_count_all: int = 0
+    # P continuation lines (``250-...``) waiting for the session's own reply to the
+    # command, which finishes them when its code matches (else they are dropped).
+    open_reply: bytes = b""
 
     def reset(self) -> None:
         """RSET and the start of a message clear H and L* (HELO does not)."""

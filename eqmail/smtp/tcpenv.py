@@ -10,7 +10,6 @@ tcprules match.  IPv6 text is RFC 5952 (``ipaddress`` prints it so).
 from __future__ import annotations
 
 import ipaddress
-import os
 
 from eqmail.control import Controls
 from eqmail.smtp.policy import BadMailFrom, RcptHosts
@@ -80,5 +79,4 @@ def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
         auth_available=auth_available,
         tls_client_relay=tls_client_relay,
         plugins_enabled=plugins_enabled,
-        pid=os.getpid(),
     )

@@ -24,13 +24,21 @@ character) is ignored; the first character is the command, unknown ones are igno
 texts are C strings (cut at a NUL byte).  After a terminal command the rest of the
 output is not looked at.
 
-eqmail is stricter (DESIGN.md, docs/compatibility.md): every text that reaches the
-client must be a well-formed SMTP reply line (``ddd``, ``ddd text`` or ``ddd-text``, no
-CR), continuation lines must keep their code and be finished by the end of the
-plugin's reply (a ``P`` continuation may be left open only for the session's own success
-reply of that hook, e.g. a ``220-`` banner line at [connection]); otherwise the plugin
-counts as failed.  A failed plugin's own commands are discarded (qmail applied those it
-had read); what earlier plugins of the section did stays.
+eqmail is stricter (DESIGN.md, docs/compatibility.md): one command gets exactly one
+reply, whatever the plugins print.  Every text that reaches the client must be a
+well-formed SMTP reply line (``ddd``, ``ddd text`` or ``ddd-text``, no CR), and the
+section's texts together are one reply with one code: ``P`` lines are continuation
+lines (``ddd-``) that either an ``E``/``R`` text finishes, or that are left open for the
+session's own success reply of that hook (e.g. a ``220-`` banner line at [connection]);
+a ``P`` text that is itself a complete reply, a second reply, or a change of code is
+malformed.  ``D`` may follow one complete reply or none.  The ``LM``/``LR``/``LD`` texts
+queued for one command are one complete reply too.  An ``H`` text must be one header
+field (:func:`valid_header`: a name of printable ASCII, a colon, a value without control
+characters other than TAB, at most MAX_HEADER bytes); anything else could split into a
+second header or end the header block, so the plugin counts as failed.  A failed
+plugin's own commands are discarded (qmail applied those it had read); what earlier
+plugins of the section did stays, but never a reply text: the failure reply is then the
+command's only reply.
 
 Failure replies: ``451 qmail-spp failure: <plugin line>: <reason> (#4.3.0)``, the command
 is rejected and the session goes on.  Pure code: no I/O, never raises on any input.
@@ -44,6 +52,7 @@ from dataclasses import dataclass, field
 from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
 
 MAX_OUTPUT = 64 * 1024  # bytes of stdout read from one plugin; more is a failure
+MAX_HEADER = 998        # bytes of one H header field: RFC 5322's line length limit
 
 # Failure reasons.  The first three are qmail-spp's texts; the rest are eqmail's.
 CANT_EXECUTE = "can't execute"
@@ -52,6 +61,7 @@ CANT_FORK = "vfork() failed"
 TIMEOUT = "timeout"
 TOO_LARGE = "output too large"
 MALFORMED = "malformed output"
+BAD_HEADER = "malformed header"
 UNAVAILABLE = "sandbox unavailable"
 
 # The reply the session itself sends when the section accepts: an open P continuation
@@ -84,6 +94,7 @@ class Commands:
     later: list[tuple[HookStage, bytes]] = field(default_factory=list)
     address: str | None = None
     terminal: str | None = None                            # "A" "N" "O" "E" "R" "D"
+    bad_header: bool = False                               # an H text is no header field
 
 
 def output_lines(data: bytes) -> list[bytes]:
@@ -110,8 +121,12 @@ def parse_output(data: bytes, stage: HookStage) -> Commands:
         if cmd in (b"P", b"E", b"R"):
             cmds.texts.append(text)
         elif cmd == b"H":
-            if text:  # an empty header line would end the header block: dropped
+            if not text:  # an empty header line would end the header block: dropped
+                pass
+            elif valid_header(text):
                 cmds.headers.append(_decode(text))
+            else:
+                cmds.bad_header = True
         elif cmd == b"C":
             if stage in ADDRESS_VAR:
                 cmds.address = _decode(text)
@@ -132,6 +147,18 @@ def parse_output(data: bytes, stage: HookStage) -> Commands:
     return cmds
 
 
+def valid_header(field: bytes) -> bool:
+    """One RFC 5322 header field on one line: ``name:value`` with a name of printable
+    ASCII other than the colon, no CR, LF or other control character but TAB in the
+    value, at most MAX_HEADER bytes.  (A folded continuation line has no name: refused.)"""
+    if len(field) > MAX_HEADER:
+        return False
+    name, colon, value = field.partition(b":")
+    if not colon or not name or any(not 33 <= b <= 126 for b in name):
+        return False
+    return not any((b < 32 and b != 9) or b == 127 for b in value)
+
+
 def _reply_code(line: bytes) -> tuple[bytes, bool] | None:
     """(code, continued) for a well-formed reply line, else None."""
     if len(line) < 3 or not line[:3].isdigit() or b"\r" in line:
@@ -144,18 +171,52 @@ def _reply_code(line: bytes) -> tuple[bytes, bool] | None:
     return line[:3], sep == b"-"
 
 
-def replies_state(lines: list[bytes], open_code: bytes | None) -> tuple[bool, bytes | None]:
-    """Check ``lines`` as reply lines following an open continuation ``open_code``.
-    Returns (well-formed, code of the continuation left open or None)."""
+def reply_shape(lines: list[bytes]) -> tuple[int, bytes | None] | None:
+    """Read ``lines`` (no CR LF) as SMTP reply lines: ``(complete replies, code of a
+    continuation left open or None)``, or None when a line is no reply line or a
+    continuation line is followed by a line of another code."""
+    complete, open_code = 0, None
     for line in lines:
         parsed = _reply_code(line)
         if parsed is None:
-            return False, None
+            return None
         code, continued = parsed
         if open_code is not None and code != open_code:
-            return False, None
-        open_code = code if continued else None
-    return True, open_code
+            return None
+        if continued:
+            open_code = code
+        else:
+            complete, open_code = complete + 1, None
+    return complete, open_code
+
+
+def wire_shape(data: bytes) -> tuple[int, bytes | None] | None:
+    """:func:`reply_shape` of CR LF-terminated reply bytes (what a HookOutcome carries);
+    None also when they do not end in CR LF or hold a lone CR or LF."""
+    if not data:
+        return 0, None
+    if not data.endswith(b"\r\n"):
+        return None
+    lines = data[:-2].split(b"\r\n")
+    if any(b"\n" in line for line in lines):
+        return None
+    return reply_shape(lines)
+
+
+def texts_ok(shape: tuple[int, bytes | None] | None, terminal: str | None,
+             stage: HookStage) -> bool:
+    """Whether a section's reply texts so far, ending with ``terminal``, make exactly
+    one reply for the command together with what the session itself will send."""
+    if shape is None:
+        return False
+    complete, open_code = shape
+    if terminal in ("E", "R"):  # the plugin's text is the reply, finished by this line
+        return complete == 1 and open_code is None
+    if terminal == "D":         # silent close: after one finished reply, or none
+        return complete <= 1 and open_code is None
+    # the session's own reply follows (or a later plugin's E/R): nothing finished yet,
+    # and an open continuation must carry the code of the session's success reply
+    return complete == 0 and open_code in (None, SUCCESS_CODE[stage])
 
 
 class Section:
@@ -167,8 +228,6 @@ class Section:
         self.stage = stage
         self.env: dict[str, str] = dict(env)   # what the next plugin sees
         self._texts: list[bytes] = []          # reply lines for the client, no CRLF
-        self._open: bytes | None = None        # code of an unfinished continuation
-        self._complete = 0                     # len(_texts) at the last finished reply
         self._env: list[tuple[str, str | None]] = []
         self._headers: list[str] = []
         self._later: list[tuple[HookStage, bytes]] = []
@@ -176,37 +235,32 @@ class Section:
         self._disable = False
         self._verdict = HookVerdict.NORMAL
         self._failure: bytes | None = None
+        self.failure: str | None = None        # why the section failed, for the log
 
     def add(self, plugin_line: str, data: bytes, failure: str | None = None) -> bool:
         """One plugin's stdout (or why it failed).  True: the section is over."""
         if failure is not None:
             return self._fail(plugin_line, failure)
         cmds = parse_output(data, self.stage)
-        ok, open_code = replies_state(cmds.texts, self._open)
-        terminal = cmds.terminal
-        if ok and terminal in ("E", "R", "D") and open_code is not None:
-            ok = False  # a rejection or goodbye must be a finished reply
-        if ok and terminal in (None, "A", "N", "O") and open_code is not None:
-            ok = open_code == SUCCESS_CODE[self.stage]
-        if ok and not self._later_ok(cmds.later):
-            ok = False
-        if not ok:
+        if cmds.bad_header:
+            return self._fail(plugin_line, BAD_HEADER)
+        shape = reply_shape(self._texts + cmds.texts)
+        if not texts_ok(shape, cmds.terminal, self.stage) or not self._later_ok(cmds.later):
             return self._fail(plugin_line, MALFORMED)
-        self._apply(cmds, open_code)
-        return self._finish(terminal)
+        self._apply(cmds)
+        return self._finish(cmds.terminal)
 
     def _later_ok(self, later: list[tuple[HookStage, bytes]]) -> bool:
+        """Each command's queued texts (this section's so far included) stay one
+        finished reply: a second one would be a second reply to that command."""
         for stage in {s for s, _ in later}:
-            ok, open_code = replies_state([t for s, t in later if s is stage], None)
-            if not ok or open_code is not None:
+            lines = [t for s, t in self._later + later if s is stage]
+            if reply_shape(lines) != (1, None):
                 return False
         return True
 
-    def _apply(self, cmds: Commands, open_code: bytes | None) -> None:
+    def _apply(self, cmds: Commands) -> None:
         self._texts.extend(cmds.texts)
-        self._open = open_code
-        if open_code is None:
-            self._complete = len(self._texts)
         for name, value in cmds.env:
             if value is None:
                 self.env.pop(name, None)
@@ -232,16 +286,18 @@ class Section:
         return True
 
     def _fail(self, plugin_line: str, reason: str) -> bool:
-        del self._texts[self._complete:]  # an unfinished reply cannot precede the 451
-        self._open = None
+        self._texts.clear()  # never finished before a terminal: the 451 is the reply
+        self.failure = reason
         self._failure = failure_text(plugin_line, reason)
         self._verdict = HookVerdict.REJECT
         return True
 
     def outcome(self) -> HookOutcome:
         output = b"".join(t + b"\r\n" for t in self._texts) + (self._failure or b"")
+        later: dict[HookStage, bytes] = {}  # one reply per command, in order of appearance
+        for stage, text in self._later:
+            later[stage] = later.get(stage, b"") + text + b"\r\n"
         return HookOutcome(
             verdict=self._verdict, output=output, env=tuple(self._env),
-            headers=tuple(self._headers),
-            later=tuple((stage, text + b"\r\n") for stage, text in self._later),
+            headers=tuple(self._headers), later=tuple(later.items()),
             disable=self._disable, address=self._address)

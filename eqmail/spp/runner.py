@@ -149,6 +149,8 @@ class Runner:
             if failure is not None:
                 log(f"warning: qmail-spp: {sanitize(line)}: {failure}")
             if section.add(line, data, failure):
+                if failure is None and section.failure is not None:  # its output broke a rule
+                    log(f"warning: qmail-spp: {sanitize(line)}: {section.failure}")
                 break
         return section.outcome()
 

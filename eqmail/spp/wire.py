@@ -9,9 +9,14 @@ run/sandbox.sock (mode 0600, owner eqmaild: the listeners):
                        "env": {name: value}}`` — run that section once
   sandbox -> listener  ``A`` answer: JSON of a HookOutcome (bytes as latin-1 text)
   listener -> sandbox  ``P`` checkpassword: JSON ``{"argv": [str, ...], "env": {...},
-                       "input": latin-1 text, "timeout": seconds}`` — ``input`` is what
-                       goes to fd 3 (``user\0password\0challenge\0``, <= 16 KiB)
-  sandbox -> listener  ``p`` answer: JSON ``{"result": CheckResult value, "status": int}``
+                       "input": latin-1 text, "timeout": seconds, "client": str,
+                       "limit": [failures, seconds, delay] or null}`` — ``input`` is
+                       what goes to fd 3 (``user\0password\0challenge\0``, <= 16 KiB);
+                       ``client`` (the remote IP, "" = none) and ``limit`` (the
+                       listener's control/authlimit) put the check under the shared
+                       failure table (eqmail.authlimit)
+  sandbox -> listener  ``p`` answer: JSON ``{"result": CheckResult value, "status": int,
+                       "delay": seconds before the 535, "locked": bool}``
 
 run/sandbox-remote.sock (mode 0600, owner eqmailr: the remote delivery worker):
 
@@ -45,8 +50,10 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eqmail.authlimit import AuthLimit
 from eqmail.ipc import HEADER, ProtocolError
 from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
+from eqmail.spp.protocol import valid_header, wire_shape
 
 REQUEST = b"Q"
 ANSWER = b"A"
@@ -62,6 +69,8 @@ MAX_ARGV = 256
 MAX_COMMANDS = 64  # before-remote commands in one chain
 MAX_REPORT = 4096
 MAX_TIMEOUT = 86400.0
+MAX_CLIENT = 64            # an IPv6 address with a zone, as text
+MAX_LIMIT_SECONDS = 86400.0 * 7  # eqmail.authlimit's bound for SECONDS and DELAY
 
 __all__ = ["ANSWER", "BFRMT", "BFRMT_ANSWER", "CHECKPW", "CHECKPW_ANSWER", "BfrmtAnswer",
            "BfrmtRequest", "CheckAnswer", "CheckRequest", "CheckResult", "ProtocolError",
@@ -107,17 +116,44 @@ def encode_outcome(o: HookOutcome) -> bytes:
 
 
 def decode_outcome(payload: bytes) -> HookOutcome:
+    """The sandbox's answer, checked again on the listener's side: its reply bytes and
+    headers must keep the rules eqmail.spp.protocol enforces (one reply per command,
+    one header field per header), whatever the sandbox process has become."""
     try:
         obj: dict[str, Any] = json.loads(payload)
         env = tuple((str(n), None if v is None else str(v)) for n, v in obj["env"])
-        return HookOutcome(
+        outcome = HookOutcome(
             verdict=HookVerdict(obj["verdict"]), output=obj["output"].encode("latin-1"),
             env=env, headers=tuple(str(h) for h in obj["headers"]),
             later=tuple((HookStage(s), t.encode("latin-1")) for s, t in obj["later"]),
             disable=bool(obj["disable"]),
             address=None if obj["address"] is None else str(obj["address"]))
+        problem = _outcome_problem(outcome)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ProtocolError(f"bad sandbox answer: {e}") from None
+    if problem:
+        raise ProtocolError(f"bad sandbox answer: {problem}")
+    return outcome
+
+
+def _outcome_problem(o: HookOutcome) -> str | None:
+    """Why ``o`` could make a second reply or a broken header; None when it is sane.
+    (UnicodeEncodeError, a ValueError, for a header that is no surrogate-escaped str.)"""
+    shape = wire_shape(o.output)
+    if o.verdict is HookVerdict.REJECT:
+        ok = shape == (1, None)
+    elif o.verdict is HookVerdict.TERMINATE:
+        ok = shape in ((0, None), (1, None))
+    else:  # the session's own reply finishes an open continuation
+        ok = shape is not None and shape[0] == 0
+    if not ok:
+        return "output is not one reply"
+    if len({stage for stage, _ in o.later}) != len(o.later) or any(
+            wire_shape(text) != (1, None) for _, text in o.later):
+        return "a queued text is not one reply"
+    if not all(valid_header(h.encode("utf-8", "surrogateescape")) for h in o.headers):
+        return "a header is not one header field"
+    return None
 
 
 async def read_frame(reader: asyncio.StreamReader, expect: bytes) -> bytes:
@@ -151,6 +187,7 @@ class CheckResult(enum.Enum):
     TIMEOUT = "timeout"      # killed with its process group at the deadline
     NO_CHILD = "no child"    # not found, not executable, or posix_spawn failed
     NO_PIPE = "no pipe"      # the fd-3 pipe could not be made
+    LOCKED = "locked"        # the client address is locked out: the program did not run
 
 
 def _str_env(env: Any) -> dict[str, str]:
@@ -167,49 +204,79 @@ def _timeout(value: Any) -> float:
     return float(value)
 
 
+def _seconds(value: Any) -> float:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not math.isfinite(value) or not 0 <= value <= MAX_LIMIT_SECONDS * 4):
+        raise ProtocolError("bad number of seconds")
+    return float(value)
+
+
+def _limit(value: Any) -> AuthLimit | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 3 or not isinstance(value[0], int)
+            or isinstance(value[0], bool) or not 0 <= value[0] <= 1_000_000):
+        raise ProtocolError("bad authlimit")
+    seconds, delay = _seconds(value[1]), _seconds(value[2])
+    if max(seconds, delay) > MAX_LIMIT_SECONDS:
+        raise ProtocolError("bad authlimit")
+    return AuthLimit(value[0], seconds, delay)
+
+
 @dataclass(frozen=True)
 class CheckRequest:
     argv: tuple[str, ...]
     env: dict[str, str]
     input: bytes  # fd 3
     timeout: float
+    client: str = ""                # the client's IP address: counted in the sandbox
+    limit: AuthLimit | None = None  # the listener's control/authlimit (None: not counted)
 
     def encode(self) -> bytes:
+        limit = None if self.limit is None else [
+            self.limit.failures, self.limit.seconds, self.limit.delay]
         return json.dumps({"argv": list(self.argv), "env": self.env,
                            "input": self.input.decode("latin-1"),
-                           "timeout": self.timeout}).encode()
+                           "timeout": self.timeout, "client": self.client,
+                           "limit": limit}).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> CheckRequest:
         try:
             obj = json.loads(payload)
             argv, env, data, timeout = obj["argv"], obj["env"], obj["input"], obj["timeout"]
+            client, limit = obj.get("client", ""), obj.get("limit")
             raw = data.encode("latin-1")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"bad checkpassword request: {e}") from None
         if (not isinstance(argv, list) or not 0 < len(argv) <= MAX_ARGV
                 or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]
-                or len(raw) > MAX_CHECKPW_INPUT):
+                or len(raw) > MAX_CHECKPW_INPUT
+                or not isinstance(client, str) or len(client) > MAX_CLIENT):
             raise ProtocolError("bad checkpassword request")
-        return cls(tuple(argv), _str_env(env), raw, _timeout(timeout))
+        return cls(tuple(argv), _str_env(env), raw, _timeout(timeout), client, _limit(limit))
 
 
 @dataclass(frozen=True)
 class CheckAnswer:
     result: CheckResult
-    status: int = 0  # exit code, or minus the signal number
+    status: int = 0         # exit code, or minus the signal number
+    delay: float = 0.0      # FAILED under the table: seconds to wait before the 535
+    locked: bool = False    # FAILED under the table: this failure locked the address out
 
     def encode(self) -> bytes:
-        return json.dumps({"result": self.result.value, "status": self.status}).encode()
+        return json.dumps({"result": self.result.value, "status": self.status,
+                           "delay": self.delay, "locked": self.locked}).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> CheckAnswer:
         try:
             obj = json.loads(payload)
-            status = obj["status"]
-            if not isinstance(status, int):
+            status, locked = obj["status"], obj.get("locked", False)
+            if not isinstance(status, int) or not isinstance(locked, bool):
                 raise TypeError("status")
-            return cls(CheckResult(obj["result"]), status)
+            return cls(CheckResult(obj["result"]), status, _seconds(obj.get("delay", 0.0)),
+                       locked)
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(f"bad checkpassword answer: {e}") from None
 

@@ -11,9 +11,9 @@ connection over the limit waits in the kernel's accept queue until a slot is fre
 is then served.  Every read and write is bounded by timeoutsmtpd
 (``451 timeout (#4.4.2)``).  TLS (STARTTLS, SMTPS) is done here with the session's
 upgrade point; checkpassword (DJB fd-3 interface) runs in the plugin sandbox worker.
-Failed AUTHs are counted per client address (eqmail.authlimit, control/authlimit): the
-535 comes after a growing delay, and an address over the limit gets a 454 without its
-password being checked.
+Failed AUTHs are counted per client address by the sandbox, for every listener process
+(eqmail.authlimit, control/authlimit): the 535 comes after a growing delay, and an
+address over the limit gets a 454 without its password being checked.
 
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
@@ -29,7 +29,7 @@ import ssl
 import time
 from typing import Any
 
-from eqmail.authlimit import LOCKED_TEXT, AuthLimiter, read_authlimit
+from eqmail.authlimit import read_authlimit
 from eqmail.control import ListenerSpec
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
@@ -80,7 +80,7 @@ class Listener:
         limit, problem = read_authlimit(ctx.instance.control)
         if problem:
             log(f"warning: {problem}")
-        self.authlimit = AuthLimiter(limit)
+        self.authlimit = limit  # applied by the sandbox, which keeps the counts
 
     def report_sessions(self) -> None:
         """Tell the supervisor how many sessions are open (for eqmailctl status), at
@@ -316,26 +316,23 @@ class Connection:
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
         ip = self.env["TCPREMOTEIP"]
-        limiter = self.l.authlimit
         who = f"{action.method} {_printable(action.user)} from {ip}"
-        if limiter.locked(ip):
-            # The checker is not run at all: a locked-out guesser learns nothing.
-            log(f"qmail-smtpd: auth refused (too many failures): {who}")
-            return self.session.auth_result(False, LOCKED_TEXT)
-        # The program runs in the plugin sandbox; the delay and the limiter stay here.
-        ok, temporary = await run_checkpassword(
+        # The program runs in the plugin sandbox, which also keeps the failure counts
+        # of every listener; a locked-out address is refused there without a check.
+        check = await run_checkpassword(
             self.l.sandbox_sock, self.l.spec.checkpassword, dict(self.session.env),
-            action.user, action.password, action.challenge, timeout=self.l.timeout)
-        if ok:
+            action.user, action.password, action.challenge, timeout=self.l.timeout,
+            client=ip, limit=self.l.authlimit)
+        if check.refused:
+            log(f"qmail-smtpd: auth refused (too many failures): {who}")
+        elif check.ok:
             log(f"qmail-smtpd: auth ok: {who}")
-        elif temporary is not None:
-            log(f"qmail-smtpd: auth temporary failure ({temporary}): {who}")
+        elif check.temporary is not None:
+            log(f"qmail-smtpd: auth temporary failure ({check.temporary}): {who}")
         else:
-            delay = limiter.failed(ip)
-            log(f"qmail-smtpd: auth failed: {who}"
-                + (" (locked out)" if limiter.locked(ip) else ""))
-            await asyncio.sleep(delay)  # qmail-smtpd-auth: sleep(5) before the 535
-        return self.session.auth_result(ok, temporary)
+            log(f"qmail-smtpd: auth failed: {who}" + (" (locked out)" if check.locked else ""))
+            await asyncio.sleep(check.delay)  # qmail-smtpd-auth: sleep(5) before the 535
+        return self.session.auth_result(check.ok, check.temporary)
 
     async def _start_tls(self) -> bool:
         tls = self.l.tls

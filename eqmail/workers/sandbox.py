@@ -8,6 +8,12 @@ and before-remote run (eqmail.spp.runner, .checkpassword, .beforemote).  Runs as
 eqmailp (role "plugin"): no access to the queue, the TLS keys or control files other
 than world-readable ones; its cwd is the instance root, as qmail-smtpd's is.
 
+It also keeps the failed-AUTH table of control/authlimit (eqmail.authlimit) for
+every listener process: a ``P`` request that names its client address is refused
+(``locked``) without running the program while that address is locked out, and a
+failure is counted before the next check of that address starts.  The table is
+memory only: it survives listener restarts and reloads, not a restart of this worker.
+
 What a request may do is decided by the socket it arrived on (eqmail.spp.wire):
 listener socket — ``Q`` (a plugin section, answered ``A``) and ``P`` (checkpassword,
 answered ``p``); remote socket — ``B`` only (a before-remote chain with the message
@@ -35,10 +41,13 @@ import math
 import os
 import socket
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
+from eqmail.authlimit import AuthLimit, AuthLimiter, client_key
 from eqmail.ipc import peer_uid
 from eqmail.log import log
 from eqmail.smtp.actions import HookOutcome, HookVerdict
@@ -82,11 +91,43 @@ def default_limits(timeout: int, privileged: bool) -> Limits:
 # ---- the listener socket: plugins and checkpassword (asyncio) --------------------------
 
 
-async def _answer(runner: Runner, kind: bytes, payload: bytes) -> tuple[bytes, bytes]:
+class AuthTable:
+    """control/authlimit's failure counts for every listener (eqmail.authlimit): one
+    per worker process.  Checks of one client address run one at a time, so that the
+    lock-out test, the check and the count of its failure are one step."""
+
+    def __init__(self) -> None:
+        self.limiter = AuthLimiter(AuthLimit())
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: Counter[str] = Counter()  # requests holding or awaiting a lock
+
+    async def check(self, req: CheckRequest, limits: Limits) -> CheckAnswer:
+        if not req.client or req.limit is None:
+            return await checkpassword.check(req, limits)
+        key = client_key(req.client)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] += 1
+        try:
+            async with lock:
+                if self.limiter.locked(key):
+                    return CheckAnswer(CheckResult.LOCKED)
+                answer = await checkpassword.check(req, limits)
+                if answer.result is not CheckResult.FAILED:
+                    return answer
+                delay = self.limiter.failed(key, req.limit)
+                return replace(answer, delay=delay, locked=self.limiter.locked(key) > 0)
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+
+async def _answer(runner: Runner, auth: AuthTable, kind: bytes,
+                  payload: bytes) -> tuple[bytes, bytes]:
     if kind == CHECKPW:
         creq = CheckRequest.decode(payload)
         try:
-            canswer = await checkpassword.check(creq, runner.limits)
+            canswer = await auth.check(creq, runner.limits)
         except Exception as e:  # our bug: a temporary failure, the log says why
             log(f"warning: sandbox: checkpassword failed: {e!r}")
             canswer = CheckAnswer(CheckResult.NO_CHILD)
@@ -107,7 +148,7 @@ class _Conn:
     busy = False
 
 
-async def _serve_one(runner: Runner, reader: asyncio.StreamReader,
+async def _serve_one(runner: Runner, auth: AuthTable, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, conn: _Conn, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
@@ -116,7 +157,7 @@ async def _serve_one(runner: Runner, reader: asyncio.StreamReader,
             except asyncio.IncompleteReadError:
                 return  # the listener closed the connection
             conn.busy = True
-            answer_kind, answer = await _answer(runner, kind, payload)
+            answer_kind, answer = await _answer(runner, auth, kind, payload)
             write_frame(writer, answer_kind, answer)
             await writer.drain()
             conn.busy = False
@@ -258,13 +299,14 @@ async def serve(runner: Runner, sock: socket.socket, stop: asyncio.Event,
                 on_ready: Callable[[], None] | None = None,
                 remote: RemoteServer | None = None, remote_drain: float = 0) -> None:
     conns: dict[asyncio.Task[None], _Conn] = {}
+    auth = AuthTable()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         conns[task] = conn = _Conn()
         try:
-            await _serve_one(runner, reader, writer, conn, stop)
+            await _serve_one(runner, auth, reader, writer, conn, stop)
         finally:
             del conns[task]
 

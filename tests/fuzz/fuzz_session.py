@@ -123,7 +123,8 @@ def make_session(options: int) -> Session:
         badmailfrom=BadMailFrom.from_lines(["@bad.example"]),
         local_ips=frozenset({"127.0.0.1"}), localiphost="mx.example",
         tls_available=bool(options & 1), auth_available=bool(options & 4),
-        plugins_enabled=bool(options & 2), max_line=MAX_LINE, pid=4711, utcoffset=0)
+        plugins_enabled=bool(options & 2), max_line=MAX_LINE, utcoffset=0,
+        randbits=lambda _bits: 4711)  # deterministic: a crash must replay
     env = {"TCPREMOTEIP": "192.0.2.1", "TCPLOCALIP": "192.0.2.25", "TCPLOCALPORT": "25"}
     return Session(cfg, env, lambda: 1_700_000_000.0)
 

@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spp_harness import Sandbox, make_root  # noqa: E402
 
+from eqmail.authlimit import LOCKED_TEXT, AuthLimit  # noqa: E402
 from eqmail.delivery import bfrmt  # noqa: E402
 from eqmail.smtp import replies  # noqa: E402
 from eqmail.smtp.actions import HookStage  # noqa: E402
-from eqmail.smtp.checkpw import run_checkpassword  # noqa: E402
+from eqmail.smtp.checkpw import AuthCheck, run_checkpassword  # noqa: E402
 from eqmail.spp.wire import (  # noqa: E402
     BFRMT,
     CHECKPW,
@@ -99,8 +100,9 @@ def test_before_remote_request_without_the_message_fd_is_refused(sandbox: Sandbo
 
 def check(sb: Sandbox, argv: tuple[str, ...], user: bytes = b"alice", password: bytes = b"pw",
           timeout: float = 5, env: dict[str, str] | None = None) -> tuple[bool, str | None]:
-    return asyncio.run(run_checkpassword(sb.sock, argv, dict(env or ENV), user, password,
-                                         b"", timeout))
+    check = asyncio.run(run_checkpassword(sb.sock, argv, dict(env or ENV), user, password,
+                                          b"", timeout))
+    return check.ok, check.temporary
 
 
 def test_checkpassword_answers(sandbox: Sandbox) -> None:
@@ -130,6 +132,29 @@ def test_checkpassword_timeout_kills_the_process_group(sandbox: Sandbox) -> None
     child = int((sandbox.root / "child.pid").read_text())
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_parallel_guesses_from_one_address_cannot_outrun_the_lock_out(sandbox: Sandbox) -> None:
+    """Eight sessions from one address check at once under ``2 600 0``: the sandbox
+    serialises them per address, so exactly two passwords are checked (the second
+    failure locks the address out) and six are refused unchecked; another address is
+    not affected.  The checker leaves a file per run."""
+    limit = AuthLimit(failures=2, seconds=600, delay=0)
+    argv = ("sh", "-c", "mktemp ran.XXXXXX >/dev/null; sleep 0.2; exit 1")
+
+    async def guesses() -> list[AuthCheck]:
+        return await asyncio.gather(*(
+            run_checkpassword(sandbox.sock, argv, dict(ENV), b"alice", b"guess%d" % n, b"", 10,
+                              client="192.0.2.77", limit=limit) for n in range(8)))
+
+    results = asyncio.run(guesses())
+    assert sorted((r.ok, r.refused, r.locked) for r in results) == (
+        [(False, False, False), (False, False, True)] + [(False, True, False)] * 6)
+    assert all(r.temporary == LOCKED_TEXT for r in results if r.refused)
+    assert len(list(sandbox.root.glob("ran.*"))) == 2
+    other = asyncio.run(run_checkpassword(sandbox.sock, argv, dict(ENV), b"alice", b"x", b"",
+                                          10, client="192.0.2.78", limit=limit))
+    assert not other.refused and other.temporary is None
 
 
 def test_unreachable_sandbox_is_a_temporary_failure(sandbox: Sandbox) -> None:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spp_harness import Sandbox, converse, make_root, script, session_config  # noqa: E402
 
-SHOW_ENV = ('#!/bin/sh\necho "P${CODE:-250}-seen helo=$SMTPHELOHOST from=$SMTPMAILFROM '
+SHOW_ENV = ('#!/bin/sh\necho "${TYPE:-P}${CODE:-250}${SEP:--}seen helo=$SMTPHELOHOST from=$SMTPMAILFROM '
             'rcpt=$SMTPRCPTTO n=$SMTPRCPTCOUNT all=$SMTPRCPTCOUNTALL ok=$SMTPRCPTHOSTSOK '
             'ip=$TCPREMOTEIP user=$SMTPAUTHUSER method=$SMTPAUTHMETHOD x=$X"\n')
 
@@ -32,7 +32,7 @@ def is_open(fd):
         return True
     except OSError:
         return False
-print("P250 fds: " + " ".join(str(fd) for fd in range(1024) if is_open(fd)))
+print("P250-fds: " + " ".join(str(fd) for fd in range(1024) if is_open(fd)))
 """
 
 CONFIGS = {
@@ -43,7 +43,8 @@ CONFIGS = {
     "conn_reject": "[connection]\n:echo 'E554 not welcome'\n",
     "banner": "[connection]\n:echo P220-welcome to the test\n",
     "env": "[connection]\n:echo SX=from-connect\n[helo]\n:CODE=250 exec ./showenv\n"
-           "[mail]\n./showenv\n[rcpt]\n./showenv\n[data]\n:CODE=354 exec ./showenv\n"
+           "[mail]\n./showenv\n[rcpt]\n:case $SMTPRCPTTO in v@*) TYPE=E CODE=553 SEP=' ' "
+           "exec ./showenv;; *) exec ./showenv;; esac\n[data]\n:CODE=354 exec ./showenv\n"
            "[auth]\n:CODE=235 exec ./showenv\n",
     "relay": "[connection]\n:echo SRELAYCLIENT=\n",
     "tlsreq": "[connection]\n:echo STLSREQUIRED=1\n",
@@ -146,7 +147,8 @@ def test_environment_at_each_hook(sandbox: Sandbox) -> None:
     assert lines[1] == f"250-seen helo=client.example from=s@example.net rcpt= n= all= ok= {base}"
     assert lines[2] == ("250-seen helo=client.example from=s@example.net rcpt=u@example.org "
                         f"n=0 all=1 ok=1 {base}")
-    assert lines[3] == ("250-seen helo=client.example from=s@example.net rcpt=v@outside.test "
+    # (a refusal is the plugin's own E reply: a 250- line cannot lead the session's 553)
+    assert lines[3] == ("553 seen helo=client.example from=s@example.net rcpt=v@outside.test "
                         f"n=1 all=2 ok=0 {base}")
     assert lines[4].startswith("354-seen helo=client.example from=s@example.net")
 

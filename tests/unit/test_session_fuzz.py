@@ -41,7 +41,7 @@ def make_session(tls: bool = False, plugins: bool = False) -> Session:
         rcpthosts=RcptHosts.from_lines(["example.org"]),
         badmailfrom=BadMailFrom.from_lines(["@bad.example"]),
         tls_available=tls, auth_available=True, plugins_enabled=plugins,
-        max_line=MAX_LINE, utcoffset=0)
+        max_line=MAX_LINE, utcoffset=0, randbits=lambda _bits: 7)  # same challenge each run
     return Session(cfg, {"TCPREMOTEIP": "192.0.2.1", "TCPLOCALPORT": "25"}, lambda: 1e9)
 
 
