@@ -189,7 +189,8 @@ def test_counts_are_shared_by_listeners_and_survive_reload_and_kill(world: World
         assert exchange(client, plain()) == FAILED
     finally:
         client.close()
-    assert f"auth failed: plain alice from {source} (locked out)" in inst.log()
+    poll(lambda: f"auth failed: plain alice from {source} (locked out)" in inst.log(),
+         what="the lock-out logged", inst=inst)  # the logger writes asynchronously
     for port in (world.smtp, world.smtp, world.submission):
         client = session(port, source)
         try:
