@@ -152,7 +152,23 @@ def test_foreign_ca_certificate_completes_the_handshake_and_delivers(world: Worl
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-@pytest.mark.parametrize("service", ["smtp", "submission", "smtps"])
+def test_submission_port_completes_starttls_with_a_foreign_certificate(world: World,
+                                                                       version: ssl.TLSVersion) -> None:
+    # Whether mail needs AUTH there is the submission policy's business; the handshake
+    # and the session inside TLS must work whatever certificate the client has.
+    smtp = smtplib.SMTP(HOST, world.ports["submission"], timeout=30)
+    try:
+        smtp.starttls(context=client_ctx(world, "foreign", version))
+        assert smtp.sock.version() == version.name.replace("v1_", "v1.")  # type: ignore[union-attr]
+        code, text = smtp.ehlo("client.example")
+        assert code == 250 and text.startswith(ME.encode()), text
+        assert smtp.noop()[0] == 250
+    finally:
+        smtp.quit()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("service", ["smtp", "smtps"])
 def test_smtplib_with_a_foreign_certificate_is_served_but_not_a_relay(world: World, service: str,
                                                                       version: ssl.TLSVersion) -> None:
     code, text, proto = mail_with(world, service, "foreign", version, f"testuser@{ME}")
