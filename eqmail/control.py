@@ -32,6 +32,14 @@ from eqmail.errors import ControlErrors, ControlFileError
 SPAWN_LIMIT = 120  # conf-spawn: hard cap on concurrent deliveries per channel
 MAX_CONTROL_BYTES = 4 * 1024 * 1024  # bounded read of any one control file
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# Mozilla's "intermediate" TLS 1.2 list (ssl-config.mozilla.org, guideline 5.7):
+# ECDHE/DHE key exchange with AEAD ciphers only — no RSA key exchange, no CBC, no SHA-1
+# MAC.  TLS 1.3 suites are not set by cipher strings and keep OpenSSL's defaults.
+TLS_INTERMEDIATE_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305"))
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class ListenerSpec:
     checkpassword: tuple[str, ...] = ()
     rules: str = "tcp.smtp"
     processes: int = 1
+    clientcert: bool = True  # clientcert=0: never ask for a client certificate
 
     @property
     def family_v6(self) -> bool:
@@ -115,7 +124,8 @@ class Controls:
     assign: str | None = None  # raw text of users/assign (parsed by eqmail.delivery.users)
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     # remote delivery (eqmail.workers.remote): outbound TLS (eQmail §6), before-remote hook
-    tlsclientciphers: str = "DEFAULT"  # control/tlsclientciphers, lines joined with ':'
+    tlsclientciphers: str = TLS_INTERMEDIATE_CIPHERS  # control/tlsclientciphers, lines joined with ':'
+    tlsserverciphers: str = TLS_INTERMEDIATE_CIPHERS  # control/tlsserverciphers, likewise
     clientcert: bool = False  # control/clientcert.pem exists
     tlshosts: frozenset[str] = frozenset()  # <name> of every control/tlshosts/<name>.pem
     tlshosts_exhaustive: bool = False  # control/tlshosts/exhaustivelist exists
@@ -305,6 +315,10 @@ def parse_listen_line(line: str) -> ListenerSpec:
             if not argv:
                 raise ValueError("checkpassword is empty")
             kw["checkpassword"] = argv
+        elif name == "clientcert":
+            if value not in ("0", "1"):
+                raise ValueError("clientcert must be 0 or 1")
+            kw["clientcert"] = value == "1"
         elif name == "rules":
             if "/" in value or value.startswith("."):
                 raise ValueError("rules must name a file in control/")
@@ -333,6 +347,11 @@ def _parse_listen(r: _Reader) -> tuple[ListenerSpec, ...]:
             spec = parse_listen_line(ln)
         except ValueError as e:
             r.errors.append(ControlFileError("control/listen", n, str(e)))
+            continue
+        tlsciphers = dict(spec.env).get("TLSCIPHERS")
+        if tlsciphers and not _server_ciphers_ok(tlsciphers):
+            r.errors.append(ControlFileError("control/listen", n,
+                                             f"TLSCIPHERS: OpenSSL selects no cipher from {tlsciphers!r}"))
             continue
         if (spec.address, spec.port) in seen:
             r.errors.append(ControlFileError("control/listen", n, f"{spec.display_address} listed twice"))
@@ -445,15 +464,54 @@ def _remote_files(r: _Reader) -> dict[str, Any]:
     """Outbound TLS files (by MX/relay host name) and control/beforemote."""
     control = r.root / "control"
     pems = [n[:-4].lower() for n in _dir_names(control / "tlshosts") if n.endswith(".pem")]
-    ciphers = r.lines("tlsclientciphers")
     return dict(
-        tlsclientciphers=":".join(ln.strip() for _, ln in ciphers) if ciphers else "DEFAULT",
+        tlsclientciphers=_cipher_list(r, "tlsclientciphers", _client_ciphers_ok),
+        tlsserverciphers=_cipher_list(r, "tlsserverciphers", _server_ciphers_ok),
         clientcert=(control / "clientcert.pem").is_file(),
         tlshosts=frozenset(pems),
         tlshosts_exhaustive=(control / "tlshosts" / "exhaustivelist").exists(),
         notlshosts=frozenset(n.lower() for n in _dir_names(control / "notlshosts")),
         beforemote=tuple(ln.strip() for _, ln in (r.lines("beforemote") or [])),
     )
+
+
+def _cipher_list(r: _Reader, fn: str, usable: Callable[[str], bool]) -> str:
+    """netqmail's tlsserverciphers / tlsclientciphers: an OpenSSL cipher string (TLS 1.2
+    and below), one or more lines joined with ':'.  One that selects no cipher is an
+    error at the first line that selects none by itself (else the first line)."""
+    lines = r.lines(fn)
+    if not lines:
+        return TLS_INTERMEDIATE_CIPHERS
+    text = ":".join(ln.strip() for _, ln in lines)
+    if usable(text):
+        return text
+    bad = next(((n, ln) for n, ln in lines if ln.strip()[:1] not in "!-+@" and not usable(ln.strip())),
+               lines[0])
+    r.errors.append(ControlFileError(f"control/{fn}", bad[0],
+                                     f"OpenSSL selects no cipher from {bad[1].strip()!r}"))
+    return TLS_INTERMEDIATE_CIPHERS
+
+
+def _server_ciphers_ok(text: str) -> bool:
+    """The listener's library: the ssl module's OpenSSL."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(text)
+    except (ssl.SSLError, ValueError):  # ValueError: a NUL or an unencodable byte
+        return False
+    return True
+
+
+def _client_ciphers_ok(text: str) -> bool:
+    """Remote delivery's library: pyOpenSSL (eqmail.smtp.transport)."""
+    from OpenSSL import SSL
+
+    try:
+        SSL.Context(SSL.TLS_CLIENT_METHOD).set_cipher_list(text.encode())
+    except (SSL.Error, ValueError):  # ValueError: a NUL or an unencodable byte
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -539,11 +597,12 @@ KNOWN_FILES = (
     "morercpthosts", "percenthack", "plusdomain", "queuelifetime", "rcpthosts",
     "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutremote", "timeoutsmtpd",
     "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
+    "tlsserverciphers", "tlsclientciphers",
 )
 # Files eqmail knows but does not show as values (certificates, plugin configuration).
 OTHER_KNOWN_FILES = (
     "servercert.pem", "clientca.pem", "clientcrl.pem", "clientcert.pem", "dh2048.pem",
-    "rsa2048.pem", "tlsclients", "tlsclientciphers", "tlsserverciphers", "tlshosts",
+    "rsa2048.pem", "tlsclients", "tlshosts",
     "notlshosts", "smtpplugins", "beforemote", "morercpthosts.cdb", "qmqpservers",
     "authlimit", "servercert.csr", "servercert.key.pending", "dnsbl", "greylist",
     "passwords",

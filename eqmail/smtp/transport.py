@@ -34,6 +34,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from eqmail.control import TLS_INTERMEDIATE_CIPHERS
+
 CHUNK = 65536
 
 
@@ -79,7 +81,7 @@ class TlsConfig:
     """The outbound TLS control files (eQmail §6), by MX/relay host name."""
 
     control: Path
-    ciphers: str = "DEFAULT"
+    ciphers: str = TLS_INTERMEDIATE_CIPHERS
     clientcert: bool = False
     tlshosts: frozenset[str] = frozenset()  # names with control/tlshosts/<name>.pem
     exhaustive: bool = False
@@ -107,10 +109,12 @@ class TlsConfig:
 @lru_cache(maxsize=64)
 def _context(control: Path, ciphers: str, clientcert: bool, pem: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    # Mozilla "intermediate" unless control/tlsclientciphers says otherwise (eqmail.control
+    # refuses a string that selects no cipher, so the fallback is only for direct callers).
     try:
-        ctx.set_cipher_list((ciphers or "DEFAULT").encode())
+        ctx.set_cipher_list((ciphers or TLS_INTERMEDIATE_CIPHERS).encode())
     except SSL.Error:
-        ctx.set_cipher_list(b"DEFAULT")
+        ctx.set_cipher_list(TLS_INTERMEDIATE_CIPHERS.encode())
     if clientcert:  # offered when loadable, silently skipped otherwise (eQmail)
         try:
             ctx.use_certificate_chain_file(str(control / "clientcert.pem"))

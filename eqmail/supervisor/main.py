@@ -188,7 +188,8 @@ class Supervisor(ReloadMixin):
         sock = self.listen_socks[spec.key]
         # The TLS context (and so the private key) is loaded here, as root, and reaches
         # the worker through fork; a reload loads a swapped certificate.
-        tls = ServerTLS.load(self.instance.control, env=dict(spec.env))
+        tls = ServerTLS.load(self.instance.control, env=dict(spec.env),
+                             ciphers=self.controls.tlsserverciphers, client_cert=spec.clientcert)
         name = f"listener {spec.service} {spec.display_address}"
         return [Worker("listener", name + (f" #{i + 1}" if spec.processes > 1 else ""),
                        worker_entry("listener"), "daemon",

@@ -43,7 +43,14 @@ from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
 from eqmail.spp.client import run_hook
 from eqmail.spp.config import PluginTableCache, SppConfigError
 from eqmail.tcprules import Rules
-from eqmail.tls import ServerTLS, cipher_name, client_cert_email, freeze_plaintext, read_tlsclients
+from eqmail.tls import (
+    ServerTLS,
+    bind_alert_socket,
+    cipher_name,
+    client_cert_email,
+    freeze_plaintext,
+    read_tlsclients,
+)
 from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 READ_SIZE = 256 * 1024
@@ -156,6 +163,8 @@ async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
     def protocol() -> asyncio.StreamReaderProtocol:
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=READ_SIZE * 2), connected)
 
+    # STARTTLS's handshake runs in the context the transport captures here.
+    bind_alert_socket(conn.fileno())
     if tls is None:
         await loop.connect_accepted_socket(protocol, sock=conn)
     else:

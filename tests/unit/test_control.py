@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from eqmail.control import (
     KNOWN_FILES,
+    TLS_INTERMEDIATE_CIPHERS,
     ListenerSpec,
     Route,
+    describe,
     load_controls,
     parse_listen_line,
     parse_route_value,
@@ -210,3 +212,44 @@ def test_any_file_text_gives_controls_or_control_errors(name: str, data: bytes) 
         except ControlErrors as e:
             for err in e.errors:
                 assert ERROR_RE.match(str(err).split("\n")[0]), str(err)
+
+
+# ------------------------------------------------------------------ TLS cipher policy
+
+
+def test_cipher_defaults_are_mozilla_intermediate(tmp_path: Path) -> None:
+    import ssl
+
+    c = load_controls(make(tmp_path, me="m"))
+    assert c.tlsserverciphers == c.tlsclientciphers == TLS_INTERMEDIATE_CIPHERS
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ciphers(TLS_INTERMEDIATE_CIPHERS)
+    tls12 = [s for s in ctx.get_ciphers() if s["protocol"] == "TLSv1.2"]
+    assert tls12 and all(s["aead"] and s["kea"] in ("kx-ecdhe", "kx-dhe") for s in tls12), tls12
+    assert not any("CBC" in s["description"] or "SHA1" in s["description"] for s in tls12)
+
+
+def test_cipher_files_are_read_as_netqmail_does(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m", tlsserverciphers="# mine\nECDHE-RSA-AES128-GCM-SHA256\nAES128-SHA\n",
+                           tlsclientciphers="HIGH:!aNULL\n"))
+    assert c.tlsserverciphers == "ECDHE-RSA-AES128-GCM-SHA256:AES128-SHA"
+    assert c.tlsclientciphers == "HIGH:!aNULL"
+    assert dict((row[0], row[1]) for row in describe(c))["tlsserverciphers"] == c.tlsserverciphers
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("tlsserverciphers", "# c\nNO-SUCH-CIPHER\n", "control/tlsserverciphers:2: OpenSSL selects no cipher from 'NO-SUCH-CIPHER'"),
+    ("tlsserverciphers", "!aNULL\nBOGUS\n", "control/tlsserverciphers:2: OpenSSL selects no cipher from 'BOGUS'"),
+    ("tlsclientciphers", "nonsense\n", "control/tlsclientciphers:1: OpenSSL selects no cipher from 'nonsense'"),
+])
+def test_unusable_cipher_string_names_file_and_line(tmp_path: Path, name: str, text: str, message: str) -> None:
+    assert errors_of(make(tmp_path, me="m", **{name: text})) == [message]
+
+
+def test_listen_clientcert_and_tlsciphers_options(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m", listen="smtp 127.0.0.1:25 clientcert=0\nsmtps 127.0.0.1:465\n"))
+    assert [spec.clientcert for spec in c.listen] == [False, True]
+    with pytest.raises(ValueError, match="clientcert must be 0 or 1"):
+        parse_listen_line("smtp 127.0.0.1:25 clientcert=no")
+    out = errors_of(make(tmp_path, me="m", listen="smtp 127.0.0.1:25 TLSCIPHERS=NOPE\n"))
+    assert out == ["control/listen:1: TLSCIPHERS: OpenSSL selects no cipher from 'NOPE'"]
