@@ -370,3 +370,34 @@ def test_wheel_ships_man_pages_completion_init_and_plugins(tmp_path: Path) -> No
     assert "License-Expression: LicenseRef-Public-Domain" in meta.splitlines()
     assert not [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: multiprocess")]
     assert "/opt/eqmail/venv/share/eqmail/plugins/" in (REPO / "plugins" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ stop timeout (item 11)
+
+
+def test_stop_timeout_message_names_its_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A supervisor that ignores SIGTERM (a real process holding the pid-file lock):
+    ``stop`` gives up after STOP_TIMEOUT and says after how long."""
+    from eqmail.cli import eqmailctl
+
+    (tmp_path / "run").mkdir()
+    pidfile = tmp_path / "run" / "eqmail.pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+         f"fd = os.open({str(pidfile)!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, str(os.getpid()).encode())\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        monkeypatch.setattr(eqmailctl, "STOP_TIMEOUT", 1.0)
+        assert eqmailctl.main(["--root", str(tmp_path), "stop"]) == 1
+        assert capsys.readouterr().err == "eqmail: still stopping after 1s\n"
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
