@@ -605,5 +605,34 @@ OTHER_KNOWN_FILES = (
     "rsa2048.pem", "tlsclients", "tlshosts",
     "notlshosts", "smtpplugins", "beforemote", "morercpthosts.cdb", "qmqpservers",
     "authlimit", "servercert.csr", "servercert.key.pending", "dnsbl", "greylist",
-    "passwords",
+    "passwords", "passwords.lock",
 )
+# Files the shipped plugins (plugins/) read for themselves: (file, plugin, default).
+# ``eqmailctl check`` shows those present; tests/unit/test_control.py holds this list
+# against the plugins' sources.
+PLUGIN_FILES: tuple[tuple[str, str, str], ...] = (
+    ("dnsbl", "dnsbl", "(no zones)"),
+    ("greylistdir", "greylist", "spp/greylist"),
+    ("greylistdelay", "greylist", "300"),
+    ("greylistexpire", "greylist", "2592000"),
+    ("spfsoftfail", "spf", "(accept softfail)"),
+    ("tarpitcount", "tarpit", "50"),
+    ("tarpitdelay", "tarpit", "5"),
+)
+
+
+def referenced_files(c: Controls) -> frozenset[str]:
+    """Files in control/ that control/listen names: ``rules=FILE`` and an
+    ``SPPCONFFILE=control/FILE`` (relative to the instance root, as qmail-smtpd reads it)."""
+    names = {spec.rules for spec in c.listen}
+    for spec in c.listen:
+        conf = dict(spec.env).get("SPPCONFFILE", "")
+        if conf.startswith("control/") and "/" not in conf[len("control/"):]:
+            names.add(conf[len("control/"):])
+    return frozenset(names)
+
+
+def known_file(name: str) -> bool:
+    """Whether eqmail or one of its shipped plugins reads control/``name``."""
+    return (name in KNOWN_FILES or name in OTHER_KNOWN_FILES
+            or any(name == fn for fn, _, _ in PLUGIN_FILES))

@@ -33,6 +33,9 @@ of the password (the same data as Dovecot's CRAM-MD5 scheme).  That value does n
 reveal the password, but it is password-equivalent *for CRAM-MD5*: whoever can read
 the file can log in with CRAM-MD5 as that user.  Without it CRAM-MD5 fails cleanly (1).
 
+``--help`` and ``--version`` (first, or after ``--file FILE``) print to standard output
+and exit 0; in that place they are never taken for the program to run.
+
 Start-up cost matters (one process per AUTH): only os, sys and hmac are imported for a
 check; argon2 is imported when a hash is verified.  An unknown user still costs one
 Argon2 verification, so the reply time does not tell which users exist.
@@ -321,6 +324,9 @@ def passwd_main(argv: list[str]) -> int:
     p.add_argument("--file", help=f"password file (default $EQMAIL_PASSWORDS or {DEFAULT_FILE})")
     p.add_argument("--cram", action="store_true", help="also allow CRAM-MD5 (see --help text)")
     p.add_argument("--owner", help="owner of a new file (default: eqmailp when root)")
+    from eqmail import __version__
+
+    p.add_argument("--version", action="version", version=f"eqmail-checkpassword (eqmail) {__version__}")
     args = p.parse_args(argv)
     path = password_file(args.file)
     if args.action != "list" and not (args.user and valid_user(args.user)):
@@ -370,10 +376,47 @@ def passwd_main(argv: list[str]) -> int:
     return 0
 
 
+HELP = f"""usage: eqmail-checkpassword [--file FILE] [PROGRAM [ARG ...]]
+       eqmail-checkpassword passwd add|set|del|list [USER] [--file FILE] [--cram] [--owner NAME]
+       eqmail-checkpassword --help | --version
+
+A checkpassword program (DJB's interface) over an Argon2id password file: reads
+user\\0password\\0challenge\\0 from fd 3; on success exits 0 or, with PROGRAM, sets USER
+and runs it.  Exit 1 wrong password or unknown user, 2 malformed input, 111 temporary
+trouble.  The file is --file, else $EQMAIL_PASSWORDS, else {DEFAULT_FILE}.
+
+  --file FILE  the password file
+  passwd       add, change, delete or list users ('passwd --help')
+  --help       show this help and exit (before PROGRAM: never run as a program)
+  --version    show the version and exit
+
+See eqmail-checkpassword(8).
+"""
+
+
+def _own_option(args: list[str]) -> str | None:
+    """--help / --version where PROGRAM would be (first, or after --file FILE): they are
+    this program's options, never a program to run."""
+    if len(args) >= 2 and args[0] == "--file":
+        args = args[2:]
+    elif args and args[0].startswith("--file="):
+        args = args[1:]
+    return args[0] if args and args[0] in ("--help", "--version") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "passwd":
         return passwd_main(args[1:])
+    own = _own_option(args)
+    if own == "--help":
+        sys.stdout.write(HELP)
+        return 0
+    if own == "--version":
+        from eqmail import __version__
+
+        sys.stdout.write(f"eqmail-checkpassword (eqmail) {__version__}\n")
+        return 0
     return checkpassword(args)
 
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, describe, load_controls
+from eqmail import __version__
+from eqmail.control import load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
 
@@ -221,7 +222,7 @@ def cmd_stop(inst: Instance, args: argparse.Namespace) -> int:
             print("eqmail: stopped")
             return 0
         time.sleep(0.1)
-    print("eqmail: still stopping after {STOP_TIMEOUT:.0f}s", file=sys.stderr)
+    print(f"eqmail: still stopping after {STOP_TIMEOUT:.0f}s", file=sys.stderr)
     return 1
 
 
@@ -310,47 +311,24 @@ def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
 
 
 def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
-    try:
-        c = load_controls(inst.root)
-    except ControlErrors as e:
-        for err in e.errors:
-            print(err)
-        return 1
-    print(f"instance root: {inst.root}")
-    print("user-ext delimiter: +")
-    print("subdirectory split: 23")
-    print("silent concurrency limit: 120")
-    print()
-    for name, value, source in describe(c):
-        print(f"{name}: {value}    [{source}]")
-    known = set(KNOWN_FILES) | set(OTHER_KNOWN_FILES)
-    for fn in sorted(os.listdir(inst.control)):
-        if fn not in known and not fn.startswith("."):
-            print(f"{fn}: I have no idea what this file does.")
-    if c.rcpthosts is None:
-        print("warning: control/rcpthosts is missing: eqmail accepts only its locals and virtualdomains")
-    from eqmail.delivery.hookcheck import line_problem
+    """qmail-showctl (eqmail.cli.check); exit 1 when control/ does not load."""
+    from eqmail.cli.check import check_report, format_check
 
-    for line in c.beforemote:
-        problem = line_problem(line)
-        if problem:
-            print(f"warning: control/beforemote: {line!r} {problem}; every remote delivery will defer")
-    return 0
+    report = check_report(inst)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_check(report), end="")
+    return 0 if report["ok"] else 1
 
 
 def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
-    from eqmail.queue import inspect
-
-    if args.action == "stat":
-        print(inspect.format_qstat(*inspect.qstat(inst.root)), end="")
-    elif args.action == "list":
-        print(inspect.qread(inst.root), end="")
-    elif args.action == "show":
-        if args.id is None:
-            print("usage: eqmailctl queue show ID", file=sys.stderr)
-            return 1
-        print(inspect.show(inst.root, args.id), end="")
-    elif args.action in ("delete", "bounce"):
+    if args.action in ("stat", "list", "show"):
+        return _queue_read(inst, args)
+    if args.json:
+        print(f"eqmailctl queue {args.action}: --json is for stat, list and show", file=sys.stderr)
+        return 1
+    if args.action in ("delete", "bounce"):
         if args.id is None:
             print(f"usage: eqmailctl queue {args.action} ID", file=sys.stderr)
             return 1
@@ -378,13 +356,70 @@ def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue_read(inst: Instance, args: argparse.Namespace) -> int:
+    """stat / list / show, as text (qmail-qstat, qmail-qread) or JSON (eqmailctl(8))."""
+    from eqmail.queue import inspect
+
+    try:
+        if args.action == "stat":
+            messages, todo = inspect.qstat(inst.root)
+            out = (json.dumps({"messages": messages, "todo": todo}) + "\n" if args.json
+                   else inspect.format_qstat(messages, todo))
+        elif args.action == "list":
+            if args.json:
+                out = json.dumps({"messages": [m.as_json() for m in inspect.messages(inst.root)]},
+                                 indent=2) + "\n"
+            else:
+                out = inspect.qread(inst.root)
+        else:
+            if args.id is None:
+                print("usage: eqmailctl queue show ID", file=sys.stderr)
+                return 1
+            out = (json.dumps(inspect.show_json(inst.root, args.id), indent=2) + "\n" if args.json
+                   else inspect.show(inst.root, args.id))
+    except inspect.NoSuchMessage as e:
+        print(f"eqmailctl queue show: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"eqmailctl queue {args.action}: cannot read {inst.queue}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(out, end="")
+    return 0
+
+
+class ImportProgress:
+    """import-qmail's queue progress on stderr: the count at the start, at every tenth
+    of the queue and at least every ``interval`` seconds; on a terminal one line
+    rewritten in place."""
+
+    def __init__(self, stream: Any = None, interval: float = 5.0) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last_time = 0.0
+        self.last_step = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        step = done * 10 // total if total else 10
+        now = time.monotonic()
+        if step == self.last_step and now - self.last_time < self.interval and done < total:
+            return
+        self.last_step, self.last_time = step, now
+        pct = done * 100 // total if total else 100
+        line = f"import-qmail: queue {done}/{total} messages ({pct}%)"
+        end = "\n" if not self.tty or done >= total else ""
+        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
+
+
 def cmd_import_qmail(inst: Instance, args: argparse.Namespace) -> int:
     """Take over a stopped qmail installation (eqmail.migrate); lists what could not be
-    carried over.  Exit 1, with nothing changed, when it is unsafe or would not load."""
+    carried over.  Exit 1, with nothing changed, when it is unsafe or would not load.
+    ``--dry-run`` says what would be imported and changes nothing."""
     from eqmail.migrate import ImportRefused, import_qmail
 
     try:
-        report = import_qmail(Path(args.qmailhome), inst.root, force=args.force)
+        report = import_qmail(Path(args.qmailhome), inst.root, force=args.force,
+                              dry_run=args.dry_run, progress=ImportProgress())
     except ImportRefused as e:
         print(f"eqmailctl import-qmail: {e}", file=sys.stderr)
         return 1
@@ -394,9 +429,11 @@ def cmd_import_qmail(inst: Instance, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eqmailctl", description="control an eqmail instance")
+    p = argparse.ArgumentParser(prog="eqmailctl", description="control an eqmail instance",
+                                epilog="See eqmailctl(8) and eqmail-control(5).")
     p.add_argument("--root", help="instance root (default: $EQMAIL_ROOT, /var/eqmail, or this checkout)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"eqmailctl (eqmail) {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("setup", help="create control/, queue/, users/, alias/ (config-fast)")
     s.add_argument("--me", help="this host's name (control/me)")
     s.add_argument("--force", action="store_true", help="overwrite existing control files")
@@ -404,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stdout")
     sub.add_parser("stop", help="stop gracefully")
     s = sub.add_parser("status", help="show status (LSB exit codes)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
     sub.add_parser("reload", help="validate control/ and reload")
-    sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
+    s = sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
+    s.add_argument("--json", action="store_true", help="print the report as one JSON object (eqmailctl(8))")
     s = sub.add_parser("cert", help="server certificate: renew, request, install, show, dh")
     s.add_argument("action", choices=["renew", "request", "install", "show", "dh"])
     s.add_argument("file", nargs="?", help="install: the signed certificate (PEM, chain after it)")
@@ -416,9 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import-qmail", help="take over a stopped qmail's control files, users, aliases and queue")
     s.add_argument("qmailhome", help="the qmail installation, e.g. /var/qmail")
     s.add_argument("--force", action="store_true", help="replace control files eqmail already has")
-    s = sub.add_parser("queue", help="queue tools")
+    s.add_argument("--dry-run", action="store_true", help="say what would be imported; change nothing")
+    s = sub.add_parser("queue", help="queue tools: stat, list, show ID, flush, delete ID, bounce ID")
     s.add_argument("action", choices=["stat", "list", "show", "flush", "delete", "bounce"])
-    s.add_argument("id", nargs="?", type=int)
+    s.add_argument("id", nargs="?", type=int, help="show, delete, bounce: the message id")
+    s.add_argument("--json", action="store_true", help="stat, list, show: JSON (eqmailctl(8))")
     return p
 
 

@@ -7,6 +7,7 @@ work in :mod:`eqmail.inject.headers` into a spool file, and handing it to the qu
 Privilege: runs as the invoking user; touches only stdin/stdout/stderr, a temporary
 spool file, the instance's control values and (through ``submit``) the queue writer.
 Inputs: argv, the environment, stdin; the instance root comes from ``$EQMAIL_ROOT``.
+``--help`` and ``--version`` (words qmail's getopt refuses) print to stdout and exit 0.
 Outputs: exit 0 (queued, or printed with -n); 100 with ``qmail-inject: fatal: ...`` for
 usage or header syntax errors and permanent queue refusals; 111 for temporary trouble
 (controls unreadable, read error, queue unavailable: ``qmail-inject: fatal: <qq text>``).
@@ -42,6 +43,24 @@ CHUNK = 256 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
 MFT_MAX = 1024 * 1024  # QMAILMFTFILE is a short list of addresses
 USAGE = b"qmail-inject: usage: qmail-inject [ -nNaAhH ] [ -fsender ] [ recip ... ]\n"
+HELP = b"""usage: eqmail-inject [ -nNaAhH ] [ -f sender ] [ recip ... ]
+       eqmail-inject --help | --version
+
+qmail-inject for eqmail: read a message from standard input, complete its header
+(From, Date, Message-ID; Bcc removed) and queue it.  The instance is $EQMAIL_ROOT.
+
+  -a         recipients from the arguments only
+  -h         recipients from the header only (To, Cc, Bcc, Apparently-To, Resent-*)
+  -A         arguments if there are any, else the header (the default)
+  -H         the arguments and the header
+  -n         print the message instead of queueing it
+  -N         queue the message (the default)
+  -f sender  the envelope sender
+  --help     show this help and exit
+  --version  show the version and exit
+
+Exit 0 queued; 100 permanent error; 111 temporary trouble.  See eqmail-inject(8).
+"""
 
 
 class SubmitAnswer(Protocol):
@@ -77,6 +96,30 @@ class UsageError(Exception):
     pass
 
 
+class LongOption(UsageError):
+    """A ``--word`` where djb getopt expects option letters.  qmail's getopt refuses any
+    such word, so ``--help`` and ``--version`` can mean what they mean elsewhere."""
+
+    def __init__(self, word: str) -> None:
+        super().__init__(word)
+        self.word = word
+
+
+def long_option(ctx: Context, word: str, help_text: bytes, usage: bytes, prog: str) -> int:
+    """``--help`` (exit 0, on stdout), ``--version`` (exit 0), anything else: usage, 100."""
+    if word == "--help":
+        ctx.stdout.write(help_text)
+    elif word == "--version":
+        from eqmail import __version__
+
+        ctx.stdout.write(f"{prog} (eqmail) {__version__}\n".encode())
+    else:
+        ctx.stderr.write(usage)
+        return 100
+    ctx.stdout.flush()
+    return 0
+
+
 class GetOpt:
     """djb's getopt, lazily: iterating yields (letter, argument); afterwards
     :attr:`operands` holds what follows ``--`` or the first non-option.  A letter in
@@ -95,6 +138,8 @@ class GetOpt:
             i += 1
             if word == "--":
                 break
+            if word.startswith("--"):
+                raise LongOption(word)
             pos = 1
             while pos < len(word):
                 letter = word[pos]
@@ -190,6 +235,8 @@ def inject(argv: Sequence[str], ctx: Context) -> int:
     """qmail-inject's main: returns the exit code."""
     try:
         opts = parse_options(list(argv))
+    except LongOption as e:
+        return long_option(ctx, e.word, HELP, USAGE, "eqmail-inject")
     except UsageError:
         ctx.stderr.write(USAGE)
         return 100

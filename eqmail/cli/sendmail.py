@@ -10,6 +10,7 @@ queue; ``-bs`` runs an SMTP session on stdin/stdout when eqmail.smtp.stdio exist
 Privilege: the invoking user's.  Runs qmail-inject's core in-process (an interpreter
 start costs ~80 ms here); edits its own environment as qmail's sendmail does before exec.
 Inputs: argv (argv[0]'s basename picks mailq/newaliases), environment, stdin.
+``--help`` / ``--version`` print to stdout and exit 0.
 Outputs/failure modes: qmail-inject's exit codes; 100 with a usage line for an unknown
 option or ``-b`` mode; 111 when the queue cannot be read for ``-bp``.
 """
@@ -22,10 +23,37 @@ import sys
 from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 
-from eqmail.cli.inject import Context, GetOpt, UsageError, default_context, inject
+from eqmail.cli.inject import (
+    Context,
+    GetOpt,
+    LongOption,
+    UsageError,
+    default_context,
+    inject,
+    long_option,
+)
 
 USAGE = b"sendmail: usage: sendmail [ -t ] [ -fsender ] [ -Fname ] [ -bp ] [ -bs ] [ arg ... ]\n"
 OPTSPEC = "vimte:f:p:o:B:F:EJxb:"
+HELP = b"""usage: eqmail-sendmail [ -t ] [ -f sender ] [ -F name ] [ -bp | -bs | -bm ] [ recip ... ]
+       eqmail-sendmail --help | --version
+
+qmail's sendmail wrapper for eqmail: queue the message on standard input through
+eqmail-inject.  The instance is $EQMAIL_ROOT.  Called as mailq it lists the queue.
+
+  -t         recipients from the header (To, Cc, Bcc), as well as the arguments
+  -f sender  the envelope sender (and the From: address; -F is then dropped)
+  -F name    the sender's full name in From:
+  -bp        list the queue (mailq, qmail-qread's format)
+  -bs        an SMTP session on standard input and output
+  -bm        read a message and queue it (the default)
+  -i -oi -v -x -m -e* -o* -B* -p* -E -J   accepted and ignored
+  --help     show this help and exit
+  --version  show the version and exit
+
+Exit codes are eqmail-inject's: 0 queued, 100 permanent, 111 temporary.
+See eqmail-sendmail(8).
+"""
 
 StdioRunner = Callable[[Path], int]
 
@@ -117,6 +145,8 @@ def sendmail(prog: str, args: Sequence[str], ctx: Context,
                 if mode != "m":
                     raise UsageError("b")
             # v i m x e o p B E J: accepted and ignored, as qmail does
+    except LongOption as e:
+        return long_option(ctx, e.word, HELP, USAGE, "eqmail-sendmail")
     except UsageError:
         ctx.stderr.write(USAGE)
         return 100

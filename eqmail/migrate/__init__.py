@@ -9,7 +9,8 @@ installation and writing its configuration and its queue into an eqmail instance
 
 Privilege: root for a system instance (files get eqmail's owners: mess/intd/todo
 eqmailq, info/local/remote/bounce eqmails); a private instance runs as its user.
-Inputs: QMAILHOME, the instance root, ``--force`` (replace existing eqmail files).
+Inputs: QMAILHOME, the instance root, ``--force`` (replace existing eqmail files),
+``--dry-run`` (the same checks and report, nothing written), a progress callback.
 Outputs: an :class:`ImportReport` (imported / not carried over / notes).
 
 Refuses (:class:`ImportRefused`, nothing written) when qmail-send or any program from
@@ -42,12 +43,12 @@ from eqmail.migrate.plan import (
     plan_users,
     write_file,
 )
-from eqmail.migrate.queue import CHUNK, IMPORT_RECORD, QueueImporter
+from eqmail.migrate.queue import CHUNK, IMPORT_RECORD, Progress, QueueImporter
 
 __all__ = [
-    "CHUNK", "IMPORT_RECORD", "QMAIL_USER_ROLES", "ImportRefused", "ImportReport", "Owners",
+    "CHUNK", "IMPORT_RECORD", "QMAIL_USER_ROLES", "Progress", "ImportRefused", "ImportReport", "Owners",
     "Planned", "QueueImporter", "advise_smtpd", "apply_plan", "assign_from_users_cdb",
-    "cdb_get", "cdb_hash", "cdb_records", "check_merged", "import_qmail", "lock_eqmail",
+    "cdb_get", "cdb_hash", "cdb_records", "check_merged", "eqmail_stopped", "import_qmail", "lock_eqmail",
     "lock_qmail_send", "parse_rc_defaultdelivery", "plan_alias", "plan_controls", "plan_users",
     "qmail_processes", "write_file",
 ]
@@ -108,8 +109,28 @@ def lock_eqmail(inst: Instance) -> int:
 # ---------------------------------------------------------------- entry point
 
 
-def import_qmail(qhome: Path, root: Path, force: bool = False) -> ImportReport:
-    """Import the qmail installation at ``qhome`` into the eqmail instance at ``root``."""
+def eqmail_stopped(inst: Instance) -> None:
+    """For a dry run: ImportRefused when eqmail runs, without creating run/ or the pid
+    file (which :func:`lock_eqmail` would)."""
+    try:
+        fd = os.open(inst.pidfile, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).strip().decode(errors="replace")
+        raise ImportRefused(f"eqmail is running (pid {pid}): run 'eqmailctl stop' first") from None
+    finally:
+        os.close(fd)
+
+
+def import_qmail(qhome: Path, root: Path, force: bool = False, dry_run: bool = False,
+                 progress: Progress | None = None) -> ImportReport:
+    """Import the qmail installation at ``qhome`` into the eqmail instance at ``root``.
+
+    With ``dry_run`` the same checks run and the report says what would be imported, but
+    nothing is written anywhere (the locks taken are flocks on existing files only)."""
     qhome = Path(qhome)
     inst = Instance(Path(root))
     if not (qhome / "control").is_dir() and not (qhome / "queue").is_dir():
@@ -118,17 +139,23 @@ def import_qmail(qhome: Path, root: Path, force: bool = False) -> ImportReport:
     if running:
         raise ImportRefused(f"qmail programs from {qhome}/bin are running ({', '.join(running)}): stop qmail first")
     send_fd = lock_qmail_send(qhome)
-    pid_fd = lock_eqmail(inst)
     try:
-        return _import_locked(qhome, inst, force)
+        if dry_run:
+            eqmail_stopped(inst)
+            return _import_locked(qhome, inst, force, dry_run, progress)
+        pid_fd = lock_eqmail(inst)
+        try:
+            return _import_locked(qhome, inst, force, dry_run, progress)
+        finally:
+            os.close(pid_fd)
     finally:
-        os.close(pid_fd)
         if send_fd is not None:
             os.close(send_fd)
 
 
-def _import_locked(qhome: Path, inst: Instance, force: bool) -> ImportReport:
-    report = ImportReport()
+def _import_locked(qhome: Path, inst: Instance, force: bool, dry_run: bool,
+                   progress: Progress | None) -> ImportReport:
+    report = ImportReport(dry_run=dry_run)
     fresh = not (inst.control / "me").exists()
     if fresh:
         force = True  # nothing there yet but what set-up would write
@@ -140,6 +167,16 @@ def _import_locked(qhome: Path, inst: Instance, force: bool) -> ImportReport:
         raise ImportRefused(f"{qhome}/control/me is missing and the instance is not set up: "
                             "run 'eqmailctl setup --me HOST' first")
     check_merged(inst, plan, force)
+    if dry_run:
+        apply_plan(inst, plan, force, report, dry_run=True)
+        if fresh or not inst.queue.is_dir():
+            report.notes.append("setup: would create the instance's directories and queue "
+                                "(eqmailctl setup) and keep the imported files")
+        advise_smtpd(qhome, report)
+        if (qhome / "queue").is_dir():
+            QueueImporter(qhome, inst, owners, report, dry_run=True, progress=progress).run()
+        report.notes.append("dry run: nothing was changed")
+        return report
     for d in (inst.control, inst.users, inst.alias):
         d.mkdir(parents=True, exist_ok=True)
     apply_plan(inst, plan, force, report)
@@ -152,6 +189,6 @@ def _import_locked(qhome: Path, inst: Instance, force: bool) -> ImportReport:
     advise_smtpd(qhome, report)
     if (qhome / "queue").is_dir():
         started = time.monotonic()
-        QueueImporter(qhome, inst, owners, report).run()
+        QueueImporter(qhome, inst, owners, report, progress=progress).run()
         report.notes.append(f"queue imported in {time.monotonic() - started:.1f}s")
     return report

@@ -3,7 +3,7 @@
 Owns: reading qmail's control/, users/ and alias/ (and qmail-start's argument in ``rc``)
 into a list of :class:`Planned` files, checking that eqmail would load the merged
 control directory, and writing the plan into the instance (DESIGN §2, qmail-core §1):
-- control files eqmail knows (``control.KNOWN_FILES`` / ``OTHER_KNOWN_FILES``, with
+- control files eqmail or its shipped plugins read (``control.known_file``, with
   ``tlshosts/`` and ``notlshosts/``); ``morercpthosts`` is regenerated from
   ``morercpthosts.cdb`` because that is what qmail-smtpd read.  Unknown files are
   listed, not copied.  An existing eqmail file is replaced only with ``--force``.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eqmail.cdb import CdbError, cdb_records
-from eqmail.control import KNOWN_FILES, OTHER_KNOWN_FILES, load_controls
+from eqmail.control import known_file, load_controls
 from eqmail.delivery.hookcheck import import_fragment
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
@@ -57,9 +57,11 @@ class ImportReport:
     imported: list[str] = field(default_factory=list)
     not_carried: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False  # --dry-run: "imported" means "would be imported"
 
     def lines(self) -> list[str]:
-        out = [f"imported {x}" for x in self.imported]
+        verb = "would import" if self.dry_run else "imported"
+        out = [f"{verb} {x}" for x in self.imported]
         out += [f"not carried over: {x}" for x in self.not_carried]
         out += [f"note: {x}" for x in self.notes]
         return out
@@ -180,7 +182,7 @@ class Planned:
 
 
 def _known_control(name: str) -> bool:
-    return name in KNOWN_FILES or name in OTHER_KNOWN_FILES
+    return known_file(name)
 
 
 def plan_controls(qhome: Path, inst: Instance, force: bool, owners: Owners,
@@ -351,7 +353,9 @@ def advise_smtpd(qhome: Path, report: ImportReport) -> None:
                         "per listening port into control/listen (SERVICE ADDRESS:PORT [VAR=value ...])")
 
 
-def apply_plan(inst: Instance, plan: list[Planned], force: bool, report: ImportReport) -> None:
+def apply_plan(inst: Instance, plan: list[Planned], force: bool, report: ImportReport,
+               dry_run: bool = False) -> None:
+    """Write the plan (or with ``dry_run`` only report what would be written)."""
     for item in plan:
         dest = inst.root / item.dest
         replaced = dest.exists()
@@ -361,8 +365,9 @@ def apply_plan(inst: Instance, plan: list[Planned], force: bool, report: ImportR
         if replaced and not force:
             report.not_carried.append(f"{item.dest} (eqmail already has one; --force replaces it)")
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        write_file(dest, item.data, item.mode, item.owner)
+        if not dry_run:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_file(dest, item.data, item.mode, item.owner)
         what = ", ".join(x for x in (item.note, "replaced eqmail's" if replaced else "") if x)
         report.imported.append(item.dest + (f" ({what})" if what else ""))
 

@@ -20,6 +20,8 @@ eqmails); a private instance runs as its user.  The caller holds qmail-send's an
 eqmail's locks (:func:`eqmail.migrate.import_qmail`).
 Inputs: QMAILHOME/queue, the instance, the :class:`~eqmail.migrate.plan.ImportReport`.
 Outputs: queue files and the import record; a report line per message.
+With ``dry_run`` every message is read and classified and nothing is written (not even
+the import record); ``progress`` reports (done, total) as messages are handled.
 Failure modes: OSError from the file system or the queue writer (a message whose
 commit failed is not recorded, so a second run retries it).
 """
@@ -27,6 +29,7 @@ commit failed is not recorded, so a second run retries it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from eqmail.instance import Instance
@@ -55,8 +58,18 @@ def _scan(base: Path) -> dict[int, Path]:
     return found
 
 
+Progress = Callable[[int, int], None]  # (messages handled, messages in the qmail queue)
+
+
 class QueueImporter:
-    def __init__(self, qhome: Path, inst: Instance, owners: Owners, report: ImportReport) -> None:
+    """Imports every message of QMAILHOME/queue; with ``dry_run`` it reads and classifies
+    them and reports what it would import, writing nothing.  ``progress`` is called
+    before the first message and after each one."""
+
+    def __init__(self, qhome: Path, inst: Instance, owners: Owners, report: ImportReport,
+                 dry_run: bool = False, progress: Progress | None = None) -> None:
+        self.dry_run = dry_run
+        self.progress = progress
         self.src = qhome / "queue"
         self.qhome = qhome.resolve()
         self.dst = QueuePaths(inst.queue)
@@ -82,20 +95,35 @@ class QueueImporter:
                 ("mess", "todo", "intd", "info", "local", "remote")}
         bounce = _scan(self.src / "bounce")
         layout = "big-todo" if any(p.parent != self.src / "todo" for p in dirs["todo"].values()) else "plain"
-        self.store = QueueStore(self.dst.root)
-        try:
-            for msgid in sorted(dirs["mess"]):
+        ids = sorted(dirs["mess"])
+        if self.progress:
+            self.progress(0, len(ids))
+        if self.dry_run:
+            for n, msgid in enumerate(ids, 1):
                 self._one(msgid, dirs, bounce, layout)
-            # Ownership and times of everything above are metadata: one barrier for all.
-            syncfs(self.store.root_fd)
-        finally:
-            os.close(self.store.root_fd)
+                if self.progress:
+                    self.progress(n, len(ids))
+        else:
+            self._run_writing(ids, dirs, bounce, layout)
         for name in ("todo", "info"):
             for msgid in sorted(set(dirs[name]) - set(dirs["mess"])):
                 self.report.not_carried.append(f"queue {name} {msgid} (no mess file: nothing to deliver)")
         if dirs["mess"]:
             self.report.notes.append("the qmail queue was left as it is: do not start qmail-send again "
                                      "(it would deliver these messages a second time)")
+
+    def _run_writing(self, ids: list[int], dirs: dict[str, dict[int, Path]], bounce: dict[int, Path],
+                     layout: str) -> None:
+        self.store = QueueStore(self.dst.root)
+        try:
+            for n, msgid in enumerate(ids, 1):
+                self._one(msgid, dirs, bounce, layout)
+                if self.progress:
+                    self.progress(n, len(ids))
+            # Ownership and times of everything above are metadata: one barrier for all.
+            syncfs(self.store.root_fd)
+        finally:
+            os.close(self.store.root_fd)
 
     def _one(self, msgid: int, dirs: dict[str, dict[int, Path]], bounce: dict[int, Path], layout: str) -> None:
         mess = dirs["mess"][msgid]
@@ -118,6 +146,9 @@ class QueueImporter:
                                            "qmail-send would have deleted it)")
             return
         if new is None:
+            return
+        if self.dry_run:
+            self.report.imported.append(f"queue msg {msgid} ({what})")
             return
         self._append_record(key, new)
         self.report.imported.append(f"queue msg {msgid} as msg {new} ({what})")
@@ -149,6 +180,8 @@ class QueueImporter:
         if others:
             self.report.notes.append(f"queue msg {todo.name}: todo records {''.join(others)} dropped "
                                      "(qmail-send ignores them too)")
+        if self.dry_run:
+            return 0
         uid = int(fields["u"]) if fields.get("u", "").isdigit() else 0
         qp = int(fields["p"]) if fields.get("p", "").isdigit() else os.getpid()
         pending = self._new_mess(mess, qp, uid)
@@ -164,6 +197,8 @@ class QueueImporter:
 
     def _import_preprocessed(self, mess: Path, info: Path, chans: dict[str, Path | None],
                              bounce: Path | None) -> int | None:
+        if self.dry_run:
+            return 0
         pending = self._new_mess(mess, os.getpid(), os.getuid())
         msgid = pending.msgid
         try:

@@ -8,7 +8,9 @@ instance); info/, local/, remote/ and bounce/ are mode 0700 like qmail's.
 Inputs: the instance root (the queue is ``<root>/queue``), laid out as in qmail-core §1.1
 with big-todo (todo/ split).  Records are NUL-terminated: info ``F<sender>``; local/remote
 ``T<addr>``/``D<addr>``; todo ``u<uid>``, ``p<pid>``, ``F<sender>``, ``T<rcpt>``...
-Outputs: text.  Non-printable bytes of envelope data are shown as ``_`` (qmail-qread).
+Outputs: text, or (``--json``) the objects documented in eqmailctl(8).  Non-printable
+bytes of envelope data are shown as ``_`` in text (qmail-qread) and as ``\\xNN`` in JSON
+when they are not UTF-8.
 Failure modes: an unreadable queue directory raises OSError; a message that vanishes or
 cannot be read mid-listing gives qmail-qread's ``warning: trouble with #<id>: <reason>``
 line and the listing goes on; :func:`show` raises :class:`NoSuchMessage`.
@@ -17,7 +19,10 @@ line and the listing goes on; :func:`show` raises :class:`NoSuchMessage`.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from eqmail.dates import qread_date
 from eqmail.queue.layout import SPLIT, QueuePaths
@@ -75,9 +80,9 @@ def _stats_line(date: float, msgid: int, size: int, sender: bytes, bouncing: boo
     return line + (" bouncing" if bouncing else "")
 
 
-def _channel_lines(q: QueuePaths, msgid: int) -> tuple[list[str], str | None]:
-    """Recipient lines from local/ then remote/, and a warning if one was unreadable."""
-    lines: list[str] = []
+def _channel_recipients(q: QueuePaths, msgid: int) -> tuple[list[Recipient], str | None]:
+    """Recipients from local/ then remote/, and a warning if one was unreadable."""
+    found: list[Recipient] = []
     warning = None
     for channel, path in (("local", q.local(msgid)), ("remote", q.remote(msgid))):
         try:
@@ -89,9 +94,8 @@ def _channel_lines(q: QueuePaths, msgid: int) -> tuple[list[str], str | None]:
             continue
         for rec in records(data):
             if rec[:1] in (b"T", b"D"):
-                done = "  done" if rec[:1] == b"D" else ""
-                lines.append(f"{done}\t{channel}\t{printable(rec[1:])}")
-    return lines, warning
+                found.append(Recipient(channel, rec[1:], rec[:1] == b"D"))
+    return found, warning
 
 
 def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes]:
@@ -104,26 +108,86 @@ def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes]:
     return size, mtime, first[1:]
 
 
-def qread(root: Path) -> str:
-    """qmail-qread's listing of every preprocessed message (info/ entries)."""
+@dataclass(frozen=True)
+class Recipient:
+    channel: str  # local | remote | todo (not yet preprocessed)
+    address: bytes
+    done: bool
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One message as qmail-qread sees it; ``error`` set when it could not be read."""
+
+    id: int
+    time: float = 0.0  # info's mtime (the message's birth), or todo's before preprocessing
+    size: int = 0
+    sender: bytes = b""
+    bouncing: bool = False
+    preprocessed: bool = True
+    recipients: tuple[Recipient, ...] = ()
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+    def text_lines(self) -> list[str]:
+        """qmail-qread's lines for this message."""
+        if self.error is not None:
+            return [f"warning: trouble with #{self.id}: {self.error}"]
+        stats = _stats_line(self.time, self.id, self.size, self.sender, self.bouncing)
+        lines = [stats if self.preprocessed else stats + " not yet preprocessed"]
+        if self.preprocessed:
+            lines += list(self.warnings)
+        for r in self.recipients:
+            lines.append(f"{'  done' if r.done else ''}\t{r.channel}\t{printable(r.address)}")
+        return lines
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object documented in eqmailctl(8) (``queue list`` / ``queue show``)."""
+        if self.error is not None:
+            return {"id": self.id, "error": self.error}
+        return {
+            "id": self.id,
+            "time": int(self.time),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time)),
+            "size": self.size,
+            "sender": json_text(self.sender),
+            "bouncing": self.bouncing,
+            "preprocessed": self.preprocessed,
+            "recipients": [{"channel": r.channel, "address": json_text(r.address), "done": r.done}
+                           for r in self.recipients],
+            "warnings": list(self.warnings),
+        }
+
+
+def json_text(data: bytes) -> str:
+    """Envelope bytes for JSON: UTF-8 text, each byte that is not UTF-8 as ``\\xNN``."""
+    return data.decode("utf-8", "backslashreplace")
+
+
+def messages(root: Path) -> list[QueuedMessage]:
+    """Every preprocessed message (info/ entries), in qmail-qread's order."""
     q = _queue(root)
-    out: list[str] = []
+    out: list[QueuedMessage] = []
     for msgid in _ids(q, "info"):
         try:
             size, mtime, sender = _info(q, msgid)
         except OSError as e:
-            out.append(f"warning: trouble with #{msgid}: {e.strerror}")
+            out.append(QueuedMessage(msgid, error=e.strerror or str(e)))
             continue
-        out.append(_stats_line(mtime, msgid, size, sender, q.bounce(msgid).exists()))
-        lines, warning = _channel_lines(q, msgid)
-        if warning:
-            out.append(warning)
-        out.extend(lines)
-    return "".join(line + "\n" for line in out)
+        rcpts, warning = _channel_recipients(q, msgid)
+        out.append(QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True,
+                                 tuple(rcpts), (warning,) if warning else ()))
+    return out
 
 
-def _header_block(path: Path) -> str:
-    """The message's header (up to the blank line), bounded, tabs kept."""
+def qread(root: Path) -> str:
+    """qmail-qread's listing of every preprocessed message (info/ entries)."""
+    return "".join(line + "\n" for m in messages(root) for line in m.text_lines())
+
+
+def _header_block(path: Path) -> tuple[str, bool]:
+    """The message's header (up to the blank line), bounded, tabs kept; and whether it
+    was cut at HEADER_SHOW_MAX."""
     with open(path, "rb") as f:
         data = f.read(HEADER_SHOW_MAX)
     end = data.find(b"\n\n")
@@ -132,16 +196,16 @@ def _header_block(path: Path) -> str:
     text = "\n".join(_keep_tabs(ln) for ln in head.split(b"\n"))
     if head and not head.endswith(b"\n"):
         text += "\n"
-    return text + ("[header truncated]\n" if truncated else "")
+    return text, truncated
 
 
 def _keep_tabs(line: bytes) -> str:
     return "".join(chr(b) if 32 <= b <= 126 or b == 9 else "_" for b in line)
 
 
-def show(root: Path, msgid: int) -> str:
-    """One message: the qmail-qread entry (or, before preprocessing, its todo envelope
-    with each recipient marked ``todo``), a blank line, then its header from mess/."""
+def message(root: Path, msgid: int) -> QueuedMessage:
+    """One message: its qmail-qread entry or, before preprocessing, its todo envelope
+    (each recipient in channel ``todo``).  NoSuchMessage when it is not (fully) queued."""
     q = _queue(root)
     try:
         size = q.mess(msgid).stat().st_size
@@ -156,14 +220,30 @@ def show(root: Path, msgid: int) -> str:
     if data is not None:  # todo is authoritative until qmail-send removes it
         recs = records(data)
         sender = next((r[1:] for r in recs if r[:1] == b"F"), b"")
-        lines = [_stats_line(mtime, msgid, size, sender, False) + " not yet preprocessed"]
-        lines += [f"\ttodo\t{printable(r[1:])}" for r in recs if r[:1] == b"T"]
-    else:
-        try:
-            size, mtime, sender = _info(q, msgid)
-        except FileNotFoundError:
-            raise NoSuchMessage(f"message #{msgid} is not completely queued") from None
-        lines = [_stats_line(mtime, msgid, size, sender, q.bounce(msgid).exists())]
-        channel, warning = _channel_lines(q, msgid)
-        lines += channel + ([warning] if warning else [])
-    return "".join(ln + "\n" for ln in lines) + "\n" + _header_block(q.mess(msgid))
+        rcpts = tuple(Recipient("todo", r[1:], False) for r in recs if r[:1] == b"T")
+        return QueuedMessage(msgid, mtime, size, sender, False, False, rcpts)
+    try:
+        size, mtime, sender = _info(q, msgid)
+    except FileNotFoundError:
+        raise NoSuchMessage(f"message #{msgid} is not completely queued") from None
+    found, warning = _channel_recipients(q, msgid)
+    return QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True, tuple(found),
+                         (warning,) if warning else ())
+
+
+def show(root: Path, msgid: int) -> str:
+    """One message: the qmail-qread entry (or, before preprocessing, its todo envelope
+    with each recipient marked ``todo``), a blank line, then its header from mess/."""
+    m = message(root, msgid)
+    header, truncated = _header_block(_queue(root).mess(msgid))
+    lines = m.text_lines()
+    if m.preprocessed:  # the unreadable-channel warning goes after the recipients here
+        lines = [lines[0], *lines[1 + len(m.warnings):], *m.warnings]
+    return "".join(ln + "\n" for ln in lines) + "\n" + header + ("[header truncated]\n" if truncated else "")
+
+
+def show_json(root: Path, msgid: int) -> dict[str, Any]:
+    """``queue show --json``: the message's object plus ``header`` and ``header_truncated``."""
+    m = message(root, msgid)
+    header, truncated = _header_block(_queue(root).mess(msgid))
+    return {**m.as_json(), "header": header, "header_truncated": truncated}

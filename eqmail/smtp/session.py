@@ -62,7 +62,7 @@ from eqmail.smtp.data import DataReader, DataStatus
 from eqmail.smtp.plumbing import MAX_PENDING, OVERFLOW, SessionPlumbing
 from eqmail.smtp.received import received_line
 from eqmail.smtp.replies import Reply
-from eqmail.smtp.state import Phase, SessionConfig, SppState, digits
+from eqmail.smtp.state import Phase, SessionConfig, SppState, digits, submission_port
 from eqmail.textio import decode, encode
 
 __all__ = ["MAX_AUTH_FAILURES", "MAX_PENDING", "OVERFLOW", "Phase", "Session", "SessionConfig",
@@ -284,8 +284,7 @@ class Session(SessionPlumbing):
         return addr
 
     def _cmd_mail(self, arg: bytes) -> None:
-        if (self.env.get("TCPLOCALPORT", "0") == self.env.get("SUBMISSIONPORT", "587")
-                and not self.authenticated):
+        if (self.cfg.submission or submission_port(self.env)) and not self.authenticated:
             self._send(replies.AUTH_REQUIRED)
             return
         addr = self._parse(arg)

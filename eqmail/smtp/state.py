@@ -9,7 +9,7 @@ Pure data; no failure modes.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -32,6 +32,7 @@ class SessionConfig:
     auth_available: bool = False    # a checkpassword program is configured
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
+    submission: bool = False        # a `submission` listener: MAIL needs AUTH whatever the port
     max_line: int = 12288
     # The CRAM-MD5 challenge's two numbers (eqmail.smtp.auth.cram_challenge); tests
     # give a deterministic one.
@@ -74,3 +75,11 @@ def digits(value: str) -> int:
     while end < len(value) and value[end].isdigit():
         end += 1
     return int(value[:end][:20]) if end else 0
+
+
+def submission_port(env: Mapping[str, str]) -> bool:
+    """qmail-smtpd-auth's rule: TCPLOCALPORT equal to SUBMISSIONPORT (default 587, compared
+    as strings) needs AUTH before MAIL.  eQmail 1.09's announcement tells admins to set
+    ``SUBMISSION=<port>`` while its code reads SUBMISSIONPORT: eqmail honours both."""
+    port = env.get("TCPLOCALPORT", "0")
+    return port == env.get("SUBMISSIONPORT", "587") or port == env.get("SUBMISSION")

@@ -198,6 +198,7 @@ class Connection:
                              tls_available=tls is not None and tls.available,
                              auth_available=bool(listener.spec.checkpassword),
                              tls_client_relay=bool(listener.tlsclients),
+                             submission=listener.spec.service == "submission",
                              plugins_enabled=self.plugins is not None and not self.plugins.empty)
         self.session = Session(cfg, env, time.time)
 

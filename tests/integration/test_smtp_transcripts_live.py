@@ -84,8 +84,8 @@ def instance_key(t: Transcript) -> tuple[str, ...]:
 
 def listener_env(t: Transcript, port: int) -> list[tuple[str, str]]:
     """The transcript's env as listener options.  The submission rule compares
-    TCPLOCALPORT with SUBMISSIONPORT: the live port cannot be 587, so the comparison the
-    transcript means is expressed through SUBMISSIONPORT."""
+    TCPLOCALPORT with SUBMISSIONPORT (and SUBMISSION): the live port cannot be 587, so the
+    comparison the transcript means is expressed through those variables."""
     env = dict(t.env)
     # control/databytes is instance-wide; the listener's DATABYTES (which wins over it,
     # as qmail-smtpd's environment does) keeps transcripts with different limits on one
@@ -94,10 +94,12 @@ def listener_env(t: Transcript, port: int) -> list[tuple[str, str]]:
     local_port = env.pop("TCPLOCALPORT", "25")
     for fixed in ("TCPREMOTEIP", "TCPLOCALIP"):
         env.pop(fixed, None)  # the socket's real addresses; matched by substitution
-    if local_port == env.get("SUBMISSIONPORT", "587"):
-        env["SUBMISSIONPORT"] = str(port)
-    elif env.get("SUBMISSIONPORT") == str(port):
-        env["SUBMISSIONPORT"] = "1"
+    # SUBMISSION=<port> is eQmail's documented synonym, compared the same way.
+    for var, default in (("SUBMISSIONPORT", "587"), ("SUBMISSION", None)):
+        if local_port == env.get(var, default):
+            env[var] = str(port)
+        elif env.get(var) == str(port):
+            env[var] = "1"
     return sorted(env.items())
 
 

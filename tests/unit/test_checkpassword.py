@@ -198,3 +198,31 @@ def test_stored_cram_value_is_not_the_password() -> None:
     states = cram_states(b"Secret1")
     assert len(states) == 32 and b"Secret1" not in states
     assert CRAM_PREFIX == "{CRAM-MD5}"
+
+
+# ------------------------------------------------------------------ --help / --version
+
+
+@pytest.mark.parametrize("before", [[], ["--file", "/nonexistent"], ["--file=/nonexistent"]])
+def test_help_and_version_come_before_the_program(before: list[str]) -> None:
+    """Where PROGRAM would be, --help and --version are this program's: exit 0 with the
+    text on stdout, whatever is on fd 3 (qmail-smtpd is not involved)."""
+    from eqmail import __version__
+
+    proc = run_check(b"", *before, "--help", fd3=False)
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert proc.stdout.startswith(b"usage: eqmail-checkpassword") and b"passwd" in proc.stdout
+    proc = run_check(b"", *before, "--version", fd3=False)
+    assert (proc.returncode, proc.stdout) == (0, f"eqmail-checkpassword (eqmail) {__version__}\n".encode())
+    proc = subprocess.run([BIN, "passwd", "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: eqmail-checkpassword passwd")
+    proc = subprocess.run([BIN, "passwd", "--version"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_help_after_the_program_belongs_to_the_program(pwfile: Path) -> None:
+    show = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
+    proc = run_check(b"alice\0Secret1\0\0", "--file", str(pwfile), *show, "--help")
+    assert (proc.returncode, proc.stdout) == (0, b"['--help']\n")
+    proc = run_check(b"alice\0wrong\0\0", "--file", str(pwfile), *show, "--version")
+    assert (proc.returncode, proc.stdout) == (1, b"")

@@ -253,3 +253,21 @@ def test_listen_clientcert_and_tlsciphers_options(tmp_path: Path) -> None:
         parse_listen_line("smtp 127.0.0.1:25 clientcert=no")
     out = errors_of(make(tmp_path, me="m", listen="smtp 127.0.0.1:25 TLSCIPHERS=NOPE\n"))
     assert out == ["control/listen:1: TLSCIPHERS: OpenSSL selects no cipher from 'NOPE'"]
+
+
+def test_plugin_files_are_what_the_shipped_plugins_read() -> None:
+    """eqmailctl check must know every control file the plugins in plugins/ read: the
+    names in their control_lines/control_int calls are all known, and PLUGIN_FILES has
+    no row that no plugin reads."""
+    from eqmail.control import PLUGIN_FILES, known_file
+
+    plugins = Path(__file__).resolve().parents[2] / "plugins"
+    read: set[str] = set()
+    for f in plugins.iterdir():
+        if f.is_file() and ("." not in f.name or f.name == "sppkit.py"):
+            text = f.read_text()
+            read |= set(re.findall(r'control_(?:lines|int)\(\s*"([^"]+)"', text))
+            read |= set(re.findall(r'os\.path\.join\("control", "([^"]+)"\)', text))
+    assert {"greylistdelay", "tarpitcount", "spfsoftfail", "dnsbl"} <= read  # the scan works
+    assert sorted(n for n in read if not known_file(n)) == []
+    assert {fn for fn, _, _ in PLUGIN_FILES} <= read

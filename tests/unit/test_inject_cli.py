@@ -199,3 +199,42 @@ def test_mailq_by_name_and_bp(tmp_path: Path) -> None:
         ctx, _ = make(b"", root=tmp_path)
         assert sendmail(prog, args, ctx) == 0
         assert out(ctx) == expected
+
+
+# ------------------------------------------------------------------ --help / --version
+
+
+def _run_inject(args: list[str], ctx: Context) -> int:
+    return inject(args, ctx)
+
+
+def _run_sendmail(args: list[str], ctx: Context) -> int:
+    return sendmail("sendmail", args, ctx)
+
+
+@pytest.mark.parametrize(("run", "prog", "opt"), [(_run_inject, "eqmail-inject", "-a"),
+                                                  (_run_sendmail, "eqmail-sendmail", "-t")])
+def test_help_and_version_exit_0_on_stdout(run, prog: str, opt: str) -> None:  # type: ignore[no-untyped-def]
+    from eqmail import __version__
+
+    ctx, rec = make(MSG)
+    assert run(["--help"], ctx) == 0
+    assert out(ctx).startswith(f"usage: {prog} ".encode()) and b"--version" in out(ctx)
+    assert err(ctx) == b"" and rec.calls == []
+    ctx, rec = make(MSG)
+    assert run([opt, "--version"], ctx) == 0  # after other options too
+    assert out(ctx) == f"{prog} (eqmail) {__version__}\n".encode() and rec.calls == []
+    ctx, rec = make(MSG)
+    assert run(["--frobnicate"], ctx) == 100  # any other long word stays a usage error
+    assert out(ctx) == b"" and b"usage:" in err(ctx) and rec.calls == []
+
+
+def test_long_words_in_data_positions_are_data() -> None:
+    """Only a word where option letters are expected is --help: an option's argument or
+    a recipient after -- is still mail data."""
+    ctx, rec = make(MSG)
+    assert inject(["-a", "-f", "--help", "r1"], ctx) == 0
+    assert rec.calls[0][0].startswith("--help") and rec.calls[0][1] == ["r1@host.example.com"]
+    ctx, rec = make(MSG)
+    assert inject(["-a", "--", "--version"], ctx) == 0
+    assert rec.calls[0][1] == ["--version@host.example.com"] and out(ctx) == b""

@@ -95,3 +95,32 @@ def test_show_unknown_or_incomplete(tmp_path: Path, q: QueuePaths) -> None:
     put(q.mess(1), b"x\n")
     with pytest.raises(NoSuchMessage):
         show(tmp_path, 1)
+
+
+def test_json_records_match_the_listing(tmp_path: Path, q: QueuePaths) -> None:
+    """queue list/show --json: the fields documented in eqmailctl(8), from the same
+    records as the text; bytes that are not UTF-8 as \\xNN, UTF-8 kept."""
+    from eqmail.queue.inspect import messages, show_json
+
+    put(q.mess(24), b"Subject: hi\n\nbody\n")
+    put(q.info(24), "Fjö@x.org\0".encode())
+    put(q.local(24), b"Tl@x.org\0Dd@x.org\0")
+    put(q.remote(24), b"Tr\xff@y.org\0")
+    put(q.bounce(24), b"x")
+    put(q.info(9), b"Fs\0")  # no mess: an error entry
+    listing = [m.as_json() for m in messages(tmp_path)]
+    assert listing == [
+        {"id": 24, "time": T0, "date": "2023-11-14T22:13:20Z", "size": 18, "sender": "jö@x.org",
+         "bouncing": True, "preprocessed": True,
+         "recipients": [{"channel": "local", "address": "l@x.org", "done": False},
+                        {"channel": "local", "address": "d@x.org", "done": True},
+                        {"channel": "remote", "address": "r\\xff@y.org", "done": False}],
+         "warnings": []},
+        {"id": 9, "error": "No such file or directory"},
+    ]
+    assert show_json(tmp_path, 24) == {**listing[0], "header": "Subject: hi\n", "header_truncated": False}
+    put(q.mess(30), b"Subject: s\n")
+    put(q.todo(30), b"u1000\0p77\0Fs@x.org\0Ta@b.org\0")
+    shown = show_json(tmp_path, 30)
+    assert shown["preprocessed"] is False and shown["bouncing"] is False
+    assert shown["recipients"] == [{"channel": "todo", "address": "a@b.org", "done": False}]

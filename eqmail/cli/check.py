@@ -1,0 +1,153 @@
+"""``eqmailctl check``: qmail-showctl for an eqmail instance, as text or as JSON.
+
+Owns: what ``check`` reports — every control value and where it came from (the table in
+:mod:`eqmail.control`), the shipped plugins' own control files that are present, the
+files in control/ that nothing reads, and warnings about configurations that load but
+will not do what they seem to (no rcpthosts; a listener that requires AUTH it cannot
+offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port).
+
+Privilege: read access to control/.  Read-only.
+Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
+eqmailctl(8)) and :func:`format_check` (its text form).  A control directory that does
+not load gives ``ok: false`` and its file:line errors; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from eqmail.control import (
+    KNOWN_FILES,
+    PLUGIN_FILES,
+    Controls,
+    ListenerSpec,
+    Route,
+    describe,
+    known_file,
+    load_controls,
+    referenced_files,
+)
+from eqmail.delivery.hookcheck import line_problem
+from eqmail.errors import ControlErrors
+from eqmail.instance import Instance
+from eqmail.smtp.state import submission_port
+
+# qmail-showctl's compiled-in values (conf-*), shown as eqmail has them.
+BUILT_IN = (("user-ext delimiter", "+"), ("subdirectory split", "23"),
+            ("silent concurrency limit", "120"))
+PLUGIN_VALUE_MAX = 4096  # a plugin file is shown, not parsed: bounded
+
+
+def _json_value(value: object) -> Any:
+    """A control value with its type kept: int, str, list, object or null."""
+    if isinstance(value, frozenset):
+        return sorted(_json_value(v) for v in value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, ListenerSpec):
+        return {"service": value.service, "address": value.address, "port": value.port,
+                "options": {k: v for k, v in value.env}}
+    if isinstance(value, Route):
+        return {"relay": value.relay, "port": value.port, "user": value.user}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _plugin_value(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(PLUGIN_VALUE_MAX)
+    except OSError as e:
+        return f"(unreadable: {e.strerror})"
+    lines = [ln.strip() for ln in data.decode("utf-8", "replace").split("\n")]
+    return ", ".join(ln for ln in lines if ln and not ln.startswith("#")) or "(empty)"
+
+
+def auth_warnings(c: Controls) -> list[str]:
+    """Listeners whose AUTH requirement surprises: required but not offered, or required
+    because SUBMISSIONPORT/SUBMISSION match an ``smtp`` listener's port."""
+    out: list[str] = []
+    for spec in c.listen:
+        env = dict(spec.env)
+        by_port = submission_port({**env, "TCPLOCALPORT": str(spec.port)})
+        where = f"control/listen: {spec.service} {spec.display_address}"
+        if (spec.service == "submission" or by_port) and not spec.checkpassword:
+            out.append(f"warning: {where} requires AUTH before MAIL but has no checkpassword= "
+                       "to offer it: every MAIL gets 530")
+        if by_port and spec.service != "submission":
+            var = "SUBMISSION" if env.get("SUBMISSION") == str(spec.port) else "SUBMISSIONPORT"
+            why = f"{var}={spec.port}" if var in env else "SUBMISSIONPORT's default 587"
+            out.append(f"warning: {where} requires AUTH before MAIL ({why} matches its port); "
+                       "if that is meant, write it as a 'submission' listener")
+        for var in ("SUBMISSIONPORT", "SUBMISSION"):
+            if var in env and not env[var].isdigit():
+                out.append(f"warning: {where}: {var}={env[var]!r} is not a port number and "
+                           "matches no port")
+    return out
+
+
+def check_report(inst: Instance) -> dict[str, Any]:
+    """Everything ``check`` shows, as the JSON object of eqmailctl(8)."""
+    from eqmail.spp.runner import SHIPPED_DIR
+
+    built_in = {**dict(BUILT_IN), "shipped plugins": str(SHIPPED_DIR)}
+    report: dict[str, Any] = {"root": str(inst.root), "ok": True, "errors": [],
+                              "built_in": built_in, "controls": [], "plugin_controls": [],
+                              "unknown": [], "warnings": []}
+    try:
+        c = load_controls(inst.root)
+    except ControlErrors as e:
+        report["ok"] = False
+        report["errors"] = [str(err) for err in e.errors]
+        return report
+    for (name, text, source), attr in zip(describe(c), KNOWN_FILES, strict=True):
+        value = getattr(c, attr.replace(".", "_"), None)
+        report["controls"].append({"file": name, "value": _json_value(value), "text": text,
+                                   "source": source})
+    try:
+        present = sorted(fn for fn in os.listdir(inst.control) if not fn.startswith("."))
+    except OSError:
+        present = []
+    for fn, plugin, default in PLUGIN_FILES:
+        if fn in present:
+            path = str(inst.control / fn)
+            report["plugin_controls"].append({"file": fn, "plugin": plugin, "default": default,
+                                              "text": _plugin_value(path), "source": path})
+    named = referenced_files(c)
+    report["unknown"] = [fn for fn in present if not known_file(fn) and fn not in named]
+    if c.rcpthosts is None:
+        report["warnings"].append("warning: control/rcpthosts is missing: eqmail accepts only its "
+                                  "locals and virtualdomains")
+    report["warnings"] += auth_warnings(c)
+    report["warnings"] += beforemote_warnings(c)
+    return report
+
+
+def beforemote_warnings(c: Controls) -> list[str]:
+    """control/beforemote lines eqmail cannot run as hook commands (e.g. eQmail's shell
+    fragment): every remote delivery would defer."""
+    out = []
+    for line in c.beforemote:
+        problem = line_problem(line)
+        if problem:
+            out.append(f"warning: control/beforemote: {line!r} {problem}; every remote delivery will defer")
+    return out
+
+
+def format_check(report: dict[str, Any]) -> str:
+    """qmail-showctl's layout: built-in values, ``file: value    [source]`` rows, then
+    qmail's line for every unknown file, then the warnings."""
+    if not report["ok"]:
+        return "".join(e + "\n" for e in report["errors"])
+    lines = [f"instance root: {report['root']}"]
+    lines += [f"{k}: {v}" for k, v in report["built_in"].items()]
+    lines.append("")
+    lines += [f"{r['file']}: {r['text']}    [{r['source']}]" for r in report["controls"]]
+    for r in report["plugin_controls"]:
+        lines.append(f"{r['file']}: {r['text']}    [{r['source']}; read by plugin {r['plugin']}]")
+    lines += [f"{fn}: I have no idea what this file does." for fn in report["unknown"]]
+    lines += report["warnings"]
+    return "".join(ln + "\n" for ln in lines)
+
