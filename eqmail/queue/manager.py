@@ -119,8 +119,7 @@ class QueueManager:
     def configure(self, controls: Controls) -> None:
         """(Re)read the values qmail-send rereads on HUP, plus eqmail's reloadable ones."""
         self.controls = controls
-        self.rules = RewriteRules(controls.envnoathost, controls.locals, controls.virtualdomains,
-                                  controls.percenthack)
+        self.rules = RewriteRules.from_controls(controls)
         self.vmap = self.rules.vmap()
         self.channels[Channel.LOCAL].concurrency = controls.concurrencylocal
         self.channels[Channel.REMOTE].concurrency = controls.concurrencyremote

@@ -30,6 +30,7 @@ class SessionConfig:
     auth_available: bool = False    # a checkpassword program is configured
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
+    check_mailbox: bool = False     # control/rcptchecklocal: ask CheckMailbox at RCPT
     max_line: int = 12288
     pid: int = 0                    # for the CRAM-MD5 challenge <pid.time@local>
     utcoffset: int | None = None    # Received date offset; None = local zone

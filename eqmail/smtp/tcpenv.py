@@ -66,7 +66,7 @@ def rcpt_matcher(c: Controls) -> RcptHosts:
 def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
                    badmailfrom: BadMailFrom, local_ips: frozenset[str], tls_available: bool,
                    auth_available: bool, plugins_enabled: bool = False,
-                   tls_client_relay: bool = False) -> SessionConfig:
+                   tls_client_relay: bool = False, check_mailbox: bool = False) -> SessionConfig:
     local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
     return SessionConfig(
         greeting=c.smtpgreeting or c.me,
@@ -80,5 +80,6 @@ def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
         auth_available=auth_available,
         tls_client_relay=tls_client_relay,
         plugins_enabled=plugins_enabled,
+        check_mailbox=check_mailbox,
         pid=os.getpid(),
     )
