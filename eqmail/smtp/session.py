@@ -6,7 +6,8 @@ qmail-spp hook points — with eQmail's reply texts (eqmail.smtp.replies) and eq
 stricter rules (DESIGN.md): 12,288-byte command lines, AUTH= believed only after AUTH,
 no PLAIN/LOGIN advertised before TLS with TLSREQUIRED=1, the CRAM-MD5 exemption from
 TLSREQUIRED compared case-insensitively, no open relay without rcpthosts, [rcpt]
-plugins that really run.  Buffering, line framing, the action list and waiting for
+plugins that really run, unknown local recipients refused at RCPT (``CheckMailbox``,
+control/rcptchecklocal).  Buffering, line framing, the action list and waiting for
 results are the base class's (eqmail.smtp.plumbing.SessionPlumbing).
 
 Privilege: none needed; no sockets, files, clock or process access.  Time comes from
