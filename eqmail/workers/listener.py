@@ -185,9 +185,9 @@ class RecipientCheck:
             result = Lookup(Mailbox.UNDECIDED, f"lookup took over {LOOKUP_TIMEOUT:g} s")
         except Exception as e:  # a bug here must not refuse mail
             result = Lookup(Mailbox.UNDECIDED, f"lookup failed: {e!r}")
-        if result.verdict is Mailbox.UNDECIDED and result.reason not in self.warned:
-            if len(self.warned) < MAX_WARNED:
-                self.warned.add(result.reason)
+        if (result.verdict is Mailbox.UNDECIDED and result.reason not in self.warned
+                and len(self.warned) < MAX_WARNED):  # bounded: no log flood either
+            self.warned.add(result.reason)
             log(f"warning: recipient check cannot tell, accepting: {sanitize(result.reason)}")
         return not result.refuse
 
