@@ -131,6 +131,10 @@ class Controls:
     tlshosts_exhaustive: bool = False  # control/tlshosts/exhaustivelist exists
     notlshosts: frozenset[str] = frozenset()  # names of the files in control/notlshosts/
     beforemote: tuple[str, ...] = ()  # control/beforemote: one command per line
+    # backscatter (eqmail): RCPT check of local recipients, bounce size and rate
+    rcptchecklocal: int = 1  # 1: unknown local recipients get 550 at RCPT; 0: qmail (accept all)
+    bouncemaxbytes: int = 50000  # bytes of the original message in a bounce; 0 = all (qmail)
+    bouncelimit: int = 20  # bounces per sender address per hour, more are dropped; 0 = no limit
 
     def route_for(self, host: str) -> Route | None:
         """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
@@ -439,6 +443,9 @@ def load_controls(root: Path) -> Controls:
         logfile=r.line("logfile") or "",
         tcp_smtp=r.raw("tcp.smtp") or "",
         assign=r.raw("assign", base="users"),
+        rcptchecklocal=r.integer("rcptchecklocal", 1, 0, 1),
+        bouncemaxbytes=r.integer("bouncemaxbytes", 50000, 0, 2**62),
+        bouncelimit=r.integer("bouncelimit", 20, 0, 10**9),
     )
     if kwargs["timeoutsmtpd"] <= 0:  # qmail-smtpd: a value <= 0 means 1 second
         kwargs["timeoutsmtpd"] = 1
@@ -598,6 +605,7 @@ KNOWN_FILES = (
     "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutremote", "timeoutsmtpd",
     "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
     "tlsserverciphers", "tlsclientciphers",
+    "rcptchecklocal", "bouncemaxbytes", "bouncelimit",
 )
 # Files eqmail knows but does not show as values (certificates, plugin configuration).
 OTHER_KNOWN_FILES = (

@@ -3,15 +3,24 @@
 Owns: the bounce note appended to ``bounce/<id>`` for every permanent failure, the
 decision who gets the bounce (single, double, or triple = discard), and the exact bytes
 of the bounce message.  The scanner does the I/O.
+
+eqmail's backscatter limits (qmail has neither): a bounce carries at most
+``control/bouncemaxbytes`` of the original message (:class:`Excerpt`,
+:func:`bounded_copy`; the break paragraph says so), and :class:`BounceRate` lets at most
+``control/bouncelimit`` bounces per hour go to one address.  BounceRate is the only
+state here: a plain table in the scanner's memory, see its docstring for a restart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from eqmail.dates import date822
 
 DOUBLE_BOUNCE_SENDER = "#@[]"
+CHUNK = 65536
 
 
 def bounce_note(recipient: str, text: str) -> str:
@@ -74,6 +83,85 @@ def quote_address(addr: str) -> str:
     return f"{local}@{domain}" if at else local
 
 
+@dataclass(frozen=True)
+class Excerpt:
+    """How much of the original message (the mess file, ``size`` bytes) a bounce
+    carries: everything when ``limit`` is 0 (qmail) or the message fits, else at most
+    ``limit`` bytes, cut at a line end by :func:`bounded_copy`."""
+
+    size: int
+    limit: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.limit > 0 and self.size > self.limit
+
+
+def bounded_copy(message: BinaryIO, limit: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """At most ``limit`` bytes (> 0) of ``message`` from its current position.
+
+    If the message is longer, the copy ends after the last LF of the final piece read
+    (the last ``chunk`` bytes within the limit), or at the limit with an LF added when
+    that piece has none, so the bounce never ends in the middle of a line.  Reads are
+    bounded by ``chunk``; the whole copy is never held at once.
+    """
+    left = limit
+    want = limit % chunk or chunk  # the first piece is short, so the last one is whole
+    while left > 0:
+        data = message.read(min(want, left))
+        if not data:
+            return  # shorter than the limit: all of it was copied
+        left -= len(data)
+        want = chunk
+        if left == 0 and message.read(1):
+            cut = data.rfind(b"\n")
+            yield data[:cut + 1] if cut >= 0 else data + b"\n"
+            return
+        yield data
+
+
+class BounceRate:
+    """At most ``limit`` bounces per recipient address per ``window`` seconds
+    (control/bouncelimit, per hour); ``limit`` 0 means no limit.
+
+    A window starts at an address's first bounce; over the limit :meth:`allow` says
+    False until the window has passed.  Addresses compare case-insensitively.  The
+    table holds at most ``max_addresses`` entries: when full, expired windows go first,
+    then the oldest.  Crash argument: the table lives only in the scanner's memory; a
+    scanner restart (a crash, a reload that restarts it, eqmailctl stop/start) forgets
+    it, so in the worst case each restart lets another ``limit`` bounces go to an
+    address within the hour.  Nothing on disk depends on it, so nothing is lost or
+    doubled; a dropped bounce is only logged.
+    """
+
+    def __init__(self, limit: int, window: float = 3600.0, max_addresses: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._seen: dict[str, tuple[float, int]] = {}  # address -> (window start, count)
+
+    def allow(self, address: str, now: float) -> bool:
+        if self.limit <= 0:
+            return True
+        key = address.lower()
+        start, count = self._seen.get(key, (now, 0))
+        if now - start >= self.window or now < start:
+            start, count = now, 0
+        if count >= self.limit:
+            return False
+        if key not in self._seen and len(self._seen) >= self.max_addresses:
+            self._make_room(now)
+        self._seen[key] = (start, count + 1)
+        return True
+
+    def _make_room(self, now: float) -> None:
+        for key, (start, _count) in list(self._seen.items()):
+            if now - start >= self.window:
+                del self._seen[key]
+        while len(self._seen) >= self.max_addresses:
+            del self._seen[next(iter(self._seen))]
+
+
 def compose_bounce(
     *,
     target: BounceTarget,
@@ -82,9 +170,11 @@ def compose_bounce(
     bouncefrom: str,
     bouncehost: str,
     now: float | None = None,
+    excerpt: Excerpt | None = None,
 ) -> bytes:
     """The bounce message up to (and including) the Return-Path line; the caller appends
-    the mess file's bytes after it."""
+    the mess file's bytes after it -- all of them, or :func:`bounded_copy` when
+    ``excerpt`` is truncated, which the break paragraph then says."""
     lines = [
         f"Date: {date822(now)}",
         f"From: {quote_address(f'{bouncefrom}@{bouncehost}')}",
@@ -105,6 +195,12 @@ def compose_bounce(
     brk = "--- Below this line is the original bounce." if target.double else (
         "--- Below this line is a copy of the message."
     )
+    if excerpt is not None and excerpt.truncated:
+        what = "the original bounce" if target.double else "a copy of the message"
+        # Still one break paragraph (QSBMF: it begins with '-'), now two lines.
+        brk = (f"--- Below this line is the beginning of {what}, cut to at most "
+               f"{excerpt.limit} of its {excerpt.size} bytes.\n"
+               "--- The rest of the message is not included.")
     rp = quote_address(original_sender) if original_sender else ""
     tail = f"{brk}\n\nReturn-Path: <{rp}>\n".encode("utf-8", "surrogateescape")
     return head + notes + tail

@@ -4,19 +4,25 @@ What it owns (qmail-core.md §3.4, dot-qmail(5)):
 
 * selection -- :func:`candidates` lists ``.qmail<dash><safeext>`` and then the
   ``-default`` chain (``foo-bar`` -> ``.qmail-foo-bar``, ``.qmail-foo-default``,
-  ``.qmail-default``) with the DEFAULT value each would set; :func:`find` opens the
-  first that is a regular file, refuses a world-writable one (conf-patrn 002) and notes
-  the owner-execute bit (forward-only);
+  ``.qmail-default``) with the DEFAULT value each would set; :func:`select` is qmail-
+  local's one rule over them (the first file a probe finds applies; none found with a
+  non-empty dash is :class:`NoMailbox`, "Sorry, no mailbox here by that name.");
+  :func:`find` is that rule with the delivery's probe (open it, refuse a world-writable
+  one (conf-patrn 002), note the owner-execute bit (forward-only)), :func:`has_mailbox`
+  the same rule with a stat probe for the SMTP listener's RCPT check;
 * parsing -- :func:`parse` turns the file's bytes into typed instructions
   (:class:`Comment`, :class:`Program`, :class:`Maildir`, :class:`Mbox`,
   :class:`Forward`, :class:`ForwardOnly` for ``+list``);
 * :func:`new_sender` -- the envelope sender for forwards (``-owner`` / ``-owner-default``).
 
-Privilege: runs as the recipient (the caller has already switched uid/gid); it only reads
-files under the recipient's home directory.
+Privilege: :func:`find` runs as the recipient (the caller has already switched uid/gid)
+and only reads files under the recipient's home directory; :func:`has_mailbox` runs in
+the SMTP listener (eqmaild) and only stats names there (search permission on the home
+is enough; without it the answer is "cannot tell", never "no mailbox").
 
 Failures: :class:`DotQmailError` (always temporary, text in qmail's words) when a
-.qmail file exists but cannot be used; :class:`~eqmail.errors.ControlFileError` from
+.qmail file exists but cannot be used (or, for :func:`has_mailbox`, cannot be looked
+at); :class:`NoMailbox` (permanent) as above; :class:`~eqmail.errors.ControlFileError` from
 :func:`parse` when the first line is blank -- the only malformed .qmail qmail refuses.
 Names built from the address extension never contain ``/``: such an extension simply has
 no .qmail file, so an address cannot point outside the home directory.
@@ -27,7 +33,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from eqmail import textio
 from eqmail.delivery.users import ascii_lower
@@ -46,6 +54,18 @@ MAX_DOTQMAIL_BYTES = 16 * 1024 * 1024
 _ABSENT_ERRNOS = frozenset({
     errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO, errno.ENODEV,
 })
+
+
+#: qmail-local's permanent failure when no .qmail file matches an extension address.
+NO_MAILBOX_TEXT = "Sorry, no mailbox here by that name. (#5.1.1)"
+
+_Found = TypeVar("_Found")
+
+
+class NoMailbox(Exception):
+    """No .qmail file applies to an address with an extension: it does not exist."""
+
+    text = NO_MAILBOX_TEXT
 
 
 class DotQmailError(Exception):
@@ -177,25 +197,71 @@ def _read_bounded(fd: int, name: str) -> bytes:
     return b"".join(chunks)
 
 
-def find(home: str, dash: str, ext: str) -> DotQmail | None:
-    """The first existing .qmail file of :func:`candidates`, read; None if none exists.
+def select(home: str, dash: str, ext: str,
+           probe: Callable[[str, str], _Found | None]) -> tuple[Candidate, _Found] | None:
+    """qmail-local's choice of .qmail file: the first of :func:`candidates` for which
+    ``probe(home, name)`` returns something (None means "no such file").
 
-    Raises DotQmailError for a world-writable file (``Uh-oh: .qmail file is writable.
-    (#4.7.0)``) or an open/read error other than "does not exist".
+    Returns None when nothing was found and ``dash`` is empty (the user's own address:
+    the default delivery applies).  Raises :class:`NoMailbox` when nothing was found
+    for an address with a dash -- the one rule that makes a local address not exist.
+    The probe's own exceptions (DotQmailError) pass through.
     """
     for cand in candidates(dash, ext):
-        opened = _open_regular(home, cand.name)
-        if opened is None:
-            continue
-        fd, st = opened
-        try:
-            if st.st_mode & PATRN:
-                raise DotQmailError("Uh-oh: .qmail file is writable. (#4.7.0)")
-            data = _read_bounded(fd, cand.name)
-        finally:
-            os.close(fd)
-        return DotQmail(cand.name, data, bool(st.st_mode & FORWARD_ONLY_BIT), cand.default)
+        got = probe(home, cand.name)
+        if got is not None:
+            return cand, got
+    if dash:
+        raise NoMailbox(NO_MAILBOX_TEXT)
     return None
+
+
+def find(home: str, dash: str, ext: str) -> DotQmail | None:
+    """The .qmail file that applies (:func:`select` with open), read; None when the
+    default delivery applies.
+
+    Raises NoMailbox (see :func:`select`), DotQmailError for a world-writable file
+    (``Uh-oh: .qmail file is writable. (#4.7.0)``) or an open/read error other than
+    "does not exist".
+    """
+    hit = select(home, dash, ext, _open_regular)
+    if hit is None:
+        return None
+    cand, (fd, st) = hit
+    try:
+        if st.st_mode & PATRN:
+            raise DotQmailError("Uh-oh: .qmail file is writable. (#4.7.0)")
+        data = _read_bounded(fd, cand.name)
+    finally:
+        os.close(fd)
+    return DotQmail(cand.name, data, bool(st.st_mode & FORWARD_ONLY_BIT), cand.default)
+
+
+def _stat_regular(home: str, name: str) -> bool | None:
+    """True if home/name is a regular file (following links, as open does); None if it
+    does not exist or is something else; DotQmailError when that cannot be told."""
+    if "/" in name or "\0" in name:
+        return None
+    try:
+        st = os.stat(os.path.join(home, name))
+    except OSError as exc:
+        if exc.errno in _ABSENT_ERRNOS:
+            return None
+        # One text per home directory and error (the listener logs each text once).
+        raise DotQmailError(f"Unable to look for .qmail files: {exc.strerror}. (#4.3.0)") from exc
+    return True if stat.S_ISREG(st.st_mode) else None
+
+
+def has_mailbox(home: str, dash: str, ext: str) -> bool:
+    """Whether delivery would find a .qmail file or the default delivery for this
+    address (:func:`select` with stat, no file is opened).  False only when delivery
+    would bounce with NO_MAILBOX_TEXT; DotQmailError when it cannot be told (no search
+    permission on the home directory, an I/O error)."""
+    try:
+        select(home, dash, ext, _stat_regular)
+    except NoMailbox:
+        return False
+    return True
 
 
 def _exists(home: str, name: str) -> bool:

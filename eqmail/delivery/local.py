@@ -306,11 +306,12 @@ def _plan(job: LocalJob) -> _Plan:
     """Choose the .qmail file (or the default delivery) and compute NEWSENDER."""
     try:
         found = dotqmail.find(job.home, job.dash, job.ext)
-        if found is None and job.dash:
-            raise _Failure(ReportKind.PERMANENT, "Sorry, no mailbox here by that name. (#5.1.1)")
         newsender = dotqmail.new_sender(
             job.home, job.local, job.domain, job.dash, job.ext, job.sender
         )
+    except dotqmail.NoMailbox as exc:
+        # The same rule decides the SMTP listener's RCPT check (eqmail.delivery.mailbox).
+        raise _Failure(ReportKind.PERMANENT, exc.text) from exc
     except dotqmail.DotQmailError as exc:
         raise _temporary(exc.text) from exc
     default = found.default if found is not None else None

@@ -36,6 +36,8 @@ from eqmail.errors import ControlFileError
 
 #: qmail-getpw ignores passwd names this long or longer.
 MAX_USERNAME = 32
+#: conf-break: the address-extension delimiter (eQmail 1.09: ``+``).
+CONF_BREAK = "+"
 
 # errno values qmail's error_temp() treats as temporary: a home directory we cannot stat
 # for one of these reasons may well exist, so guessing "no such user" would misdeliver.
@@ -159,15 +161,18 @@ def _prefixes(local: str, delimiter: str) -> list[tuple[str, str | None]]:
 
 def getpw_lookup(
     local: str,
-    delimiter: str = "+",
+    delimiter: str = CONF_BREAK,
     *,
     getpwnam: Callable[[str], Any] = pwd.getpwnam,
+    also_temporary: frozenset[int] = frozenset(),
 ) -> UserEntry | None:
     """qmail-getpw's mapping through the password database; None if no user fits.
 
     ``getpwnam`` is injectable so tests need not create system accounts; it must raise
     KeyError for an unknown name and return an object with pw_name, pw_uid, pw_gid and
     pw_dir.  Raises TemporaryLookupError if a home directory cannot be checked.
+    ``also_temporary``: more errno values that count as "cannot be checked" -- the
+    SMTP listener's RCPT check, which has less privilege than delivery, passes EACCES.
     """
     for prefix, ext in _prefixes(local, delimiter):
         name = ascii_lower(prefix)
@@ -182,7 +187,7 @@ def getpw_lookup(
         try:
             owner = os.stat(pw.pw_dir).st_uid
         except OSError as exc:
-            if exc.errno in _TEMPORARY_ERRNOS:
+            if exc.errno in _TEMPORARY_ERRNOS or exc.errno in also_temporary:
                 raise TemporaryLookupError(
                     f"Unable to stat home directory of {name}: {exc.strerror}"
                 ) from exc
@@ -202,9 +207,10 @@ def resolve(
     local: str,
     assign: Assign | None,
     alias: UserEntry,
-    delimiter: str = "+",
+    delimiter: str = CONF_BREAK,
     *,
     getpwnam: Callable[[str], Any] = pwd.getpwnam,
+    also_temporary: frozenset[int] = frozenset(),
 ) -> UserEntry:
     """users/assign, then the password database, then the alias user.
 
@@ -216,7 +222,7 @@ def resolve(
         entry = assign.lookup(local)
         if entry is not None:
             return entry
-    entry = getpw_lookup(local, delimiter, getpwnam=getpwnam)
+    entry = getpw_lookup(local, delimiter, getpwnam=getpwnam, also_temporary=also_temporary)
     if entry is not None:
         return entry
     return replace(alias, dash="-", ext=local)

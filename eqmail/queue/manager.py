@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eqmail.control import Controls
-from eqmail.delivery.bounce import bounce_note, bounce_target, compose_bounce
-from eqmail.log import log
+from eqmail.delivery.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
+from eqmail.log import log, sanitize
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
@@ -91,7 +91,9 @@ class ChannelState:
         return None
 
 
-Injector = Callable[[str, list[str], bytes, int], tuple[bool, str]]
+#: (envelope sender, recipients, bounce head, msgid, bouncemaxbytes) -> (ok, qp or error):
+#: queues head + the mess file of msgid, or at most bouncemaxbytes of it (0 = all).
+Injector = Callable[[str, list[str], bytes, int, int], tuple[bool, str]]
 
 
 class QueueManager:
@@ -108,6 +110,7 @@ class QueueManager:
         self.done_retry: dict[int, float] = {}  # messages whose completion must be retried
         self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.pending_foop: list[int] = []  # finished messages whose foop/ is not sent yet
+        self.bounce_rate = BounceRate(controls.bouncelimit)  # in memory only, see BounceRate
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         # info/ and channel files are recycled, not unlinked and re-created (eqmail.queue.recycle)
         self.spares = InodePool(paths.dir("spare-send"))
@@ -119,9 +122,9 @@ class QueueManager:
     def configure(self, controls: Controls) -> None:
         """(Re)read the values qmail-send rereads on HUP, plus eqmail's reloadable ones."""
         self.controls = controls
-        self.rules = RewriteRules(controls.envnoathost, controls.locals, controls.virtualdomains,
-                                  controls.percenthack)
+        self.rules = RewriteRules.from_controls(controls)
         self.vmap = self.rules.vmap()
+        self.bounce_rate.limit = controls.bouncelimit
         self.channels[Channel.LOCAL].concurrency = controls.concurrencylocal
         self.channels[Channel.REMOTE].concurrency = controls.concurrencyremote
 
@@ -358,9 +361,20 @@ class QueueManager:
             log(f"triple bounce: discarding bounce/{msgid}")
             unlink_quiet(p.bounce(msgid))
             return True
+        if not target.double and not self.bounce_rate.allow(target.recipient, self.clock()):
+            # Backscatter: drop, as qmail drops a triple bounce; no double bounce follows.
+            log(f"bounce limit: discarding bounce/{msgid} to {sanitize(target.recipient)}: "
+                f"more than {c.bouncelimit} bounces to this address within an hour")
+            unlink_quiet(p.bounce(msgid))
+            return True
+        try:
+            excerpt = Excerpt(os.stat(p.mess(msgid)).st_size, c.bouncemaxbytes)
+        except OSError:
+            excerpt = None  # the injector meets the same problem and reports it
         head = compose_bounce(target=target, original_sender=sender, notes=notes,
-                              bouncefrom=c.bouncefrom, bouncehost=c.bouncehost)
-        ok, text = self.inject(target.envelope_sender, [target.recipient], head, msgid)
+                              bouncefrom=c.bouncefrom, bouncehost=c.bouncehost, excerpt=excerpt)
+        ok, text = self.inject(target.envelope_sender, [target.recipient], head, msgid,
+                               c.bouncemaxbytes)
         if not ok:
             log(f"warning: trouble injecting bounce message, will try later ({text})")
             return False

@@ -9,8 +9,12 @@ Also the VERP sender expansion applied when a delivery starts (senderadd).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from eqmail.queue.schedule import Channel
+
+if TYPE_CHECKING:
+    from eqmail.control import Controls
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,11 @@ class RewriteRules:
     locals: frozenset[str]
     virtualdomains: tuple[tuple[str, str], ...]
     percenthack: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_controls(cls, c: Controls) -> RewriteRules:
+        """The rules of a control directory: the scanner's, and the RCPT check's."""
+        return cls(c.envnoathost, c.locals, c.virtualdomains, c.percenthack)
 
     def vmap(self) -> dict[str, str]:
         # first line wins, as constmap does

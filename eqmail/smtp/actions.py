@@ -14,6 +14,7 @@ CheckPassword            ``session.auth_result(ok, temporary_text)``
 StartTLS                 ``session.tls_started(cipher)`` or ``session.tls_failed(err)``
 RunHook                  ``session.hook_result(HookOutcome)``
 CheckClientCert          ``session.cert_result(email, reason)``
+CheckMailbox             ``session.mailbox_result(found)``
 =======================  =========================================================
 
 Inputs/outputs: plain frozen dataclasses; nothing here does I/O.  No failure modes.
@@ -91,6 +92,15 @@ class CheckClientCert:
 
 
 @dataclass(frozen=True)
+class CheckMailbox:
+    """A recipient passed the relay checks: would local delivery find a mailbox for
+    ``address`` (eqmail.delivery.mailbox.lookup)?  ``found`` is False only when it
+    certainly would not; remote, undecidable or timed-out lookups report True."""
+
+    address: str
+
+
+@dataclass(frozen=True)
 class Log:
     """One log line, eQmail's ``qmail-smtpd: <event>: ...`` format, no newline."""
 
@@ -118,7 +128,7 @@ class RunHook:
 
 
 Action = (Send | Close | StartTLS | BeginMessage | MessageData | EndMessage | AbortMessage
-          | CheckPassword | CheckClientCert | Log | RunHook)
+          | CheckPassword | CheckClientCert | CheckMailbox | Log | RunHook)
 
 
 class QueueStatus(Enum):

@@ -76,6 +76,8 @@ MAIL_FIRST = Reply(503, "MAIL first (#5.5.1)")
 RCPT_FIRST = Reply(503, "RCPT first (#5.5.1)")
 BADMAILFROM = Reply(553, "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
 NO_RCPTHOSTS = Reply(553, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
+# eqmail (control/rcptchecklocal): qmail-local's bounce text, given at RCPT, as chkuser does.
+NO_MAILBOX = Reply(550, "sorry, no mailbox here by that name (#5.1.1)")
 # Note the trailing space before CRLF: eQmail (AUTH 0.59) sends it that way.
 AUTH_REQUIRED = Reply(530, "Authorization required (#5.7.1) ")
 

@@ -6,7 +6,8 @@ qmail-spp hook points — with eQmail's reply texts (eqmail.smtp.replies) and eq
 stricter rules (DESIGN.md): 12,288-byte command lines, AUTH= believed only after AUTH,
 no PLAIN/LOGIN advertised before TLS with TLSREQUIRED=1, the CRAM-MD5 exemption from
 TLSREQUIRED compared case-insensitively, no open relay without rcpthosts, [rcpt]
-plugins that really run.  Buffering, line framing, the action list and waiting for
+plugins that really run, unknown local recipients refused at RCPT (``CheckMailbox``,
+control/rcptchecklocal).  Buffering, line framing, the action list and waiting for
 results are the base class's (eqmail.smtp.plumbing.SessionPlumbing).
 
 Privilege: none needed; no sockets, files, clock or process access.  Time comes from
@@ -38,6 +39,7 @@ from eqmail.smtp.actions import (
     Action,
     BeginMessage,
     CheckClientCert,
+    CheckMailbox,
     CheckPassword,
     EndMessage,
     HookOutcome,
@@ -124,6 +126,10 @@ class Session(SessionPlumbing):
         """``email``: the verified client certificate's address listed in tlsclients;
         None with ``reason`` (shown in the 553) when not."""
         return self._resume_with((email, reason))
+
+    def mailbox_result(self, found: bool) -> list[Action]:
+        """``found``: False only when local delivery certainly has no mailbox."""
+        return self._resume_with(found)
 
     def tls_started(self, cipher: str) -> list[Action]:
         """Handshake done (also for SMTPS, before ``start``): the HELO name is forgotten,
@@ -359,7 +365,23 @@ class Session(SessionPlumbing):
                 return
             self._refuse_relay()
             return
-        self._add_recipient(addr)
+        self._check_mailbox(addr, check)
+
+    def _check_mailbox(self, addr: str, check: bool) -> None:
+        """eqmail: a local recipient without a mailbox is refused now instead of being
+        bounced later (backscatter), whether relaying is allowed or not; a plugin's O
+        verdict skips it like qmail's other checks."""
+        if not (check and self.cfg.check_mailbox):
+            self._add_recipient(addr)
+            return
+        self._wait(CheckMailbox(addr), lambda found: self._mailbox_done(found, addr))
+
+    def _mailbox_done(self, found: bool, addr: str) -> None:
+        if found:
+            self._add_recipient(addr)
+        else:
+            self._log("no mailbox")
+            self._send(replies.NO_MAILBOX)
 
     def _refuse_relay(self) -> None:
         if self.in_tls:
@@ -375,7 +397,7 @@ class Session(SessionPlumbing):
             return
         self.env["RELAYCLIENT"] = ""
         self.protocol += f"\n  (cert {email})"
-        self._add_recipient(addr)
+        self._check_mailbox(addr, True)
 
     def _add_recipient(self, addr: str) -> None:
         self.recipients.append(addr)

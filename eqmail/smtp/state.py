@@ -33,6 +33,7 @@ class SessionConfig:
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
     submission: bool = False        # a `submission` listener: MAIL needs AUTH whatever the port
+    check_mailbox: bool = False     # control/rcptchecklocal: ask CheckMailbox at RCPT
     max_line: int = 12288
     # The CRAM-MD5 challenge's two numbers (eqmail.smtp.auth.cram_challenge); tests
     # give a deterministic one.

@@ -65,7 +65,8 @@ def rcpt_matcher(c: Controls) -> RcptHosts:
 def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
                    badmailfrom: BadMailFrom, local_ips: frozenset[str], tls_available: bool,
                    auth_available: bool, plugins_enabled: bool = False,
-                   tls_client_relay: bool = False, submission: bool = False) -> SessionConfig:
+                   tls_client_relay: bool = False, submission: bool = False,
+                   check_mailbox: bool = False) -> SessionConfig:
     local_host = env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown"
     return SessionConfig(
         greeting=c.smtpgreeting or c.me,
@@ -80,4 +81,5 @@ def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
         tls_client_relay=tls_client_relay,
         plugins_enabled=plugins_enabled,
         submission=submission,
+        check_mailbox=check_mailbox,
     )

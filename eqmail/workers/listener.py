@@ -13,7 +13,10 @@ is then served.  Every read and write is bounded by timeoutsmtpd
 upgrade point; checkpassword (DJB fd-3 interface) runs in the plugin sandbox worker.
 Failed AUTHs are counted per client address by the sandbox, for every listener process
 (eqmail.authlimit, control/authlimit): the 535 comes after a growing delay, and an
-address over the limit gets a 454 without its password being checked.
+address over the limit gets a 454 without its password being checked.  With
+control/rcptchecklocal (default on) a local recipient is looked up at RCPT
+(eqmail.delivery.mailbox, the rules local delivery uses) in a small thread pool, bounded
+by LOOKUP_TIMEOUT; only a certain "no mailbox" refuses it.
 
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
@@ -27,13 +30,16 @@ import os
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from eqmail.authlimit import read_authlimit
 from eqmail.control import ListenerSpec
+from eqmail.delivery.mailbox import LocalUsers, Lookup, Mailbox, lookup
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
 from eqmail.queue.client import AsyncQueueClient
+from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.checkpw import run_checkpassword
@@ -55,6 +61,11 @@ from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
+# The RCPT check's password-database and stat calls may block (NSS, NFS homes): they run
+# in these threads, and one that takes longer than LOOKUP_TIMEOUT counts as "accept".
+LOOKUP_THREADS = 4
+LOOKUP_TIMEOUT = 10.0
+MAX_WARNED = 1024  # "cannot tell" warnings remembered (one log line per home directory)
 
 
 class Listener:
@@ -88,6 +99,7 @@ class Listener:
         if problem:
             log(f"warning: {problem}")
         self.authlimit = limit  # applied by the sandbox, which keeps the counts
+        self.mailbox_check = RecipientCheck(ctx) if c.rcptchecklocal else None
 
     def report_sessions(self) -> None:
         """Tell the supervisor how many sessions are open (for eqmailctl status), at
@@ -149,6 +161,45 @@ class Listener:
         del loop
 
 
+class RecipientCheck:
+    """control/rcptchecklocal: the RCPT-time lookup of local recipients, run in threads.
+
+    The listener (eqmaild) does the lookup itself, with the same functions and the same
+    Controls as local delivery; it needs no access beyond reading /etc/passwd and
+    stat()ing home directories, which need only search permission.  A home it cannot
+    search (mode 0700) or any other error gives "cannot tell" -- accepted, and logged
+    once per home directory -- so the check never refuses what delivery would take.
+    """
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        c = ctx.controls
+        alias = ctx.ids["alias"]
+        self.users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(ctx.instance.alias))
+        self.rules = RewriteRules.from_controls(c)
+        self.vmap = self.rules.vmap()
+        self.pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="rcptcheck")
+        self.warned: set[str] = set()
+
+    def lookup(self, address: str) -> Lookup:
+        return lookup(address, self.rules, self.users, vmap=self.vmap)
+
+    async def found(self, address: str) -> bool:
+        """False only when local delivery certainly has no mailbox for ``address``."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                result = await loop.run_in_executor(self.pool, self.lookup, address)
+        except TimeoutError:
+            result = Lookup(Mailbox.UNDECIDED, f"lookup took over {LOOKUP_TIMEOUT:g} s")
+        except Exception as e:  # a bug here must not refuse mail
+            result = Lookup(Mailbox.UNDECIDED, f"lookup failed: {e!r}")
+        if (result.verdict is Mailbox.UNDECIDED and result.reason not in self.warned
+                and len(self.warned) < MAX_WARNED):  # bounded: no log flood either
+            self.warned.add(result.reason)
+            log(f"warning: recipient check cannot tell, accepting: {sanitize(result.reason)}")
+        return not result.refuse
+
+
 async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
                           timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Streams for an accepted socket, made by a *server-side* stream protocol so that
@@ -199,7 +250,8 @@ class Connection:
                              auth_available=bool(listener.spec.checkpassword),
                              tls_client_relay=bool(listener.tlsclients),
                              submission=listener.spec.service == "submission",
-                             plugins_enabled=self.plugins is not None and not self.plugins.empty)
+                             plugins_enabled=self.plugins is not None and not self.plugins.empty,
+                             check_mailbox=listener.mailbox_check is not None)
         self.session = Session(cfg, env, time.time)
 
     async def run(self) -> None:
@@ -294,6 +346,10 @@ class Connection:
             if email is not None and email not in self.l.tlsclients:
                 email, reason = None, "email address not in my list of tlsclients"
             return self.session.cert_result(email, reason)
+        if isinstance(action, A.CheckMailbox):
+            assert self.l.mailbox_check is not None
+            found = await self.l.mailbox_check.found(action.address)
+            return self.session.mailbox_result(found)
         if isinstance(action, A.RunHook):
             assert self.plugins is not None
             outcome = await run_hook(self.l.sandbox_sock, action.stage,

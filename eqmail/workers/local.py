@@ -26,7 +26,8 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from eqmail.delivery.users import Assign, UserEntry, resolve
+from eqmail.delivery.mailbox import LocalUsers
+from eqmail.delivery.users import UserEntry
 from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
@@ -35,7 +36,6 @@ from eqmail.workers.base import WorkerContext, drain_wake_pipe
 
 CHILD_IDLE = 60.0
 MAX_JOB = 64 * 1024
-DELIMITER = "+"  # conf-break in eQmail 1.09
 
 
 @dataclass
@@ -55,9 +55,9 @@ class Spawner:
         self.children: dict[int, Child] = {}  # pid -> child
         self.clients: dict[socket.socket, bytearray] = {}
         self.stopping = False
-        self.assign = Assign.parse(ctx.controls.assign, "users/assign") if ctx.controls.assign else None
+        # The same table the SMTP listener's RCPT check resolves with (eqmail.delivery.mailbox).
         alias = ctx.ids["alias"]
-        self.alias = UserEntry("alias", alias.uid, alias.gid, str(ctx.instance.alias), "-", "")
+        self.users = LocalUsers.build(ctx.controls.assign, alias.uid, alias.gid, str(ctx.instance.alias))
         self.queue_uid = ctx.ids["queue"].uid
 
     # ------------------------------------------------------------ requests
@@ -87,7 +87,7 @@ class Spawner:
             if local == "":
                 return answer("K")  # qmail-lspawn: an empty local part is a successful trash delivery
             try:
-                user = resolve(local, self.assign, self.alias, DELIMITER)
+                user = self.users.resolve(local)
             except Exception as e:  # a passwd lookup failing is temporary
                 log(f"warning: user lookup for {local!r} failed: {e}")
                 return answer("ZTemporary failure in qmail-lspawn.")

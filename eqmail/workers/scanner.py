@@ -23,6 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from eqmail.delivery.bounce import bounded_copy
 from eqmail.ipc import ProtocolError, frame, read_requests
 from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.client import QueueConnection, submit
@@ -198,10 +199,13 @@ class Scanner:
             time.sleep(0.2)
         return [b"!"] * len(requests)
 
-    def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int) -> tuple[bool, str]:
+    def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int,
+                limit: int) -> tuple[bool, str]:
+        """Queue a bounce: ``head`` and the mess file, or at most ``limit`` bytes of it."""
         try:
             with open(self.paths.mess(msgid), "rb") as mess:
-                res = submit(self.root, sender, recipients, mess, prefix=head, role="bounce")
+                body = bounded_copy(mess, limit) if limit > 0 else mess
+                res = submit(self.root, sender, recipients, body, prefix=head, role="bounce")
         except OSError as e:
             return False, str(e)
         return (True, str(res.qp)) if res.ok else (False, res.text)

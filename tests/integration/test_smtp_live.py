@@ -180,13 +180,15 @@ RELAY_REFUSED = [
     f"victim@{ME}@remote.example", f'"victim@{ME}"@remote.example', f"victim\\@{ME}@remote.example",
     "victim@[::1]", "victim@[192.0.2.99]", f"{ME}!victim@remote.example", "victim@remote.example.",
 ]
-# The last domain is ours: accepted, and delivered (or bounced) locally — never relayed.
+# The last domain is ours: local, never relayed -- refused at RCPT when no local mailbox
+# takes the local part (control/rcptchecklocal, issue 12), accepted and delivered when one does.
 RELAY_LOCAL = [
     f"victim%remote.example@{ME}", f"victim@remote.example@{ME}", f'"victim@remote.example"@{ME}',
-    f"remote.example!victim@{ME}", f"@remote.example:testuser@{ME}", "remote.example!victim",
+    f"remote.example!victim@{ME}", "remote.example!victim",
     # localiphost defaults to me (qmail's control_rldef): our own literal is local
     "victim@[127.0.0.1]",
 ]
+RELAY_LOCAL_DELIVERED = [f"@remote.example:testuser@{ME}", "testuser@[127.0.0.1]"]
 
 
 @pytest.mark.parametrize("host,source", [(V4, "127.0.0.2"), (V6, None)])
@@ -197,6 +199,8 @@ def test_relay_battery(mx: Mx, host: str, source: str | None) -> None:
     for rcpt in RELAY_REFUSED:
         assert c.command(f"RCPT TO:<{rcpt}>") == (553, [replies.NO_RCPTHOSTS.text]), rcpt
     for rcpt in RELAY_LOCAL:
+        assert c.command(f"RCPT TO:<{rcpt}>") == (550, [replies.NO_MAILBOX.text]), rcpt
+    for rcpt in RELAY_LOCAL_DELIVERED:
         assert c.command(f"RCPT TO:<{rcpt}>") == (250, ["ok"]), rcpt
     assert c.command("DATA")[0] == 354
     code, text = c.command(b"Subject: battery\r\n\r\nx\r\n.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import io
 import time
 from collections.abc import Iterator
 
@@ -9,9 +11,12 @@ import pytest
 
 from eqmail.delivery.bounce import (
     DOUBLE_BOUNCE_SENDER,
+    BounceRate,
     BounceTarget,
+    Excerpt,
     bounce_note,
     bounce_target,
+    bounded_copy,
     compose_bounce,
     quote_address,
 )
@@ -164,3 +169,83 @@ def test_addresses_are_quoted_like_qmail(utc: None) -> None:
 ])
 def test_quote_address(addr: str, quoted: str) -> None:
     assert quote_address(addr) == quoted
+
+
+# ------------------------------------------------------------------ size limit (bouncemaxbytes)
+
+
+def test_truncated_bounce_says_so_in_its_break_paragraph(utc: None) -> None:
+    notes = b"<joe@x.org>:\nSorry. (#5.1.1)\n\n"
+    target = BounceTarget("", "joe@x.org", False)
+    whole = compose_bounce(target=target, original_sender="joe@x.org", notes=notes,
+                           bouncefrom="MAILER-DAEMON", bouncehost="mx", now=NOW,
+                           excerpt=Excerpt(50_000, 50_000))
+    assert b"\n--- Below this line is a copy of the message.\n\nReturn-Path:" in whole
+    cut = compose_bounce(target=target, original_sender="joe@x.org", notes=notes,
+                         bouncefrom="MAILER-DAEMON", bouncehost="mx", now=NOW,
+                         excerpt=Excerpt(1_048_576, 50_000))
+    assert cut.endswith(
+        b"Sorry. (#5.1.1)\n\n"
+        b"--- Below this line is the beginning of a copy of the message, cut to at most "
+        b"50000 of its 1048576 bytes.\n"
+        b"--- The rest of the message is not included.\n"
+        b"\n"
+        b"Return-Path: <joe@x.org>\n")
+    double = compose_bounce(target=BounceTarget("#@[]", "pm@mx", True), original_sender="",
+                            notes=notes, bouncefrom="MAILER-DAEMON", bouncehost="mx", now=NOW,
+                            excerpt=Excerpt(60_000, 50_000))
+    assert b"\n--- Below this line is the beginning of the original bounce, cut to" in double
+    assert not Excerpt(10**9, 0).truncated  # 0: the whole message, as qmail
+
+
+@pytest.mark.parametrize("limit", [1, 7, 100, 65_535, 65_536, 65_537, 200_000])
+def test_bounded_copy_is_at_most_the_limit_and_ends_at_a_line_end(limit: int) -> None:
+    lines = b"".join(b"line %06d " % i + b"x" * (i % 90) + b"\n" for i in range(5000))
+    copy = b"".join(bounded_copy(io.BytesIO(lines), limit))
+    if len(lines) <= limit:
+        assert copy == lines
+        return
+    assert len(copy) <= limit + 1 and copy.endswith(b"\n")
+    if b"\n" in lines[:limit]:
+        assert lines.startswith(copy) and len(copy) > limit - 65_536 - 100
+    else:
+        assert copy == lines[:limit] + b"\n"
+
+
+def test_bounded_copy_of_a_short_or_exact_message_is_the_message() -> None:
+    assert b"".join(bounded_copy(io.BytesIO(b"a\nb"), 3)) == b"a\nb"
+    assert b"".join(bounded_copy(io.BytesIO(b"a\nb"), 10)) == b"a\nb"
+    assert b"".join(bounded_copy(io.BytesIO(b""), 10)) == b""
+    assert b"".join(bounded_copy(io.BytesIO(b"no line end at all"), 5)) == b"no li\n"
+
+
+def test_a_truncated_bounce_parses_with_pythons_email(utc: None) -> None:
+    original = b"Received: x\nSubject: big\nMIME-Version: 1.0\n\n" + b"y" * 77 + b"\n" * 1000
+    head = compose_bounce(target=BounceTarget("", "joe@x.org", False), original_sender="a@b",
+                          notes=b"<joe@x.org>:\nSorry.\n\n", bouncefrom="MAILER-DAEMON",
+                          bouncehost="mx", now=NOW, excerpt=Excerpt(len(original), 200))
+    msg = email.message_from_bytes(head + b"".join(bounded_copy(io.BytesIO(original), 200)))
+    assert msg["Subject"] == "failure notice" and msg["To"] == "joe@x.org"
+    assert not msg.defects
+    body = msg.get_payload()
+    assert isinstance(body, str) and "Subject: big" in body and len(body) < 1000
+
+
+# ------------------------------------------------------------------ rate limit (bouncelimit)
+
+
+def test_bounce_rate_per_address_per_window() -> None:
+    rate = BounceRate(3, window=3600)
+    assert [rate.allow("Joe@X.org", NOW + i) for i in range(5)] == [True, True, True, False, False]
+    assert rate.allow("other@x.org", NOW + 5)               # another address: its own count
+    assert not rate.allow("joe@x.org", NOW + 3599)           # case-insensitive, same window
+    assert rate.allow("joe@x.org", NOW + 3600)               # the next hour
+    assert all(BounceRate(0).allow("joe@x.org", NOW) for _ in range(100))  # 0: no limit
+
+
+def test_bounce_rate_table_is_bounded() -> None:
+    rate = BounceRate(1, window=10, max_addresses=100)
+    for i in range(1000):
+        assert rate.allow(f"a{i}@x", NOW)
+    assert len(rate._seen) <= 100
+    assert not rate.allow("a999@x", NOW)   # recent entries are kept

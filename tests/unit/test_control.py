@@ -82,6 +82,9 @@ def test_missing_me_is_an_error(tmp_path: Path) -> None:
     ("queuelifetime", "1 week", "control/queuelifetime:1: not a number: '1 week'"),
     ("timeoutremote", "\u0661\u0662", "control/timeoutremote:1: not a number: '\u0661\u0662'"),
     ("defaultdelivery", "Maildir/", "control/defaultdelivery:1: must start with ./ / | or &"),
+    ("rcptchecklocal", "2", "control/rcptchecklocal:1: 2 out of range 0..1"),
+    ("bouncemaxbytes", "50k", "control/bouncemaxbytes:1: not a number: '50k'"),
+    ("bouncelimit", "-1", "control/bouncelimit:1: -1 out of range 0..1000000000"),
 ])
 def test_bad_values_name_file_and_line(tmp_path: Path, name: str, value: str, message: str) -> None:
     assert errors_of(make(tmp_path, me="mx.example", **{name: value + "\n"})) == [message]
@@ -98,6 +101,16 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
         "control/smtproutes:2: port 99999 out of range",
         "control/smtproutes:3: missing ':'",
     ])
+
+
+def test_backscatter_controls_defaults_and_values(tmp_path: Path) -> None:
+    c = load_controls(make(tmp_path, me="m"))
+    assert (c.rcptchecklocal, c.bouncemaxbytes, c.bouncelimit) == (1, 50000, 20)
+    c = load_controls(make(tmp_path, me="m", rcptchecklocal="0\n", bouncemaxbytes="0\n",
+                           bouncelimit="5\n"))
+    assert (c.rcptchecklocal, c.bouncemaxbytes, c.bouncelimit) == (0, 0, 5)
+    shown = {name: value for name, value, _source in describe(c)}
+    assert (shown["rcptchecklocal"], shown["bouncemaxbytes"], shown["bouncelimit"]) == ("0", "0", "5")
 
 
 def test_timeoutsmtpd_nonpositive_means_one_second(tmp_path: Path) -> None:

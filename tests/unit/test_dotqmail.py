@@ -18,9 +18,11 @@ from eqmail.delivery.dotqmail import (
     ForwardOnly,
     Maildir,
     Mbox,
+    NoMailbox,
     Program,
     candidates,
     find,
+    has_mailbox,
     new_sender,
     parse,
     safe_ext,
@@ -90,7 +92,11 @@ def test_find_exact_then_chain(home: Path) -> None:
 
 
 def test_find_nothing(home: Path) -> None:
-    assert find(str(home), "-", "x") is None
+    # an extension address without a file does not exist; the user's own address
+    # falls back to the default delivery
+    with pytest.raises(NoMailbox) as info:
+        find(str(home), "-", "x")
+    assert info.value.text == "Sorry, no mailbox here by that name. (#5.1.1)"
     assert find(str(home), "", "") is None
 
 
@@ -114,13 +120,17 @@ def test_owner_execute_bit_is_forward_only(home: Path) -> None:
 def test_non_regular_file_counts_as_absent(home: Path) -> None:
     (home / ".qmail-x").mkdir()
     os.mkfifo(home / ".qmail-default")
-    assert find(str(home), "-", "x") is None
+    with pytest.raises(NoMailbox):
+        find(str(home), "-", "x")
+    assert not has_mailbox(str(home), "-", "x")
 
 
 def test_extension_with_slash_never_leaves_home(home: Path, tmp_path: Path) -> None:
     (home / ".qmail-sub").mkdir()
     write(home / ".qmail-sub", "file", "&evil@x\n")
-    assert find(str(home), "-", "sub/file") is None
+    with pytest.raises(NoMailbox):
+        find(str(home), "-", "sub/file")
+    assert not has_mailbox(str(home), "-", "sub/file")
 
 
 # --- NEWSENDER ---------------------------------------------------------------------

@@ -82,3 +82,39 @@ def test_a_todo_entry_that_cannot_be_preprocessed_is_flagged_for_an_early_retry(
     monkeypatch.undo()
     m.todo_trouble = False
     assert m.process_todo() == 1 and not m.todo_trouble and cleaned == ["todo/8/77"]
+
+
+def test_bounces_to_one_sender_are_limited_double_bounces_are_not_and_the_copy_is_bounded(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.test.example\n")
+    (tmp_path / "control" / "bouncelimit").write_text("2\n")
+    (tmp_path / "control" / "bouncemaxbytes").write_text("1000\n")
+    paths = create_queue(tmp_path / "queue")
+    injected: list[tuple[str, list[str], bytes, int, int]] = []
+
+    def injector(sender: str, rcpts: list[str], head: bytes, msgid: int, limit: int) -> tuple[bool, str]:
+        injected.append((sender, rcpts, head, msgid, limit))
+        return True, "1"
+
+    m = QueueManager(load_controls(tmp_path), paths, lambda r: [b"+"] * len(r), injector)
+    senders = {101: "Forged@Victim.example", 102: "forged@victim.example",
+               103: "FORGED@victim.example", 104: "other@victim.example",
+               201: "", 202: "", 203: "", 204: ""}
+    for msgid, sender in senders.items():
+        m.paths.mess(msgid).write_bytes(b"Subject: x\n\n" + b"y\n" * 5000)
+        m.paths.info(msgid).write_bytes(f"F{sender}\0".encode())
+        m.paths.bounce(msgid).write_bytes(b"<nobody@mx.test.example>:\nSorry. (#5.1.1)\n\n")
+        assert m.message_done(msgid)
+        assert not m.paths.bounce(msgid).exists()
+    got = [(msgid, rcpts[0]) for _s, rcpts, _h, msgid, _l in injected]
+    assert got == [(101, "Forged@Victim.example"), (102, "forged@victim.example"),
+                   (104, "other@victim.example")] + [
+        (i, "postmaster@mx.test.example") for i in (201, 202, 203, 204)]
+    err = capfd.readouterr().err
+    assert ("bounce limit: discarding bounce/103 to FORGED@victim.example: more than 2 "
+            "bounces to this address within an hour") in err
+    assert err.count("bounce limit:") == 1
+    # every bounce says its copy is cut, and the injector is told to cut it
+    assert all(limit == 1000 and b"cut to at most 1000 of its 10012 bytes" in head
+               for _s, _r, head, _m, limit in injected)
