@@ -35,7 +35,7 @@ WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
     "scanner": ("me", "locals", "virtualdomains", "percenthack", "envnoathost", "bouncefrom",
                 "bouncehost", "doublebouncehost", "doublebounceto", "concurrencylocal",
                 "concurrencyremote", "queuelifetime"),
-    "local": ("me", "assign", "defaultdelivery", "concurrencylocal"),
+    "local": ("me", "assign", "defaultdelivery", "concurrencylocal", "timeoutprogram"),
     "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
                "concurrencyremote", "locals", "beforemote", "tlsclientciphers", "clientcert",
                "tlshosts", "tlshosts_exhaustive", "notlshosts"),

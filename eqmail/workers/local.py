@@ -297,7 +297,8 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
             continue
         with os.fdopen(fds[0], "rb") as message:
             try:
-                report = deliver(job, message, forwarder, hostname=None)
+                report = deliver(job, message, forwarder, hostname=None,
+                                 program_limit=ctx.controls.timeoutprogram)
                 text = report.kind.value + report.text
             except Exception as e:  # our bug must never bounce mail: defer
                 log(f"warning: local delivery raised {e!r}")
