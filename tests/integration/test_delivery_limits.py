@@ -13,6 +13,7 @@ import time
 
 import pytest
 from harness import ME, Instance, dotqmail, poll, status
+from smtpsink import SmtpSink
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -97,14 +98,22 @@ def finish_slow(inst: Instance) -> None:
     assert (inst.home / "runs.log").read_text() == "run\ndone\n", inst.log()[-6000:]
 
 
+def restart_scanner(inst: Instance, how: str) -> None:
+    old = scanner_pid(inst)
+    assert old is not None
+    if how == "reload":
+        inst.write_control("queuelifetime", "604801")  # a scanner control: it is replaced
+        inst.ctl("reload")
+    else:
+        os.kill(old, signal.SIGKILL)
+    poll(lambda: (pid := scanner_pid(inst)) and pid != old, timeout=10,
+         what="a new scanner", inst=inst)
+
+
 def test_reload_that_restarts_the_scanner_keeps_mail_flowing_and_runs_a_program_once(
         running: Instance) -> None:
     start_slow(running)
-    old = scanner_pid(running)
-    running.write_control("queuelifetime", "604801")  # a scanner control: it is replaced
-    running.ctl("reload")
-    poll(lambda: (pid := scanner_pid(running)) and pid != old, timeout=10,
-         what="a new scanner", inst=running)
+    restart_scanner(running, "reload")
     send(running, TESTUSER, "during the reload")
     took = delivered_within(running, 1, 30)
     assert took < 5, (took, running.log()[-4000:])
@@ -115,13 +124,47 @@ def test_reload_that_restarts_the_scanner_keeps_mail_flowing_and_runs_a_program_
 def test_kill_9_of_the_scanner_keeps_mail_flowing_and_runs_a_program_once(
         running: Instance) -> None:
     start_slow(running)
-    old = scanner_pid(running)
-    assert old is not None
-    os.kill(old, signal.SIGKILL)
-    poll(lambda: (pid := scanner_pid(running)) and pid != old, timeout=10,
-         what="a new scanner", inst=running)
+    restart_scanner(running, "kill")
     send(running, TESTUSER, "after the kill")
     took = delivered_within(running, 1, 30)
     assert took < 5, (took, running.log()[-4000:])
     assert (running.home / "runs.log").read_text() == "run\n"
     finish_slow(running)
+
+
+class SlowSink(SmtpSink):
+    """Takes its time (8 s) before the 250 to the end of data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_seen = 0
+
+    def _reply(self, io, stage, normal):  # type: ignore[no-untyped-def]
+        if stage == "final":
+            self.data_seen += 1
+            time.sleep(8)
+        super()._reply(io, stage, normal)
+
+
+@pytest.mark.parametrize("how", ["reload", "kill"])
+def test_a_remote_delivery_running_across_a_scanner_restart_is_sent_once(
+        instance: Instance, how: str) -> None:
+    sink = SlowSink()
+    port = sink.listen("127.0.0.1")
+    try:
+        instance.write_control("smtproutes", f"slow.example:[127.0.0.1]:{port}\n")
+        instance.start()
+        send(instance, "someone@slow.example", "remote")
+        poll(lambda: sink.data_seen, what="the message at the slow server", inst=instance)
+        restart_scanner(instance, how)
+        send(instance, TESTUSER, "local mail meanwhile")
+        took = delivered_within(instance, 1, 30)
+        assert took < 5, (took, instance.log()[-4000:])
+        poll(lambda: "accepted message./Remote host said: 250 ok" in instance.log(), timeout=60,
+             what="the remote success", inst=instance)
+        instance.wait_queue_empty(timeout=30)
+        instance.ctl("queue", "flush")
+        time.sleep(1)
+        assert sink.data_seen == 1 and len(sink.transactions) == 1, instance.log()[-6000:]
+    finally:
+        sink.stop()
