@@ -101,7 +101,8 @@ def finish_slow(inst: Instance) -> None:
 
 def restart_scanner_and_send(inst: Instance, how: str) -> None:
     """Restart the scanner (``reload`` with a changed scanner control, or ``kill`` -9),
-    send a message to the test user at once: it must arrive within a few seconds."""
+    send a message to the test user at once: it must arrive within seconds, not
+    when the running program or SMTP transaction ends."""
     old = scanner_pid(inst)
     assert old is not None
     if how == "reload":
@@ -113,7 +114,7 @@ def restart_scanner_and_send(inst: Instance, how: str) -> None:
     send(inst, TESTUSER, f"sent right after the {how}")
     inst.wait_for_mail(1, timeout=40)
     took = time.monotonic() - start
-    assert took < 5, (took, inst.log()[-4000:])
+    assert took < 8, (took, inst.log()[-4000:])  # ~20 s when the scanner waits
     assert scanner_pid(inst) != old
 
 
