@@ -6,11 +6,14 @@ queues mail may pull), delivery reports from
 the local (and later remote) delivery workers, its timers (next scheduled pass, a
 periodic rescan of todo/ that backs up lost events, the cleanup sweep of orphaned mess
 files — at start, when its connection to the queue writer closes (the writer died) and
-every SLEEP_CLEANUP seconds) and signals (TERM: graceful stop; ALRM: flush).  Events only
-wake it: the directories are the truth.
+every SLEEP_CLEANUP seconds) and signals (TERM: graceful stop, running deliveries may
+finish for STOP_GRACE; USR1, from a reload that replaces it: hand over at once; ALRM:
+flush).  Events only wake it: the directories are the truth.
 
 Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
-the local delivery worker (run/local.sock, delivery requests ``D`` / reports ``r``).
+the local and remote delivery workers (run/local.sock, run/remote.sock: delivery
+requests ``D`` / reports ``r``; on connecting it first takes over the deliveries a
+previous scanner left running, and before exiting it detaches, see eqmail.ipc).
 """
 
 from __future__ import annotations
@@ -399,6 +402,7 @@ class Scanner:
             if self.stopping and not stop_deadline:
                 stop_deadline = time.monotonic() + STOP_GRACE
         self._detach()
+        self.manager.flush_cleans()  # messages the last reports completed
         self.manager.save_schedule()
         log("status: exiting")
         flush_log()
