@@ -112,6 +112,7 @@ class Controls:
     smtpgreeting: str = ""
     smtproutes: tuple[tuple[str, Route], ...] = ()
     timeoutconnect: int = 60
+    timeoutprogram: int = 1000  # eqmail: seconds a |program may run (Postfix command_time_limit)
     timeoutremote: int = 1200
     timeoutsmtpd: int = 1200
     virtualdomains: tuple[tuple[str, str], ...] = ()
@@ -434,6 +435,7 @@ def load_controls(root: Path) -> Controls:
         smtpgreeting=me_or("smtpgreeting", ""),
         smtproutes=_parse_smtproutes(r),
         timeoutconnect=r.integer("timeoutconnect", 60, 1, 86400),
+        timeoutprogram=r.integer("timeoutprogram", 1000, 1, 86400),
         timeoutremote=r.integer("timeoutremote", 1200, 1, 86400),
         timeoutsmtpd=r.integer("timeoutsmtpd", 1200, -(2**31), 86400),
         virtualdomains=_parse_virtualdomains(r),
@@ -602,8 +604,8 @@ KNOWN_FILES = (
     "databytes", "defaultdomain", "defaulthost", "defaultdelivery", "doublebouncehost",
     "doublebounceto", "envnoathost", "helohost", "idhost", "localiphost", "locals",
     "morercpthosts", "percenthack", "plusdomain", "queuelifetime", "rcpthosts",
-    "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutremote", "timeoutsmtpd",
-    "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
+    "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutprogram", "timeoutremote",
+    "timeoutsmtpd", "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
     "tlsserverciphers", "tlsclientciphers",
     "rcptchecklocal", "bouncemaxbytes", "bouncelimit",
 )

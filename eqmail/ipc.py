@@ -16,8 +16,19 @@ Queue writer socket (run/queue.sock, world-connectable):
   writer -> client   ``R`` result: ASCII ``<exit code> <qp> <msgid>``
                      ``K`` clean answer: one byte ``+`` / ``!`` / ``x``
 
-Local delivery socket (run/local.sock, scanner only): ``D`` request / ``r`` report,
-see eqmail.workers.local.
+Delivery sockets (run/local.sock and run/remote.sock, scanner only; eqmail.workers.local
+and eqmail.workers.remote), served through eqmail.workers.jobs:
+  scanner -> worker  ``D`` delivery request ``slot\0msgid\0sender\0recipient\0``; the slot
+                     names the delivery and comes back in its report.  The scanner's slot
+                     is ``msgid.offset`` (the recipient's record in the channel file), a
+                     name that stays valid when the scanner is restarted
+                     ``A`` attach (empty): "I am the scanner now"
+                     ``Q`` detach (empty): a scanner that hands over, before it exits
+  worker -> scanner  ``r`` report ``slot\0`` + K/Z/D + text, exactly one per request
+                     ``a`` the slot of a delivery this scanner takes over: still running,
+                     or finished with a report nobody has received yet (sent next);
+                     answers ``A``, followed by ``e`` (empty) at the end of the list
+                     ``q`` (empty) answers ``Q``: nothing more comes on this connection
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import struct
 from dataclasses import dataclass
 
 HEADER = struct.Struct(">cI")
+SLOT_MAX = 64  # bytes of a delivery request's slot
 
 MAX_FRAME: dict[bytes, int] = {
     b"H": 64,
@@ -38,6 +50,11 @@ MAX_FRAME: dict[bytes, int] = {
     b"K": 1,
     b"D": 64 << 10,
     b"r": 16 << 10,
+    b"A": 0,
+    b"a": SLOT_MAX,
+    b"e": 0,
+    b"Q": 0,
+    b"q": 0,
     b"S": 1 << 20,  # status request/answer
 }
 
@@ -93,10 +110,9 @@ def accept_from(listener: socket.socket, allowed_uids: set[int]) -> socket.socke
     return conn
 
 
-def read_requests(conn: socket.socket, buf: bytearray, kind: bytes = b"D") -> list[bytes] | None:
-    """The payloads of ``kind`` frames now readable on a non-blocking connection
-    (delivery requests ``D`` at a delivery worker, reports ``r`` at the scanner); None
-    when the peer closed it.  ProtocolError for any other frame."""
+def read_frames(conn: socket.socket, buf: bytearray, kinds: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The frames now readable on a non-blocking connection whose type is one of the
+    bytes of ``kinds``; None when the peer closed it.  ProtocolError for any other frame."""
     try:
         data = conn.recv(65536)
     except BlockingIOError:
@@ -106,12 +122,18 @@ def read_requests(conn: socket.socket, buf: bytearray, kind: bytes = b"D") -> li
     if not data:
         return None
     buf += data
-    payloads = []
-    for got, payload in take_frames(buf):
-        if got != kind:
+    frames = take_frames(buf)
+    for got, _payload in frames:
+        if got not in kinds:  # one byte: a membership test
             raise ProtocolError(f"unexpected frame {got!r}")
-        payloads.append(payload)
-    return payloads
+    return frames
+
+
+def read_requests(conn: socket.socket, buf: bytearray, kind: bytes = b"D") -> list[bytes] | None:
+    """The payloads of ``kind`` frames now readable on a non-blocking connection; None
+    when the peer closed it.  ProtocolError for any other frame."""
+    frames = read_frames(conn, buf, kind)
+    return None if frames is None else [payload for _kind, payload in frames]
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

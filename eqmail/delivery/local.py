@@ -3,7 +3,8 @@
 What it owns (qmail-core.md §3.4): the home directory checks, the Delivered-To loop
 check, the environment given to programs, choosing the .qmail file (via
 :mod:`eqmail.delivery.dotqmail`), running its lines in order -- Maildir and mbox at once,
-``|program`` through ``/bin/sh -c`` in the home directory, forwards collected and queued
+``|program`` through ``/bin/sh -c`` in the home directory (in its own process group,
+killed as a whole after control/timeoutprogram seconds: a deferral), forwards collected and queued
 once at the end through the caller's ``forwarder`` -- and the report qmail-lspawn would
 send back: kind ``K``/``Z``/``D`` and text (program output, then ``did F+W+P`` and
 ``qp N``, or the failure text), cut to 3000 bytes as qmail-lspawn does.
@@ -28,6 +29,8 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import selectors
+import signal
 import stat
 import subprocess
 import tempfile
@@ -76,6 +79,9 @@ TOO_LONG = b"\nError report too long, sorry.\n"
 PERMANENT_EXIT_CODES = frozenset({100, 64, 65, 70, 76, 77, 78, 112})
 EXIT_STOP = 99  # success, and skip the rest of the .qmail file
 CHUNK = 65536
+DEFAULT_PROGRAM_LIMIT = 1000.0  # control/timeoutprogram's default (Postfix's command_time_limit)
+KILL_GRACE = 2.0  # SIGTERM to SIGKILL, once a program is over its time limit
+OUTPUT_GRACE = 1.0  # output still read after the program exited (a background child's)
 _LINE_LIMIT = 8192
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -330,9 +336,19 @@ def _plan(job: LocalJob) -> _Plan:
 
 
 def _run_program(
-    command: str, message: _Message, env: dict[str, str], home: str, out: _Output
+    command: str, message: _Message, env: dict[str, str], home: str, out: _Output,
+    limit: float,
 ) -> bool:
-    """Run one ``|command``; True if it asked to stop (exit 99)."""
+    """Run one ``|command``; True if it asked to stop (exit 99).
+
+    The program gets its own process group (a new session), so that when it runs
+    longer than ``limit`` seconds (control/timeoutprogram, Postfix's command_time_limit)
+    the whole group goes -- grandchildren included, also those that ignore SIGTERM or
+    let go of the output pipe -- and the delivery is deferred.  Its exit status decides
+    the result as in qmail-local; output is collected until the pipe closes, but no
+    longer than OUTPUT_GRACE after the program exited, so a background child that keeps
+    the pipe open cannot hold the delivery.
+    """
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],  # the user's own command line, run by their shell
@@ -344,15 +360,16 @@ def _run_program(
             umask=0o077,
             close_fds=True,
             restore_signals=True,  # SIGPIPE back to default, as qmail-local's child
+            start_new_session=True,  # its own process group: the time limit kills all of it
         )
     except OSError as exc:
         raise _temporary(f"Unable to run /bin/sh: {exc.strerror}. (#4.3.0)") from exc
     assert proc.stdout is not None
     with proc.stdout:
-        # Read to EOF so the program never blocks on a full pipe; _Output keeps the start.
-        while chunk := os.read(proc.stdout.fileno(), CHUNK):
-            out.write(chunk)
-    status = proc.wait()
+        status = _collect(proc, out, time.monotonic() + limit)
+    if status is None:
+        _kill_group(proc)
+        raise _temporary(f"Timeout: program ran longer than {limit:g} seconds. (#4.3.0)")
     if status < 0:
         raise _temporary("Aack, child crashed. (#4.3.0)")
     if status in PERMANENT_EXIT_CODES:
@@ -361,6 +378,71 @@ def _run_program(
         return True
     if status != 0:
         raise _Failure(ReportKind.TEMPORARY)
+    return False
+
+
+def _collect(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> int | None:
+    """Read the program's output until it exited and the pipe closed (or OUTPUT_GRACE
+    after its exit); its exit status, or None when ``deadline`` passed first.  Reading
+    all the time means the program never blocks on a full pipe; _Output keeps the start."""
+    assert proc.stdout is not None
+    pipe = proc.stdout.fileno()
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(pipe, selectors.EVENT_READ, "pipe")
+            sel.register(pidfd, selectors.EVENT_READ, "exit")
+            status: int | None = None
+            while True:
+                now = time.monotonic()
+                if status is None and now >= deadline:
+                    return None
+                if status is not None and (now >= deadline or not sel.get_map()):
+                    return status
+                for key, _ in sel.select(deadline - now):
+                    if key.data == "exit":
+                        sel.unregister(pidfd)
+                        status = proc.wait()
+                        deadline = min(deadline, time.monotonic() + OUTPUT_GRACE)
+                    elif chunk := os.read(pipe, CHUNK):
+                        out.write(chunk)
+                    else:
+                        sel.unregister(pipe)
+    finally:
+        os.close(pidfd)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the program's process group, SIGKILL to what is left after KILL_GRACE.
+    The shell is reaped only after both: while it is unreaped its pid, which is the
+    group's id, cannot be given to another process, so the signals reach only the
+    program's own group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + KILL_GRACE
+    while time.monotonic() < end and _group_running(proc.pid):
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies aside), from /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
     return False
 
 
@@ -389,7 +471,8 @@ class _Counts:
 
 
 def _execute(job: LocalJob, plan: _Plan, message: _Message, lines: EnvelopeLines,
-             env: dict[str, str], out: _Output, hostname: str | None) -> tuple[_Counts, list[str]]:
+             env: dict[str, str], out: _Output, hostname: str | None,
+             program_limit: float) -> tuple[_Counts, list[str]]:
     """Run the lines top to bottom; return the counts and the collected forwards."""
     counts = _Counts()
     recipients: list[str] = []
@@ -409,7 +492,7 @@ def _execute(job: LocalJob, plan: _Plan, message: _Message, lines: EnvelopeLines
             counts.programs += 1
             if forward_only:
                 raise _temporary("Uh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)")
-            if _run_program(ins.command, message, env, job.home, out):
+            if _run_program(ins.command, message, env, job.home, out, program_limit):
                 break  # exit 99: later lines are skipped, collected forwards still go
     return counts, recipients
 
@@ -436,11 +519,13 @@ def deliver(
     hostname: str | None = None,
     base_env: Mapping[str, str] | None = None,
     now: float | None = None,
+    program_limit: float = DEFAULT_PROGRAM_LIMIT,
 ) -> Report:
     """Deliver ``message`` to ``job``'s recipient as qmail-local would; see module doc.
 
     ``base_env`` is the environment programs inherit (default: this process's, as
-    qmail-local inherits qmail-start's); ``now`` fixes the UFLINE time (tests).
+    qmail-local inherits qmail-start's); ``now`` fixes the UFLINE time (tests);
+    ``program_limit`` is control/timeoutprogram: seconds one ``|program`` may run.
     """
     out = _Output()
     msg: _Message | None = None
@@ -453,7 +538,8 @@ def deliver(
         plan = _plan(job)
         env = build_environment(job, lines, plan.default, plan.newsender,
                                 os.environ if base_env is None else base_env)
-        counts, recipients = _execute(job, plan, msg, lines, env, out, hostname)
+        counts, recipients = _execute(job, plan, msg, lines, env, out, hostname,
+                                      program_limit)
         qp = None
         if recipients:
             qp = _forward(forwarder, plan.newsender, recipients, lines.dtline, msg)

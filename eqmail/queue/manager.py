@@ -211,6 +211,31 @@ class QueueManager:
                                        verp_sender(ps.sender, rec.address), rec.address))
         return out
 
+    def adopt(self, channel: Channel, msgid: int, offset: int) -> DeliveryRequest | None:
+        """A delivery a previous scanner started is still running in the delivery worker
+        (or ended with a report not received yet): it becomes outstanding in a pass of
+        its message, exactly as if started here, so it is not started again and its
+        report is applied.  None when the message or the record is not waiting in the
+        queue any more (a report for it is then ignored)."""
+        state = self.channels[channel]
+        ps = state.passes.get(msgid)
+        if ps is None:
+            ps = self._open_pass(channel, msgid, self.clock())
+            if ps is None:
+                return None
+            state.scheduled.pop(msgid, None)  # this pass replaces the scheduled one
+            state.passes[msgid] = ps
+        rec = next((r for r in ps.todo if r.offset == offset), None)
+        if rec is None:
+            if ps.finished:
+                self._pass_finished(state, ps)
+            return None
+        ps.todo.remove(rec)
+        ps.outstanding += 1
+        state.active += 1
+        return DeliveryRequest(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
+                               rec.address)
+
     def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
         while True:
             due = state.next_due()

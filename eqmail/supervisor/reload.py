@@ -35,12 +35,15 @@ WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
     "scanner": ("me", "locals", "virtualdomains", "percenthack", "envnoathost", "bouncefrom",
                 "bouncehost", "doublebouncehost", "doublebounceto", "concurrencylocal",
                 "concurrencyremote", "queuelifetime"),
-    "local": ("me", "assign", "defaultdelivery", "concurrencylocal"),
+    "local": ("me", "assign", "defaultdelivery", "concurrencylocal", "timeoutprogram"),
     "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
                "concurrencyremote", "locals", "beforemote", "tlsclientciphers", "clientcert",
                "tlshosts", "tlshosts_exhaustive", "notlshosts"),
     "sandbox": ("spptimeout",),
 }
+
+# Workers that a reload replaces with a signal other than SIGTERM (a stop).
+HANDOVER_SIGNAL: dict[str, signal.Signals] = {"scanner": signal.SIGUSR1}
 
 
 def _differs(old: Controls, new: Controls, fields: tuple[str, ...]) -> bool:
@@ -94,11 +97,14 @@ class ReloadMixin:
 
     def _replace(self, w: Worker) -> None:
         """Stop ``w`` gracefully and start its successor with the new controls when it
-        has exited (the scanner must never run twice at once)."""
+        has exited (the scanner must never run twice at once).  The scanner is asked to
+        hand over (HANDOVER_SIGNAL) rather than to stop: it exits at once and its
+        successor takes over the deliveries still running, instead of holding every
+        delivery back until they end."""
         w.retired = True
         w.state = "stopping"
         assert w.proc is not None
-        os.kill(w.proc.pid, signal.SIGTERM)
+        os.kill(w.proc.pid, HANDOVER_SIGNAL.get(w.kind, signal.SIGTERM))
 
     def _retired_exit(self, w: Worker) -> None:
         if w.kind == "listener":

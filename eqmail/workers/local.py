@@ -13,7 +13,9 @@ the message without any access to the queue directory.
 
 Serves run/local.sock, connectable only by the scanner's uid (mode 0600, owner eqmails,
 and SO_PEERCRED checked).  Requests ``D``: ``slot\\0msgid\\0sender\\0recipient\\0``;
-reports ``r``: ``slot\\0`` + K/Z/D + text (qmail-lspawn's report mapping).
+reports ``r``: ``slot\\0`` + K/Z/D + text (qmail-lspawn's report mapping).  Deliveries
+outlive the scanner connection that asked for them: a restarted scanner takes over the
+running ones and their reports (eqmail.workers.jobs), so none is started twice.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from dataclasses import dataclass, field
 
 from eqmail.delivery.mailbox import LocalUsers
 from eqmail.delivery.users import UserEntry
-from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
+from eqmail.ipc import ProtocolError, accept_from, read_frames
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.jobs import JobBoard
 
 CHILD_IDLE = 60.0
 MAX_JOB = 64 * 1024
@@ -43,7 +46,7 @@ class Child:
     key: tuple[int, int, str]
     pid: int
     sock: socket.socket
-    busy_slot: tuple[socket.socket, bytes] | None = None
+    busy_slot: bytes | None = None  # the delivery it is running
     idle_since: float = field(default_factory=time.monotonic)
 
 
@@ -54,6 +57,7 @@ class Spawner:
         self.sel = selectors.DefaultSelector()
         self.children: dict[int, Child] = {}  # pid -> child
         self.clients: dict[socket.socket, bytearray] = {}
+        self.board = JobBoard()
         self.stopping = False
         # The same table the SMTP listener's RCPT check resolves with (eqmail.delivery.mailbox).
         alias = ctx.ids["alias"]
@@ -66,8 +70,10 @@ class Spawner:
         if len(parts) < 5:
             raise ProtocolError("malformed delivery request")
         slot, msgid_b, sender_b, recip_b = parts[0], parts[1], parts[2], parts[3]
+        if not self.board.start(client, slot):
+            return  # running already (a restarted scanner asked again), or just reported
         def answer(text: str) -> None:
-            self.send_report(client, slot, text)
+            self.board.finish(slot, text)
         if not msgid_b.isdigit() or len(msgid_b) > 20:
             return answer("DSorry, message id is not valid. (#5.3.5)")
         recipient = decode(recip_b)
@@ -104,20 +110,9 @@ class Spawner:
             except OSError:
                 self.reap(child, "Zqmail-local crashed.")
                 return answer("ZUnable to run qmail-local.")
-            child.busy_slot = (client, slot)
+            child.busy_slot = slot
         finally:
             os.close(fd)
-
-    def send_report(self, client: socket.socket, slot: bytes, text: str) -> None:
-        data = encode(text)
-        if len(data) > 10000:
-            data = data[:10000]
-        try:
-            client.setblocking(True)
-            client.sendall(frame(b"r", slot + b"\0" + data))
-            client.setblocking(False)
-        except OSError:
-            pass  # the scanner went away; it will redo this recipient
 
     # ------------------------------------------------------------ children
     def child_for(self, user: UserEntry) -> Child | None:
@@ -166,9 +161,8 @@ class Spawner:
             self.reap(child, "Zqmail-local crashed.")
             return
         if child.busy_slot is not None:
-            client, slot = child.busy_slot
-            child.busy_slot = None
-            self.send_report(client, slot, decode(data))
+            slot, child.busy_slot = child.busy_slot, None
+            self.board.finish(slot, decode(data))
         child.idle_since = time.monotonic()
 
     def reap(self, child: Child, text: str) -> None:
@@ -176,8 +170,7 @@ class Spawner:
         child.sock.close()
         self.children.pop(child.pid, None)
         if child.busy_slot is not None:
-            client, slot = child.busy_slot
-            self.send_report(client, slot, text)
+            self.board.finish(child.busy_slot, text)
         try:
             os.kill(child.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -243,20 +236,29 @@ class Spawner:
     def client_data(self, conn: socket.socket) -> None:
         buf = self.clients.get(conn)
         try:
-            payloads = read_requests(conn, buf) if buf is not None else None
+            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
+            for kind, payload in frames or ():
+                if conn not in self.clients:
+                    break  # superseded by another scanner's A
+                if kind == b"D":
+                    self.handle_request(conn, payload)
+                elif kind == b"A":
+                    superseded = self.board.attach(conn)
+                    if superseded is not None and superseded in self.clients:
+                        self.drop_client(superseded)
+                else:
+                    self.board.detach(conn)
         except ProtocolError as e:
             log(f"warning: local delivery: {e}")
-            payloads = None
-        if payloads is None:
+            frames = None
+        if frames is None and conn in self.clients:
             self.drop_client(conn)
-            return
-        for payload in payloads:
-            self.handle_request(conn, payload)
 
     def drop_client(self, conn: socket.socket) -> None:
         self.sel.unregister(conn)
         self.clients.pop(conn, None)
-        conn.close()  # reports of deliveries still running for it are then dropped
+        self.board.dropped(conn)  # reports of its running deliveries wait for the next scanner
+        conn.close()
 
 
 def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
@@ -297,7 +299,8 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
             continue
         with os.fdopen(fds[0], "rb") as message:
             try:
-                report = deliver(job, message, forwarder, hostname=None)
+                report = deliver(job, message, forwarder, hostname=None,
+                                 program_limit=ctx.controls.timeoutprogram)
                 text = report.kind.value + report.text
             except Exception as e:  # our bug must never bounce mail: defer
                 log(f"warning: local delivery raised {e!r}")

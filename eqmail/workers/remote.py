@@ -15,9 +15,14 @@ getting its own report; an idle connection is kept for IDLE_SECONDS and reused (
 for the next message to the same address.  At most ``concurrencyremote`` deliveries run
 at once (threads); more requests wait here, still collecting recipients.
 
+Deliveries outlive the scanner connection that asked for them: a restarted scanner
+takes over those still waiting or running and their reports (eqmail.workers.jobs), so
+none is sent twice.
+
 Failures: an unexpected exception while delivering is a ``Z`` report, logged (our bug
 must never bounce mail); a scanner that breaks the framing is dropped; a report for a
-scanner connection that has gone is discarded (the scanner redoes that recipient).
+scanner connection that has gone waits for the next scanner (lost if this worker exits
+first: the scanner then redoes that recipient).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import BinaryIO
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
-from eqmail.ipc import ProtocolError, accept_from, frame, read_requests
+from eqmail.ipc import ProtocolError, accept_from, read_frames
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
 from eqmail.queue import tcpto
@@ -53,8 +58,9 @@ from eqmail.smtp.client import (
     rspawn_report,
 )
 from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
-from eqmail.textio import decode, encode
+from eqmail.textio import decode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.jobs import JobBoard
 
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
 GATHER = 0.02  # a new batch waits this long for the scanner's other recipients of it
@@ -63,7 +69,6 @@ ME_REFRESH = 60.0
 
 @dataclass
 class Request:
-    conn: socket.socket
     slot: bytes
     msgid: int
     sender: str
@@ -85,6 +90,7 @@ class RemoteWorker:
         self.controls: Controls = ctx.controls
         self.sel = selectors.DefaultSelector()
         self.clients: dict[socket.socket, bytearray] = {}
+        self.board = JobBoard()
         self.open: dict[tuple[int, str, str], Batch] = {}  # may still take recipients
         self.order: list[Batch] = []  # not started yet, oldest first
         self.running = 0
@@ -110,13 +116,15 @@ class RemoteWorker:
         if len(parts) < 5:
             raise ProtocolError("malformed delivery request")
         slot, msgid_b, sender_b, recip_b = parts[:4]
+        if not self.board.start(conn, slot):
+            return  # waiting or running already (a restarted scanner asked again), or reported
         if not msgid_b.isdigit() or len(msgid_b) > 20:
-            self.send_report(conn, slot, "DSorry, message id is not valid. (#5.3.5)\n")
+            self.board.finish(slot, "DSorry, message id is not valid. (#5.3.5)\n")
             return
         recipient = decode(recip_b)
-        req = Request(conn, slot, int(msgid_b), decode(sender_b), recipient)
+        req = Request(slot, int(msgid_b), decode(sender_b), recipient)
         if self.stopping:
-            self.send_report(conn, slot, "ZRemote delivery is stopping; will retry. (#4.3.0)\n")
+            self.board.finish(slot, "ZRemote delivery is stopping; will retry. (#4.3.0)\n")
             return
         domain = recipient.rpartition("@")[2].lower()
         key = (req.msgid, req.sender, domain)
@@ -167,20 +175,7 @@ class RemoteWorker:
                 return
             self.running -= 1
             for req, report in results:
-                self.send_report(req.conn, req.slot, report)
-
-    def send_report(self, conn: socket.socket, slot: bytes, text: str) -> None:
-        if conn not in self.clients:
-            return  # that scanner connection is gone; it redoes the recipient
-        data = encode(text)[:10000]
-        if data[:1] not in (b"K", b"Z", b"D"):
-            data = b"Z" + data
-        try:
-            conn.setblocking(True)
-            conn.sendall(frame(b"r", slot + b"\0" + data))
-            conn.setblocking(False)
-        except OSError:
-            pass
+                self.board.finish(req.slot, report)
 
     # ------------------------------------------------------------ loop
     def serve(self) -> int:
@@ -226,26 +221,30 @@ class RemoteWorker:
     def client_data(self, conn: socket.socket) -> None:
         buf = self.clients.get(conn)
         try:
-            payloads = read_requests(conn, buf) if buf is not None else None
+            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
+            for kind, payload in frames or ():
+                if conn not in self.clients:
+                    break  # superseded by another scanner's A
+                if kind == b"D":
+                    self.handle_request(conn, payload)
+                elif kind == b"A":
+                    superseded = self.board.attach(conn)
+                    if superseded is not None and superseded in self.clients:
+                        self.drop_client(superseded)
+                else:
+                    self.board.detach(conn)
         except ProtocolError as e:
             log(f"warning: remote delivery: {sanitize(str(e))}")
-            payloads = None
-        if payloads is None:
+            frames = None
+        if frames is None and conn in self.clients:
             self.drop_client(conn)
-            return
-        for payload in payloads:
-            self.handle_request(conn, payload)
 
     def drop_client(self, conn: socket.socket) -> None:
+        """Requests it made still run (or wait): their reports go to the next scanner."""
         self.sel.unregister(conn)
         self.clients.pop(conn, None)
+        self.board.dropped(conn)
         conn.close()
-        for batch in list(self.order):  # not started yet: nobody wants these reports
-            batch.requests = [r for r in batch.requests if r.conn is not conn]
-            if not batch.requests:
-                self.order.remove(batch)
-                if self.open.get(batch.key) is batch:
-                    del self.open[batch.key]
 
 
 # ---------------------------------------------------------------- delivery (pool threads)

@@ -6,25 +6,30 @@ queues mail may pull), delivery reports from
 the local (and later remote) delivery workers, its timers (next scheduled pass, a
 periodic rescan of todo/ that backs up lost events, the cleanup sweep of orphaned mess
 files — at start, when its connection to the queue writer closes (the writer died) and
-every SLEEP_CLEANUP seconds) and signals (TERM: graceful stop; ALRM: flush).  Events only
-wake it: the directories are the truth.
+every SLEEP_CLEANUP seconds) and signals (TERM: graceful stop, running deliveries may
+finish for STOP_GRACE; USR1, from a reload that replaces it: hand over at once; ALRM:
+flush).  Events only wake it: the directories are the truth.
 
 Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
-the local delivery worker (run/local.sock, delivery requests ``D`` / reports ``r``).
+the local and remote delivery workers (run/local.sock, run/remote.sock: delivery
+requests ``D`` / reports ``r``; on connecting it first takes over the deliveries a
+previous scanner left running, and before exiting it detaches, see eqmail.ipc).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from eqmail.delivery.bounce import bounded_copy
-from eqmail.ipc import ProtocolError, frame, read_requests
+from eqmail.ipc import SLOT_MAX, ProtocolError, frame, read_frames
 from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
@@ -36,28 +41,42 @@ from eqmail.workers.base import WorkerContext, drain_wake_pipe
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
 TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again later"
 SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
-STOP_GRACE = 60.0
+STOP_GRACE = 60.0  # SIGTERM (eqmailctl stop): deliveries running may finish this long
+DETACH_WAIT = 10.0  # for the delivery workers' last reports before exiting
 TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of them);
 # measured: 16 and 256 both gave less end-to-end throughput than 64 (bench/RESULTS.md)
 
 
 @dataclass
 class Slot:
-    number: int
     request: DeliveryRequest
     delivery: int  # the number in qmail's "starting delivery N" log lines
 
 
-class DeliveryChannel:
-    """A framed connection to a delivery worker, with slot numbers like qmail's spawn."""
+Report = tuple[Slot, str, str]
 
-    def __init__(self, channel: Channel, path: str, concurrency: int) -> None:
+
+class DeliveryChannel:
+    """A framed connection to a delivery worker.  A delivery is named by its slot
+    ``msgid.offset`` (eqmail.ipc), which a restarted scanner can read back: on connecting
+    it says ``A`` and starts nothing until the worker has listed (``a`` ... ``e``) the
+    deliveries still running, which it takes over (eqmail.workers.jobs)."""
+
+    def __init__(self, channel: Channel, path: str, concurrency: int,
+                 take_over: Callable[[Channel, int, int], Slot | None]) -> None:
         self.channel = channel
+        self.take_over = take_over  # a delivery a previous scanner started: ours now
         self.path = path
         self.sock: socket.socket | None = None
         self.buf = bytearray()
-        self.slots: dict[int, Slot] = {}
-        self.free = list(range(max(concurrency, 1) * 2))
+        self.running: dict[bytes, Slot] = {}
+        self.capacity = max(concurrency, 1) * 2
+        self.attached = False  # the worker's list of running deliveries has been read
+        self.detached = False  # the worker answered Q: it sends nothing more here
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.running) if self.attached else 0
 
     def connect(self) -> bool:
         if self.sock is not None:
@@ -65,60 +84,80 @@ class DeliveryChannel:
         try:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(self.path)
+            s.sendall(frame(b"A"))
         except OSError:
             return False
         s.setblocking(False)
         self.sock = s
+        self.attached = self.detached = False
         return True
 
     def send(self, req: DeliveryRequest, delivery: int) -> bool:
-        if not self.connect() or not self.free:
+        if self.sock is None or not self.free:
             return False
-        assert self.sock is not None
-        num = self.free.pop()
-        payload = f"{num}\0{req.msgid}\0".encode() + encode(req.sender) + b"\0" + encode(req.recipient) + b"\0"
+        slot = f"{req.msgid}.{req.offset}".encode()
+        payload = slot + b"\0" + f"{req.msgid}\0".encode() + encode(req.sender) + b"\0" \
+            + encode(req.recipient) + b"\0"
         try:
             self.sock.setblocking(True)
             self.sock.sendall(frame(b"D", payload))
             self.sock.setblocking(False)
         except OSError:
-            self.free.append(num)
             return False
-        self.slots[num] = Slot(num, req, delivery)
+        self.running[slot] = Slot(req, delivery)
         return True
 
-    def read_reports(self) -> list[tuple[Slot, str, str]] | None:
-        """Reports now readable; None when the worker went away."""
+    def read_reports(self) -> list[Report] | None:
+        """Reports now readable (taking over what a hand-over list names); None when the
+        worker went away."""
         assert self.sock is not None
-        payloads = read_requests(self.sock, self.buf, kind=b"r")
-        if payloads is None:
+        frames = read_frames(self.sock, self.buf, b"raeq")
+        if frames is None:
             return None
         out = []
-        for payload in payloads:
-            num_text, _, report = payload.partition(b"\0")
-            if not num_text.isdigit() or len(num_text) > 6:
-                raise ProtocolError("malformed report from delivery worker")
-            slot = self.slots.pop(int(num_text), None)
-            if slot is None:
-                continue
-            self.free.append(slot.number)
-            text = decode(report[1:])
-            letter = chr(report[0]) if report else "Z"
-            if letter not in "KZD":
-                letter, text = "Z", "report mangled, will defer"
-            out.append((slot, letter, text))
+        for kind, payload in frames:
+            if kind == b"a":
+                key = _slot_key(payload)
+                taken = self.take_over(self.channel, *key) if key is not None else None
+                if taken is not None:
+                    self.running[payload] = taken
+            elif kind == b"e":
+                self.attached = True
+            elif kind == b"q":
+                self.detached = True
+            elif (report := self._report(payload)) is not None:
+                out.append(report)
         return out
+
+    def _report(self, payload: bytes) -> Report | None:
+        slot_b, _, report = payload.partition(b"\0")
+        slot = self.running.pop(slot_b, None)
+        if slot is None:
+            return None  # a delivery of a previous scanner that was not taken over
+        text = decode(report[1:])
+        letter = chr(report[0]) if report else "Z"
+        if letter not in "KZD":
+            letter, text = "Z", "report mangled, will defer"
+        return slot, letter, text
 
     def lost(self) -> list[DeliveryRequest]:
         """The worker died: every outstanding delivery counts as deferred."""
-        reqs = [s.request for s in self.slots.values()]
-        self.free.extend(self.slots)
-        self.slots.clear()
+        reqs = [s.request for s in self.running.values()]
+        self.running.clear()
         if self.sock is not None:
             self.sock.close()
         self.sock = None
         self.buf.clear()
+        self.attached = False
         return reqs
+
+
+def _slot_key(slot: bytes) -> tuple[int, int] | None:
+    """(msgid, offset) of a scanner's slot ``msgid.offset``; None for anything else."""
+    msgid, dot, offset = slot.partition(b".")
+    if not (dot and msgid.isdigit() and offset.isdigit() and len(slot) <= SLOT_MAX):
+        return None
+    return int(msgid), int(offset)
 
 
 class Scanner:
@@ -135,16 +174,18 @@ class Scanner:
         self.manager = QueueManager(ctx.controls, self.paths, self._clean, self._inject)
         self.channels = {
             Channel.LOCAL: DeliveryChannel(Channel.LOCAL, str(ctx.instance.local_socket),
-                                           ctx.controls.concurrencylocal),
+                                           ctx.controls.concurrencylocal, self._take_over),
         }
         remote_socket = ctx.extra.get("remote_socket")
         if remote_socket is not None:
             self.channels[Channel.REMOTE] = DeliveryChannel(Channel.REMOTE, remote_socket,
-                                                            ctx.controls.concurrencyremote)
+                                                            ctx.controls.concurrencyremote,
+                                                            self._take_over)
         # Without a remote worker, remote recipients stay scheduled (and visible) in the queue.
         self.manager.channels[Channel.REMOTE].enabled = remote_socket is not None
         self.delivery_no = 0
         self.stopping = False
+        self.handing_over = False  # USR1: exit now, running deliveries go to the successor
         self.want_scan = True
         self.want_sweep = True  # at start (qmail-send's first cleanup) and after a writer restart
         self.trigger_fd = -1
@@ -238,7 +279,9 @@ class Scanner:
                 continue
             if dc.sock is not None and dc.sock.fileno() not in self.sel.get_map():
                 self.sel.register(dc.sock, selectors.EVENT_READ, ("reports", ch))
-            for req in self.manager.next_requests(ch, limit=len(dc.free)):
+            if not dc.attached:
+                continue  # first the deliveries a previous scanner left running
+            for req in self.manager.next_requests(ch, limit=dc.free):
                 self.delivery_no += 1
                 if not dc.send(req, self.delivery_no):
                     self.manager.report(req, "Z", f"Unable to reach the {ch.dirname} delivery worker. (#4.3.0)")
@@ -260,11 +303,44 @@ class Scanner:
             for req in dc.lost():
                 self.manager.report(req, "Z", "Delivery worker died. (#4.3.0)")
             return
+        self._apply(reports)
+
+    def _apply(self, reports: list[Report]) -> None:
         for slot, letter, text in reports:
             word = {"K": "success", "Z": "deferral", "D": "failure"}[letter]
             log(f"delivery {slot.delivery}: {word}: {sanitize(text)}")
             self.manager.report(slot.request, letter, text)
         self._status()
+
+    def _take_over(self, ch: Channel, msgid: int, offset: int) -> Slot | None:
+        """A delivery that a previous scanner started and the worker still runs (or has
+        the report of): counted as running here, never started again."""
+        req = self.manager.adopt(ch, msgid, offset)
+        if req is None:
+            return None
+        self.delivery_no += 1
+        log(f"status: taking over delivery {self.delivery_no}: msg {msgid} to "
+            f"{ch.dirname} {sanitize(req.recipient)} (started by the previous scanner)")
+        return Slot(req, self.delivery_no)
+
+    def _detach(self) -> None:
+        """Before exiting: ``Q`` to each delivery worker, and its reports up to ``q``;
+        deliveries still running then report to the next scanner (eqmail.workers.jobs)."""
+        deadline = time.monotonic() + DETACH_WAIT
+        for ch, dc in self.channels.items():
+            if dc.sock is None:
+                continue
+            try:
+                dc.sock.setblocking(True)
+                dc.sock.sendall(frame(b"Q"))
+                dc.sock.setblocking(False)
+            except OSError:
+                continue
+            while dc.sock is not None and not dc.detached and time.monotonic() < deadline:
+                ready = select.select([dc.sock], [], [], max(0.0, deadline - time.monotonic()))[0]
+                if ready:
+                    self._reports(ch)
+        flush_log()
 
     def _status(self) -> None:
         c = self.manager.channels
@@ -276,7 +352,7 @@ class Scanner:
 
     # ---------------------------------------------------------- main loop
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGALRM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self._open_trigger()
         self._open_control()
@@ -288,8 +364,8 @@ class Scanner:
         stop_deadline = 0.0
         while True:
             if self.stopping:
-                busy = sum(len(dc.slots) for dc in self.channels.values())
-                if busy == 0 or time.monotonic() > stop_deadline:
+                busy = sum(len(dc.running) for dc in self.channels.values())
+                if busy == 0 or self.handing_over or time.monotonic() > stop_deadline:
                     break
             elif self.want_scan or time.monotonic() >= next_rescan:
                 # A bounded slice per turn: deliveries are started (below) between
@@ -329,6 +405,8 @@ class Scanner:
                     self._reports(what[1])
             if self.stopping and not stop_deadline:
                 stop_deadline = time.monotonic() + STOP_GRACE
+        self._detach()
+        self.manager.flush_cleans()  # messages the last reports completed
         self.manager.save_schedule()
         log("status: exiting")
         flush_log()
@@ -391,6 +469,8 @@ class Scanner:
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGTERM:
             self.stopping = True
+        elif signum == signal.SIGUSR1:
+            self.stopping = self.handing_over = True
         elif signum == signal.SIGALRM:
             self.manager.flush()
         self.want_scan = True
