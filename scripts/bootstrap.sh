@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything eqmail and its tests need on a fresh Debian machine, idempotently.
-#   - Debian packages (as root): python3-venv, swaks, openssl, iproute2
+#   - Debian packages (as root): python3-venv, swaks, openssl, iproute2, daemontools
+#     (tai64nlocal) and logrotate for the log tests
 #   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
 #     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
 #     or ./.venv otherwise, with eqmail and its test dependencies installed.
@@ -12,7 +13,7 @@ here=$(pwd)
 if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
-  for pkg in python3-venv swaks openssl iproute2 procps util-linux; do
+  for pkg in python3-venv swaks openssl iproute2 procps util-linux daemontools logrotate; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
