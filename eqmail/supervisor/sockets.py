@@ -66,9 +66,9 @@ def bound_port(sock: socket.socket | None) -> int:
         return 0
 
 
-def sd_notify(msg: bytes) -> None:
-    """Send ``msg`` to systemd's $NOTIFY_SOCKET, if there is one; best effort."""
-    addr = os.environ.get("NOTIFY_SOCKET", "")
+def sd_notify(msg: bytes, addr: str | None = None) -> None:
+    """Send ``msg`` to systemd's socket (``addr``, else $NOTIFY_SOCKET); best effort."""
+    addr = addr if addr is not None else os.environ.get("NOTIFY_SOCKET", "")
     if not addr:
         return
     if addr.startswith("@"):  # an abstract socket
@@ -91,9 +91,12 @@ class Notifier:
     """The supervisor's messages to systemd; does nothing without NOTIFY_SOCKET."""
 
     def __init__(self, env: dict[str, str] | os._Environ[str] = os.environ) -> None:
-        self.enabled = bool(env.get("NOTIFY_SOCKET"))
+        # taken out of the environment (sd_notify's unset_environment): no worker,
+        # plugin or delivery program needs them
+        self.addr = env.pop("NOTIFY_SOCKET", "")
+        self.enabled = bool(self.addr)
         self.interval: float | None = None
-        usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+        usec, pid = env.pop("WATCHDOG_USEC", ""), env.pop("WATCHDOG_PID", "")
         if self.enabled and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.interval = int(usec) / 2e6
         self.next_ping = time.monotonic()
@@ -101,7 +104,7 @@ class Notifier:
 
     def send(self, *assignments: str) -> None:
         if self.enabled:
-            sd_notify("\n".join(assignments).encode("utf-8", "replace"))
+            sd_notify("\n".join(assignments).encode("utf-8", "replace"), self.addr)
 
     def reloading(self, status: str) -> None:
         self.status = status
