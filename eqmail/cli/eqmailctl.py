@@ -306,12 +306,13 @@ def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
             return 1
         print("eqmail: not running", file=sys.stderr)
         return 3
-    before = _wait_status(inst, pid, time.monotonic() + 10)
+    before = _wait_status(inst, pid, time.monotonic() + 30)
     if before is None:
         print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
         return 1
     seq = before.get("last_reload", {}).get("seq", 0)
-    os.kill(pid, signal.SIGHUP)
+    if not _signal(pid, signal.SIGHUP):
+        return 1
     deadline = time.monotonic() + RELOAD_TIMEOUT
     while time.monotonic() < deadline:
         st = _wait_status(inst, pid, deadline)
@@ -340,6 +341,18 @@ def _print_refused(errors: list[str]) -> None:
     print("eqmail: reload refused; the running configuration is unchanged", file=sys.stderr)
 
 
+def _signal(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.kill(pid, sig)
+    except PermissionError:
+        print("eqmail: not allowed to signal the supervisor (run as root)", file=sys.stderr)
+        return False
+    except ProcessLookupError:
+        print("eqmail: not running", file=sys.stderr)
+        return False
+    return True
+
+
 def _wait_status(inst: Instance, pid: int, deadline: float) -> dict[str, Any] | None:
     """The status report, retried while the supervisor runs but is busy or still
     binding its status socket; None once it has exited."""
@@ -365,7 +378,8 @@ def cmd_reopen_logs(inst: Instance, args: argparse.Namespace) -> int:
         print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
         return 1
     count = before.get("log", {}).get("reopens", 0)
-    os.kill(pid, signal.SIGUSR1)
+    if not _signal(pid, signal.SIGUSR1):
+        return 1
     while time.monotonic() < deadline:
         st = _wait_status(inst, pid, deadline)
         if st is None:
