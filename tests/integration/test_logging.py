@@ -432,3 +432,29 @@ def test_logfile_and_logformat_change_take_effect_at_reload() -> None:
         poll(lambda: b_log.read_bytes().count(b'"event": "end msg"') == 2, what="b.log still used", inst=inst)
     finally:
         inst.destroy()
+
+
+def test_a_restarted_logger_writes_to_the_reopened_file() -> None:
+    inst = Instance.create(extra_controls={"logfile": "log/mail.log"})
+    try:
+        inst.start()
+        log = inst.root / "log" / "mail.log"
+        os.rename(log, inst.root / "log" / "mail.log.1")
+        inst.ctl("reopen-logs")
+        assert b"status: log reopened" in log.read_bytes()  # reopen-logs waited for it
+        st = json.loads(inst.ctl("status", "--json").stdout)
+        logger = next(w["pid"] for w in st["workers"] if w["kind"] == "logger")
+        os.kill(logger, signal.SIGKILL)
+
+        def restarted() -> bool:
+            s = json.loads(inst.ctl("status", "--json").stdout)
+            return any(w["kind"] == "logger" and w["state"] == "running" and w["pid"] != logger
+                       for w in s["workers"])
+
+        poll(restarted, 30, "the logger's restart", inst)
+        _deliver_one(inst)
+        inst.wait_for_mail(1)
+        poll(lambda: b"end msg" in log.read_bytes(), what="the delivery in the current file", inst=inst)
+        assert b"new msg" not in (inst.root / "log" / "mail.log.1").read_bytes()
+    finally:
+        inst.destroy()
