@@ -55,7 +55,10 @@ class LogOutput:
         self.instance = instance
         self.foreground = foreground
         self.owner = owner  # (uid, gid) of the log user when privileged
-        self.stdout_fd = os.dup(1)
+        try:
+            self.stdout_fd = os.dup(1)
+        except OSError:  # started with stdout closed
+            self.stdout_fd = os.open(os.devnull, os.O_WRONLY)
         self.journal = journal_stream(1)
         self.sup_end, self.logger_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sup_end.setblocking(False)
@@ -104,7 +107,10 @@ class LogOutput:
             os.close(self.fd)
         self.target, self.fd, self.path = target, fd, path
         if path is not None and not self.foreground and path == self.instance.log / "eqmail.log":
-            os.dup2(fd, 1)  # a traceback on the supervisor's stdout lands in the new file too
+            # a traceback on the supervisor's stdout lands in the new file too, and no
+            # descriptor keeps the rotated file open
+            os.dup2(fd, 1)
+            os.dup2(fd, self.stdout_fd)
 
     def send(self) -> None:
         """Tell the logger to switch to the installed output."""

@@ -399,8 +399,26 @@ def test_sigusr1_reopens_the_background_starts_log() -> None:
         poll(lambda: b"end msg" in log.read_bytes(), what="the delivery in the new file", inst=inst)
         old = (inst.root / "log" / "eqmail.log.1").read_bytes()
         assert b"status: eqmail started" in old and b"new msg" not in old
+        # nothing holds the rotated file open (its space is freed once it is compressed)
+        holders = [(pid, fd) for pid in inst.pids() for fd, target in _open_files(pid)
+                   if target.endswith("/log/eqmail.log.1")]
+        assert not holders, holders
     finally:
         inst.destroy()
+
+
+def _open_files(pid: int) -> list[tuple[str, str]]:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    out = []
+    for fd in fds:
+        try:
+            out.append((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
+        except OSError:
+            continue
+    return out
 
 
 def test_logfile_and_logformat_change_take_effect_at_reload() -> None:
