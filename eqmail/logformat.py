@@ -16,8 +16,12 @@ The formats (``LogFormat``):
   is valid JSON whatever a program wrote on its stderr.
 
 Under systemd, when the log goes to the journal (``journal=True``), the text formats
-get no stamp at all: journald adds its own.  JSON lines keep their ``time`` field,
-which is part of the record, not a prefix.
+get no stamp at all: journald adds its own.  Instead each line starts with its syslog
+priority as sd-daemon(3) says — ``<4>`` (warning) for ``alert:`` and ``warning:``
+lines, ``<6>`` (info) for the rest — so ``journalctl -p warning`` finds the alerts,
+and a program's stderr line that itself begins with ``<0>`` cannot pass for an
+emergency.  JSON lines keep their ``time`` field, which is part of the record, not a
+prefix.
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ def format_lines(lines: list[bytes], fmt: LogFormat, t: float, journal: bool = F
     if fmt is LogFormat.JSON:
         return b"".join(json_line(ln, t) for ln in lines)
     if journal:
-        return b"".join(ln + b"\n" for ln in lines)
+        return b"".join((b"<4>" if ln.startswith((b"alert:", b"warning:")) else b"<6>") + ln + b"\n"
+                        for ln in lines)
     if fmt is LogFormat.TAI64N:
         stamp = tai64n(t)
     elif fmt is LogFormat.RFC3339:

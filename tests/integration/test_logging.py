@@ -262,7 +262,8 @@ def test_json_log_one_object_per_line_with_qmail_fields() -> None:
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "other-stdout"])
 def test_journal_stream_gets_no_timestamp(journal: bool) -> None:
     """Under systemd (stdout is the stream JOURNAL_STREAM names) the logger adds no
-    stamp: journald has its own.  Any other stdout keeps the stamp."""
+    stamp: journald has its own; each line starts with its priority (<6> info, <4>
+    warning).  Any other stdout keeps the stamp."""
     inst = Instance.create()
     out_path = inst.root / "stdout"
     try:
@@ -284,7 +285,9 @@ def test_journal_stream_gets_no_timestamp(journal: bool) -> None:
     stamped = [ln for ln in lines if LOCAL_STAMP.match(ln)]
     assert b"status: eqmail stopped" in lines[-1]
     if journal:
-        assert not stamped and any(ln.startswith(b"new msg ") for ln in lines), lines
+        # no stamp; the syslog priority first, as journald reads it
+        assert not stamped and b"<6>new msg " in b"\n".join(lines), lines
+        assert all(re.match(rb"<[46]>", ln) for ln in lines), lines
     else:
         assert stamped == lines, lines
 

@@ -61,8 +61,11 @@ def test_local_default_format_unchanged() -> None:
 
 
 def test_journal_gets_no_stamp_but_json_keeps_its_time() -> None:
+    lines = [*LINES, b"alert: x", b"warning: y", b"<0>a program's line"]
     for fmt in (LogFormat.LOCAL, LogFormat.TAI64N, LogFormat.RFC3339):
-        assert format_lines(LINES, fmt, T, journal=True) == b"new msg 42\ndelivery 7: success: did_1+0+0/\n"
+        assert format_lines(lines, fmt, T, journal=True) == (
+            b"<6>new msg 42\n<6>delivery 7: success: did_1+0+0/\n<4>alert: x\n<4>warning: y\n"
+            b"<6><0>a program's line\n")
     rec = json.loads(format_lines([b"x"], LogFormat.JSON, T, journal=True))
     assert "time" in rec
 
