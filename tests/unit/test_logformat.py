@@ -70,7 +70,7 @@ def test_journal_gets_no_stamp_but_json_keeps_its_time() -> None:
     assert "time" in rec
 
 
-QMAIL_LINES = {
+QMAIL_LINES: dict[bytes, dict[str, object]] = {
     b"new msg 1234": {"event": "new msg", "msg": 1234},
     b"info msg 1234: bytes 567 from <a@b.example> qp 99 uid 0":
         {"event": "info msg", "msg": 1234, "bytes": 567, "from": "a@b.example", "qp": 99, "uid": 0},
