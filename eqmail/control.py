@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from eqmail.errors import ControlErrors, ControlFileError
+from eqmail.logformat import LogFormat
 
 SPAWN_LIMIT = 120  # conf-spawn: hard cap on concurrent deliveries per channel
 MAX_CONTROL_BYTES = 4 * 1024 * 1024  # bounded read of any one control file
@@ -121,6 +122,7 @@ class Controls:
     dnsservers: tuple[tuple[str, int], ...] = ()
     spptimeout: int = 30
     logfile: str = ""  # empty = stdout
+    logformat: LogFormat = LogFormat.LOCAL  # control/logformat: the logger's time stamps
     tcp_smtp: str = ""  # raw text of control/tcp.smtp, parsed by eqmail.tcprules
     assign: str | None = None  # raw text of users/assign (parsed by eqmail.delivery.users)
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -379,6 +381,19 @@ def _parse_dnsservers(r: _Reader) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _parse_logformat(r: _Reader) -> LogFormat:
+    """control/logformat: local (default), tai64n, rfc3339 or json (eqmail.logformat)."""
+    value = (r.line("logformat") or "").strip()
+    if not value:
+        return LogFormat.LOCAL
+    try:
+        return LogFormat(value.lower())
+    except ValueError:
+        names = ", ".join(f.value for f in LogFormat)
+        r.errors.append(ControlFileError("control/logformat", 1, f"unknown format {value!r} (one of {names})"))
+        return LogFormat.LOCAL
+
+
 def _hostlist(r: _Reader, fn: str) -> tuple[str, ...] | None:
     lines = r.lines(fn)
     if lines is None:
@@ -443,6 +458,7 @@ def load_controls(root: Path) -> Controls:
         dnsservers=_parse_dnsservers(r),
         spptimeout=r.integer("spptimeout", 30, 1, 3600),
         logfile=r.line("logfile") or "",
+        logformat=_parse_logformat(r),
         tcp_smtp=r.raw("tcp.smtp") or "",
         assign=r.raw("assign", base="users"),
         rcptchecklocal=r.integer("rcptchecklocal", 1, 0, 1),
@@ -605,8 +621,8 @@ KNOWN_FILES = (
     "doublebounceto", "envnoathost", "helohost", "idhost", "localiphost", "locals",
     "morercpthosts", "percenthack", "plusdomain", "queuelifetime", "rcpthosts",
     "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutprogram", "timeoutremote",
-    "timeoutsmtpd", "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
-    "tlsserverciphers", "tlsclientciphers",
+    "timeoutsmtpd", "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "logformat",
+    "tcp.smtp", "tlsserverciphers", "tlsclientciphers",
     "rcptchecklocal", "bouncemaxbytes", "bouncelimit",
 )
 # Files eqmail knows but does not show as values (certificates, plugin configuration).

@@ -38,6 +38,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from eqmail.logformat import LogFormat
+
 HEADER = struct.Struct(">cI")
 SLOT_MAX = 64  # bytes of a delivery request's slot
 
@@ -233,3 +235,42 @@ class QueueAnswer:
         except ValueError:
             raise ProtocolError("malformed queue answer") from None
         return cls(code, qp, msgid)
+
+
+# ---------------------------------------------------------------- supervisor -> logger
+# A SOCK_SEQPACKET socketpair; the supervisor sends one ``LogTarget`` per message (at
+# start-up the logger gets its first target in its context instead), with the output
+# fd attached by SCM_RIGHTS when the target is a file or stdout.  The logger switches
+# between two reads of the log pipe, so every line goes wholly to the old or the new
+# output.
+
+
+class LogSink(enum.StrEnum):
+    FILE = "file"          # control/logfile names a file (or the background start's log)
+    STDOUT = "stdout"      # the supervisor's stdout (a terminal, daemontools, a pipe)
+    JOURNAL = "journal"    # stdout that is systemd's journal stream: no stamp of ours
+    SYSLOG = "syslog"      # control/logfile says syslog: facility mail, tag eqmail
+
+
+MAX_LOG_TARGET = 64
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    sink: LogSink
+    fmt: LogFormat
+
+    @property
+    def has_fd(self) -> bool:
+        return self.sink is not LogSink.SYSLOG
+
+    def encode(self) -> bytes:
+        return f"{self.sink} {self.fmt}".encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LogTarget:
+        try:
+            sink, fmt = payload.decode("ascii").split(" ")
+            return cls(LogSink(sink), LogFormat(fmt))
+        except ValueError:
+            raise ProtocolError("malformed log target") from None

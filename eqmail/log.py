@@ -9,6 +9,7 @@ qmail's wording (``new msg N``, ``delivery N: success: ...``, ``qmail-smtpd: ...
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 MAX_LINE = 4000
 
@@ -38,11 +39,7 @@ def log(line: str) -> None:
     if _held is not None:
         _held.append(line)
         return
-    data = _encode(line)
-    try:
-        os.write(2, data)
-    except OSError:
-        pass
+    _write(_encode(line))
 
 
 def hold_log() -> None:
@@ -83,7 +80,20 @@ def _write_lines(lines: list[str]) -> None:
         _write(b"".join(chunk))
 
 
+_direct: Callable[[list[bytes]], bytes] | None = None  # see write_directly()
+
+
+def write_directly(fmt: Callable[[list[bytes]], bytes]) -> None:
+    """From now on this process's lines are shaped by ``fmt`` (a batch of lines without
+    newlines -> the bytes to write) before they reach fd 2: the supervisor's last lines,
+    written after the logger has stopped, keep the log's format (eqmail.logformat)."""
+    global _direct
+    _direct = fmt
+
+
 def _write(data: bytes) -> None:
+    if _direct is not None:
+        data = _direct(data.split(b"\n")[:-1])
     try:
         os.write(2, data)
     except OSError:

@@ -23,6 +23,7 @@ from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
 
 STOP_TIMEOUT = 120.0
+RELOAD_TIMEOUT = 80.0  # under systemd's default TimeoutSec (90 s) for ExecReload
 
 
 def _pid_of(inst: Instance) -> int | None:
@@ -294,20 +295,105 @@ def _duration(sec: float) -> str:
 
 
 def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
-    try:
-        load_controls(inst.root)
-    except ControlErrors as e:
-        for err in e.errors:
-            print(err, file=sys.stderr)
-        print("eqmail: reload refused; the running configuration is unchanged", file=sys.stderr)
+    """Ask the supervisor to reload and wait for its verdict: exit 0 only when the new
+    configuration serves every new connection, 1 (with the reasons) when it refused —
+    so systemd's ExecReload, and ``systemctl reload``, tell the truth."""
+    pid = _pid_of(inst)
+    if pid is None:
+        try:
+            load_controls(inst.root)
+        except ControlErrors as e:
+            _print_refused([str(err) for err in e.errors])
+            return 1
+        print("eqmail: not running", file=sys.stderr)
+        return 3
+    before = _wait_status(inst, pid, time.monotonic() + 30)
+    if before is None:
+        print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
         return 1
+    seq = before.get("last_reload", {}).get("seq", 0)
+    if not _signal(pid, signal.SIGHUP):
+        return 1
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        st = _wait_status(inst, pid, deadline)
+        if st is None:
+            print("eqmail: the supervisor stopped during the reload", file=sys.stderr)
+            return 1
+        lr = st.get("last_reload") or {}
+        if lr.get("seq", 0) > seq:
+            if not lr.get("ok"):
+                _print_refused(lr.get("errors", []))
+                return 1
+            if lr.get("complete"):
+                print(f"eqmail: reload complete, generation {st['generation']}")
+                return 0
+        elif st.get("stopping"):
+            print("eqmail: reload ignored: eqmail is stopping", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"eqmail: reload not complete after {RELOAD_TIMEOUT:.0f}s (see eqmailctl status)", file=sys.stderr)
+    return 1
+
+
+def _print_refused(errors: list[str]) -> None:
+    for err in errors:
+        print(err, file=sys.stderr)
+    print("eqmail: reload refused; the running configuration is unchanged", file=sys.stderr)
+
+
+def _signal(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.kill(pid, sig)
+    except PermissionError:
+        print("eqmail: not allowed to signal the supervisor (run as root)", file=sys.stderr)
+        return False
+    except ProcessLookupError:
+        print("eqmail: not running", file=sys.stderr)
+        return False
+    return True
+
+
+def _wait_status(inst: Instance, pid: int, deadline: float) -> dict[str, Any] | None:
+    """The status report, retried while the supervisor runs but is busy or still
+    binding its status socket; None once it has exited."""
+    while True:
+        st = query_status(inst)
+        if st is not None:
+            return st
+        if _pid_of(inst) != pid or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def cmd_reopen_logs(inst: Instance, args: argparse.Namespace) -> int:
+    """SIGUSR1 to the supervisor (logrotate's postrotate), then wait until the logger
+    writes to the reopened file."""
     pid = _pid_of(inst)
     if pid is None:
         print("eqmail: not running", file=sys.stderr)
         return 3
-    os.kill(pid, signal.SIGHUP)
-    print("eqmail: reload requested")
-    return 0
+    deadline = time.monotonic() + 30
+    before = _wait_status(inst, pid, deadline)
+    if before is None:
+        print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
+        return 1
+    count = before.get("log", {}).get("reopens", 0)
+    if not _signal(pid, signal.SIGUSR1):
+        return 1
+    while time.monotonic() < deadline:
+        st = _wait_status(inst, pid, deadline)
+        if st is None:
+            break
+        out = st.get("log", {})
+        if out.get("reopens", 0) > count:
+            if out.get("error"):
+                print(f"eqmail: {out['error']}", file=sys.stderr)
+                return 1
+            return 0
+        time.sleep(0.05)
+    print("eqmail: the log was not reopened", file=sys.stderr)
+    return 1
 
 
 def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
@@ -442,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("stop", help="stop gracefully")
     s = sub.add_parser("status", help="show status (LSB exit codes)")
     s.add_argument("--json", action="store_true", help="print the status as one JSON object")
-    sub.add_parser("reload", help="validate control/ and reload")
+    sub.add_parser("reload", help="reload control/; returns when the reload is complete or refused")
+    sub.add_parser("reopen-logs", help="reopen the log file (after logrotate has moved it)")
     s = sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object (eqmailctl(8))")
     s = sub.add_parser("cert", help="server certificate: renew, request, install, show, dh")
@@ -465,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
     "import-qmail": cmd_import_qmail,
-    "reload": cmd_reload, "check": cmd_check, "queue": cmd_queue,
+    "reload": cmd_reload, "reopen-logs": cmd_reopen_logs, "check": cmd_check, "queue": cmd_queue,
     "cert": cmd_cert,
 }
 

@@ -9,10 +9,13 @@ Start order: logger, queue writer, local delivery, scanner, then the listeners; 
 background start returns (through the readiness pipe of ``eqmailctl start``) only when
 each is ready.  A worker that exits is restarted with back-off (policy.py).  SIGHUP
 reparses control/ and, when it is valid, applies it as a diff; when it is not, the old
-configuration keeps running and status shows the errors.  SIGTERM stops the listeners
+configuration keeps running and status shows the errors.  SIGUSR1 reopens the log
+output (logrotate), and so does every accepted reload.  SIGTERM stops the listeners
 first, then the scanner (which finishes or defers its deliveries), then the rest.
+Under systemd each step is told through sd_notify (sockets.Notifier).
 
-Split across the package: socket binding and sd_notify in sockets.py, the worker record
+Split across the package: socket binding and sd_notify in sockets.py, the log output
+and its rotation in logoutput.py, the worker record
 and entry table in worker.py, the status socket and its report in status.py, the reload
 diff in reload.py (a mixin of ``Supervisor``), fork and privilege drop in spawn.py.
 """
@@ -28,18 +31,21 @@ import time
 from typing import Any
 
 from eqmail.control import ListenerSpec, load_controls
+from eqmail.errors import ControlFileError
 from eqmail.instance import Instance
-from eqmail.log import log
+from eqmail.log import log, write_directly
 from eqmail.queue.layout import QUEUE_DIRS
 from eqmail.supervisor.ids import Ids, SystemIds
+from eqmail.supervisor.logoutput import LogOutput
 from eqmail.supervisor.reload import ReloadMixin
-from eqmail.supervisor.sockets import bind_listener, bind_unix, sd_notify
+from eqmail.supervisor.sockets import Notifier, bind_listener, bind_unix
 from eqmail.supervisor.spawn import SpawnSpec, spawn
-from eqmail.supervisor.status import StatusSocket, supervisor_report
+from eqmail.supervisor.status import StatusSocket, summary_line, supervisor_report
 from eqmail.supervisor.worker import Worker, has_worker, worker_entry
 from eqmail.workers.base import WorkerContext
 
 READY_TIMEOUT = 30.0
+STATUS_EVERY = 5.0  # seconds between refreshes of systemd's STATUS= line
 
 
 class StartError(Exception):
@@ -64,7 +70,10 @@ class Supervisor(ReloadMixin):
         self.listen_socks: dict[str, socket.socket] = {}
         self.started = time.time()
         self.generation = 1
-        self.last_reload: dict[str, Any] = {"time": None, "ok": True, "errors": []}
+        self.last_reload: dict[str, Any] = {"time": None, "ok": True, "errors": [], "seq": 0}
+        self.reload_seq = 0  # reload attempts so far (eqmailctl reload waits for its own)
+        self.notifier = Notifier()
+        self.status_due = 0.0
         self.stopping = False
         self.reload_pending: int | None = None  # generation whose listeners are not all up yet
         self.pending_signals: list[int] = []
@@ -88,7 +97,12 @@ class Supervisor(ReloadMixin):
         # the control watcher writes a byte here when control/ or users/ changed
         self.watch_r, self.watch_w = os.pipe()
         os.set_blocking(self.watch_r, False)
-        self.out_fd = self._open_log_output()
+        self.logout = LogOutput(self.instance, self.foreground,
+                                (self.ids["log"].uid, self.ids["log"].gid) if self.ids.privileged else None)
+        try:
+            self.logout.install(*self.logout.open(self.controls))
+        except ControlFileError as e:
+            raise StartError(str(e)) from None
         for spec in self.controls.listen:
             self.listen_socks[spec.key] = bind_listener(spec)
         # Unix sockets are bound here, like the TCP ones, so a worker never needs write
@@ -141,16 +155,6 @@ class Supervisor(ReloadMixin):
             os.chown(trigger, send.uid, send.gid)
             os.chown(lock / "sendmutex", send.uid, send.gid)
 
-    def _open_log_output(self) -> int:
-        if not self.controls.logfile or self.controls.logfile == "syslog":
-            return os.dup(1)
-        path = self.instance.root / self.controls.logfile
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        if self.ids.privileged:
-            os.fchown(fd, self.ids["log"].uid, self.ids["log"].gid)
-        return fd
-
     def _base_workers(self) -> list[Worker]:
         scanner_extra: dict[str, Any] = {}
         remote: list[Worker] = []
@@ -161,8 +165,7 @@ class Supervisor(ReloadMixin):
                                  keep_fds=(self.remote_sock.fileno(),)))
         return [
             Worker("logger", "logger", worker_entry("logger"), "log",
-                   extra={"log_read_fd": self.log_r, "out_fd": self.out_fd},
-                   keep_fds=(self.log_r, self.out_fd)),
+                   extra=self._logger_extra(), keep_fds=self._logger_fds()),
             Worker("queuewriter", "queue writer", worker_entry("queuewriter"), "queue",
                    extra={"socket_fd": self.queue_sock.fileno()},
                    keep_fds=(self.queue_sock.fileno(),)),
@@ -180,6 +183,13 @@ class Supervisor(ReloadMixin):
             Worker("watcher", "control watcher", worker_entry("watcher"), "log",
                    extra={"notify_fd": self.watch_w}, keep_fds=(self.watch_w,)),
         ]
+
+    def _logger_extra(self) -> dict[str, Any]:
+        return {"log_read_fd": self.log_r, "out_fd": self.logout.fd, "target": self.logout.target,
+                "control_fd": self.logout.logger_end.fileno()}
+
+    def _logger_fds(self) -> tuple[int, ...]:
+        return (self.log_r, self.logout.fd, self.logout.logger_end.fileno())
 
     def _listener_workers(self, spec: ListenerSpec) -> list[Worker]:
         """``processes`` workers sharing the listener's socket (each accepts from it)."""
@@ -281,6 +291,7 @@ class Supervisor(ReloadMixin):
         self._notify(b"ok\n")
         while not self.stopping or any(w.proc for w in self.workers):
             self.poll(1.0)
+            self._refresh_status()
             self._restart_due()
             self._check_reload_complete()
             if self.stopping:
@@ -289,7 +300,8 @@ class Supervisor(ReloadMixin):
         return 0
 
     def poll(self, timeout: float) -> None:
-        events = self.sel.select(timeout)
+        # the watchdog ping rides on the loop: it stops when the loop stops turning
+        events = self.sel.select(min(timeout, self.notifier.watchdog()))
         # Signals first: a worker that exits because the whole group got a signal must
         # be seen as stopping, not as a crash to restart.
         events.sort(key=lambda ev: ev[0].data[0] != "signal")
@@ -385,7 +397,8 @@ class Supervisor(ReloadMixin):
         os.set_blocking(self.sig_r, False)
         os.set_blocking(self.sig_w, False)
         signal.set_wakeup_fd(self.sig_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD,
+                    signal.SIGUSR1):
             signal.signal(sig, lambda *_: None)
         self.sel.register(self.sig_r, selectors.EVENT_READ, ("signal", None))
 
@@ -403,6 +416,7 @@ class Supervisor(ReloadMixin):
             signal.SIGINT: self.begin_stop,
             signal.SIGHUP: self.reload,
             signal.SIGALRM: self.flush,
+            signal.SIGUSR1: self.reopen_logs,
         }
         seen: set[int] = set()
         for s in sigs:
@@ -415,11 +429,35 @@ class Supervisor(ReloadMixin):
             if w.kind == "scanner" and w.proc is not None:
                 os.kill(w.proc.pid, signal.SIGALRM)
 
+    # ------------------------------------------------------------ log output
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the log file (logrotate has renamed it) with the running
+        controls."""
+        try:
+            opened = self.logout.open(self.controls)
+        except ControlFileError as e:
+            log(f"alert: cannot reopen the log: {e}")
+            self.logout.error = str(e)
+        else:
+            self.switch_log(*opened)
+            self.logout.error = ""
+        self.logout.reopens += 1
+
+    def switch_log(self, *opened: Any) -> None:
+        """Install an opened output and hand it to the logger (and to its successors)."""
+        self.logout.install(*opened)
+        self.logout.send()
+        for w in self.workers:
+            if w.kind == "logger":
+                w.extra = self._logger_extra()
+                w.keep_fds = self._logger_fds()
+
     # ------------------------------------------------------------ stop
     def begin_stop(self) -> None:
         if self.stopping:
             return
         log("status: stopping")
+        self.notifier.stopping("stopping")
         self.stopping = True
         self.stop_phase = 0
         self._stop_step()
@@ -440,7 +478,9 @@ class Supervisor(ReloadMixin):
                 return
             self.stop_phase += 1
             if self.stop_phase == len(self.STOP_ORDER) - 1:
-                os.dup2(self.out_fd, 2)  # the logger goes last; keep our own lines visible
+                # the logger goes last; keep our own lines visible, in the log's format
+                os.dup2(self.logout.fd, 2)
+                write_directly(self.logout.shape)
 
     # ------------------------------------------------------------ status, readiness
     def status(self) -> dict[str, Any]:
@@ -454,6 +494,15 @@ class Supervisor(ReloadMixin):
             except OSError:
                 pass
             self.notify_fd = -1
-        if os.environ.get("NOTIFY_SOCKET"):
-            sd_notify(b"READY=1")
+        self.notifier.ready(self.summary())
+        self.status_due = time.monotonic() + STATUS_EVERY
+
+    def summary(self) -> str:
+        return summary_line(self)
+
+    def _refresh_status(self) -> None:
+        if self.notifier.enabled and not self.stopping and self.reload_pending is None \
+                and time.monotonic() >= self.status_due:
+            self.notifier.set_status(self.summary())
+            self.status_due = time.monotonic() + STATUS_EVERY
 

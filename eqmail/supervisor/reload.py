@@ -7,9 +7,15 @@ replacement of a long-running worker whose controls changed (``WORKER_CONTROLS``
 deciding when a reload is complete.  Runs as root, inside the supervisor's
 single-threaded loop, as a mixin of ``Supervisor`` (main.py), whose state it uses.
 
-Failure modes: invalid control files leave the old configuration running and are
-recorded in ``last_reload`` (shown by status); a listener address that cannot be bound
-is logged and skipped.  Old generations finish their sessions before they exit.
+Every reload also reopens the log output (a changed control/logfile or logformat takes
+effect; logoutput.py) and is told to systemd: RELOADING=1 when it starts, READY=1 when
+it is complete or refused.  ``last_reload["seq"]`` numbers the attempts, so that
+``eqmailctl reload`` can wait for the verdict on its own request.
+
+Failure modes: invalid control files, or a log file that cannot be opened, leave the
+old configuration running and are recorded in ``last_reload`` (shown by status); a
+listener address that cannot be bound is logged and skipped.  Old generations finish
+their sessions before they exit.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from eqmail.control import Controls, ListenerSpec, load_controls
-from eqmail.errors import ControlErrors
+from eqmail.errors import ControlErrors, ControlFileError
 from eqmail.instance import Instance
 from eqmail.log import log
-from eqmail.supervisor.sockets import bind_listener
+from eqmail.supervisor.logoutput import LogOutput
+from eqmail.supervisor.sockets import Notifier, bind_listener
 from eqmail.supervisor.worker import Worker
 from eqmail.workers.base import drain_wake_pipe
 
@@ -62,10 +69,15 @@ class ReloadMixin:
     stopping: bool
     reload_pending: int | None  # generation whose listeners are not all up yet
     watch_r: int
+    reload_seq: int
+    notifier: Notifier
+    logout: LogOutput
 
     if TYPE_CHECKING:  # provided by Supervisor
         def start_worker(self, w: Worker) -> None: ...
+        def switch_log(self, *opened: Any) -> None: ...
         def _listener_workers(self, spec: ListenerSpec) -> list[Worker]: ...
+        def summary(self) -> str: ...
 
     def _on_control_change(self) -> None:
         drain_wake_pipe(self.watch_r)
@@ -77,19 +89,28 @@ class ReloadMixin:
         if self.stopping:  # a HUP racing a stop: new workers now would never be stopped
             log("status: reload ignored: stopping")
             return
+        self.reload_seq += 1
+        self.notifier.reloading("reloading control files")
         try:
             new = load_controls(self.instance.root)
-        except ControlErrors as e:
-            self.last_reload = {"time": time.time(), "ok": False, "errors": [str(x) for x in e.errors]}
-            for err in e.errors:
+            opened = self.logout.open(new)
+        except (ControlErrors, ControlFileError) as e:
+            errors = e.errors if isinstance(e, ControlErrors) else [e]
+            self.last_reload = {"time": time.time(), "ok": False, "errors": [str(x) for x in errors],
+                                "seq": self.reload_seq}
+            for err in errors:
                 log(f"alert: reload refused: {err}")
+            if self.reload_pending is None:  # else the pending one's completion says READY
+                self.notifier.ready(f"reload refused: {errors[0]}")
             return
         self.generation += 1
-        self.last_reload = {"time": time.time(), "ok": True, "errors": [], "complete": False}
+        self.last_reload = {"time": time.time(), "ok": True, "errors": [], "complete": False,
+                            "seq": self.reload_seq}
         self.reload_pending = self.generation
         old = self.controls
         self.controls = new
         log(f"status: reloading control files, generation {self.generation}")
+        self.switch_log(*opened)
         self._apply_listener_diff(old, new)
         for w in self.workers:
             if w.proc is not None and _differs(old, new, WORKER_CONTROLS.get(w.kind, ())):
@@ -128,6 +149,7 @@ class ReloadMixin:
             log(f"status: reload complete, generation {self.reload_pending}")
             self.last_reload["complete"] = True
             self.reload_pending = None
+            self.notifier.ready(self.summary())
 
     def _apply_listener_diff(self, old: Controls, new: Controls) -> None:
         old_specs = {s.key: s for s in old.listen}

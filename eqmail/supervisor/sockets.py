@@ -1,4 +1,4 @@
-"""Sockets the supervisor binds as root, and its sd_notify readiness message.
+"""Sockets the supervisor binds as root, and its sd_notify messages to systemd.
 
 Owns: binding every listening socket before any worker starts — the TCP listeners
 (tcpserver's job) and the Unix sockets in run/ — so that a worker never needs write
@@ -9,12 +9,19 @@ Inputs: a ``ListenerSpec`` or a path with its mode and owner.  Outputs: a listen
 inheritable socket (the worker receives its fd through fork).  Failure modes: binding
 raises ``OSError`` to the caller (start-up fails; a reload logs and skips that
 listener).  ``bound_port`` and ``sd_notify`` never raise.
+
+sd_notify (``Notifier``): READY=1 once every worker is ready, RELOADING=1 with
+MONOTONIC_USEC= when a reload starts and READY=1 when it is complete or refused,
+STOPPING=1 at stop, STATUS= a one-line summary, and WATCHDOG=1 every half of
+WATCHDOG_USEC while the supervisor's loop turns (only when WATCHDOG_PID, if set, is
+this process, as sd_watchdog_enabled(3) says).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from eqmail.control import ListenerSpec
@@ -59,9 +66,9 @@ def bound_port(sock: socket.socket | None) -> int:
         return 0
 
 
-def sd_notify(msg: bytes) -> None:
-    """Send ``msg`` to systemd's $NOTIFY_SOCKET, if there is one; best effort."""
-    addr = os.environ.get("NOTIFY_SOCKET", "")
+def sd_notify(msg: bytes, addr: str | None = None) -> None:
+    """Send ``msg`` to systemd's socket (``addr``, else $NOTIFY_SOCKET); best effort."""
+    addr = addr if addr is not None else os.environ.get("NOTIFY_SOCKET", "")
     if not addr:
         return
     if addr.startswith("@"):  # an abstract socket
@@ -71,3 +78,57 @@ def sd_notify(msg: bytes) -> None:
             s.sendto(msg, addr)
     except OSError:
         pass
+
+
+def _status(text: str) -> str:
+    """One STATUS= assignment: a single line whatever the text holds."""
+    from eqmail.log import sanitize
+
+    return "STATUS=" + sanitize(text)[:200]
+
+
+class Notifier:
+    """The supervisor's messages to systemd; does nothing without NOTIFY_SOCKET."""
+
+    def __init__(self, env: dict[str, str] | os._Environ[str] = os.environ) -> None:
+        # taken out of the environment (sd_notify's unset_environment): no worker,
+        # plugin or delivery program needs them
+        self.addr = env.pop("NOTIFY_SOCKET", "")
+        self.enabled = bool(self.addr)
+        self.interval: float | None = None
+        usec, pid = env.pop("WATCHDOG_USEC", ""), env.pop("WATCHDOG_PID", "")
+        if self.enabled and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.interval = int(usec) / 2e6
+        self.next_ping = time.monotonic()
+        self.status = ""
+
+    def send(self, *assignments: str) -> None:
+        if self.enabled:
+            sd_notify("\n".join(assignments).encode("utf-8", "replace"), self.addr)
+
+    def reloading(self, status: str) -> None:
+        self.status = status
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", _status(status))
+
+    def ready(self, status: str) -> None:
+        self.status = status
+        self.send("READY=1", _status(status))
+
+    def stopping(self, status: str) -> None:
+        self.status = status
+        self.send("STOPPING=1", _status(status))
+
+    def set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            self.send(_status(status))
+
+    def watchdog(self) -> float:
+        """Ping when due; the seconds until the next ping is due (or a long time)."""
+        if self.interval is None:
+            return 3600.0
+        now = time.monotonic()
+        if now >= self.next_ping:
+            self.send("WATCHDOG=1")
+            self.next_ping = now + self.interval
+        return self.next_ping - now

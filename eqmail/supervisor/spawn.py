@@ -7,7 +7,9 @@ library's fork Process was tried: its exit sentinel is a pipe whose write end th
 which conflicts with closing every inherited fd — see docs/design-notes.md.)
 
 In the child, before the worker's code runs: signal handlers back to defaults and the
-supervisor's wakeup fd cleared; stdin from /dev/null; fd 2 pointed at the logger's pipe;
+supervisor's wakeup fd cleared; stdin from /dev/null; fds 1 and 2 pointed at the logger's
+pipe (stdout too: a stray print is logged, and no worker keeps the supervisor's stdout
+-- a log file logrotate has moved -- open);
 every inherited fd closed except the ones the worker is given; the process title set;
 privileges dropped and checked; the parent-death signal armed (after the drop, which
 clears it) so that a kill -9 of the supervisor leaves no worker serving.
@@ -29,7 +31,8 @@ from eqmail.workers.base import WorkerContext
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 PR_SET_PDEATHSIG = 1
-FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD}
+FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD,
+                     signal.SIGUSR1}
 
 
 @dataclass
@@ -62,6 +65,8 @@ def _child_setup(spec: SpawnSpec, supervisor_pid: int, mask: set[signal.Signals 
     os.dup2(devnull, 0)
     if spec.log_fd >= 0 and spec.log_fd != 2:
         os.dup2(spec.log_fd, 2)
+    if spec.log_fd >= 0:
+        os.dup2(spec.log_fd, 1)
     os.close(devnull)
     keep = {0, 1, 2, *spec.keep_fds}
     if spec.ctx.ready_fd >= 0:

@@ -4,7 +4,8 @@ Owns: run/status.sock (``StatusSocket``: bound by the supervisor as root, mode 0
 non-blocking; each connection sends a request line and gets one JSON line back), the
 report it serves (``supervisor_report``: workers with pid, uid/gid, state, restarts,
 generation and title; listeners with their bound port and session count; the last
-reload; queue counts), and the helpers it is built from.  ``queue_counts`` is also used
+reload; the log output and its reopen count; queue counts), the one-line summary
+systemd shows as STATUS= (``summary_line``), and the helpers they are built from.  ``queue_counts`` is also used
 by ``eqmailctl status`` when the daemon is not running.
 
 Failure modes: a client that does not read or write within 2 s, or goes away, is
@@ -77,10 +78,27 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
                                   if w.kind == "listener" and w.spec is not None
                                   and w.spec.key == s.key and w.proc is not None)}
                  for s in sup.controls.listen]
+    lo = sup.logout
+    log_output = {"sink": str(lo.target.sink), "format": str(lo.target.fmt),
+                  "path": str(lo.path) if lo.path else None, "reopens": lo.reopens, "error": lo.error}
     return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - sup.started, 1),
-            "generation": sup.generation, "last_reload": sup.last_reload,
+            "generation": sup.generation, "last_reload": sup.last_reload, "stopping": sup.stopping,
+            "log": log_output,
             "workers": workers, "listeners": listeners,
             "queue": queue_counts(sup.instance.queue)}
+
+
+def summary_line(sup: Supervisor) -> str:
+    """systemd's STATUS=: ``7/7 workers up, 2 listeners, 3 sessions, queue 12 messages``."""
+    up = sum(1 for w in sup.workers if w.proc is not None and w.ready)
+    sessions = sum(w.sessions for w in sup.workers if w.kind == "listener" and w.proc is not None)
+    listeners = len(sup.controls.listen)
+    try:
+        queued = len(QueuePaths(sup.instance.queue).ids_in("mess"))
+    except OSError:
+        queued = -1
+    return (f"{up}/{len(sup.workers)} workers up, {listeners} listener{'' if listeners == 1 else 's'}, "
+            f"{sessions} session{'' if sessions == 1 else 's'}, queue {queued} message{'' if queued == 1 else 's'}")
 
 
 class StatusSocket:
