@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 MAN_PAGES = ("eqmailctl.8", "eqmail-inject.8", "eqmail-sendmail.8", "eqmail-checkpassword.8",
              "eqmail-control.5")
 PROGRAMS = ("eqmailctl", "eqmail-inject", "eqmail-sendmail", "eqmail-checkpassword")
-EQMAILCTL_COMMANDS = ("setup", "start", "stop", "status", "reload", "check", "cert", "import-qmail", "queue")
+EQMAILCTL_COMMANDS = ("setup", "start", "stop", "status", "reload", "reopen-logs", "check", "cert",
+                      "import-qmail", "queue")
 PASSWORD = "Secret-1"
 
 
