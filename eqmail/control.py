@@ -121,6 +121,15 @@ class Controls:
     tlshosts_exhaustive: bool = False  # control/tlshosts/exhaustivelist exists
     notlshosts: frozenset[str] = frozenset()  # names of the files in control/notlshosts/
     beforemote: tuple[str, ...] = ()  # control/beforemote: one command per line
+    # what one SMTP client may take (issue 12; Postfix's smtpd_* defaults)
+    concurrencyperclient: int = 50  # sessions per IPv4 address / IPv6 /64, all listeners; 0 = no limit
+    concurrencyperclientrelay: int = 50  # the same for RELAYCLIENT clients (default: concurrencyperclient)
+    mindatarate: int = 500  # DATA bytes/s on average (smtpd_min_data_rate); 0 = no minimum
+    maxrcpt: int = 1000  # recipients per message (smtpd_recipient_limit)
+    smtperrorsoftlimit: int = 10  # error replies after which each reply waits smtperrorsleep
+    smtperrorhardlimit: int = 20  # error replies after which the session gets 421; 0 = never
+    smtperrorsleep: int = 1  # seconds (smtpd_error_sleep_time)
+    smtpjunklimit: int = 100  # NOOP/RSET/VRFY/HELP without a delivered message; 0 = no limit
 
     def route_for(self, host: str) -> Route | None:
         """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
@@ -420,6 +429,7 @@ def load_controls(root: Path) -> Controls:
         logfile=r.line("logfile") or "",
         tcp_smtp=r.raw("tcp.smtp") or "",
         assign=r.raw("assign", base="users"),
+        **_client_limits(r),
     )
     if kwargs["timeoutsmtpd"] <= 0:  # qmail-smtpd: a value <= 0 means 1 second
         kwargs["timeoutsmtpd"] = 1
@@ -432,6 +442,21 @@ def load_controls(root: Path) -> Controls:
         raise ControlErrors(r.errors)
     kwargs["sources"] = dict(r.sources)
     return Controls(**kwargs)
+
+
+def _client_limits(r: _Reader) -> dict[str, int]:
+    """What one SMTP client may take (eqmail.connlimit, the session's limits)."""
+    perclient = r.integer("concurrencyperclient", 50, 0, 1_000_000)
+    return dict(
+        concurrencyperclient=perclient,
+        concurrencyperclientrelay=r.integer("concurrencyperclientrelay", perclient, 0, 1_000_000),
+        mindatarate=r.integer("mindatarate", 500, 0, 1 << 30),
+        maxrcpt=r.integer("maxrcpt", 1000, 1, 1_000_000),
+        smtperrorsoftlimit=r.integer("smtperrorsoftlimit", 10, 0, 1_000_000),
+        smtperrorhardlimit=r.integer("smtperrorhardlimit", 20, 0, 1_000_000),
+        smtperrorsleep=r.integer("smtperrorsleep", 1, 0, 60),
+        smtpjunklimit=r.integer("smtpjunklimit", 100, 0, 1_000_000),
+    )
 
 
 def _dir_names(path: Path) -> list[str]:
@@ -539,6 +564,8 @@ KNOWN_FILES = (
     "morercpthosts", "percenthack", "plusdomain", "queuelifetime", "rcpthosts",
     "smtpgreeting", "smtproutes", "timeoutconnect", "timeoutremote", "timeoutsmtpd",
     "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "tcp.smtp",
+    "concurrencyperclient", "concurrencyperclientrelay", "mindatarate", "maxrcpt",
+    "smtperrorsoftlimit", "smtperrorhardlimit", "smtperrorsleep", "smtpjunklimit",
 )
 # Files eqmail knows but does not show as values (certificates, plugin configuration).
 OTHER_KNOWN_FILES = (

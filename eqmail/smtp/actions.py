@@ -91,6 +91,14 @@ class CheckClientCert:
 
 
 @dataclass(frozen=True)
+class Delay:
+    """Wait ``seconds`` before performing the next action (the session has made too
+    many errors: Postfix's smtpd_error_sleep_time).  Only this session waits."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Log:
     """One log line, eQmail's ``qmail-smtpd: <event>: ...`` format, no newline."""
 
@@ -118,7 +126,7 @@ class RunHook:
 
 
 Action = (Send | Close | StartTLS | BeginMessage | MessageData | EndMessage | AbortMessage
-          | CheckPassword | CheckClientCert | Log | RunHook)
+          | CheckPassword | CheckClientCert | Log | RunHook | Delay)
 
 
 class QueueStatus(Enum):

@@ -31,6 +31,14 @@ class SessionConfig:
     tls_client_relay: bool = False  # tlsclients + clientca usable: try certs before 553
     plugins_enabled: bool = False   # qmail-spp hooks (env NOSPP turns them off)
     max_line: int = 12288
+    # what one client may take (issue 12, Postfix's defaults): recipients per message;
+    # error replies after which each reply is delayed / the session is closed (421);
+    # NOOP/RSET/VRFY/HELP without a delivered message before 421.  0 = no limit.
+    max_rcpt: int = 1000
+    error_soft_limit: int = 10
+    error_hard_limit: int = 20
+    error_sleep: float = 1.0
+    junk_limit: int = 100
     pid: int = 0                    # for the CRAM-MD5 challenge <pid.time@local>
     utcoffset: int | None = None    # Received date offset; None = local zone
 
