@@ -86,7 +86,9 @@ class ClientTable:
     def __init__(self, fd: int, mem: mmap.mmap) -> None:
         self.fd = fd
         self.mem = mem
-        magic, self.capacity, _used, self._secret = _HEADER.unpack_from(mem, 0)
+        magic, capacity, _used, secret = _HEADER.unpack_from(mem, 0)
+        self.capacity: int = int(capacity)
+        self._secret: bytes = bytes(secret)
         if magic != _MAGIC:
             raise ValueError("not a client table")
 

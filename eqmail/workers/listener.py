@@ -133,7 +133,7 @@ class Listener:
     def refuse(self, conn: socket.socket, reply: Reply, why: str, ip: str) -> None:
         """Answer ``reply`` instead of a greeting and close (no TLS for SMTPS: just
         close).  Logged at most once a second per reason, with a count."""
-        if "SMTPS" not in self.spec.env or self.tls is None:
+        if "SMTPS" not in dict(self.spec.env) or self.tls is None:
             try:
                 conn.send(reply.wire())  # a few bytes into an empty socket buffer
                 conn.shutdown(socket.SHUT_WR)

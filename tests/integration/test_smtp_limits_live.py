@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -43,12 +44,14 @@ class Mx:
     port: int        # both families
     port_small: int  # concurrency=5, 127.0.0.1
     port_b: int = 0  # shared: a second listener line (127.0.0.1)
+    port_smtps: int = 0  # flood: smtps concurrency=1
 
 
-def _instance(listen: list[str], controls: dict[str, str]) -> Instance:
+def _instance(listen: list[str], controls: dict[str, str], tls: bool = False) -> Instance:
     inst = Instance.create(listen=None, extra_controls=controls)
     add_catchall_mailbox(inst)
-    (inst.root / "control" / "servercert.pem").unlink(missing_ok=True)
+    if not tls:
+        (inst.root / "control" / "servercert.pem").unlink(missing_ok=True)
     inst.write_control("listen", "\n".join(listen))
     inst.start()
     return inst
@@ -56,13 +59,13 @@ def _instance(listen: list[str], controls: dict[str, str]) -> Instance:
 
 @pytest.fixture(scope="module")
 def flood() -> Iterator[Mx]:
-    port, small = free_port(), free_port()
+    port, small, smtps = free_port(), free_port(), free_port()
     inst = _instance([f"smtp {V4}:{port} concurrency=500", f"smtp [{V6}]:{port} concurrency=500",
-                      f"smtp {V4}:{small} concurrency=5"],
+                      f"smtp {V4}:{small} concurrency=5", f"smtps {V4}:{smtps} concurrency=1"],
                      {"tcp.smtp": '127.0.0.5:allow,RELAYCLIENT=""\n:allow\n',
-                      "concurrencyperclientrelay": "0"})
+                      "concurrencyperclientrelay": "0"}, tls=True)
     try:
-        yield Mx(inst, port, small)
+        yield Mx(inst, port, small, port_smtps=smtps)
     finally:
         inst.destroy()
 
@@ -171,6 +174,26 @@ def test_listener_at_its_concurrency_answers_421_and_closes(flood: Mx) -> None:
     finally:
         for c in held:
             c.close()
+
+
+def test_full_smtps_listener_closes_without_clear_text(flood: Mx) -> None:
+    """SMTPS at its concurrency: the connection is closed at once; no plain-text 421
+    where the client expects a TLS handshake, and no handshake spent on it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    held = ctx.wrap_socket(socket.create_connection((V4, flood.port_smtps), 10))
+    try:
+        held.settimeout(10)
+        assert held.recv(4096) == GREETING
+        extra = socket.create_connection((V4, flood.port_smtps), 10)
+        extra.settimeout(5)
+        began = time.monotonic()
+        assert extra.recv(4096) == b""
+        assert time.monotonic() - began < 2.0
+        extra.close()
+    finally:
+        held.close()
 
 
 def test_relay_clients_exempt_when_the_admin_says_so(flood: Mx) -> None:
