@@ -15,13 +15,11 @@ process (control/concurrencyperclientrelay for RELAYCLIENT clients), counted in 
 supervisor's shared table (eqmail.connlimit); over it: ``421 ... (#4.7.0)``.  An SMTPS
 connection is refused by closing it (no TLS handshake is spent on it).
 
-Time limits (I/O policy, kept out of the pure session): every read and write is bounded
-by timeoutsmtpd (``451 timeout (#4.4.2)``); a command line must be complete within
-timeoutsmtpd seconds of its first byte, and message data must arrive at
-control/mindatarate bytes/s on average — allowed: timeoutsmtpd + bytes/mindatarate
-seconds since the 354 — else 451 and close.  Only time spent waiting for the client
-counts, never time this process spent on the queue writer.  The session's error delay
-(the Delay action) is an asyncio sleep of that session alone.  TLS (STARTTLS, SMTPS) is done here with the session's
+Every read and write is bounded by timeoutsmtpd (``451 timeout (#4.4.2)``); besides,
+a command line must be complete within timeoutsmtpd of its first byte and message data
+keep control/mindatarate (eqmail.smtp.pace, 451 and close).  The session's error delay
+(the Delay action) is an asyncio sleep of that session alone.  TLS (STARTTLS, SMTPS) is
+done here with the session's
 upgrade point; checkpassword (DJB fd-3 interface) runs in the plugin sandbox worker.
 Failed AUTHs are counted per client address (eqmail.authlimit, control/authlimit): the
 535 comes after a growing delay, and an address over the limit gets a 454 without its
@@ -50,6 +48,7 @@ from eqmail.queue.client import AsyncQueueClient
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.checkpw import run_checkpassword
+from eqmail.smtp.pace import Pace
 from eqmail.smtp.policy import BadMailFrom
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.session import Session
@@ -245,12 +244,7 @@ class Connection:
                              tls_client_relay=bool(listener.tlsclients),
                              plugins_enabled=self.plugins is not None and not self.plugins.empty)
         self.session = Session(cfg, env, time.time)
-        # Time spent waiting for the client (never for our own work) since the first
-        # byte of an unfinished command line / since the 354; None when not counting.
-        self._line_wait: float | None = None
-        self._data_wait: float | None = None
-        self._data_bytes = 0
-        self._rate = listener.controls.mindatarate
+        self.pace = Pace(listener.timeout, listener.controls.mindatarate)
 
     async def run(self) -> None:
         if self.spp_error:  # an unreadable smtplugins file: qmail-spp's 421
@@ -266,14 +260,14 @@ class Connection:
         await self._perform(self.session.start())
         loop = asyncio.get_running_loop()
         while not self.closed and not self.session.closed:
-            limit, reply, event = self._read_limit()
+            deadline = self.pace.next_read()
             began = loop.time()
             try:
                 # asyncio.timeout, not wait_for: no extra task per read on the hot path
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout(deadline.seconds):
                     data = await self.reader.read(READ_SIZE)
             except TimeoutError:
-                await self._timeout(reply, event)
+                await self._timeout(deadline.reply, deadline.event)
                 return
             except (ConnectionError, OSError):
                 log(self.session.log_line("read failed"))
@@ -285,36 +279,9 @@ class Connection:
             await self._perform(actions)
             if not data:
                 return
-            self._account(waited, len(data), self.session.lines != lines)
-
-    def _read_limit(self) -> tuple[float, Reply, str]:
-        """How long the next read may wait, and what to say when it runs out: the idle
-        timeout, or less when a command line or the message data is due sooner."""
-        limit, reply, event = self.l.timeout, replies.TIMEOUT, "timeout"
-        if self._line_wait is not None and self.l.timeout - self._line_wait < limit:
-            limit = self.l.timeout - self._line_wait
-            reply, event = replies.SLOW_LINE, "timeout (command line too slow)"
-        if self._data_wait is not None and self._rate > 0:
-            left = self.l.timeout + self._data_bytes / self._rate - self._data_wait
-            if left < limit:
-                limit, reply, event = left, replies.SLOW_DATA, "timeout (data too slow)"
-        return max(limit, 0.0), reply, event
-
-    def _account(self, waited: float, size: int, line_done: bool) -> None:
-        """After a read of ``size`` bytes that took ``waited`` seconds."""
-        if self.session.partial_line:
-            # a line completed in this read: the unfinished one began in it
-            self._line_wait = 0.0 if self._line_wait is None or line_done else self._line_wait + waited
-        else:
-            self._line_wait = None
-        if self.session.in_data:
-            if self._data_wait is None:  # the 354 went out after this read
-                self._data_wait, self._data_bytes = 0.0, 0
-            else:
-                self._data_wait += waited
-                self._data_bytes += size
-        else:
-            self._data_wait = None
+            self.pace.after_read(waited, len(data), partial_line=self.session.partial_line,
+                                 line_done=self.session.lines != lines,
+                                 in_data=self.session.in_data)
 
     async def _timeout(self, reply: Reply = replies.TIMEOUT, event: str = "timeout") -> None:
         log(self.session.log_line(event))
