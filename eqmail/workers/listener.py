@@ -62,6 +62,7 @@ from eqmail.workers.base import WorkerContext, stop_on_sigterm
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
 SIBLING_GRACE = 0.05  # a full process of a multi-process listener lets a sibling accept first
+REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
 
 
 class Listener:
@@ -450,6 +451,22 @@ def _read(path: Any) -> str:
         return ""
 
 
+def _refuse_backlog(listener: Listener, sock: socket.socket, conn: socket.socket, ip: str) -> None:
+    """Full: answer ``conn`` and up to REFUSE_BATCH more waiting connections with 421
+    (no await in between, so the listener stays full), so a flood is refused at the
+    rate it arrives, not one connection per wake-up."""
+    full = replies.too_many_connections(listener.greeting)
+    for _ in range(REFUSE_BATCH):
+        listener.refuse(conn, full, "too many connections", ip)
+        try:
+            conn, addr = sock.accept()
+        except OSError:  # BlockingIOError: nothing more is waiting
+            return
+        conn.setblocking(False)
+        ip = str(addr[0])
+    listener.refuse(conn, full, "too many connections", ip)
+
+
 async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     per_process = max(1, -(-listener.spec.concurrency // max(1, listener.spec.processes)))
@@ -481,8 +498,7 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
             continue
         conn.setblocking(False)
         if listener.sessions >= per_process:
-            listener.refuse(conn, replies.too_many_connections(listener.greeting),
-                            "too many connections", str(addr[0]))
+            _refuse_backlog(listener, sock, conn, str(addr[0]))
             continue
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.sessions += 1
