@@ -95,6 +95,9 @@ eq_setup() {
   [ -n "$EQ_PROCESSES" ] && opts="$opts processes=$EQ_PROCESSES"
   echo "smtp $EQ_ADDR:$EQ_PORT $opts" > "$EQ_ROOT/control/listen"
   echo '127.:allow,RELAYCLIENT=""' > "$EQ_ROOT/control/tcp.smtp"
+  # every bench client is 127.0.0.1: like Postfix, whose per-client connection limit
+  # exempts $mynetworks by default, the relay clients get no per-client limit
+  echo 0 > "$EQ_ROOT/control/concurrencyperclientrelay"
   printf '=%s:%s:%s:%s:%s:::\n.\n' "$EQ_LOCAL" "$EQ_USER" "$uid" "$gid" "$EQ_HOME" > "$EQ_ROOT/users/assign"
   # EQ_CONTROLS="name=value ..." writes extra one-line control files (experiments, e.g.
   # EQ_CONTROLS=concurrencylocal=50); empty by default: eqmail's defaults are measured

@@ -138,6 +138,15 @@ class Controls:
     rcptchecklocal: int = 1  # 1: unknown local recipients get 550 at RCPT; 0: qmail (accept all)
     bouncemaxbytes: int = 50000  # bytes of the original message in a bounce; 0 = all (qmail)
     bouncelimit: int = 20  # bounces per sender address per hour, more are dropped; 0 = no limit
+    # what one SMTP client may take (issue 12; Postfix's smtpd_* defaults)
+    concurrencyperclient: int = 50  # sessions per IPv4 address / IPv6 /64, all listeners; 0 = no limit
+    concurrencyperclientrelay: int = 50  # the same for RELAYCLIENT clients (default: concurrencyperclient)
+    mindatarate: int = 500  # DATA bytes/s on average (smtpd_min_data_rate); 0 = no minimum
+    maxrcpt: int = 1000  # recipients per message (smtpd_recipient_limit)
+    smtperrorsoftlimit: int = 10  # error replies after which each reply waits smtperrorsleep
+    smtperrorhardlimit: int = 20  # error replies after which the session gets 421; 0 = never
+    smtperrorsleep: int = 1  # seconds (smtpd_error_sleep_time)
+    smtpjunklimit: int = 100  # NOOP/RSET/VRFY/HELP without a delivered message; 0 = no limit
 
     def route_for(self, host: str) -> Route | None:
         """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
@@ -464,6 +473,7 @@ def load_controls(root: Path) -> Controls:
         rcptchecklocal=r.integer("rcptchecklocal", 1, 0, 1),
         bouncemaxbytes=r.integer("bouncemaxbytes", 50000, 0, 2**62),
         bouncelimit=r.integer("bouncelimit", 20, 0, 10**9),
+        **_client_limits(r),
     )
     if kwargs["timeoutsmtpd"] <= 0:  # qmail-smtpd: a value <= 0 means 1 second
         kwargs["timeoutsmtpd"] = 1
@@ -476,6 +486,21 @@ def load_controls(root: Path) -> Controls:
         raise ControlErrors(r.errors)
     kwargs["sources"] = dict(r.sources)
     return Controls(**kwargs)
+
+
+def _client_limits(r: _Reader) -> dict[str, int]:
+    """What one SMTP client may take (eqmail.connlimit, the session's limits)."""
+    perclient = r.integer("concurrencyperclient", 50, 0, 1_000_000)
+    return dict(
+        concurrencyperclient=perclient,
+        concurrencyperclientrelay=r.integer("concurrencyperclientrelay", perclient, 0, 1_000_000),
+        mindatarate=r.integer("mindatarate", 500, 0, 1 << 30),
+        maxrcpt=r.integer("maxrcpt", 1000, 1, 1_000_000),
+        smtperrorsoftlimit=r.integer("smtperrorsoftlimit", 10, 0, 1_000_000),
+        smtperrorhardlimit=r.integer("smtperrorhardlimit", 20, 0, 1_000_000),
+        smtperrorsleep=r.integer("smtperrorsleep", 1, 0, 60),
+        smtpjunklimit=r.integer("smtpjunklimit", 100, 0, 1_000_000),
+    )
 
 
 def _dir_names(path: Path) -> list[str]:
@@ -624,6 +649,8 @@ KNOWN_FILES = (
     "timeoutsmtpd", "virtualdomains", "listen", "dnsservers", "spptimeout", "logfile", "logformat",
     "tcp.smtp", "tlsserverciphers", "tlsclientciphers",
     "rcptchecklocal", "bouncemaxbytes", "bouncelimit",
+    "concurrencyperclient", "concurrencyperclientrelay", "mindatarate", "maxrcpt",
+    "smtperrorsoftlimit", "smtperrorhardlimit", "smtperrorsleep", "smtpjunklimit",
 )
 # Files eqmail knows but does not show as values (certificates, plugin configuration).
 OTHER_KNOWN_FILES = (

@@ -143,6 +143,13 @@ DEFAULT_CONFIG = {
     "clock": "1700000000",
     "utcoffset": "3600",
     "cipher": "TLS_AES_256_GCM_SHA384",
+    # what one client may take; the product's defaults except the error delay (a
+    # transcript has no clock: the delay is tested in tests/unit/test_session_limits.py)
+    "maxrcpt": "1000",
+    "smtperrorsoftlimit": "10",
+    "smtperrorhardlimit": "20",
+    "smtperrorsleep": "0",
+    "smtpjunklimit": "100",
 }
 DEFAULT_ENV = {"TCPREMOTEIP": "192.0.2.1", "TCPLOCALIP": "192.0.2.25", "TCPLOCALPORT": "25"}
 
@@ -163,6 +170,9 @@ def build_session(t: Transcript):  # -> (Session, config dict); imports kept loc
         max_line=int(c["max_line"]), utcoffset=int(c["utcoffset"]),
         # the challenge's two "random" numbers: eQmail's <pid.time@local>, for the texts
         randbits=lambda _bits: numbers[next(turn) % 2],
+        max_rcpt=int(c["maxrcpt"]), error_soft_limit=int(c["smtperrorsoftlimit"]),
+        error_hard_limit=int(c["smtperrorhardlimit"]), error_sleep=float(c["smtperrorsleep"]),
+        junk_limit=int(c["smtpjunklimit"]),
     )
     clock = float(c["clock"])
     return Session(cfg, {**DEFAULT_ENV, **t.env}, lambda: clock), c

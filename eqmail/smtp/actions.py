@@ -101,6 +101,14 @@ class CheckMailbox:
 
 
 @dataclass(frozen=True)
+class Delay:
+    """Wait ``seconds`` before performing the next action (the session has made too
+    many errors: Postfix's smtpd_error_sleep_time).  Only this session waits."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Log:
     """One log line, eQmail's ``qmail-smtpd: <event>: ...`` format, no newline."""
 
@@ -128,7 +136,7 @@ class RunHook:
 
 
 Action = (Send | Close | StartTLS | BeginMessage | MessageData | EndMessage | AbortMessage
-          | CheckPassword | CheckClientCert | CheckMailbox | Log | RunHook)
+          | CheckPassword | CheckClientCert | CheckMailbox | Log | RunHook | Delay)
 
 
 class QueueStatus(Enum):

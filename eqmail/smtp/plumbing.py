@@ -6,7 +6,11 @@ command — the input buffer and its bound while a result is due (more than
 ``cfg.max_line`` is never buffered: it is skipped and reported to the session), the
 list of actions the next call returns (pipelined replies merged into one Send),
 waiting for one asynchronous result and resuming with it, end of input (``read
-failed``), and the loop that hands buffered input to the session by phase.
+failed``), the loop that hands buffered input to the session by phase, and the
+error accounting of Postfix's smtpd (every 4xx/5xx reply counts; once
+``cfg.error_soft_limit`` have been sent each further reply is preceded by a
+:class:`Delay` action, and at ``cfg.error_hard_limit`` the session ends with 421 —
+Postfix's smtpd_soft_error_limit, smtpd_error_sleep_time, smtpd_hard_error_limit).
 :class:`SessionPlumbing` is Session's base class, in the way Twisted's SMTP server
 sits on its LineReceiver: what a line or DATA byte *means* — every reply, every
 state change — is decided in eqmail.smtp.session through the methods marked below.
@@ -20,7 +24,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from eqmail.smtp.actions import AbortMessage, Action, Close, Log, Send
+from eqmail.smtp import replies
+from eqmail.smtp.actions import AbortMessage, Action, Close, Delay, Log, Send
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.state import Phase, SessionConfig
 
@@ -44,6 +49,9 @@ class SessionPlumbing(ABC):
         self._discarding = False             # inside an over-long command line
         self._out: list[Action] = []
         self._resume: Callable[..., None] | None = None
+        self.errors = 0                      # 4xx/5xx replies since the last delivered message
+        self.junk = 0                        # NOOP/RSET/VRFY/HELP since then (the session counts)
+        self.lines = 0                       # command/AUTH lines completed (for partial_line)
 
     # ---- what the session decides ----------------------------------------------------
 
@@ -102,6 +110,19 @@ class SessionPlumbing(ABC):
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
 
+    @property
+    def partial_line(self) -> bool:
+        """A command (or AUTH) line has begun and is not complete yet: the I/O layer
+        bounds how long it may take (timeoutsmtpd from its first byte)."""
+        return (self.phase in (Phase.COMMAND, Phase.AUTH)
+                and (bool(self._buf) or self._discarding))
+
+    @property
+    def in_data(self) -> bool:
+        """Message data is being read (after 354): the I/O layer enforces the minimum
+        data rate."""
+        return self.phase is Phase.DATA
+
     # ---- actions out -----------------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
@@ -110,6 +131,11 @@ class SessionPlumbing(ABC):
     def _send_raw(self, data: bytes) -> None:
         if not data:
             return
+        soft = self.cfg.error_soft_limit
+        if soft and self.errors >= soft and self.cfg.error_sleep > 0:
+            self._out.append(Delay(self.cfg.error_sleep))
+        if data[:1] in (b"4", b"5"):
+            self.errors += 1
         last = self._out[-1] if self._out else None
         if isinstance(last, Send):  # one write for pipelined replies
             self._out[-1] = Send(last.data + data)
@@ -151,6 +177,8 @@ class SessionPlumbing(ABC):
     def _pump(self) -> None:
         """Process buffered input until it runs out or a result must be awaited."""
         while self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
+            if self._too_many_errors():
+                break
             if self.phase is Phase.DATA:
                 if not self._data_step():
                     break
@@ -162,9 +190,21 @@ class SessionPlumbing(ABC):
                 self._auth_line(line)
             else:
                 self._command(line)
+        self._too_many_errors()
         if self._eof and self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
             self._log("read failed")
             self._close()
+
+    def _too_many_errors(self) -> bool:
+        """At the hard error limit (checked between commands, never inside DATA):
+        421 and close.  True when the session was closed."""
+        hard = self.cfg.error_hard_limit
+        if not hard or self.errors < hard or self.phase not in (Phase.COMMAND, Phase.AUTH):
+            return False
+        self._log("too many errors")
+        self._send(replies.TOO_MANY_ERRORS)
+        self._close()
+        return True
 
     def _take_line(self) -> bytes | None:
         """The next command line without LF and one trailing CR, or None for "need more".
@@ -178,6 +218,7 @@ class SessionPlumbing(ABC):
                     return None
                 del buf[:lf + 1]
                 self._discarding = False
+                self.lines += 1
             lf = buf.find(b"\n", 0, limit + 2)
             if lf < 0:
                 if len(buf) <= limit + 1:
@@ -187,6 +228,7 @@ class SessionPlumbing(ABC):
                 continue
             line = bytes(buf[:lf])
             del buf[:lf + 1]
+            self.lines += 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) <= limit:

@@ -69,6 +69,26 @@ OUT_OF_MEMORY = Reply(421, "out of memory (#4.3.0)")
 UNABLE_TO_READ_CONTROLS = Reply(421, "unable to read controls (#4.3.0)")
 UNABLE_TO_FIGURE_OUT_IPS = Reply(421, "unable to figure out my IP addresses (#4.3.0)")
 
+# --- what one client may take (eqmail, issue 12; Postfix's limits) --------------------
+
+# eqmail: qmail-smtpd took HELO/EHLO without a name.
+HELO_SYNTAX = Reply(501, "syntax error, give your host name with HELO/EHLO (#5.5.4)")
+TOO_MANY_ERRORS = Reply(421, "too many errors, closing connection (#4.7.0)")
+TOO_MANY_JUNK = Reply(421, "too many commands without mail, closing connection (#4.7.0)")
+SLOW_LINE = Reply(451, "timeout, command line not completed in time (#4.4.2)")
+SLOW_DATA = Reply(451, "timeout, message data arriving too slowly (#4.4.2)")
+
+
+def too_many_connections(smtpgreeting: str) -> Reply:
+    """The listener is at its ``concurrency``: instead of the greeting."""
+    return Reply(421, f"{smtpgreeting} too many connections, try again later (#4.3.2)")
+
+
+def too_many_from_client(smtpgreeting: str) -> Reply:
+    """The client's address is at control/concurrencyperclient: instead of the greeting."""
+    return Reply(421, f"{smtpgreeting} too many connections from your address, "
+                      "try again later (#4.7.0)")
+
 # --- MAIL / RCPT ---------------------------------------------------------------------
 
 SYNTAX_ERROR = Reply(555, "syntax error (#5.5.4)")
@@ -80,6 +100,10 @@ NO_RCPTHOSTS = Reply(553, "sorry, that domain isn't in my list of allowed rcptho
 NO_MAILBOX = Reply(550, "sorry, no mailbox here by that name (#5.1.1)")
 # Note the trailing space before CRLF: eQmail (AUTH 0.59) sends it that way.
 AUTH_REQUIRED = Reply(530, "Authorization required (#5.7.1) ")
+# eqmail: qmail-smtpd accepted RCPT TO:<> (and the message was thrown away), and had
+# no recipient limit.
+NULL_RCPT = Reply(553, "sorry, the null address can't be a recipient (#5.1.3)")
+TOO_MANY_RCPTS = Reply(452, "too many recipients (#4.5.3)")
 
 
 def no_rcpthosts_tls(reason: str | None) -> Reply:

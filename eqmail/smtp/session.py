@@ -27,6 +27,10 @@ the I/O layer's: send ``replies.TIMEOUT``, log ``session.log_line("timeout")``, 
 Failure modes: none raise.  Input that breaks the protocol gets qmail's reply; an
 over-long command line gets ``500 line too long (#5.5.2)`` and is skipped; more than
 ``MAX_PENDING`` bytes buffered while waiting for a result ends the session with 421.
+What one client may take (Postfix's limits, cfg.max_rcpt / error_* / junk_limit): a
+HELO/EHLO without a name gets 501, RCPT TO:<> 553, a recipient over max_rcpt 452;
+more than junk_limit NOOP/RSET/VRFY/HELP without a delivered message, or
+error_hard_limit error replies (the plumbing counts them), end the session with 421.
 """
 
 from __future__ import annotations
@@ -239,6 +243,9 @@ class Session(SessionPlumbing):
         self._helo(arg, replies.ehlo(self.cfg.greeting, keywords))
 
     def _helo(self, arg: bytes, reply: Reply) -> None:
+        if not arg.strip(b" \t"):  # eqmail: qmail-smtpd took a HELO without a name
+            self._send(replies.HELO_SYNTAX)
+            return
         name = decode(arg)
         if self.spp.enabled:
             self.env["SMTPHELOHOST"] = name
@@ -249,20 +256,36 @@ class Session(SessionPlumbing):
             self._send(reply)
         self._hook(HookStage.HELO, name, accept)
 
+    def _junk(self) -> bool:
+        """NOOP/RSET/VRFY/HELP: over cfg.junk_limit of them without a delivered
+        message (Postfix's smtpd_junk_command_limit) the session ends with 421."""
+        self.junk += 1
+        if not self.cfg.junk_limit or self.junk <= self.cfg.junk_limit:
+            return False
+        self._log("too many junk commands")
+        self._send(replies.TOO_MANY_JUNK)
+        self._close()
+        return True
+
     def _cmd_rset(self, arg: bytes) -> None:
+        if self._junk():
+            return
         self._reset_transaction()
         self.spp.reset()
         self.spp.rcpt_count = self.spp.rcpt_count_all = 0
         self._send(replies.FLUSHED)
 
     def _cmd_noop(self, arg: bytes) -> None:
-        self._send(replies.OK)
+        if not self._junk():
+            self._send(replies.OK)
 
     def _cmd_vrfy(self, arg: bytes) -> None:
-        self._send(replies.VRFY)
+        if not self._junk():
+            self._send(replies.VRFY)
 
     def _cmd_help(self, arg: bytes) -> None:
-        self._send(replies.HELP)
+        if not self._junk():
+            self._send(replies.HELP)
 
     def _cmd_quit(self, arg: bytes) -> None:
         self._send(replies.quit_(self.cfg.greeting))
@@ -330,8 +353,14 @@ class Session(SessionPlumbing):
         if self.sender is None:
             self._send(replies.MAIL_FIRST)
             return
+        if self.cfg.max_rcpt and len(self.recipients) >= self.cfg.max_rcpt:
+            self._send(replies.TOO_MANY_RCPTS)  # bounds the session's memory, too
+            return
         addr = self._parse(arg)
         if addr is None:
+            return
+        if not addr:  # RCPT TO:<>: nobody could ever receive it
+            self._send(replies.NULL_RCPT)
             return
         if self._barf:
             self._send(replies.BADMAILFROM)
@@ -465,6 +494,7 @@ class Session(SessionPlumbing):
 
     def _queued(self, result: QueueOutcome) -> None:
         if result.status is QueueStatus.ACCEPTED:
+            self.errors = self.junk = 0  # Postfix: the limits count "without delivering mail"
             self._log("message accepted")
             self._send(replies.accepted(int(self.clock()), result.qp))
         elif result.status is QueueStatus.REJECTED:

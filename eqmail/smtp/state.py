@@ -38,6 +38,14 @@ class SessionConfig:
     # The CRAM-MD5 challenge's two numbers (eqmail.smtp.auth.cram_challenge); tests
     # give a deterministic one.
     randbits: Callable[[int], int] = secrets.randbits
+    # what one client may take (issue 12, Postfix's defaults): recipients per message;
+    # error replies after which each reply is delayed / the session is closed (421);
+    # NOOP/RSET/VRFY/HELP without a delivered message before 421.  0 = no limit.
+    max_rcpt: int = 1000
+    error_soft_limit: int = 10
+    error_hard_limit: int = 20
+    error_sleep: float = 1.0
+    junk_limit: int = 100
     utcoffset: int | None = None    # Received date offset; None = local zone
 
 

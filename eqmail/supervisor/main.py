@@ -30,6 +30,7 @@ import socket
 import time
 from typing import Any
 
+from eqmail.connlimit import ClientTable, capacity_for
 from eqmail.control import ListenerSpec, load_controls
 from eqmail.errors import ControlFileError
 from eqmail.instance import Instance
@@ -105,6 +106,9 @@ class Supervisor(ReloadMixin):
             raise StartError(str(e)) from None
         for spec in self.controls.listen:
             self.listen_socks[spec.key] = bind_listener(spec)
+        # control/concurrencyperclient: one table shared by every listener process of
+        # every generation (eqmail.connlimit), so it is made before any of them forks
+        self.clients = ClientTable.create(capacity_for(sum(s.concurrency for s in self.controls.listen)))
         # Unix sockets are bound here, like the TCP ones, so a worker never needs write
         # access to run/ and a restarted worker serves the same socket.
         self.queue_sock = bind_unix(self.instance.queue_socket, 0o777, None)
@@ -203,8 +207,9 @@ class Supervisor(ReloadMixin):
         name = f"listener {spec.service} {spec.display_address}"
         return [Worker("listener", name + (f" #{i + 1}" if spec.processes > 1 else ""),
                        worker_entry("listener"), "daemon",
-                       extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls},
-                       keep_fds=(sock.fileno(),), spec=spec)
+                       extra={"socket_fd": sock.fileno(), "spec": spec, "tls": tls,
+                              "clients": self.clients},
+                       keep_fds=(sock.fileno(), self.clients.fd), spec=spec)
                 for i in range(spec.processes)]
 
     # ------------------------------------------------------------ spawning
@@ -372,6 +377,10 @@ class Supervisor(ReloadMixin):
         pid = w.proc.pid
         w.proc = None
         w.ready = False
+        if w.kind == "listener":  # sessions a killed listener never released
+            dropped = self.clients.purge(pid)
+            if dropped:
+                log(f"status: {w.name} (pid {pid}) left {dropped} client session(s) counted; forgotten")
         if self.stopping or w.retired:
             w.state = "stopped"
             log(f"status: {w.name} (pid {pid}) exited with {code}")

@@ -6,10 +6,20 @@ without a banner), builds tcpserver's environment, and drives one pure
 :class:`eqmail.smtp.session.Session` per connection: bytes in, actions out.  Message
 data is streamed to the queue writer as it arrives (never held whole).
 
-Concurrency is tcpserver's ``-c``: at most ``concurrency`` sessions per listener; a
-connection over the limit waits in the kernel's accept queue until a slot is free and
-is then served.  Every read and write is bounded by timeoutsmtpd
-(``451 timeout (#4.4.2)``).  TLS (STARTTLS, SMTPS) is done here with the session's
+Concurrency is tcpserver's ``-c``: at most ``concurrency`` sessions per listener line
+(shared out among its ``processes``); a connection over the limit is accepted, told
+``421 <greeting> too many connections, try again later (#4.3.2)`` and closed, never
+left waiting unanswered in the kernel's accept queue.  Each client address (IPv4, or
+IPv6 /64) may hold at most control/concurrencyperclient sessions over every listener
+process (control/concurrencyperclientrelay for RELAYCLIENT clients), counted in the
+supervisor's shared table (eqmail.connlimit); over it: ``421 ... (#4.7.0)``.  An SMTPS
+connection is refused by closing it (no TLS handshake is spent on it).
+
+Every read and write is bounded by timeoutsmtpd (``451 timeout (#4.4.2)``); besides,
+a command line must be complete within timeoutsmtpd of its first byte and message data
+keep control/mindatarate (eqmail.smtp.pace, 451 and close).  The session's error delay
+(the Delay action) is an asyncio sleep of that session alone.  TLS (STARTTLS, SMTPS) is
+done here with the session's
 upgrade point; checkpassword (DJB fd-3 interface) runs in the plugin sandbox worker.
 Failed AUTHs are counted per client address by the sandbox, for every listener process
 (eqmail.authlimit, control/authlimit): the 535 comes after a growing delay, and an
@@ -34,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from eqmail.authlimit import read_authlimit
+from eqmail.connlimit import ClientTable, Verdict, client_key
 from eqmail.control import ListenerSpec
 from eqmail.delivery.mailbox import LocalUsers, Lookup, Mailbox, lookup
 from eqmail.log import log, sanitize
@@ -43,7 +54,9 @@ from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.checkpw import run_checkpassword
+from eqmail.smtp.pace import Pace
 from eqmail.smtp.policy import BadMailFrom
+from eqmail.smtp.replies import Reply
 from eqmail.smtp.session import Session
 from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
 from eqmail.spp.client import run_hook
@@ -66,6 +79,8 @@ REPORT_INTERVAL = 0.25  # seconds between session-count reports to the superviso
 LOOKUP_THREADS = 4
 LOOKUP_TIMEOUT = 10.0
 MAX_WARNED = 1024  # "cannot tell" warnings remembered (one log line per home directory)
+SIBLING_GRACE = 0.05  # a full process of a multi-process listener lets a sibling accept first
+REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
 
 
 class Listener:
@@ -83,6 +98,11 @@ class Listener:
         self.timeout = float(c.timeoutsmtpd)
         self.sessions = 0
         self._report_pending = False
+        self.greeting = c.smtpgreeting or c.me
+        # control/concurrencyperclient, shared by every listener process (None: no table)
+        self.clients: ClientTable | None = ctx.extra.get("clients")
+        self.pid = os.getpid()
+        self._refused: dict[str, tuple[float, int]] = {}
         # Built by the supervisor before the privilege drop (the key may be root-only).
         self.tls: ServerTLS | None = ctx.extra.get("tls")
         # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
@@ -129,9 +149,26 @@ class Listener:
             except OSError:
                 pass
 
+    def refuse(self, conn: socket.socket, reply: Reply, why: str, ip: str) -> None:
+        """Answer ``reply`` instead of a greeting and close (no TLS for SMTPS: just
+        close).  Logged at most once a second per reason, with a count."""
+        if "SMTPS" not in dict(self.spec.env) or self.tls is None:
+            try:
+                conn.send(reply.wire())  # a few bytes into an empty socket buffer
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        conn.close()
+        now = time.monotonic()
+        since, count = self._refused.get(why, (0.0, 0))
+        if now - since >= 1.0:
+            log(f"qmail-smtpd: {why}: refused {count + 1} connection(s), the last from {ip}")
+            self._refused[why] = (now, 0)
+        else:
+            self._refused[why] = (since, count + 1)
+
     # ------------------------------------------------------------ one connection
     async def serve(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         local, remote = conn.getsockname()[:2], conn.getpeername()[:2]
         env = tcp_environment(dict(self.spec.env), local, remote, self.controls.me)
         if self.rules is not None:
@@ -140,6 +177,24 @@ class Listener:
                 conn.close()
                 return
             env.update(verdict.env)
+        if self.clients is None:
+            await self._serve(conn, env)
+            return
+        c = self.controls
+        limit = c.concurrencyperclientrelay if "RELAYCLIENT" in env else c.concurrencyperclient
+        key = client_key(env["TCPREMOTEIP"])
+        admitted = self.clients.admit(key, limit, self.pid)
+        if admitted is Verdict.OVER:
+            self.refuse(conn, replies.too_many_from_client(self.greeting),
+                        "too many connections from one client", env["TCPREMOTEIP"])
+            return
+        try:
+            await self._serve(conn, env)
+        finally:
+            if admitted is Verdict.ADMITTED:
+                self.clients.release(key, self.pid)
+
+    async def _serve(self, conn: socket.socket, env: dict[str, str]) -> None:
         # SMTPS: TLS from the first byte.  The handshake must own the socket from the
         # start; a ClientHello read by a plain-text stream first would be lost.
         smtps = "SMTPS" in env and self.tls is not None and self.tls.available
@@ -158,7 +213,6 @@ class Listener:
             log(f"warning: smtp session from {env['TCPREMOTEIP']}: {e!r}")
         finally:
             await conn_io.cleanup()
-        del loop
 
 
 class RecipientCheck:
@@ -253,6 +307,7 @@ class Connection:
                              plugins_enabled=self.plugins is not None and not self.plugins.empty,
                              check_mailbox=listener.mailbox_check is not None)
         self.session = Session(cfg, env, time.time)
+        self.pace = Pace(listener.timeout, listener.controls.mindatarate)
 
     async def run(self) -> None:
         if self.spp_error:  # an unreadable smtplugins file: qmail-spp's 421
@@ -266,28 +321,36 @@ class Connection:
                 return
             await self._perform(self.session.tls_started(cipher_name(self.writer)))
         await self._perform(self.session.start())
+        loop = asyncio.get_running_loop()
         while not self.closed and not self.session.closed:
+            deadline = self.pace.next_read()
+            began = loop.time()
             try:
                 # asyncio.timeout, not wait_for: no extra task per read on the hot path
-                async with asyncio.timeout(self.l.timeout):
+                async with asyncio.timeout(deadline.seconds):
                     data = await self.reader.read(READ_SIZE)
             except TimeoutError:
-                await self._timeout()
+                await self._timeout(deadline.reply, deadline.event)
                 return
             except (ConnectionError, OSError):
                 log(self.session.log_line("read failed"))
                 await self._perform([A.AbortMessage()])
                 return
+            waited = loop.time() - began
+            lines = self.session.lines
             actions = self.session.feed(data) if data else self.session.eof()
             await self._perform(actions)
             if not data:
                 return
+            self.pace.after_read(waited, len(data), partial_line=self.session.partial_line,
+                                 line_done=self.session.lines != lines,
+                                 in_data=self.session.in_data)
 
-    async def _timeout(self) -> None:
-        log(self.session.log_line("timeout"))
+    async def _timeout(self, reply: Reply = replies.TIMEOUT, event: str = "timeout") -> None:
+        log(self.session.log_line(event))
         await self._perform([A.AbortMessage()])
         try:
-            self.writer.write(replies.TIMEOUT.wire())
+            self.writer.write(reply.wire())
             await asyncio.wait_for(self.writer.drain(), 5)
         except (OSError, TimeoutError):
             pass
@@ -330,6 +393,9 @@ class Connection:
             return []
         if isinstance(action, A.Log):
             log(action.line)
+            return []
+        if isinstance(action, A.Delay):  # too many errors: this session waits, no other
+            await asyncio.sleep(action.seconds)
             return []
         if isinstance(action, A.Close):
             await self._drain()
@@ -448,17 +514,34 @@ def _read(path: Any) -> str:
         return ""
 
 
+def _refuse_backlog(listener: Listener, sock: socket.socket, conn: socket.socket, ip: str) -> None:
+    """Full: answer ``conn`` and up to REFUSE_BATCH more waiting connections with 421
+    (no await in between, so the listener stays full), so a flood is refused at the
+    rate it arrives, not one connection per wake-up."""
+    full = replies.too_many_connections(listener.greeting)
+    for _ in range(REFUSE_BATCH):
+        listener.refuse(conn, full, "too many connections", ip)
+        try:
+            conn, addr = sock.accept()
+        except OSError:  # BlockingIOError: nothing more is waiting
+            return
+        conn.setblocking(False)
+        ip = str(addr[0])
+    listener.refuse(conn, full, "too many connections", ip)
+
+
 async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     per_process = max(1, -(-listener.spec.concurrency // max(1, listener.spec.processes)))
-    slots = asyncio.Semaphore(per_process)
     tasks: set[asyncio.Task[None]] = set()
     sock.setblocking(False)
     while not stop.is_set():
-        await slots.acquire()  # over the limit: leave the connection in the accept queue
-        # Wait for readability, then accept synchronously: a connection is taken from
-        # the kernel only when it will be served (cancelling a pending sock_accept task
-        # could drop one accepted in the same instant as the stop).
+        if listener.sessions >= per_process and listener.spec.processes > 1:
+            # Full: a sibling process with a free slot should take the next connection;
+            # if none does within the grace, this one answers it with 421.
+            await asyncio.sleep(SIBLING_GRACE)
+        # Wait for readability, then accept synchronously (cancelling a pending
+        # sock_accept task could drop one accepted in the same instant as the stop).
         readable = loop.create_future()
         loop.add_reader(sock.fileno(), lambda f=readable: f.done() or f.set_result(None))
         stopper = asyncio.ensure_future(stop.wait())
@@ -468,18 +551,18 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
             loop.remove_reader(sock.fileno())
             stopper.cancel()
         if stop.is_set():
-            slots.release()
             break
         try:
-            conn, _addr = sock.accept()
+            conn, addr = sock.accept()
         except (BlockingIOError, InterruptedError):
-            slots.release()  # another process of this listener took it
-            continue
+            continue  # another process of this listener took it
         except OSError:
-            slots.release()
             await asyncio.sleep(0.05)
             continue
         conn.setblocking(False)
+        if listener.sessions >= per_process:
+            _refuse_backlog(listener, sock, conn, str(addr[0]))
+            continue
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.sessions += 1
         listener.report_sessions()
@@ -490,7 +573,6 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
             finally:
                 listener.sessions -= 1
                 listener.report_sessions()
-                slots.release()
 
         task = asyncio.ensure_future(session())
         tasks.add(task)

@@ -1,7 +1,8 @@
 """500 concurrent SMTP clients with good and bad behaviour (issue 8, part 4).
 
 One instance with one listener (``concurrency=1000``: tcpserver's -c is the admin's
-knob; with fewer slots than clients, slow clients would fill them by design).  For
+knob; with fewer slots than clients, slow clients would fill them by design), no
+per-client limit (every client is 127.0.0.1) and no junk-command limit (see server()).  For
 LOAD_SECONDS, asyncio clients in this process keep 500 connections busy:
 
 - GOOD clients send a message per session (EHLO, MAIL, RCPT, DATA of 2–6 KB, QUIT) and
@@ -262,8 +263,15 @@ class RssSampler(threading.Thread):
 @pytest.fixture
 def server() -> Iterator[tuple[Instance, int]]:
     port = free_port((HOST,))
+    # All 500 clients come from one address: control/concurrencyperclient (default 50)
+    # would refuse most of them, so this instance turns it off (0).  The FLOOD clients
+    # pipeline NOOP/RSET/VRFY by the thousand to make the listener push back; with
+    # control/smtpjunklimit (default 100) it would cut them off with 421 instead, so
+    # that is off here too.  Both limits have their own tests (test_smtp_limits_live.py,
+    # tests/cases/smtp/junk.txt).
     inst = Instance.create(listen=f"smtp {HOST}:{port} concurrency=1000\n",
-                           extra_controls={"databytes": str(DATABYTES)})
+                           extra_controls={"databytes": str(DATABYTES),
+                                           "concurrencyperclient": "0", "smtpjunklimit": "0"})
     try:
         inst.start()
         yield inst, port

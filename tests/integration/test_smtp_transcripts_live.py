@@ -53,6 +53,8 @@ ME = "mx.example.org"
 PURE_REMOTE, PURE_LOCAL = "192.0.2.1", "192.0.2.25"
 FAMILIES = (("127.0.0.1", "127.0.0.1"), ("::1", "::1"))  # (listen address, client address)
 INSTANCE_CONFIG = ("badmailfrom", "localiphost", "rcpthosts", "tls")
+LIMIT_CONFIG = ("maxrcpt", "smtperrorsoftlimit", "smtperrorhardlimit", "smtperrorsleep",
+                "smtpjunklimit")  # control files of the same names
 PURE_DATE = re.compile(rb"\d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4}")
 PURE_ACCEPTED = re.compile(rb"^250 ok \d+ qp \d+")
 PURE_CIPHER = re.compile(rb"ESMTPS \([A-Za-z0-9_-]+ encrypted\)")
@@ -79,7 +81,7 @@ def skip_reason(t: Transcript) -> str | None:
 
 def instance_key(t: Transcript) -> tuple[str, ...]:
     c = {**DEFAULT_CONFIG, **t.config}
-    return tuple(c[k] for k in INSTANCE_CONFIG)
+    return tuple(c[k] for k in INSTANCE_CONFIG + LIMIT_CONFIG)
 
 
 def listener_env(t: Transcript, port: int) -> list[tuple[str, str]]:
@@ -115,7 +117,7 @@ class LiveSetup:
 
 
 def build_instance(key: tuple[str, ...], transcripts: list[Transcript]) -> LiveSetup:
-    badmailfrom, localiphost, rcpthosts, tls = key
+    badmailfrom, localiphost, rcpthosts, tls = key[:len(INSTANCE_CONFIG)]
     controls = {"me": ME, "smtpgreeting": ME,
                 # eQmail's 5 s before a 535 (and no lock-out across transcripts): the
                 # replies are the same, the run is shorter
@@ -124,7 +126,9 @@ def build_instance(key: tuple[str, ...], transcripts: list[Transcript]) -> LiveS
                 "locals": ME, "virtualdomains": ":testuser",  # every other domain -> testuser
                 # the pure session of the transcripts asks no mailbox lookup (its
                 # config has none); the RCPT check is tested in test_backscatter.py
-                "rcptchecklocal": "0"}
+                "rcptchecklocal": "0",
+
+                **dict(zip(LIMIT_CONFIG, key[len(INSTANCE_CONFIG):], strict=True))}
     if localiphost:
         controls["localiphost"] = localiphost
     if rcpthosts != "NONE":

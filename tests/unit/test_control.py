@@ -284,3 +284,17 @@ def test_plugin_files_are_what_the_shipped_plugins_read() -> None:
     assert {"greylistdelay", "tarpitcount", "spfsoftfail", "dnsbl"} <= read  # the scan works
     assert sorted(n for n in read if not known_file(n)) == []
     assert {fn for fn, _, _ in PLUGIN_FILES} <= read
+
+
+def test_client_limits_defaults_and_relay_default(tmp_path: Path) -> None:
+    """Issue 12: Postfix's smtpd defaults; the relay limit follows concurrencyperclient
+    unless set (relay clients are exempt only when the admin says so)."""
+    c = load_controls(make(tmp_path, me="mx.example"))
+    assert (c.concurrencyperclient, c.concurrencyperclientrelay, c.mindatarate, c.maxrcpt) == (50, 50, 500, 1000)
+    assert (c.smtperrorsoftlimit, c.smtperrorhardlimit, c.smtperrorsleep, c.smtpjunklimit) == (10, 20, 1, 100)
+    c = load_controls(make(tmp_path, me="mx.example", concurrencyperclient="7\n"))
+    assert (c.concurrencyperclient, c.concurrencyperclientrelay) == (7, 7)
+    c = load_controls(make(tmp_path, me="mx.example", concurrencyperclientrelay="0\n"))
+    assert (c.concurrencyperclient, c.concurrencyperclientrelay) == (7, 0)
+    assert sorted(errors_of(make(tmp_path, me="mx.example", maxrcpt="0\n", mindatarate="fast\n"))) == [
+        "control/maxrcpt:1: 0 out of range 1..1000000", "control/mindatarate:1: not a number: 'fast'"]
