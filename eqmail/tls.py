@@ -43,6 +43,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from eqmail import tlslib
 from eqmail.control import TLS_INTERMEDIATE_CIPHERS
@@ -162,7 +163,8 @@ def freeze_plaintext(writer: asyncio.StreamWriter, reader: asyncio.StreamReader)
     connection over, so the client's ClientHello (sent only after it saw the 220) stays
     in the kernel for the handshake; plain text still queued behind the STARTTLS goes
     into the handshake too and fails it, but is never read as a command."""
-    writer.transport.pause_reading()
+    # asyncio's and uvloop's socket transports read as well as write
+    cast(asyncio.Transport, writer.transport).pause_reading()
     buffered = getattr(reader, "_buffer", None)  # asyncio.StreamReader keeps a bytearray
     if buffered is not None:
         buffered.clear()

@@ -57,7 +57,8 @@ def query_scanner(inst: Instance, request: str, timeout: float = 30.0) -> dict[s
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data)
+        answer = json.loads(data)
+        return answer if isinstance(answer, dict) else None
     except (OSError, ValueError):
         return None
 
@@ -77,9 +78,10 @@ def query_status(inst: Instance, timeout: float = 5.0) -> dict[str, Any] | None:
     except OSError:
         return None
     try:
-        return json.loads(b"".join(chunks))
+        answer = json.loads(b"".join(chunks))
     except ValueError:
         return None
+    return answer if isinstance(answer, dict) else None
 
 
 # ------------------------------------------------------------------ commands

@@ -166,7 +166,7 @@ def _spool(message: BinaryIO) -> BinaryIO:
     while chunk := message.read(CHUNK):
         spool.write(chunk)
     spool.flush()
-    return spool  # type: ignore[return-value]
+    return spool
 
 
 def quote_address(address: str) -> str:
@@ -202,12 +202,15 @@ class EnvelopeLines:
     ufline: str  # "From sender ctime\n"
 
 
+_FROM_BLANKS = {ord(" "): "-", ord("\t"): "-", ord("\n"): "-"}  # qmail-local's From_ line
+
+
 def envelope_lines(local: str, domain: str, sender: str, when: float) -> EnvelopeLines:
     """The three lines qmail-local prepends; newlines inside become ``_``."""
     dtline = f"Delivered-To: {local}@{domain}".replace("\n", "_") + "\n"
     rpline = f"Return-Path: <{quote_address(sender)}".replace("\n", "_") + ">\n"
     if sender:
-        from_ = sender.translate(str.maketrans({" ": "-", "\t": "-", "\n": "-"}))
+        from_ = sender.translate(_FROM_BLANKS)
     else:
         from_ = "MAILER-DAEMON"
     ufline = f"From {from_} {ctime_gmt(when)}\n"

@@ -26,9 +26,11 @@ import ipaddress
 import select
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -37,6 +39,7 @@ from OpenSSL import SSL
 from eqmail.control import TLS_INTERMEDIATE_CIPHERS
 
 CHUNK = 65536
+_T = TypeVar("_T")
 
 
 class Dropped(Exception):
@@ -139,7 +142,7 @@ def _verify_error_text(errnum: int) -> str:
     try:
         from OpenSSL._util import ffi, lib
 
-        return ffi.string(lib.X509_verify_cert_error_string(errnum)).decode()
+        return str(ffi.string(lib.X509_verify_cert_error_string(errnum)).decode())
     except Exception:  # pragma: no cover - private API moved
         return f"verify error {errnum}"
 
@@ -229,7 +232,7 @@ class Transport:
         if not r and not w:
             raise Dropped("timeout")
 
-    def _io(self, op, *args):  # type: ignore[no-untyped-def]
+    def _io(self, op: Callable[..., _T], *args: Any) -> _T:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -239,7 +242,7 @@ class Transport:
             except SSL.WantWriteError:
                 self._wait(True, deadline)
             except SSL.ZeroReturnError:
-                return b""
+                return cast(_T, b"")  # only the reads meet a closed TLS stream
             except (OSError, SSL.Error) as e:
                 raise Dropped(ssl_error_text(e)) from None
 

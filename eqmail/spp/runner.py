@@ -325,7 +325,11 @@ async def wait_exit(pid: int, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     pidfd = os.pidfd_open(pid)
     done: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, wake)
     try:
         await asyncio.wait_for(done, max(0.0, timeout))
         return True

@@ -542,11 +542,17 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
             await asyncio.sleep(SIBLING_GRACE)
         # Wait for readability, then accept synchronously (cancelling a pending
         # sock_accept task could drop one accepted in the same instant as the stop).
-        readable = loop.create_future()
-        loop.add_reader(sock.fileno(), lambda f=readable: f.done() or f.set_result(None))
-        stopper = asyncio.ensure_future(stop.wait())
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake(f: asyncio.Future[None] = readable) -> None:
+            if not f.done():
+                f.set_result(None)
+
+        loop.add_reader(sock.fileno(), wake)
+        stopper: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({readable, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [readable, stopper]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             loop.remove_reader(sock.fileno())
             stopper.cancel()
