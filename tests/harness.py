@@ -426,6 +426,22 @@ def proc_children(pid: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
 def proc_dead(pid: int) -> bool:
     """True once ``pid`` is gone or a zombie."""
     try:

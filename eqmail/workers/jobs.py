@@ -27,10 +27,12 @@ delivered again by the next scanner).
 
 from __future__ import annotations
 
+import selectors
 import socket
 from dataclasses import dataclass
 
-from eqmail.ipc import SLOT_MAX, ProtocolError, frame
+from eqmail.ipc import SLOT_MAX, ProtocolError, frame, read_frames
+from eqmail.log import log
 from eqmail.textio import encode
 
 REPORT_MAX = 10000
@@ -124,3 +126,46 @@ def _sendall(conn: socket.socket, data: bytes) -> bool:
     except OSError:
         return False
     return True
+
+
+class ScannerClients:
+    """The scanner side of a delivery worker's socket, shared by the local spawner and
+    the remote worker: read the frames (``D`` request, ``A`` attach, ``Q`` detach), hand
+    the board over, drop a connection that is gone or broke the protocol.  The worker
+    sets ``sel``, ``clients``, ``board`` and ``role`` and handles the requests."""
+
+    sel: selectors.BaseSelector
+    clients: dict[socket.socket, bytearray]
+    board: JobBoard
+    role: str  # "local delivery" / "remote delivery", for log lines
+
+    def handle_request(self, conn: socket.socket, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def client_data(self, conn: socket.socket) -> None:
+        buf = self.clients.get(conn)
+        try:
+            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
+            for kind, payload in frames or ():
+                if conn not in self.clients:
+                    break  # superseded by another scanner's A
+                if kind == b"D":
+                    self.handle_request(conn, payload)
+                elif kind == b"A":
+                    superseded = self.board.attach(conn)
+                    if superseded is not None and superseded in self.clients:
+                        self.drop_client(superseded)
+                else:
+                    self.board.detach(conn)
+        except ProtocolError as e:
+            log(f"warning: {self.role}: {e}")
+            frames = None
+        if frames is None and conn in self.clients:
+            self.drop_client(conn)
+
+    def drop_client(self, conn: socket.socket) -> None:
+        """Requests it made still run (or wait): their reports go to the next scanner."""
+        self.sel.unregister(conn)
+        self.clients.pop(conn, None)
+        self.board.dropped(conn)
+        conn.close()

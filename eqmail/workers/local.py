@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 from eqmail.delivery.mailbox import LocalUsers
 from eqmail.delivery.users import UserEntry
-from eqmail.ipc import ProtocolError, accept_from, read_frames
+from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
-from eqmail.workers.jobs import JobBoard
+from eqmail.workers.jobs import JobBoard, ScannerClients
 
 CHILD_IDLE = 60.0
 MAX_JOB = 64 * 1024
@@ -50,7 +50,7 @@ class Child:
     idle_since: float = field(default_factory=time.monotonic)
 
 
-class Spawner:
+class Spawner(ScannerClients):
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.controls = ctx.controls
@@ -58,6 +58,7 @@ class Spawner:
         self.children: dict[int, Child] = {}  # pid -> child
         self.clients: dict[socket.socket, bytearray] = {}
         self.board = JobBoard()
+        self.role = "local delivery"
         self.stopping = False
         # The same table the SMTP listener's RCPT check resolves with (eqmail.delivery.mailbox).
         alias = ctx.ids["alias"]
@@ -233,32 +234,6 @@ class Spawner:
             self.clients[conn] = bytearray()
             self.sel.register(conn, selectors.EVENT_READ, ("client", 0))
 
-    def client_data(self, conn: socket.socket) -> None:
-        buf = self.clients.get(conn)
-        try:
-            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
-            for kind, payload in frames or ():
-                if conn not in self.clients:
-                    break  # superseded by another scanner's A
-                if kind == b"D":
-                    self.handle_request(conn, payload)
-                elif kind == b"A":
-                    superseded = self.board.attach(conn)
-                    if superseded is not None and superseded in self.clients:
-                        self.drop_client(superseded)
-                else:
-                    self.board.detach(conn)
-        except ProtocolError as e:
-            log(f"warning: local delivery: {e}")
-            frames = None
-        if frames is None and conn in self.clients:
-            self.drop_client(conn)
-
-    def drop_client(self, conn: socket.socket) -> None:
-        self.sel.unregister(conn)
-        self.clients.pop(conn, None)
-        self.board.dropped(conn)  # reports of its running deliveries wait for the next scanner
-        conn.close()
 
 
 def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:

@@ -43,7 +43,7 @@ from typing import BinaryIO
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
-from eqmail.ipc import ProtocolError, accept_from, read_frames
+from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
 from eqmail.queue import tcpto
@@ -60,7 +60,7 @@ from eqmail.smtp.client import (
 from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
 from eqmail.textio import decode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
-from eqmail.workers.jobs import JobBoard
+from eqmail.workers.jobs import JobBoard, ScannerClients
 
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
 GATHER = 0.02  # a new batch waits this long for the scanner's other recipients of it
@@ -82,7 +82,7 @@ class Batch:
     born: float = field(default_factory=time.monotonic)
 
 
-class RemoteWorker:
+class RemoteWorker(ScannerClients):
     """The socket loop: framing, grouping, the thread pool, reports."""
 
     def __init__(self, ctx: WorkerContext) -> None:
@@ -91,6 +91,7 @@ class RemoteWorker:
         self.sel = selectors.DefaultSelector()
         self.clients: dict[socket.socket, bytearray] = {}
         self.board = JobBoard()
+        self.role = "remote delivery"
         self.open: dict[tuple[int, str, str], Batch] = {}  # may still take recipients
         self.order: list[Batch] = []  # not started yet, oldest first
         self.running = 0
@@ -218,33 +219,6 @@ class RemoteWorker:
             self.clients[conn] = bytearray()
             self.sel.register(conn, selectors.EVENT_READ, "client")
 
-    def client_data(self, conn: socket.socket) -> None:
-        buf = self.clients.get(conn)
-        try:
-            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
-            for kind, payload in frames or ():
-                if conn not in self.clients:
-                    break  # superseded by another scanner's A
-                if kind == b"D":
-                    self.handle_request(conn, payload)
-                elif kind == b"A":
-                    superseded = self.board.attach(conn)
-                    if superseded is not None and superseded in self.clients:
-                        self.drop_client(superseded)
-                else:
-                    self.board.detach(conn)
-        except ProtocolError as e:
-            log(f"warning: remote delivery: {sanitize(str(e))}")
-            frames = None
-        if frames is None and conn in self.clients:
-            self.drop_client(conn)
-
-    def drop_client(self, conn: socket.socket) -> None:
-        """Requests it made still run (or wait): their reports go to the next scanner."""
-        self.sel.unregister(conn)
-        self.clients.pop(conn, None)
-        self.board.dropped(conn)
-        conn.close()
 
 
 # ---------------------------------------------------------------- delivery (pool threads)

@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from harness import ME, Instance, dotqmail, poll, status
+from harness import ME, Instance, dotqmail, group_members, poll, status
 from smtpsink import SmtpSink
 
 pytestmark = pytest.mark.timeout(150)
@@ -30,21 +30,6 @@ def scanner_pid(inst: Instance) -> int | None:
         if w["kind"] == "scanner" and w["state"] == "running":
             return int(w["pid"])
     return None
-
-
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            out.append(int(entry))
-    return out
 
 
 def delivered_within(inst: Instance, count: int, seconds: float) -> float:
