@@ -7,6 +7,7 @@ follow LSB for status (0 running, 3 not running, 4 unknown) and are 0 / 1 elsewh
 from __future__ import annotations
 
 import argparse
+import enum
 import fcntl
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -309,21 +311,10 @@ def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
             return 1
         print("eqmail: not running", file=sys.stderr)
         return 3
-    before = _wait_status(inst, pid, time.monotonic() + 30)
-    if before is None:
-        print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
-        return 1
-    seq = before.get("last_reload", {}).get("seq", 0)
-    if not _signal(pid, signal.SIGHUP):
-        return 1
-    deadline = time.monotonic() + RELOAD_TIMEOUT
-    while time.monotonic() < deadline:
-        st = _wait_status(inst, pid, deadline)
-        if st is None:
-            print("eqmail: the supervisor stopped during the reload", file=sys.stderr)
-            return 1
+
+    def verdict(before: dict[str, Any], st: dict[str, Any]) -> int | None:
         lr = st.get("last_reload") or {}
-        if lr.get("seq", 0) > seq:
+        if lr.get("seq", 0) > before.get("last_reload", {}).get("seq", 0):
             if not lr.get("ok"):
                 _print_refused(lr.get("errors", []))
                 return 1
@@ -333,9 +324,15 @@ def cmd_reload(inst: Instance, args: argparse.Namespace) -> int:
         elif st.get("stopping"):
             print("eqmail: reload ignored: eqmail is stopping", file=sys.stderr)
             return 1
-        time.sleep(0.1)
-    print(f"eqmail: reload not complete after {RELOAD_TIMEOUT:.0f}s (see eqmailctl status)", file=sys.stderr)
-    return 1
+        return None
+
+    result = _signal_and_watch(inst, pid, signal.SIGHUP, RELOAD_TIMEOUT, verdict)
+    if result is _Watch.GONE:
+        print("eqmail: the supervisor stopped during the reload", file=sys.stderr)
+    elif result is _Watch.TIMEOUT:
+        print(f"eqmail: reload not complete after {RELOAD_TIMEOUT:.0f}s (see eqmailctl status)",
+              file=sys.stderr)
+    return result if isinstance(result, int) else 1
 
 
 def _print_refused(errors: list[str]) -> None:
@@ -354,6 +351,34 @@ def _signal(pid: int, sig: signal.Signals) -> bool:
         print("eqmail: not running", file=sys.stderr)
         return False
     return True
+
+
+class _Watch(enum.Enum):
+    GONE = "the supervisor exited"
+    TIMEOUT = "no verdict in time"
+
+
+def _signal_and_watch(inst: Instance, pid: int, sig: signal.Signals, timeout: float,
+                      verdict: Callable[[dict[str, Any], dict[str, Any]], int | None]
+                      ) -> int | _Watch:
+    """Send ``sig`` to the supervisor and poll its status report until ``verdict(before,
+    now)`` gives an exit code (it prints why); 1 when it could not be asked at all."""
+    before = _wait_status(inst, pid, time.monotonic() + 30)
+    if before is None:
+        print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
+        return 1
+    if not _signal(pid, sig):
+        return 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = _wait_status(inst, pid, deadline)
+        if st is None:
+            return _Watch.GONE
+        code = verdict(before, st)
+        if code is not None:
+            return code
+        time.sleep(0.05)
+    return _Watch.TIMEOUT
 
 
 def _wait_status(inst: Instance, pid: int, deadline: float) -> dict[str, Any] | None:
@@ -375,25 +400,19 @@ def cmd_reopen_logs(inst: Instance, args: argparse.Namespace) -> int:
     if pid is None:
         print("eqmail: not running", file=sys.stderr)
         return 3
-    deadline = time.monotonic() + 30
-    before = _wait_status(inst, pid, deadline)
-    if before is None:
-        print("eqmail: the supervisor does not answer on its status socket", file=sys.stderr)
-        return 1
-    count = before.get("log", {}).get("reopens", 0)
-    if not _signal(pid, signal.SIGUSR1):
-        return 1
-    while time.monotonic() < deadline:
-        st = _wait_status(inst, pid, deadline)
-        if st is None:
-            break
+
+    def reopened(before: dict[str, Any], st: dict[str, Any]) -> int | None:
         out = st.get("log", {})
-        if out.get("reopens", 0) > count:
-            if out.get("error"):
-                print(f"eqmail: {out['error']}", file=sys.stderr)
-                return 1
-            return 0
-        time.sleep(0.05)
+        if out.get("reopens", 0) <= before.get("log", {}).get("reopens", 0):
+            return None
+        if out.get("error"):
+            print(f"eqmail: {out['error']}", file=sys.stderr)
+            return 1
+        return 0
+
+    result = _signal_and_watch(inst, pid, signal.SIGUSR1, 30.0, reopened)
+    if isinstance(result, int):
+        return result
     print("eqmail: the log was not reopened", file=sys.stderr)
     return 1
 

@@ -202,9 +202,10 @@ class Session(SessionPlumbing):
     def _send(self, reply: Reply) -> None:
         """Every reply: plugin continuation lines left open for it go first when they
         carry its code (one multi-line reply); with another code they are dropped."""
-        prefix, self.spp.open_reply = self.spp.open_reply, b""
-        if prefix[:3] == b"%d" % reply.code:
-            self._send_raw(prefix)
+        if self.spp.open_reply:  # only after a plugin left P lines open
+            prefix, self.spp.open_reply = self.spp.open_reply, b""
+            if prefix[:3] == b"%d" % reply.code:
+                self._send_raw(prefix)
         super()._send(reply)
 
     # ---- commands --------------------------------------------------------------------

@@ -85,78 +85,31 @@ def test_logfile_syslog_sends_mail_facility_lines() -> None:
         Path("/dev/log").unlink(missing_ok=True)
 
 
-def _hostile_peer(port_box: list[int]) -> socket.socket:
-    """A 'remote MTA' whose every reply text carries terminal escapes and a CR."""
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    port_box.append(srv.getsockname()[1])
-    return srv
-
-
-def _serve_hostile(srv: socket.socket) -> None:
-    import threading
-
-    def one(conn: socket.socket) -> None:
-        with conn:
-            f = conn.makefile("rb")
-            conn.sendall(b"220 peer.example ESMTP\r\n")
-            while line := f.readline(4096):
-                verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    conn.sendall(b"250 peer.example\r\n")
-                elif verb == b"MAIL":
-                    conn.sendall(b"250 ok\r\n")
-                elif verb == b"RCPT":
-                    # a rejection whose text tries to clear the screen and forge a log line
-                    conn.sendall(b"550 no\x1b[2J\rdelivery 99: success: forged\x07\r\n")
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 ok\r\n")
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=loop, daemon=True).start()
-
-
 def test_client_and_peer_strings_cannot_forge_log_lines() -> None:
     """HELO, envelope addresses and a remote server's text with CR, ESC, BEL and other
     controls: every log line stays one line, with no control byte in it."""
-    box: list[int] = []
-    srv = _hostile_peer(box)
-    _serve_hostile(srv)
+    from smtpsink import Script, SmtpSink
+
+    # a "remote MTA" whose rejection tries to clear the screen and forge a log line
+    peer = SmtpSink(Script(rcpt=lambda _addr: "550 no\x1b[2J\rdelivery 99: success: forged\x07"))
+    peer_port = peer.listen("127.0.0.1")
     port = free_port(("127.0.0.1",))
     inst = Instance.create(listen=f"smtp 127.0.0.1:{port}\n",
                            extra_controls={"logfile": "log/mail.log",
-                                           "smtproutes": f"peer.example:[127.0.0.1]:{box[0]}\n",
+                                           "smtproutes": f"peer.example:[127.0.0.1]:{peer_port}\n",
                                            "rcpthosts": "mx.test.example\npeer.example\n"})
     try:
         inst.start()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
             f = c.makefile("rb")
             assert f.readline().startswith(b"220 ")
-            c.sendall(b"HELO evil\x1b[31m\rqmail-smtpd: message accepted: forged\r\n")
-            assert f.readline().startswith(b"250 ")
-            c.sendall(b"MAIL FROM:<a\x1b]0;pwned\x07@mx.test.example>\r\n")
-            assert f.readline().startswith(b"250 ")
-            c.sendall(b"RCPT TO:<testuser@mx.test.example>\r\n")
-            assert f.readline().startswith(b"250 ")
-            c.sendall(b"RCPT TO:<someone@peer.example>\r\n")
-            assert f.readline().startswith(b"250 ")
-            c.sendall(b"DATA\r\n")
-            assert f.readline().startswith(b"354 ")
-            c.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\n")
-            assert f.readline().startswith(b"250 ")
-            c.sendall(b"QUIT\r\n")
-            f.readline()
+            for line, code in ((b"HELO evil\x1b[31m\rqmail-smtpd: message accepted: forged", b"250"),
+                               (b"MAIL FROM:<a\x1b]0;pwned\x07@mx.test.example>", b"250"),
+                               (b"RCPT TO:<testuser@mx.test.example>", b"250"),
+                               (b"RCPT TO:<someone@peer.example>", b"250"), (b"DATA", b"354"),
+                               (b"Subject: x\r\n\r\nbody\r\n.", b"250"), (b"QUIT", b"221")):
+                c.sendall(line + b"\r\n")
+                assert f.readline().startswith(code + b" "), line
         inst.wait_for_mail(1)
         path = inst.root / "log" / "mail.log"
         poll(lambda: b"Remote host said" in path.read_bytes(), what="the remote failure logged")
@@ -175,7 +128,7 @@ def test_client_and_peer_strings_cannot_forge_log_lines() -> None:
                          rb"success: forged\?/", raw), raw
     finally:
         inst.destroy()
-        srv.close()
+        peer.stop()
 
 
 # ------------------------------------------------------------------ control/logformat
