@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from eqmail.control import Controls
+from eqmail.delivery.nexthop import connect
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log, sanitize
@@ -56,7 +57,7 @@ from eqmail.smtp.client import (
     quote_address,
     rspawn_report,
 )
-from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
+from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
 from eqmail.spp import bfrmtclient
 from eqmail.textio import decode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
