@@ -79,7 +79,7 @@ class Sandbox:
         self.sock = str(self.root / "sandbox.sock")
         cmd = [sys.executable, "-m", "eqmail.workers.sandbox", "--root", str(self.root),
                "--socket", self.sock]
-        if self.remote:  # where eqmail.delivery.bfrmt looks for it
+        if self.remote:  # where eqmail.spp.bfrmtclient looks for it
             (self.root / "run").mkdir(exist_ok=True)
             cmd += ["--remote-socket", str(self.root / "run" / "sandbox-remote.sock")]
         if self.user:

@@ -4,7 +4,7 @@ Owns: the sendmail option set (getopt ``vimte:f:p:o:B:F:EJxb:``) and its mapping
 qmail-inject: ``-t`` -> ``-H`` else ``-a``; ``-f s`` -> ``-f s`` plus QMAILUSER/QMAILHOST
 from ``s`` after unsetting QMAILNAME/MAILNAME/NAME/QMAILHOST/MAILHOST (so ``-F`` is lost
 with ``-f``, as in qmail); ``-F name`` -> MAILNAME; ``-bp`` and the name ``mailq`` list the
-queue; ``-bs`` runs an SMTP session on stdin/stdout when eqmail.smtp.stdio exists;
+queue; ``-bs`` runs an SMTP session on stdin/stdout when eqmail.cli.smtpstdio exists;
 ``newaliases`` is refused.  Ignored: ``-i -v -x -m -e* -o* -B* -p* -E -J``.
 
 Privilege: the invoking user's.  Runs qmail-inject's core in-process (an interpreter
@@ -72,11 +72,11 @@ BS_ENVIRONMENT = {
 
 
 def find_stdio_runner() -> StdioRunner | None:
-    """eqmail.smtp.stdio.run_stdio, once the SMTP side provides it."""
+    """eqmail.cli.smtpstdio.run_stdio, once the SMTP side provides it."""
     try:
-        module = importlib.import_module("eqmail.smtp.stdio")
+        module = importlib.import_module("eqmail.cli.smtpstdio")
     except ModuleNotFoundError as e:
-        if e.name not in ("eqmail.smtp.stdio", "eqmail.smtp"):
+        if e.name != "eqmail.cli.smtpstdio":
             raise  # the module exists but is broken: say so loudly
         return None
     runner: StdioRunner | None = getattr(module, "run_stdio", None)

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eqmail.control import Controls
-from eqmail.delivery.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
 from eqmail.log import log, sanitize
+from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths

@@ -1,22 +1,22 @@
-"""The connection under the SMTP client: TCP connect, a deadline-bound socket, outbound TLS.
+"""The connection under the SMTP client: a deadline-bound socket, outbound TLS.
 
-Owns: opening the TCP connection (``timeoutconnect``) and deciding whether its failure
-counts for tcpto; :class:`Transport`, the socket (plain, or under a pyOpenSSL
-connection after STARTTLS / implicit TLS) on which every read and write has the
+Owns: deciding whether a failure to connect counts for tcpto (the connection itself is
+opened by eqmail.delivery.nexthop: smtp/ opens no sockets); :class:`Transport`, the
+socket (plain, or under a pyOpenSSL connection after STARTTLS / implicit TLS) on which every read and write has the
 ``timeoutremote`` deadline; the outbound TLS policy by host name (:class:`TlsConfig`:
 tlshosts/, notls, tlsclientciphers, clientcert.pem, eQmail §6) and the cached
 client contexts it builds; strict certificate name checks (subjectAltName DNS names,
 else CN; for a relay given as an IP address, an iPAddress subjectAltName).  Runs in the remote delivery worker (eqmailr); reads control/clientcert.pem and
 control/tlshosts/<host>.pem through OpenSSL, nothing else.
 
-Inputs: an IP address and port, a connected socket, the TLS control values.  Outputs:
+Inputs: a connected socket, the TLS control values.  Outputs:
 bytes read (with a deadline, or only what has already arrived), a handshaken :class:`OpenSSL.SSL.Connection`, a :class:`TlsMode` and the
 .pem to verify with, certificate name problems as text for qmail-remote's reports.
 
 Failures: a read or write that dies, times out or fails inside TLS raises
 :class:`Dropped` (its text from :func:`ssl_error_text`); an unusable .pem raises
-:class:`OpenSSL.SSL.Error` from :meth:`TlsConfig.context`; :func:`connect` raises
-OSError/TimeoutError.  The report texts built from these are eqmail.smtp.client's.
+:class:`OpenSSL.SSL.Error` from :meth:`TlsConfig.context`; :func:`eqmail.delivery.nexthop.connect`
+raises OSError/TimeoutError.  The report texts built from these are eqmail.smtp.client's.
 """
 
 from __future__ import annotations
@@ -44,19 +44,6 @@ _T = TypeVar("_T")
 
 class Dropped(Exception):
     """The connection died, timed out or spoke garbage."""
-
-
-def connect(ip: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection with ``timeoutconnect``; OSError/TimeoutError on failure."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def counts_for_tcpto(exc: BaseException) -> bool:

@@ -9,7 +9,11 @@ commands (for the remote delivery worker).
 - :mod:`eqmail.spp.beforemote`    runs one before-remote chain on a message fd (sandbox side).
 - :mod:`eqmail.spp.wire`          the frames of run/sandbox.sock and run/sandbox-remote.sock.
 - :mod:`eqmail.spp.client`        ``run_hook`` and ``call`` for the listener.
+- :mod:`eqmail.spp.checkpwclient` ``run_checkpassword`` for the listener (rules: eqmail.smtp.checkpw).
+- :mod:`eqmail.spp.bfrmtclient`   ``run_chain`` for the remote worker (rules: eqmail.delivery.bfrmt).
 - :mod:`eqmail.workers.sandbox`   the worker (user eqmailp) that serves both sockets.
 
-The callers' sides: eqmail.smtp.checkpw (listener), eqmail.delivery.bfrmt (remote worker).
+config, protocol and the rules they use (eqmail.smtp.checkpw, eqmail.delivery.bfrmt) are
+pure; the runners start processes and the clients talk over the sandbox sockets
+(docs/architecture.md, "Import rules").
 """

@@ -53,12 +53,12 @@ from eqmail.queue.client import AsyncQueueClient
 from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
-from eqmail.smtp.checkpw import run_checkpassword
 from eqmail.smtp.pace import Pace
 from eqmail.smtp.policy import BadMailFrom
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.session import Session
 from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
+from eqmail.spp.checkpwclient import run_checkpassword
 from eqmail.spp.client import run_hook
 from eqmail.spp.config import PluginTableCache, SppConfigError
 from eqmail.tcprules import Rules

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from eqmail.control import Controls
-from eqmail.delivery import bfrmt
+from eqmail.delivery.nexthop import connect
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log, sanitize
@@ -57,7 +57,8 @@ from eqmail.smtp.client import (
     quote_address,
     rspawn_report,
 )
-from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
+from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
+from eqmail.spp import bfrmtclient
 from eqmail.textio import decode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
 from eqmail.workers.jobs import JobBoard, ScannerClients
@@ -329,7 +330,7 @@ def _bodies(job: Job, root: Path, domain: str, sender: str, recipients: list[str
     groups: dict[bytes, tuple[list[int], BinaryIO]] = {}
     out: list[tuple[list[int], BinaryIO | None, str]] = []
     for i, rcpt in enumerate(recipients):
-        res = bfrmt.run_chain(commands, domain, sender, rcpt, message, size, root,
+        res = bfrmtclient.run_chain(commands, domain, sender, rcpt, message, size, root,
                               job.controls.timeoutremote)
         if res.output is None:
             out.append(([i], None, res.report))

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eqmail.delivery.bounce import bounded_copy
 from eqmail.ipc import SLOT_MAX, ProtocolError, frame, read_frames
 from eqmail.log import flush_log, hold_log, log, sanitize
+from eqmail.queue.bounce import bounded_copy
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import DeliveryRequest, QueueManager

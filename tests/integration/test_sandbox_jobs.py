@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spp_harness import Sandbox, make_root  # noqa: E402
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit  # noqa: E402
-from eqmail.delivery import bfrmt  # noqa: E402
 from eqmail.smtp import replies  # noqa: E402
 from eqmail.smtp.actions import HookStage  # noqa: E402
-from eqmail.smtp.checkpw import AuthCheck, run_checkpassword  # noqa: E402
+from eqmail.smtp.checkpw import AuthCheck  # noqa: E402
+from eqmail.spp import bfrmtclient  # noqa: E402
+from eqmail.spp.checkpwclient import run_checkpassword  # noqa: E402
 from eqmail.spp.wire import (  # noqa: E402
     BFRMT,
     CHECKPW,
@@ -53,7 +54,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 def remote_path(sb: Sandbox) -> str:
-    return str(sb.root / "run" / bfrmt.REMOTE_SOCKET)
+    return str(sb.root / "run" / bfrmtclient.REMOTE_SOCKET)
 
 
 def refused(path: str, kind: bytes, payload: bytes, fds: list[int]) -> bool:
@@ -183,7 +184,7 @@ def test_hook_runs_as_the_sandbox_user_with_the_message_but_not_the_queue() -> N
     try:
         hook = "cat queue/mess/0/23 >/dev/null 2>&1 && echo LEAK; printf 'X-User: %s\\n' $(id -un); cat"
         with open(mess / "23", "rb") as msg:
-            res = bfrmt.run_chain((hook,), "h.test", "s@x.test", "r@h.test", msg, 22, root, 5)
+            res = bfrmtclient.run_chain((hook,), "h.test", "s@x.test", "r@h.test", msg, 22, root, 5)
         assert res.output is not None, res.report
         assert res.output.read() == b"X-User: eqmailp\nSubject: secret\n\nbody\n"
     finally:

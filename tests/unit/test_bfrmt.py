@@ -1,8 +1,8 @@
-"""eqmail.delivery.bfrmt: the before-remote hook chain, its bounds and its verdicts.
+"""The before-remote hook chain, its bounds and its verdicts (eqmail.delivery.bfrmt).
 
 The chain runs where production runs it: in a sandbox worker (its own entry point, in a
 subprocess, serving ``<root>/run/sandbox-remote.sock`` for the instance root
-``tmp_path``), reached through :func:`eqmail.delivery.bfrmt.run_chain` with the message
+``tmp_path``), reached through :func:`eqmail.spp.bfrmtclient.run_chain` with the message
 passed as an fd."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from spp_harness import Sandbox
 
 from eqmail.delivery import bfrmt
+from eqmail.spp import bfrmtclient
 
 MESSAGE = b"Subject: hi\n\nbody\n"
 
@@ -33,11 +34,11 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 
 def run(commands: list[str], tmp: Path, sender: str = "s@x.test", timeout: int = 5,
-        message: bytes = MESSAGE) -> bfrmt.HookResult:
+        message: bytes = MESSAGE) -> bfrmtclient.HookResult:
     f = tempfile.TemporaryFile()
     f.write(message)
     f.seek(0)
-    return bfrmt.run_chain(tuple(commands), "y.test", sender, "r@y.test", f, len(message), tmp, timeout)
+    return bfrmtclient.run_chain(tuple(commands), "y.test", sender, "r@y.test", f, len(message), tmp, timeout)
 
 
 def test_hook_output_is_the_message_and_args_are_positional(tmp_path: Path) -> None:
@@ -111,7 +112,7 @@ def test_message_goes_as_an_fd_and_is_left_alone(tmp_path: Path) -> None:
     f = tempfile.TemporaryFile()
     f.write(big)
     f.seek(123)
-    res = bfrmt.run_chain(("cat",), "y.test", "s@x.test", "r@y.test", f, len(big), tmp_path, 5)
+    res = bfrmtclient.run_chain(("cat",), "y.test", "s@x.test", "r@y.test", f, len(big), tmp_path, 5)
     assert res.output is not None
     assert res.output.read() == big
     assert f.tell() == 123  # the sandbox read through a file description of its own

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from eqmail.delivery.bounce import (
+from eqmail.queue.bounce import (
     DOUBLE_BOUNCE_SENDER,
     BounceRate,
     BounceTarget,

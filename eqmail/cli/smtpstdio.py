@@ -1,7 +1,8 @@
 """An SMTP session on stdin/stdout: qmail-smtpd as ``sendmail -bs`` runs it.
 
 Owns: the blocking I/O loop around the pure :class:`eqmail.smtp.session.Session` for
-``eqmail-sendmail -bs`` (qmail's sendmail execs qmail-smtpd on the same fds).  The
+``eqmail-sendmail -bs`` (qmail's sendmail execs qmail-smtpd on the same fds); it lives
+with the command, not in smtp/, which does no I/O of its own.  The
 environment is the process's own; eqmail.cli.sendmail has already put qmail's -bs
 variables into it (RELAYCLIENT="", DATABYTES=0, PROTO=TCP, TCPREMOTEIP=127.0.0.1,
 TCPREMOTEINFO=sendmail-bs, ...) unless PROTO was set.  The SessionConfig is built
