@@ -84,6 +84,14 @@ class Assign:
         # Longest first: qmail-lspawn tries wildcard prefixes from the longest down.
         self._wild_lengths = sorted({len(prefix) for prefix in wild}, reverse=True)
 
+    def __eq__(self, other: object) -> bool:  # a reload compares configurations
+        if not isinstance(other, Assign):
+            return NotImplemented
+        return (self._exact, self._wild) == (other._exact, other._wild)
+
+    def __hash__(self) -> int:
+        return hash((frozenset(self._exact.items()), frozenset(self._wild.items())))
+
     @classmethod
     def parse(cls, text: str, filename: str = "users/assign") -> Assign:
         """Compile assign text; raise ControlFileError naming the first bad line.
