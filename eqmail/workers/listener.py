@@ -28,6 +28,13 @@ control/rcptchecklocal (default on) a local recipient is looked up at RCPT
 (eqmail.delivery.mailbox, the rules local delivery uses) in a small thread pool, bounded
 by LOOKUP_TIMEOUT; only a certain "no mailbox" refuses it.
 
+Configuration: everything a session takes from control/ (tcprules, rcpthosts, limits,
+tlsclients, authlimit, users/assign for the RCPT check, ...) comes from one Controls,
+parsed by the supervisor, through one :class:`ListenerConfig`.  A session takes the
+current one when it is accepted and keeps it; :meth:`Listener.reconfigure` puts a new
+one in place for the sessions after it, so a reload need not replace a listener whose
+socket, options and TLS files are unchanged.  The listener opens no control file.
+
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
 that session.
