@@ -48,28 +48,22 @@ import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-from eqmail.authlimit import AuthLimit
 from eqmail.connlimit import ClientTable, Verdict, client_key
 from eqmail.control import Controls, ListenerSpec
-from eqmail.delivery.mailbox import LocalUsers, Lookup, Mailbox, lookup
+from eqmail.delivery.mailbox import LocalUsers
 from eqmail.log import log, sanitize
-from eqmail.netif import local_addresses
 from eqmail.queue.client import AsyncQueueClient
-from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.checkpw import run_checkpassword
 from eqmail.smtp.pace import Pace
-from eqmail.smtp.policy import BadMailFrom, RcptHosts
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.session import Session
-from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
+from eqmail.smtp.tcpenv import session_config, tcp_environment
 from eqmail.spp.client import run_hook
 from eqmail.spp.config import PluginTableCache, SppConfigError
-from eqmail.tcprules import Rules
 from eqmail.tls import (
     ServerTLS,
     bind_alert_socket,
@@ -78,37 +72,12 @@ from eqmail.tls import (
     freeze_plaintext,
 )
 from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.listenerconfig import LOOKUP_THREADS, ListenerConfig, RecipientCheck
 
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
-# The RCPT check's password-database and stat calls may block (NSS, NFS homes): they run
-# in these threads, and one that takes longer than LOOKUP_TIMEOUT counts as "accept".
-LOOKUP_THREADS = 4
-LOOKUP_TIMEOUT = 10.0
-MAX_WARNED = 1024  # "cannot tell" warnings remembered (one log line per home directory)
 SIBLING_GRACE = 0.05  # a full process of a multi-process listener lets a sibling accept first
 REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
-
-
-@dataclass(frozen=True)
-class ListenerConfig:
-    """Everything a session takes from the configuration, derived from one Controls.
-
-    A session reads it once, when its connection is accepted, and keeps it to the end;
-    :meth:`Listener.reconfigure` swaps in a new one for the sessions after it.  The
-    listener's ListenerSpec and its TLS context are not part of it: they change only
-    with a new listener process (see :meth:`Listener.reconfigure`)."""
-
-    controls: Controls
-    rules: Rules | None  # the listener's rules= file (tcp.smtp); None: allow all
-    rcpthosts: RcptHosts
-    badmailfrom: BadMailFrom
-    local_ips: frozenset[str]
-    timeout: float  # timeoutsmtpd
-    greeting: str
-    tlsclients: frozenset[str]  # empty unless client certificates are requested
-    authlimit: AuthLimit  # applied by the sandbox, which keeps the counts
-    mailbox_check: RecipientCheck | None  # control/rcptchecklocal
 
 
 class Listener:
@@ -153,24 +122,15 @@ class Listener:
     def _configure(self, c: Controls) -> ListenerConfig:
         for warning in c.warnings:  # a bad control/authlimit: defaults are used
             log(f"warning: {warning}")
-        client_ca = self.tls is not None and self.tls.client_ca
         mailbox_check = None
         if c.rcptchecklocal:
             if self.lookup_pool is None:
                 self.lookup_pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="rcptcheck")
-            mailbox_check = RecipientCheck(self.ctx, c, self.lookup_pool, self.warned)
-        return ListenerConfig(
-            controls=c,
-            rules=c.rules_for(self.spec.rules),
-            rcpthosts=rcpt_matcher(c),
-            badmailfrom=BadMailFrom.from_lines(c.badmailfrom),
-            local_ips=local_addresses(),
-            timeout=float(c.timeoutsmtpd),
-            greeting=c.smtpgreeting or c.me,
-            tlsclients=c.tlsclients if client_ca else frozenset(),
-            authlimit=c.authlimit,
-            mailbox_check=mailbox_check,
-        )
+            alias = self.ctx.ids["alias"]
+            users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(self.ctx.instance.alias))
+            mailbox_check = RecipientCheck(c, users, self.lookup_pool, self.warned)
+        return ListenerConfig.build(c, self.spec, client_ca=self.tls is not None and self.tls.client_ca,
+                                    mailbox_check=mailbox_check)
 
     def report_sessions(self) -> None:
         """Tell the supervisor how many sessions are open (for eqmailctl status), at
@@ -265,45 +225,6 @@ class Listener:
             log(f"warning: smtp session from {env['TCPREMOTEIP']}: {e!r}")
         finally:
             await conn_io.cleanup()
-
-
-class RecipientCheck:
-    """control/rcptchecklocal: the RCPT-time lookup of local recipients, run in threads.
-
-    The listener (eqmaild) does the lookup itself, with the same functions and the same
-    Controls as local delivery; it needs no access beyond reading /etc/passwd and
-    stat()ing home directories, which need only search permission.  A home it cannot
-    search (mode 0700) or any other error gives "cannot tell" -- accepted, and logged
-    once per home directory -- so the check never refuses what delivery would take.
-    """
-
-    def __init__(self, ctx: WorkerContext, c: Controls, pool: ThreadPoolExecutor,
-                 warned: set[str]) -> None:
-        alias = ctx.ids["alias"]
-        self.users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(ctx.instance.alias))
-        self.rules = RewriteRules.from_controls(c)
-        self.vmap = self.rules.vmap()
-        self.pool = pool  # the listener's, shared by every configuration
-        self.warned = warned  # likewise (one warning per home directory, not per reload)
-
-    def lookup(self, address: str) -> Lookup:
-        return lookup(address, self.rules, self.users, vmap=self.vmap)
-
-    async def found(self, address: str) -> bool:
-        """False only when local delivery certainly has no mailbox for ``address``."""
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                result = await loop.run_in_executor(self.pool, self.lookup, address)
-        except TimeoutError:
-            result = Lookup(Mailbox.UNDECIDED, f"lookup took over {LOOKUP_TIMEOUT:g} s")
-        except Exception as e:  # a bug here must not refuse mail
-            result = Lookup(Mailbox.UNDECIDED, f"lookup failed: {e!r}")
-        if (result.verdict is Mailbox.UNDECIDED and result.reason not in self.warned
-                and len(self.warned) < MAX_WARNED):  # bounded: no log flood either
-            self.warned.add(result.reason)
-            log(f"warning: recipient check cannot tell, accepting: {sanitize(result.reason)}")
-        return not result.refuse
 
 
 async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
