@@ -27,8 +27,9 @@ from eqmail.logformat import LogFormat
 from eqmail.tcprules import Rules
 
 TLSCLIENTS_MAX = 1 << 20  # bytes of control/tlsclients read
-# What the supervisor builds a listener's TLS context from (eqmail.tls.ServerTLS.load).
-SERVER_TLS_FILES = ("servercert.pem", "dh2048.pem", "clientca.pem", "clientcrl.pem", "tlsclients")
+# What the supervisor builds a listener's TLS context from (eqmail.tls.ServerTLS.load);
+# of control/tlsclients only whether it exists counts (its lines are Controls.tlsclients).
+SERVER_TLS_FILES = ("servercert.pem", "dh2048.pem", "clientca.pem", "clientcrl.pem")
 
 
 def parse_virtualdomains(r: Reader) -> tuple[tuple[str, str], ...]:
@@ -198,4 +199,6 @@ def stamp_tlsfiles(r: Reader) -> tuple[FileStamp, ...]:
         except OSError:
             continue
         out.append(FileStamp(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    if (r.root / "control" / "tlsclients").exists():
+        out.append(FileStamp("tlsclients", 0, 0, 0, 0))
     return tuple(out)

@@ -87,6 +87,7 @@ class Controls:
     authlimit: AuthLimit  # control/authlimit (eqmail.authlimit; a bad file: defaults + warning)
     tlsclients: frozenset[str]  # control/tlsclients: addresses of certificate relay clients
     tlsfiles: tuple[FileStamp, ...]  # the server TLS files the supervisor loads for listeners
+    # (servercert.pem, dh2048.pem, clientca.pem, clientcrl.pem; of tlsclients, whether it exists)
     # remote delivery (eqmail.workers.remote): outbound TLS (eQmail §6), before-remote hook
     tlsclientciphers: str  # control/tlsclientciphers, lines joined with ':'
     tlsserverciphers: str  # control/tlsserverciphers, likewise

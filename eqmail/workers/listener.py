@@ -116,7 +116,8 @@ class Listener:
         Not picked up (the supervisor replaces the listener instead): this listener's
         own ListenerSpec (socket, options, processes, its rules= file *name*), and its
         TLS context — ``tlsserverciphers`` and the files in ``tlsfiles`` — which only
-        root can load; the per-client table's size is the supervisor's too."""
+        root can load; the per-client table's size is the supervisor's too
+        (eqmail.workers.listenerconfig.keeps_listener says which listeners may stay)."""
         self.config = self._configure(controls)
 
     def _configure(self, c: Controls) -> ListenerConfig:

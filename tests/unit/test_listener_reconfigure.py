@@ -190,3 +190,32 @@ def test_reconfigure_replaces_the_file_values_and_keeps_the_listener_state(
     assert listener.config.authlimit == AuthLimit()
     assert ("warning: control/authlimit:1: FAILURES is not a number: 'lots'; using defaults"
             in capfd.readouterr().err)
+
+
+def test_which_changes_need_a_new_listener(root: Path) -> None:
+    """keeps_listener: the reload diff keeps a listener whose line and TLS inputs are
+    unchanged (everything else goes through reconfigure)."""
+    from eqmail.workers.listenerconfig import keeps_listener
+
+    write(root, listen="smtp 127.0.0.1:2525\nsmtp 127.0.0.1:2526 concurrency=5\n")
+    old = load_controls(root)
+    one, two = old.listen
+    write(root, databytes="5\n", tcp_smtp="127.0.0.2:deny\n", authlimit="1 1 1\n", rcpthosts="x.example\n")
+    assert keeps_listener(old, load_controls(root), one) and keeps_listener(old, load_controls(root), two)
+    write(root, listen="smtp 127.0.0.1:2525\nsmtp 127.0.0.1:2526 concurrency=6\n")
+    assert keeps_listener(old, load_controls(root), one) and not keeps_listener(old, load_controls(root), two)
+    write(root, listen="smtp 127.0.0.1:2525\n")
+    assert not keeps_listener(old, load_controls(root), two)
+    write(root, tlsserverciphers="ECDHE-RSA-AES128-GCM-SHA256\n")
+    assert not keeps_listener(old, load_controls(root), one)
+    write(root, tlsserverciphers="")
+    assert keeps_listener(old, load_controls(root), one)
+    write(root, servercert_pem="a certificate\n")
+    assert not keeps_listener(old, load_controls(root), one)
+    write(root, servercert_pem="a certificate\n", tlsclients="c@d\n")
+    new = load_controls(root)
+    assert keeps_listener(new, load_controls(root), one)  # unchanged files: kept
+    write(root, tlsclients="e@f\n")  # its lines reach the listener by reconfigure
+    assert keeps_listener(new, load_controls(root), one)
+    (root / "control" / "tlsclients").unlink()  # whether it exists is the TLS context's
+    assert not keeps_listener(new, load_controls(root), one)
