@@ -383,3 +383,17 @@ def test_tlsfiles_change_when_a_certificate_is_replaced(tmp_path: Path) -> None:
     new.write_text("two, longer\n")
     new.rename(root / "control" / "servercert.pem")
     assert load_controls(root).tlsfiles != first.tlsfiles
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["authlimit", "tlsclients"]), data=st.binary(max_size=200)
+       | st.text(alphabet="0123456789 .#\t\n@abc", max_size=60).map(str.encode))
+def test_authlimit_and_tlsclients_never_refuse_the_configuration(name: str, data: bytes) -> None:
+    """What the listener used to read for itself keeps its rules: a bad authlimit is a
+    warning with the defaults, tlsclients is a list of whatever lines it has."""
+    with tempfile.TemporaryDirectory() as d:
+        root = make(Path(d), me="mx.example\n")
+        (root / "control" / name).write_bytes(data)
+        c = load_controls(root)
+        assert all(w.startswith("control/authlimit:1: ") and w.endswith("; using defaults") for w in c.warnings)
+        assert all(addr and addr == addr.strip() for addr in c.tlsclients)
