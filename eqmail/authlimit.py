@@ -24,13 +24,16 @@ from one address are serialised), so parallel sessions cannot all guess before t
 count catches up.  It starts empty only when the sandbox itself restarts (a crash, or
 a reload that changes spptimeout); the per-session cap still holds then.  Each
 listener sends its own parsed control/authlimit with every check, so a changed file
-applies from the reload on, to the counts gathered before it.
+applies from the reload on, to the counts gathered before it (a listener kept across
+a reload gets it with its new configuration, eqmail.workers.listener.reconfigure).
 
 Configuration: ``control/authlimit``, one line ``FAILURES SECONDS [DELAY]``, default
 ``10 600 5``.  ``FAILURES`` 0 turns the lock-out off (the delay stays: eQmail's
 behaviour).  DELAY may be fractional (the tests use a short one).
 
-The listener keeps the 535 delay (the sandbox answers how long) and reads the file;
+The file is read once per load of the configuration, by eqmail.control
+(``Controls.authlimit``, a problem in ``Controls.warnings``) through :func:`read_authlimit`;
+the listener keeps the 535 delay (the sandbox answers how long);
 eqmail.smtp.session closes a session at its MAX_AUTH_FAILURES-th failure.
 
 Pure apart from the injected clock; never raises after construction.

@@ -1,7 +1,8 @@
 """tcprules source files (control/tcp.smtp): parse, then decide per connection.
 
 Owns: the rule syntax of ucspi-tcp's tcprules, with the IPv6 forms of ucspi-tcp6, and
-tcpserver's lookup order.  Used by the listener for every accepted connection.
+tcpserver's lookup order.  Parsed once by eqmail.control (``Controls.tcprules``); the listener
+matches every accepted connection against it.
 
 Syntax (one rule per line; ``#`` lines and empty lines ignored, no extra spaces)::
 
@@ -78,16 +79,30 @@ class _Table:
 
 
 class Rules:
-    """A parsed tcp.smtp."""
+    """A parsed tcp.smtp.  Two are equal when they were parsed from the same text of
+    the same file (a reload compares configurations)."""
 
-    def __init__(self) -> None:
+    def __init__(self, filename: str = "", text: str = "") -> None:
+        self.filename = filename
+        self.text = text
         self._main = _Table()
         self._by_info: dict[str, _Table] = {}
         self._default: RuleResult | None = None
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rules):
+            return NotImplemented
+        return (self.filename, self.text) == (other.filename, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.filename, self.text))
+
+    def __repr__(self) -> str:
+        return f"Rules({self.filename!r}, {len(self.text)} characters)"
+
     @classmethod
     def parse(cls, text: str, filename: str) -> Rules:
-        rules = cls()
+        rules = cls(filename, text)
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.rstrip("\r")
             if not line.strip() or line.startswith("#"):

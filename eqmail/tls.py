@@ -261,15 +261,6 @@ def client_cert_email(writer: asyncio.StreamWriter) -> tuple[str | None, str | N
     return None, "contains no email address"
 
 
-def read_tlsclients(control: Path) -> frozenset[str]:
-    try:
-        with open(control / "tlsclients") as f:
-            return frozenset(ln.strip() for ln in f.read(1 << 20).splitlines()
-                             if ln.strip() and not ln.startswith("#"))
-    except OSError:
-        return frozenset()
-
-
 def key_is_private(path: Path) -> bool:
     try:
         return os.stat(path).st_mode & 0o077 == 0

@@ -4,7 +4,9 @@ Owns: what ``check`` reports — every control value and where it came from (the
 :mod:`eqmail.control`), the shipped plugins' own control files that are present, the
 files in control/ that nothing reads, and warnings about configurations that load but
 will not do what they seem to (no rcpthosts; a listener that requires AUTH it cannot
-offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port).
+offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port;
+the problems the load itself reports as warnings, such as a control/authlimit that does
+not parse).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
 
 Privilege: read access to control/.  Read-only.
 Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
@@ -27,6 +29,7 @@ from eqmail.control import (
     known_file,
     load_controls,
     referenced_files,
+    value_of,
 )
 from eqmail.delivery.hookcheck import line_problem
 from eqmail.errors import ControlErrors
@@ -102,8 +105,8 @@ def check_report(inst: Instance) -> dict[str, Any]:
         report["ok"] = False
         report["errors"] = [str(err) for err in e.errors]
         return report
-    for (name, text, source), attr in zip(describe(c), KNOWN_FILES, strict=True):
-        value = getattr(c, attr.replace(".", "_"), None)
+    for (name, text, source), row in zip(describe(c), KNOWN_FILES, strict=True):
+        value = value_of(c, row)
         report["controls"].append({"file": name, "value": _json_value(value), "text": text,
                                    "source": source})
     try:
@@ -120,6 +123,7 @@ def check_report(inst: Instance) -> dict[str, Any]:
     if c.rcpthosts is None:
         report["warnings"].append("warning: control/rcpthosts is missing: eqmail accepts only its "
                                   "locals and virtualdomains")
+    report["warnings"] += [f"warning: {w}" for w in c.warnings]  # e.g. a bad control/authlimit
     report["warnings"] += auth_warnings(c)
     report["warnings"] += beforemote_warnings(c)
     return report

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from eqmail import textio
-from eqmail.delivery.users import ascii_lower
+from eqmail.control.assign import ascii_lower
 from eqmail.errors import ControlFileError
 
 #: conf-patrn: mode bits that make qmail-local refuse a home directory or .qmail file.

@@ -38,8 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from eqmail.control.assign import Assign, UserEntry
 from eqmail.delivery import dotqmail
-from eqmail.delivery.users import CONF_BREAK, Assign, TemporaryLookupError, UserEntry, resolve
+from eqmail.delivery.users import CONF_BREAK, TemporaryLookupError, resolve
 from eqmail.queue.rewrite import RewriteRules, rewrite
 from eqmail.queue.schedule import Channel
 
@@ -65,19 +66,18 @@ class Lookup:
 
 @dataclass(frozen=True)
 class LocalUsers:
-    """What maps a local part to a user: users/assign (compiled once from the text
-    eqmail.control read), the alias user and conf-break."""
+    """What maps a local part to a user: users/assign (compiled once by eqmail.control),
+    the alias user and conf-break."""
 
     assign: Assign | None
     alias: UserEntry
     delimiter: str = CONF_BREAK
 
     @classmethod
-    def build(cls, assign_text: str | None, alias_uid: int, alias_gid: int,
+    def build(cls, assign: Assign | None, alias_uid: int, alias_gid: int,
               alias_home: str) -> LocalUsers:
-        """From Controls.assign (already validated by eqmail.control) and the alias
-        account of the instance (home = the instance's alias/ directory)."""
-        assign = Assign.parse(assign_text, "users/assign") if assign_text else None
+        """From Controls.assign (parsed by eqmail.control) and the alias account of the
+        instance (home = the instance's alias/ directory)."""
         return cls(assign, UserEntry("alias", alias_uid, alias_gid, alias_home, "-", ""))
 
     def resolve(self, local: str, *, getpwnam: Callable[[str], Any] = pwd.getpwnam,

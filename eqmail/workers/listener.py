@@ -28,6 +28,13 @@ control/rcptchecklocal (default on) a local recipient is looked up at RCPT
 (eqmail.delivery.mailbox, the rules local delivery uses) in a small thread pool, bounded
 by LOOKUP_TIMEOUT; only a certain "no mailbox" refuses it.
 
+Configuration: everything a session takes from control/ (tcprules, rcpthosts, limits,
+tlsclients, authlimit, users/assign for the RCPT check, ...) comes from one Controls,
+parsed by the supervisor, through one :class:`ListenerConfig`.  A session takes the
+current one when it is accepted and keeps it; :meth:`Listener.reconfigure` puts a new
+one in place for the sessions after it, so a reload need not replace a listener whose
+socket, options and TLS files are unchanged.  The listener opens no control file.
+
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
 that session.
@@ -43,62 +50,43 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from eqmail.authlimit import read_authlimit
 from eqmail.connlimit import ClientTable, Verdict, client_key
-from eqmail.control import ListenerSpec
-from eqmail.delivery.mailbox import LocalUsers, Lookup, Mailbox, lookup
+from eqmail.control import Controls, ListenerSpec
+from eqmail.delivery.mailbox import LocalUsers
 from eqmail.log import log, sanitize
-from eqmail.netif import local_addresses
 from eqmail.queue.client import AsyncQueueClient
-from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.pace import Pace
-from eqmail.smtp.policy import BadMailFrom
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.session import Session
-from eqmail.smtp.tcpenv import rcpt_matcher, session_config, tcp_environment
+from eqmail.smtp.tcpenv import session_config, tcp_environment
 from eqmail.spp.checkpwclient import run_checkpassword
 from eqmail.spp.client import run_hook
 from eqmail.spp.config import PluginTableCache, SppConfigError
-from eqmail.tcprules import Rules
 from eqmail.tls import (
     ServerTLS,
     bind_alert_socket,
     cipher_name,
     client_cert_email,
     freeze_plaintext,
-    read_tlsclients,
 )
 from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.listenerconfig import LOOKUP_THREADS, ListenerConfig, RecipientCheck
 
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
-# The RCPT check's password-database and stat calls may block (NSS, NFS homes): they run
-# in these threads, and one that takes longer than LOOKUP_TIMEOUT counts as "accept".
-LOOKUP_THREADS = 4
-LOOKUP_TIMEOUT = 10.0
-MAX_WARNED = 1024  # "cannot tell" warnings remembered (one log line per home directory)
 SIBLING_GRACE = 0.05  # a full process of a multi-process listener lets a sibling accept first
 REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
 
 
 class Listener:
     def __init__(self, ctx: WorkerContext, spec: ListenerSpec) -> None:
-        c = ctx.controls
         self.ctx = ctx
         self.spec = spec
-        self.controls = c
         self.root = ctx.instance.root
-        rules_text = c.tcp_smtp if spec.rules == "tcp.smtp" else _read(ctx.instance.control / spec.rules)
-        self.rules = Rules.parse(rules_text, f"control/{spec.rules}") if rules_text else None
-        self.rcpthosts = rcpt_matcher(c)
-        self.badmailfrom = BadMailFrom.from_lines(c.badmailfrom)
-        self.local_ips = local_addresses()
-        self.timeout = float(c.timeoutsmtpd)
         self.sessions = 0
         self._report_pending = False
-        self.greeting = c.smtpgreeting or c.me
         # control/concurrencyperclient, shared by every listener process (None: no table)
         self.clients: ClientTable | None = ctx.extra.get("clients")
         self.pid = os.getpid()
@@ -109,17 +97,41 @@ class Listener:
         # plugins themselves run in the sandbox worker, never in this process.
         self.spp = PluginTableCache(self.root)
         self.sandbox_sock = str(ctx.instance.run / "sandbox.sock")
-        self.tlsclients = read_tlsclients(ctx.instance.control) if self.tls and self.tls.client_ca else frozenset()
         if self.tls is not None and self.tls.error:
             log(f"warning: {spec.display_address}: TLS unavailable: {self.tls.error}")
         if self.tls is not None and self.tls.warning:
             log(f"warning: {spec.display_address}: {self.tls.warning}")
-        # Read here like tlsclients: eqmail.control does not know this file yet.
-        limit, problem = read_authlimit(ctx.instance.control)
-        if problem:
-            log(f"warning: {problem}")
-        self.authlimit = limit  # applied by the sandbox, which keeps the counts
-        self.mailbox_check = RecipientCheck(ctx) if c.rcptchecklocal else None
+        # The RCPT check's threads and its "cannot tell" memory outlive a reconfigure.
+        self.lookup_pool: ThreadPoolExecutor | None = None
+        self.warned: set[str] = set()
+        self.config = self._configure(ctx.controls)
+
+    def reconfigure(self, controls: Controls) -> None:
+        """Make every session accepted from now on use ``controls``: tcprules, rcpthosts,
+        badmailfrom, databytes and the other session limits, timeoutsmtpd, the greeting,
+        tlsclients, authlimit, users/assign, locals and virtualdomains for the RCPT
+        check, ...  Sessions in progress finish with the configuration they started
+        with.  The AUTH failure counts are the sandbox's and stay as they are.
+
+        Not picked up (the supervisor replaces the listener instead): this listener's
+        own ListenerSpec (socket, options, processes, its rules= file *name*), and its
+        TLS context — ``tlsserverciphers`` and the files in ``tlsfiles`` — which only
+        root can load; the per-client table's size is the supervisor's too
+        (eqmail.workers.listenerconfig.keeps_listener says which listeners may stay)."""
+        self.config = self._configure(controls)
+
+    def _configure(self, c: Controls) -> ListenerConfig:
+        for warning in c.warnings:  # a bad control/authlimit: defaults are used
+            log(f"warning: {warning}")
+        mailbox_check = None
+        if c.rcptchecklocal:
+            if self.lookup_pool is None:
+                self.lookup_pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="rcptcheck")
+            alias = self.ctx.ids["alias"]
+            users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(self.ctx.instance.alias))
+            mailbox_check = RecipientCheck(c, users, self.lookup_pool, self.warned)
+        return ListenerConfig.build(c, self.spec, client_ca=self.tls is not None and self.tls.client_ca,
+                                    mailbox_check=mailbox_check)
 
     def report_sessions(self) -> None:
         """Tell the supervisor how many sessions are open (for eqmailctl status), at
@@ -169,89 +181,51 @@ class Listener:
 
     # ------------------------------------------------------------ one connection
     async def serve(self, conn: socket.socket) -> None:
+        cfg = self.config  # this session's configuration, whatever a reconfigure does later
         local, remote = conn.getsockname()[:2], conn.getpeername()[:2]
-        env = tcp_environment(dict(self.spec.env), local, remote, self.controls.me)
-        if self.rules is not None:
-            verdict = self.rules.match(env["TCPREMOTEIP"], env.get("TCPREMOTEHOST"))
+        env = tcp_environment(dict(self.spec.env), local, remote, cfg.controls.me)
+        if cfg.rules is not None:
+            verdict = cfg.rules.match(env["TCPREMOTEIP"], env.get("TCPREMOTEHOST"))
             if not verdict.allow:
                 conn.close()
                 return
             env.update(verdict.env)
         if self.clients is None:
-            await self._serve(conn, env)
+            await self._serve(conn, env, cfg)
             return
-        c = self.controls
+        c = cfg.controls
         limit = c.concurrencyperclientrelay if "RELAYCLIENT" in env else c.concurrencyperclient
         key = client_key(env["TCPREMOTEIP"])
         admitted = self.clients.admit(key, limit, self.pid)
         if admitted is Verdict.OVER:
-            self.refuse(conn, replies.too_many_from_client(self.greeting),
+            self.refuse(conn, replies.too_many_from_client(cfg.greeting),
                         "too many connections from one client", env["TCPREMOTEIP"])
             return
         try:
-            await self._serve(conn, env)
+            await self._serve(conn, env, cfg)
         finally:
             if admitted is Verdict.ADMITTED:
                 self.clients.release(key, self.pid)
 
-    async def _serve(self, conn: socket.socket, env: dict[str, str]) -> None:
+    async def _serve(self, conn: socket.socket, env: dict[str, str], cfg: ListenerConfig) -> None:
         # SMTPS: TLS from the first byte.  The handshake must own the socket from the
         # start; a ClientHello read by a plain-text stream first would be lost.
         smtps = "SMTPS" in env and self.tls is not None and self.tls.available
         try:
             reader, writer = await _server_streams(
-                conn, self.tls.context if smtps and self.tls else None, self.timeout)
+                conn, self.tls.context if smtps and self.tls else None, cfg.timeout)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             log(f"qmail-smtpd: TLS handshake failed from {env['TCPREMOTEIP']}: "
                 f"{str(e) or e.__class__.__name__}")
             conn.close()
             return
-        conn_io = Connection(self, reader, writer, env)
+        conn_io = Connection(self, cfg, reader, writer, env)
         try:
             await conn_io.run()
         except Exception as e:  # one broken session must not hurt the others
             log(f"warning: smtp session from {env['TCPREMOTEIP']}: {e!r}")
         finally:
             await conn_io.cleanup()
-
-
-class RecipientCheck:
-    """control/rcptchecklocal: the RCPT-time lookup of local recipients, run in threads.
-
-    The listener (eqmaild) does the lookup itself, with the same functions and the same
-    Controls as local delivery; it needs no access beyond reading /etc/passwd and
-    stat()ing home directories, which need only search permission.  A home it cannot
-    search (mode 0700) or any other error gives "cannot tell" -- accepted, and logged
-    once per home directory -- so the check never refuses what delivery would take.
-    """
-
-    def __init__(self, ctx: WorkerContext) -> None:
-        c = ctx.controls
-        alias = ctx.ids["alias"]
-        self.users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(ctx.instance.alias))
-        self.rules = RewriteRules.from_controls(c)
-        self.vmap = self.rules.vmap()
-        self.pool = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="rcptcheck")
-        self.warned: set[str] = set()
-
-    def lookup(self, address: str) -> Lookup:
-        return lookup(address, self.rules, self.users, vmap=self.vmap)
-
-    async def found(self, address: str) -> bool:
-        """False only when local delivery certainly has no mailbox for ``address``."""
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                result = await loop.run_in_executor(self.pool, self.lookup, address)
-        except TimeoutError:
-            result = Lookup(Mailbox.UNDECIDED, f"lookup took over {LOOKUP_TIMEOUT:g} s")
-        except Exception as e:  # a bug here must not refuse mail
-            result = Lookup(Mailbox.UNDECIDED, f"lookup failed: {e!r}")
-        if (result.verdict is Mailbox.UNDECIDED and result.reason not in self.warned
-                and len(self.warned) < MAX_WARNED):  # bounded: no log flood either
-            self.warned.add(result.reason)
-            log(f"warning: recipient check cannot tell, accepting: {sanitize(result.reason)}")
-        return not result.refuse
 
 
 async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
@@ -281,9 +255,10 @@ async def _server_streams(conn: socket.socket, tls: ssl.SSLContext | None,
 class Connection:
     """The I/O of one SMTP session."""
 
-    def __init__(self, listener: Listener, reader: asyncio.StreamReader,
+    def __init__(self, listener: Listener, cfg: ListenerConfig, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, env: dict[str, str]) -> None:
         self.l = listener
+        self.cfg = cfg  # the configuration the session started with, to its end
         self.reader = reader
         self.writer = writer
         self.env = env
@@ -298,16 +273,16 @@ class Connection:
             log(f"warning: {e}")
             self.plugins = None
             self.spp_error = True
-        cfg = session_config(listener.controls, env, rcpthosts=listener.rcpthosts,
-                             badmailfrom=listener.badmailfrom, local_ips=listener.local_ips,
+        session_cfg = session_config(cfg.controls, env, rcpthosts=cfg.rcpthosts,
+                             badmailfrom=cfg.badmailfrom, local_ips=cfg.local_ips,
                              tls_available=tls is not None and tls.available,
                              auth_available=bool(listener.spec.checkpassword),
-                             tls_client_relay=bool(listener.tlsclients),
+                             tls_client_relay=bool(cfg.tlsclients),
                              submission=listener.spec.service == "submission",
                              plugins_enabled=self.plugins is not None and not self.plugins.empty,
-                             check_mailbox=listener.mailbox_check is not None)
-        self.session = Session(cfg, env, time.time)
-        self.pace = Pace(listener.timeout, listener.controls.mindatarate)
+                             check_mailbox=cfg.mailbox_check is not None)
+        self.session = Session(session_cfg, env, time.time)
+        self.pace = Pace(cfg.timeout, cfg.controls.mindatarate)
 
     async def run(self) -> None:
         if self.spp_error:  # an unreadable smtplugins file: qmail-spp's 421
@@ -409,18 +384,18 @@ class Connection:
             return []
         if isinstance(action, A.CheckClientCert):
             email, reason = client_cert_email(self.writer)
-            if email is not None and email not in self.l.tlsclients:
+            if email is not None and email not in self.cfg.tlsclients:
                 email, reason = None, "email address not in my list of tlsclients"
             return self.session.cert_result(email, reason)
         if isinstance(action, A.CheckMailbox):
-            assert self.l.mailbox_check is not None
-            found = await self.l.mailbox_check.found(action.address)
+            assert self.cfg.mailbox_check is not None
+            found = await self.cfg.mailbox_check.found(action.address)
             return self.session.mailbox_result(found)
         if isinstance(action, A.RunHook):
             assert self.plugins is not None
             outcome = await run_hook(self.l.sandbox_sock, action.stage,
                                      self.plugins.for_stage(action.stage), self.session.env,
-                                     plugin_timeout=self.l.controls.spptimeout)
+                                     plugin_timeout=self.cfg.controls.spptimeout)
             return self.session.hook_result(outcome)
         raise AssertionError(f"unknown action {action!r}")
 
@@ -428,7 +403,7 @@ class Connection:
         try:
             if self.writer.transport.get_write_buffer_size() == 0:
                 return  # nothing queued: the usual case, no need to wait
-            async with asyncio.timeout(self.l.timeout):
+            async with asyncio.timeout(self.cfg.timeout):
                 await self.writer.drain()
         except (OSError, TimeoutError):
             self.closed = True
@@ -453,8 +428,8 @@ class Connection:
         # of every listener; a locked-out address is refused there without a check.
         check = await run_checkpassword(
             self.l.sandbox_sock, self.l.spec.checkpassword, dict(self.session.env),
-            action.user, action.password, action.challenge, timeout=self.l.timeout,
-            client=ip, limit=self.l.authlimit)
+            action.user, action.password, action.challenge, timeout=self.cfg.timeout,
+            client=ip, limit=self.cfg.authlimit)
         if check.refused:
             log(f"qmail-smtpd: auth refused (too many failures): {who}")
         elif check.ok:
@@ -473,7 +448,7 @@ class Connection:
             await self._perform(self.session.tls_failed(why))
             return False
         try:
-            cipher = await tls.upgrade(self.writer, self.l.timeout)
+            cipher = await tls.upgrade(self.writer, self.cfg.timeout)
         except Exception as e:  # the handshake failed (or stalled past timeoutsmtpd)
             why = str(e) or e.__class__.__name__
             log(f"qmail-smtpd: TLS handshake failed from {self.env['TCPREMOTEIP']}: {why}")
@@ -506,19 +481,11 @@ def _printable(name: bytes) -> str:
     return text + ("..." if len(name) > 64 else "")
 
 
-def _read(path: Any) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read(4 << 20)
-    except OSError:
-        return ""
-
-
 def _refuse_backlog(listener: Listener, sock: socket.socket, conn: socket.socket, ip: str) -> None:
     """Full: answer ``conn`` and up to REFUSE_BATCH more waiting connections with 421
     (no await in between, so the listener stays full), so a flood is refused at the
     rate it arrives, not one connection per wake-up."""
-    full = replies.too_many_connections(listener.greeting)
+    full = replies.too_many_connections(listener.config.greeting)
     for _ in range(REFUSE_BATCH):
         listener.refuse(conn, full, "too many connections", ip)
         try:

@@ -28,8 +28,8 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from eqmail.control.assign import UserEntry
 from eqmail.delivery.mailbox import LocalUsers
-from eqmail.delivery.users import UserEntry
 from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log
 from eqmail.supervisor.privileges import PrivilegeError, drop_to

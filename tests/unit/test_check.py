@@ -72,3 +72,12 @@ def test_a_control_directory_that_does_not_load(tmp_path: Path) -> None:
     report = check_report(instance(tmp_path, databytes="lots\n"))
     assert not report["ok"] and report["errors"] == ["control/databytes:1: not a number: 'lots'"]
     assert format_check(report) == "control/databytes:1: not a number: 'lots'\n"
+
+
+def test_a_bad_authlimit_is_reported_from_the_same_parse(tmp_path: Path) -> None:
+    """The load keeps the defaults for a control/authlimit it cannot parse (the listener
+    logs that); check shows the same warning."""
+    report = check_report(instance(tmp_path, authlimit="10 lots\n", rcpthosts="example.org\n"))
+    assert report["ok"] and report["warnings"] == [
+        "warning: control/authlimit:1: SECONDS and DELAY must be numbers from 0 to 604800; using defaults"]
+    assert report["warnings"][0] + "\n" in format_check(report)

@@ -29,7 +29,7 @@ def make(root: Path, **files: str | bytes) -> Path:
     (root / "control").mkdir(parents=True, exist_ok=True)
     (root / "users").mkdir(exist_ok=True)
     for name, text in files.items():
-        name = name.replace("_", ".") if name == "tcp_smtp" else name
+        name = name.replace("_", ".") if name in ("tcp_smtp", "servercert_pem") else name
         path = root / "users" / "assign" if name == "assign" else root / "control" / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return root
@@ -298,3 +298,102 @@ def test_client_limits_defaults_and_relay_default(tmp_path: Path) -> None:
     assert (c.concurrencyperclient, c.concurrencyperclientrelay) == (7, 0)
     assert sorted(errors_of(make(tmp_path, me="mx.example", maxrcpt="0\n", mindatarate="fast\n"))) == [
         "control/maxrcpt:1: 0 out of range 1..1000000", "control/mindatarate:1: not a number: 'fast'"]
+
+
+# ------------------------------------------------------------------ parsed once (issue 13)
+
+
+def test_controls_has_no_defaults_of_its_own_and_the_table_gives_every_one(tmp_path: Path) -> None:
+    """Each default is written once, in eqmail.control.files: Controls fields have none,
+    and a directory with only control/me gives every row's default."""
+    from dataclasses import MISSING, fields
+
+    from eqmail.control import FILES, Controls, value_of
+    from eqmail.control.files import Number, Text
+
+    assert [f.name for f in fields(Controls) if f.default is not MISSING or f.default_factory is not MISSING] == []
+    c = load_controls(make(tmp_path, me="mx.example\n"))
+    numbers: dict[str, int] = {}
+    for row in FILES:
+        value = value_of(c, row.name)  # every row names a Controls field
+        if isinstance(row, Number):
+            numbers[row.name] = row.default if isinstance(row.default, int) else numbers[row.default]
+            assert value == numbers[row.name], row
+        elif isinstance(row, Text):
+            assert value == ("mx.example" if row.from_me else row.default), row
+
+
+def test_rules_assign_authlimit_and_tlsclients_are_part_of_controls(tmp_path: Path) -> None:
+    from eqmail.authlimit import AuthLimit
+
+    root = make(tmp_path, me="mx.example\n", listen="smtp 127.0.0.1:25\nsmtp 127.0.0.1:26 rules=tcp.other\n",
+                tcp_smtp='127.0.0.1:allow,RELAYCLIENT=""\n:deny\n', assign="=joe:joe:1000:1000:/home/joe:::\n.\n",
+                authlimit="4 120 2\n", tlsclients="# who\na@client.example\n\nb@client.example \n")
+    (root / "control" / "tcp.other").write_text("127.0.0.2:deny\n")
+    c = load_controls(root)
+    smtp, other = c.rules_for("tcp.smtp"), c.rules_for("tcp.other")
+    assert smtp is not None and smtp.match("127.0.0.1").env == {"RELAYCLIENT": ""}
+    assert not smtp.match("10.0.0.1").allow
+    assert other is not None and not other.match("127.0.0.2").allow and other.match("127.0.0.1").allow
+    assert c.rules_for("tcp.absent") is None
+    assert c.tcp_smtp == '127.0.0.1:allow,RELAYCLIENT=""\n:deny\n'  # shown by eqmailctl check
+    assert c.assign is not None and (entry := c.assign.lookup("joe")) is not None and entry.uid == 1000
+    assert c.authlimit == AuthLimit(4, 120.0, 2.0) and c.warnings == ()
+    assert c.tlsclients == frozenset({"a@client.example", "b@client.example"})
+    # the same files parse to an equal value (a reload compares them), a change does not
+    assert load_controls(root) == c and hash(load_controls(root)) == hash(c)
+    (root / "control" / "tcp.other").write_text("127.0.0.3:deny\n")
+    changed = load_controls(root)
+    assert changed != c and changed.rules_for("tcp.smtp") == smtp and changed.rules_for("tcp.other") != other
+
+
+def test_defaults_of_the_files_the_workers_used_to_read(tmp_path: Path) -> None:
+    from eqmail.authlimit import AuthLimit
+
+    c = load_controls(make(tmp_path, me="mx.example\n"))
+    assert c.tcprules == () and c.rules_for("tcp.smtp") is None and c.tcp_smtp == ""
+    assert c.assign is None and c.authlimit == AuthLimit() and c.tlsclients == frozenset()
+    assert c.warnings == () and c.tlsfiles == ()
+
+
+def test_a_bad_authlimit_is_a_warning_with_the_defaults(tmp_path: Path) -> None:
+    from eqmail.authlimit import AuthLimit
+
+    c = load_controls(make(tmp_path, me="mx.example\n", authlimit="lots\n"))
+    assert c.authlimit == AuthLimit()
+    assert c.warnings == ("control/authlimit:1: FAILURES is not a number: 'lots'; using defaults",)
+
+
+def test_a_bad_rules_file_is_an_error_only_when_a_listener_names_it(tmp_path: Path) -> None:
+    root = make(tmp_path, me="mx.example\n", tcp_smtp="127.0.0.1:maybe\n",
+                listen="smtp 127.0.0.1:25 rules=tcp.other\n")
+    (root / "control" / "tcp.other").write_text("# c\n300.0.0.1:allow\n")
+    out = errors_of(root)
+    assert len(out) == 1 and out[0].startswith("control/tcp.other:2: bad address '300.0.0.1'")
+    (root / "control" / "listen").write_text("smtp 127.0.0.1:25\nsmtp 127.0.0.1:26\n")
+    assert errors_of(root) == ["control/tcp.smtp:1: no ':allow' or ':deny' instruction"] * 2
+
+
+def test_tlsfiles_change_when_a_certificate_is_replaced(tmp_path: Path) -> None:
+    root = make(tmp_path, me="mx.example\n", servercert_pem="one\n")
+    first = load_controls(root)
+    assert [s.name for s in first.tlsfiles] == ["servercert.pem"]
+    assert load_controls(root) == first
+    new = root / "control" / "servercert.pem.new"
+    new.write_text("two, longer\n")
+    new.rename(root / "control" / "servercert.pem")
+    assert load_controls(root).tlsfiles != first.tlsfiles
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(["authlimit", "tlsclients"]), data=st.binary(max_size=200)
+       | st.text(alphabet="0123456789 .#\t\n@abc", max_size=60).map(str.encode))
+def test_authlimit_and_tlsclients_never_refuse_the_configuration(name: str, data: bytes) -> None:
+    """What the listener used to read for itself keeps its rules: a bad authlimit is a
+    warning with the defaults, tlsclients is a list of whatever lines it has."""
+    with tempfile.TemporaryDirectory() as d:
+        root = make(Path(d), me="mx.example\n")
+        (root / "control" / name).write_bytes(data)
+        c = load_controls(root)
+        assert all(w.startswith("control/authlimit:1: ") and w.endswith("; using defaults") for w in c.warnings)
+        assert all(addr and addr == addr.strip() for addr in c.tlsclients)

@@ -68,10 +68,6 @@ KNOWN_ARROWS: frozenset[tuple[str, str]] = frozenset({
     ("eqmail/setup.py", "eqmail.supervisor.ids"),
     # spp/wire.py (the sandbox's frames) moves to ipc/sandbox.py (item 1).
     ("eqmail/smtp/checkpw.py", "eqmail.spp.wire"),
-    # control.py parses users/assign with delivery/users.py's Assign (control ->
-    # delivery -> queue -> control): the parser belongs with the other control files
-    # (item 4).
-    ("eqmail/control.py", "eqmail.delivery.users"),
 })
 
 SOCKETS, PROCESSES = "sockets", "processes"

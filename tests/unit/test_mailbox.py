@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from eqmail.control.assign import Assign
 from eqmail.delivery.local import LocalJob, ReportKind, deliver
 from eqmail.delivery.mailbox import LocalUsers, Mailbox, lookup
 from eqmail.queue.rewrite import RewriteRules
@@ -47,7 +48,7 @@ class World:
             f"+vd-:vd:{UID}:{GID}:{self.vd}:-::",               # a virtual domain's user
             f"=rooty:root:0:0:{self.joe}:::",                   # uid 0: delivery defers
             ".", ""])
-        self.users = LocalUsers.build(assign, UID, GID, str(self.alias))
+        self.users = LocalUsers.build(Assign.parse(assign), UID, GID, str(self.alias))
         self.rules = RewriteRules(ME, frozenset({ME, "localhost"}),
                                   (("virt.example", "vd"), ("remote.example", "")))
 
@@ -171,7 +172,7 @@ def test_uid_zero_is_undecided_not_refused(world: World) -> None:
 
 def test_a_missing_home_directory_is_undecided(world: World) -> None:
     world.passwd["ghost"] = world.root / "ghost"  # getpw skips it: alias ext "ghost"
-    users = LocalUsers.build(f"=gone:g:{UID}:{GID}:{world.root / 'nothere'}:-:x:\n.\n",
+    users = LocalUsers.build(Assign.parse(f"=gone:g:{UID}:{GID}:{world.root / 'nothere'}:-:x:\n.\n"),
                              UID, GID, str(world.alias))
     result = lookup(f"gone@{ME}", world.rules, users, getpwnam=world.getpwnam)
     assert result.verdict is Mailbox.UNDECIDED and "nothere" in result.reason

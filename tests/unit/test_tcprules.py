@@ -91,3 +91,13 @@ def test_errors(line: str, reason: str) -> None:
     assert err.value.file == "control/tcp.smtp"
     assert err.value.line == 3
     assert reason in err.value.reason
+
+
+def test_rules_are_equal_when_parsed_from_the_same_file_text() -> None:
+    """A reload compares configurations: the same text of the same file is the same rules."""
+    text = "127.0.0.1:allow,RELAYCLIENT=\"\"\n:deny\n"
+    one, two = Rules.parse(text, "control/tcp.smtp"), Rules.parse(text, "control/tcp.smtp")
+    assert one == two and hash(one) == hash(two)
+    assert one != Rules.parse(text, "control/tcp.other")
+    assert one != Rules.parse(text + "10.:allow\n", "control/tcp.smtp")
+    assert (one.filename, one.text) == ("control/tcp.smtp", text)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eqmail.delivery.users import Assign, UserEntry, getpw_lookup, resolve
+from eqmail.control.assign import Assign, UserEntry
+from eqmail.delivery.users import getpw_lookup, resolve
 from eqmail.errors import ControlFileError
 
 ASSIGN = """\
@@ -182,3 +183,11 @@ def test_resolve_order(passwd) -> None:
 def test_resolve_falls_back_to_alias_with_whole_local_part(passwd) -> None:
     entry = resolve("PostMaster", None, ALIAS, getpwnam=passwd.getpwnam)
     assert entry == UserEntry("alias", 7790, 2108, "/srv/eqmail/alias", "-", "PostMaster")
+
+
+def test_assign_tables_compare_by_their_entries() -> None:
+    """A reload compares Controls.assign: the same assignments are equal."""
+    text = "=joe:joe:1000:1000:/home/joe:::\n+list-:lists:1001:1001:/home/lists:-:l-:\n.\n"
+    assert Assign.parse(text) == Assign.parse(text + "ignored after the dot\n")
+    assert hash(Assign.parse(text)) == hash(Assign.parse(text))
+    assert Assign.parse(text) != Assign.parse(text.replace("1000:1000", "1002:1002"))

@@ -1,0 +1,134 @@
+"""The parsed configuration: :class:`Controls` and the value types of its fields.
+
+Every field is required: the defaults live in one place, the table of
+eqmail.control.files, and eqmail.control.load builds a Controls with one constructor
+call naming every field, so mypy checks each value's type.  Attribute names follow the
+file names.  Pure data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eqmail.authlimit import AuthLimit
+from eqmail.control.assign import Assign
+from eqmail.control.listen import ListenerSpec
+from eqmail.logformat import LogFormat
+from eqmail.tcprules import Rules
+
+
+@dataclass(frozen=True)
+class Route:
+    """One smtproutes value: relay host (may be empty = MX lookup), port, credentials."""
+
+    relay: str
+    port: int = 25
+    user: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file without reading it (a certificate's key
+    may be readable by root alone): device, inode, size and modification time."""
+
+    name: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The parsed control directory (and users/assign)."""
+
+    root: Path
+    me: str
+    badmailfrom: tuple[str, ...]
+    bouncefrom: str
+    bouncehost: str
+    concurrencylocal: int
+    concurrencyremote: int
+    databytes: int
+    defaultdomain: str
+    defaulthost: str
+    defaultdelivery: str
+    doublebouncehost: str
+    doublebounceto: str
+    envnoathost: str
+    helohost: str
+    idhost: str
+    localiphost: str
+    locals: frozenset[str]
+    morercpthosts: tuple[str, ...]
+    percenthack: frozenset[str]
+    plusdomain: str
+    queuelifetime: int
+    rcpthosts: tuple[str, ...] | None
+    smtpgreeting: str
+    smtproutes: tuple[tuple[str, Route], ...]
+    timeoutconnect: int
+    timeoutprogram: int
+    timeoutremote: int
+    timeoutsmtpd: int
+    virtualdomains: tuple[tuple[str, str], ...]
+    # eqmail additions
+    listen: tuple[ListenerSpec, ...]
+    dnsservers: tuple[tuple[str, int], ...]
+    spptimeout: int
+    logfile: str  # empty = stdout
+    logformat: LogFormat  # the logger's time stamps
+    tcp_smtp: str  # the text of control/tcp.smtp as read, for eqmailctl check only
+    tcprules: tuple[Rules, ...]  # every rules file a listener names, parsed (rules_for)
+    assign: Assign | None  # users/assign, compiled; None: no such file
+    authlimit: AuthLimit  # control/authlimit (eqmail.authlimit; a bad file: defaults + warning)
+    tlsclients: frozenset[str]  # control/tlsclients: addresses of certificate relay clients
+    tlsfiles: tuple[FileStamp, ...]  # the server TLS files the supervisor loads for listeners
+    # (servercert.pem, dh2048.pem, clientca.pem, clientcrl.pem; of tlsclients, whether it exists)
+    # remote delivery (eqmail.workers.remote): outbound TLS (eQmail §6), before-remote hook
+    tlsclientciphers: str  # control/tlsclientciphers, lines joined with ':'
+    tlsserverciphers: str  # control/tlsserverciphers, likewise
+    clientcert: bool  # control/clientcert.pem exists
+    tlshosts: frozenset[str]  # <name> of every control/tlshosts/<name>.pem
+    tlshosts_exhaustive: bool  # control/tlshosts/exhaustivelist exists
+    notlshosts: frozenset[str]  # names of the files in control/notlshosts/
+    beforemote: tuple[str, ...]  # control/beforemote: one command per line
+    # backscatter (eqmail): RCPT check of local recipients, bounce size and rate
+    rcptchecklocal: int
+    bouncemaxbytes: int
+    bouncelimit: int
+    # what one SMTP client may take (issue 12; Postfix's smtpd_* defaults)
+    concurrencyperclient: int
+    concurrencyperclientrelay: int
+    mindatarate: int
+    maxrcpt: int
+    smtperrorsoftlimit: int
+    smtperrorhardlimit: int
+    smtperrorsleep: int
+    smtpjunklimit: int
+    # problems that do not refuse the configuration (the file's default is used):
+    # logged by the worker that uses the file, shown by eqmailctl check
+    warnings: tuple[str, ...]
+    sources: Mapping[str, str] = field(compare=False, hash=False)  # file -> path it was read from
+
+    def route_for(self, host: str) -> Route | None:
+        """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
+        table = dict(self.smtproutes)
+        host = host.lower()
+        if host in table:
+            return table[host]
+        i = host.find(".")
+        while i >= 0:
+            if host[i:] in table:
+                return table[host[i:]]
+            i = host.find(".", i + 1)
+        return table.get("")
+
+    def rules_for(self, fn: str) -> Rules | None:
+        """The parsed tcprules file control/``fn`` (a listener's ``rules=``); None when
+        it is absent or empty (every connection allowed, no variables)."""
+        name = f"control/{fn}"
+        return next((rules for rules in self.tcprules if rules.filename == name), None)
