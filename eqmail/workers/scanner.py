@@ -12,8 +12,10 @@ flush).  Events only wake it: the directories are the truth.
 
 Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
 the local and remote delivery workers (run/local.sock, run/remote.sock: delivery
-requests ``D`` / reports ``r``; on connecting it first takes over the deliveries a
-previous scanner left running, and before exiting it detaches, see eqmail.ipc).
+requests ``D`` / reports ``r``, typed in eqmail.ipc.delivery; on connecting it first
+takes over the deliveries a previous scanner left running, and before exiting it
+detaches).  Inside, a report is a Verdict and its text; the words success / deferral /
+failure and qmail's letters appear only in log lines and on the wire.
 """
 
 from __future__ import annotations
