@@ -55,8 +55,8 @@ class DeliveryHandler(Protocol):
     channel: Channel
     bad_msgid: Outcome  # the answer to a request whose message id is not valid
 
-    def begin(self, server: DeliveryServer) -> None:
-        """Before the worker says it is ready: register fds, set up state."""
+    def begin(self) -> None:
+        """Before the worker says it is ready: signals, files to set up."""
 
     def submit(self, request: DeliveryRequest) -> Outcome | None:
         """A new delivery: its outcome now, or None when it runs and reports later
@@ -76,12 +76,14 @@ class DeliveryHandler(Protocol):
 
 
 class DeliveryServer:
-    """Accept, frame, dispatch, report, stop: the loop around a :class:`DeliveryHandler`."""
+    """Accept, frame, dispatch, report, stop: the loop around a :class:`DeliveryHandler`,
+    which ``make_handler`` builds with this server (for finish, watch, call_from_thread)."""
 
-    def __init__(self, ctx: WorkerContext, handler: DeliveryHandler, listen_fd: int) -> None:
+    def __init__(self, ctx: WorkerContext, listen_fd: int,
+                 make_handler: Callable[[DeliveryServer], DeliveryHandler]) -> None:
         self.ctx = ctx
-        self.handler = handler
-        self.listen_fd = listen_fd
+        self.listener = socket.socket(fileno=listen_fd)  # bound by the supervisor
+        self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.clients: dict[socket.socket, bytearray] = {}
         self.board = JobBoard()
@@ -90,6 +92,7 @@ class DeliveryServer:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
+        self.handler = make_handler(self)
 
     # ------------------------------------------------------------ for handlers
     def finish(self, slot: bytes, outcome: Outcome) -> None:
@@ -125,15 +128,13 @@ class DeliveryServer:
 
     # ------------------------------------------------------------ loop
     def serve(self) -> int:
-        self.listener = socket.socket(fileno=self.listen_fd)  # bound by the supervisor
-        self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         # Signals wake the select through the self-pipe: a handler alone does not
         # interrupt it (PEP 475), which made every stop wait out the timeout.
         signal.set_wakeup_fd(self.wake_w)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._woken)
         signal.signal(signal.SIGTERM, self._on_term)
-        self.handler.begin(self)
+        self.handler.begin()
         self.ctx.ready()
         while not (self.stopping and not self.handler.busy()):
             for key, _ in self.sel.select(self.handler.timeout()):

@@ -75,8 +75,9 @@ class Spawner:
     channel = Channel.LOCAL
     bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)")
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, server: DeliveryServer) -> None:
         self.ctx = ctx
+        self.server = server
         self.controls = ctx.controls
         self.paths = QueuePaths(ctx.instance.queue)
         self.children: dict[int, Child] = {}  # pid -> child
@@ -85,8 +86,7 @@ class Spawner:
         self.users = LocalUsers.build(ctx.controls.assign, alias.uid, alias.gid, str(ctx.instance.alias))
         self.queue_uid = ctx.ids["queue"].uid
 
-    def begin(self, server: DeliveryServer) -> None:
-        self.server = server
+    def begin(self) -> None:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a child's exit wakes the loop
 
     # ------------------------------------------------------------ requests
@@ -286,4 +286,5 @@ def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
 
 
 def run(ctx: WorkerContext) -> int:
-    return DeliveryServer(ctx, Spawner(ctx), ctx.extra["socket_fd"]).serve()  # bound by the supervisor
+    server = DeliveryServer(ctx, ctx.extra["socket_fd"], lambda server: Spawner(ctx, server))
+    return server.serve()

@@ -56,8 +56,9 @@ class RemoteWorker:
     channel = Channel.REMOTE
     bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)\n")
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext, server: DeliveryServer) -> None:
         self.ctx = ctx
+        self.server = server
         self.controls: Controls = ctx.controls
         self.open: dict[tuple[int, str, str], Batch] = {}  # may still take recipients
         self.order: list[Batch] = []  # not started yet, oldest first
@@ -73,8 +74,7 @@ class RemoteWorker:
         self.tls = TlsConfig(ctx.instance.control, c.tlsclientciphers, c.clientcert,
                              c.tlshosts, c.tlshosts_exhaustive, c.notlshosts)
 
-    def begin(self, server: DeliveryServer) -> None:
-        self.server = server
+    def begin(self) -> None:
         tcpto.clear(self.tcpto_path, create=True)  # qmail-rspawn's tcpto_clean at start
 
     # ------------------------------------------------------------ requests
@@ -148,5 +148,5 @@ class RemoteWorker:
 
 def run(ctx: WorkerContext) -> int:
     threading.current_thread().name = "remote-main"
-    worker = RemoteWorker(ctx)
-    return DeliveryServer(ctx, worker, ctx.extra["socket_fd"]).serve()
+    server = DeliveryServer(ctx, ctx.extra["socket_fd"], lambda server: RemoteWorker(ctx, server))
+    return server.serve()

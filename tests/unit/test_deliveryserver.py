@@ -33,9 +33,12 @@ class Handler:
     channel = Channel.LOCAL
     bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)")
 
-    def begin(self, server):
+    def __init__(self, server):
         self.server = server
         self.running = 0
+
+    def begin(self):
+        print("begun", flush=True)
 
     def submit(self, request):
         if request.recipient.startswith("now@"):
@@ -64,7 +67,7 @@ root = Path(sys.argv[1])
 ctx = WorkerContext(kind="local", name="local", instance=Instance(root),
                     controls=load_controls(root), ids=SystemIds.current_user(), generation=1,
                     ready_fd=int(sys.argv[3]))
-sys.exit(DeliveryServer(ctx, Handler(), int(sys.argv[2])).serve())
+sys.exit(DeliveryServer(ctx, int(sys.argv[2]), Handler).serve())
 """
 
 
@@ -136,4 +139,4 @@ def test_sigterm_lets_running_deliveries_finish(worker: Worker) -> None:
     worker.proc.send_signal(signal.SIGTERM)
     assert recv_frame(s) == (b"r", b"9.1\0Zafter 1.0")
     assert worker.proc.wait(10) == 0
-    assert worker.proc.stdout is not None and worker.proc.stdout.read() == "closed\n"
+    assert worker.proc.stdout is not None and worker.proc.stdout.read() == "begun\nclosed\n"
