@@ -113,13 +113,18 @@ class Spawner:
                 return _defer("Temporary failure in qmail-lspawn.")
             if user.uid == 0:
                 return _defer("Not allowed to perform deliveries as root.")
-            job = LocalChildJob(user.user, user.home, local, user.dash, user.ext, domain,
-                                request.sender, self.controls.defaultdelivery, self.controls.me)
+            try:
+                job = LocalChildJob(user.user, user.home, local, user.dash, user.ext, domain,
+                                    request.sender, self.controls.defaultdelivery,
+                                    self.controls.me).encode()
+            except ProtocolError as e:  # a NUL in a home directory, an absurd length
+                log(f"warning: local delivery job for {local!r}: {e}")
+                return CANNOT_RUN
             child = self.child_for(user)
             if child is None:
                 return CANNOT_RUN
             try:
-                socket.send_fds(child.sock, [job.encode()], [fd])
+                socket.send_fds(child.sock, [job], [fd])
             except OSError:
                 self.reap(child, CRASHED)
                 return CANNOT_RUN
