@@ -21,8 +21,26 @@ other nonzero, a signal, a timeout, no output or too much output (more than
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from eqmail.log import sanitize
+
+
+@dataclass
+class HookResult:
+    """What the before-remote chain made of one recipient's copy of the message."""
+
+    output: BinaryIO | None  # the message to send (positioned at 0), or None
+    report: str = ""  # the Z/D report when output is None
+
+
+#: The chain runner remote delivery is handed (eqmail.spp.bfrmtclient.run_chain, which
+#: talks to the sandbox): commands, host, sender, recipient, message, its size, the
+#: instance root, the timeout.  Passed in so this library opens no socket of its own.
+RunChain = Callable[[tuple[str, ...], str, str, str, BinaryIO, int, Path, int], HookResult]
 
 HOOK_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/", "LC_ALL": "C"}
 EXTRA_OUTPUT = 1 << 20

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eqmail.control import Controls
+from eqmail.ipc.delivery import Verdict
 from eqmail.log import log, sanitize
 from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
@@ -59,7 +60,9 @@ class Pass:
 
 
 @dataclass(frozen=True)
-class DeliveryRequest:
+class Delivery:
+    """One recipient's delivery: its record at ``offset`` in the channel file."""
+
     msgid: int
     channel: Channel
     offset: int
@@ -184,10 +187,10 @@ class QueueManager:
             self.message_done(msgid)
 
     # ------------------------------------------------------------ passes
-    def next_requests(self, channel: Channel, limit: int | None = None) -> list[DeliveryRequest]:
+    def next_requests(self, channel: Channel, limit: int | None = None) -> list[Delivery]:
         """Start deliveries while the channel has free slots."""
         state = self.channels[channel]
-        out: list[DeliveryRequest] = []
+        out: list[Delivery] = []
         if not state.enabled:
             return out
         now = self.clock()
@@ -207,11 +210,11 @@ class QueueManager:
             ps.outstanding += 1
             state.active += 1
             free -= 1
-            out.append(DeliveryRequest(ps.msgid, channel, rec.offset,
+            out.append(Delivery(ps.msgid, channel, rec.offset,
                                        verp_sender(ps.sender, rec.address), rec.address))
         return out
 
-    def adopt(self, channel: Channel, msgid: int, offset: int) -> DeliveryRequest | None:
+    def adopt(self, channel: Channel, msgid: int, offset: int) -> Delivery | None:
         """A delivery a previous scanner started is still running in the delivery worker
         (or ended with a report not received yet): it becomes outstanding in a pass of
         its message, exactly as if started here, so it is not started again and its
@@ -233,7 +236,7 @@ class QueueManager:
         ps.todo.remove(rec)
         ps.outstanding += 1
         state.active += 1
-        return DeliveryRequest(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
+        return Delivery(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
                                rec.address)
 
     def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
@@ -272,19 +275,20 @@ class QueueManager:
         todo = [r for r in records if not r.done]
         return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime), todo)
 
-    def report(self, req: DeliveryRequest, kind: str, text: str) -> None:
-        """A delivery finished: K success, Z temporary, D permanent."""
+    def report(self, req: Delivery, verdict: Verdict, text: str) -> None:
+        """A delivery finished: a success or failure is done (a failure bounces), a
+        deferral is retried at the next pass (or bounces when the message is dying)."""
         state = self.channels[req.channel]
         state.active -= 1
         ps = state.passes.get(req.msgid)
         if ps is None:
             return
         ps.outstanding -= 1
-        if kind == "Z" and ps.dying:
-            kind, text = "D", text + ("" if text.endswith("\n") else "\n") + DYING_TEXT
-        if kind == "D":
+        if verdict is Verdict.DEFERRAL and ps.dying:
+            verdict, text = Verdict.FAILURE, text + ("" if text.endswith("\n") else "\n") + DYING_TEXT
+        if verdict is Verdict.FAILURE:
             self._add_bounce(req, text)
-        if kind in ("K", "D"):
+        if verdict is not Verdict.DEFERRAL:
             self._mark_done(req, ps)
         else:
             ps.deferred = True
@@ -304,7 +308,7 @@ class QueueManager:
         if not os.path.exists(self._chan_path(other, ps.msgid)):
             self.message_done(ps.msgid)
 
-    def _mark_done(self, req: DeliveryRequest, ps: Pass | None = None) -> None:
+    def _mark_done(self, req: Delivery, ps: Pass | None = None) -> None:
         """qmail's done marker: the record's T becomes D with a one-byte write.  During a
         pass the file stays open for the pass's other recipients."""
         try:
@@ -322,7 +326,7 @@ class QueueManager:
             log(f"warning: trouble marking {req.channel.dirname}/{req.msgid}; "
                 "message will be delivered twice!")
 
-    def _add_bounce(self, req: DeliveryRequest, text: str) -> None:
+    def _add_bounce(self, req: Delivery, text: str) -> None:
         addr = strip_virtual_prepend(req.recipient, self.rules, self.vmap)
         note = bounce_note(addr, text)
         while True:
@@ -468,7 +472,7 @@ class QueueManager:
                 # a recipient whose delivery is running now is left to its report
                 if rec.done or (waiting is not None and rec.offset not in waiting):
                     continue
-                req = DeliveryRequest(msgid, ch, rec.offset, "", rec.address)
+                req = Delivery(msgid, ch, rec.offset, "", rec.address)
                 if bounce:
                     self._add_bounce(req, ADMIN_BOUNCE_TEXT)
                 self._mark_done(req, ps)

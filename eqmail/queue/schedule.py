@@ -7,17 +7,11 @@ after ``birth + queuelifetime`` is the last.
 
 from __future__ import annotations
 
-import enum
 import math
 
+from eqmail.ipc.delivery import Channel  # the delivery channels, named once
 
-class Channel(enum.IntEnum):
-    LOCAL = 0
-    REMOTE = 1
-
-    @property
-    def dirname(self) -> str:
-        return "local" if self is Channel.LOCAL else "remote"
+__all__ = ["CHANSKIP", "Channel", "attempt_times", "is_dying", "next_retry"]
 
 
 CHANSKIP = {Channel.LOCAL: 10, Channel.REMOTE: 20}

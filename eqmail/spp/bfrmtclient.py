@@ -24,11 +24,10 @@ import os
 import socket
 import stat
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from eqmail.delivery.bfrmt import output_limit
+from eqmail.delivery.bfrmt import HookResult, output_limit
 from eqmail.instance import Instance
 from eqmail.log import log
 from eqmail.spp.wire import (
@@ -45,11 +44,6 @@ REMOTE_SOCKET = "sandbox-remote.sock"  # in the instance's run/
 CONNECT_TIMEOUT = 10.0
 COPY_CHUNK = 1 << 20
 
-
-@dataclass
-class HookResult:
-    output: BinaryIO | None  # the message to send (positioned at 0), or None
-    report: str = ""  # the Z/D report when output is None
 
 
 def _unavailable(why: str) -> HookResult:

@@ -1,8 +1,9 @@
 """A delivery worker's deliveries, kept across scanner restarts (local and remote).
 
 Owns: which deliveries a delivery worker has been asked for and not yet reported, and
-the scanner side of its socket protocol beyond requests and reports (eqmail.ipc:
-``A`` attach, ``a``/``e`` hand-over, ``Q``/``q`` detach).  Runs inside the delivery
+the worker's side of the hand-over (eqmail.ipc.delivery: ``A`` attach, ``a``/``e``
+hand-over, ``Q``/``q`` detach).  Used by the delivery-worker skeleton
+(eqmail.workers.deliveryserver).  Runs inside the delivery
 worker's event loop (the local spawner as root, the remote worker as eqmailr); no
 threads, no blocking beyond a report's send.
 
@@ -27,21 +28,17 @@ delivered again by the next scanner).
 
 from __future__ import annotations
 
-import selectors
 import socket
 from dataclasses import dataclass
 
-from eqmail.ipc import SLOT_MAX, ProtocolError, frame, read_frames
-from eqmail.log import log
-from eqmail.textio import encode
-
-REPORT_MAX = 10000
+from eqmail.ipc import SLOT_MAX, ProtocolError
+from eqmail.ipc.delivery import Adopted, DeliveryReport, Detached, EndOfList, Outcome
 
 
 @dataclass
 class Job:
     conn: socket.socket | None  # where its report goes; None: held for the next scanner
-    report: bytes | None = None  # K/Z/D + text, once finished and not yet received
+    report: DeliveryReport | None = None  # once finished and not yet received
 
 
 class JobBoard:
@@ -64,15 +61,12 @@ class JobBoard:
             self._send(slot, job)
         return False
 
-    def finish(self, slot: bytes, text: str) -> None:
+    def finish(self, slot: bytes, outcome: Outcome) -> None:
         """The delivery ``slot`` ended: report it, or hold the report."""
         job = self.jobs.get(slot)
         if job is None:
             return
-        data = encode(text)[:REPORT_MAX]
-        if data[:1] not in (b"K", b"Z", b"D"):
-            data = b"Z" + data
-        job.report = data
+        job.report = DeliveryReport(slot, outcome.cut())
         self._send(slot, job)
 
     def running(self) -> int:
@@ -85,8 +79,8 @@ class JobBoard:
         out = bytearray()
         for slot, job in self.jobs.items():
             job.conn = conn
-            out += frame(b"a", slot)
-        out += frame(b"e")
+            out += Adopted(slot).frame()
+        out += EndOfList().frame()
         if _sendall(conn, bytes(out)):
             for slot, job in list(self.jobs.items()):
                 if job.report is not None:
@@ -97,7 +91,7 @@ class JobBoard:
 
     def detach(self, conn: socket.socket) -> None:
         """``Q`` on ``conn``: answer ``q``; its deliveries' reports wait for the next ``A``."""
-        _sendall(conn, frame(b"q"))
+        _sendall(conn, Detached().frame())
         self.dropped(conn)
 
     def dropped(self, conn: socket.socket) -> None:
@@ -112,7 +106,7 @@ class JobBoard:
         assert job.report is not None
         if job.conn is None:
             return
-        if _sendall(job.conn, frame(b"r", slot + b"\0" + job.report)):
+        if _sendall(job.conn, job.report.frame()):
             del self.jobs[slot]
         else:
             self.dropped(job.conn)
@@ -126,46 +120,3 @@ def _sendall(conn: socket.socket, data: bytes) -> bool:
     except OSError:
         return False
     return True
-
-
-class ScannerClients:
-    """The scanner side of a delivery worker's socket, shared by the local spawner and
-    the remote worker: read the frames (``D`` request, ``A`` attach, ``Q`` detach), hand
-    the board over, drop a connection that is gone or broke the protocol.  The worker
-    sets ``sel``, ``clients``, ``board`` and ``role`` and handles the requests."""
-
-    sel: selectors.BaseSelector
-    clients: dict[socket.socket, bytearray]
-    board: JobBoard
-    role: str  # "local delivery" / "remote delivery", for log lines
-
-    def handle_request(self, conn: socket.socket, payload: bytes) -> None:
-        raise NotImplementedError
-
-    def client_data(self, conn: socket.socket) -> None:
-        buf = self.clients.get(conn)
-        try:
-            frames = read_frames(conn, buf, b"DAQ") if buf is not None else None
-            for kind, payload in frames or ():
-                if conn not in self.clients:
-                    break  # superseded by another scanner's A
-                if kind == b"D":
-                    self.handle_request(conn, payload)
-                elif kind == b"A":
-                    superseded = self.board.attach(conn)
-                    if superseded is not None and superseded in self.clients:
-                        self.drop_client(superseded)
-                else:
-                    self.board.detach(conn)
-        except ProtocolError as e:
-            log(f"warning: {self.role}: {e}")
-            frames = None
-        if frames is None and conn in self.clients:
-            self.drop_client(conn)
-
-    def drop_client(self, conn: socket.socket) -> None:
-        """Requests it made still run (or wait): their reports go to the next scanner."""
-        self.sel.unregister(conn)
-        self.clients.pop(conn, None)
-        self.board.dropped(conn)
-        conn.close()

@@ -11,17 +11,18 @@ child that sits idle for CHILD_IDLE seconds exits.  The job and the open message
 descriptor travel over a SOCK_SEQPACKET pair (SCM_RIGHTS), so the user's process reads
 the message without any access to the queue directory.
 
-Serves run/local.sock, connectable only by the scanner's uid (mode 0600, owner eqmails,
-and SO_PEERCRED checked).  Requests ``D``: ``slot\\0msgid\\0sender\\0recipient\\0``;
-reports ``r``: ``slot\\0`` + K/Z/D + text (qmail-lspawn's report mapping).  Deliveries
-outlive the scanner connection that asked for them: a restarted scanner takes over the
-running ones and their reports (eqmail.workers.jobs), so none is started twice.
+The socket (run/local.sock, connectable only by the scanner's uid: mode 0600, owner
+eqmails, SO_PEERCRED checked), the scanner's frames, the reports and the stop are the
+delivery-worker skeleton's (eqmail.workers.deliveryserver); the Spawner here is its
+handler.  Reports follow qmail-lspawn's mapping (eqmail.ipc.delivery.Outcome).
+Deliveries outlive the scanner connection that asked for them: a restarted scanner
+takes over the running ones and their reports (eqmail.workers.jobs), so none is
+started twice.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import stat
@@ -29,16 +30,33 @@ import time
 from dataclasses import dataclass, field
 
 from eqmail.control.assign import UserEntry
+from eqmail.delivery.local import ReportKind
 from eqmail.delivery.mailbox import LocalUsers
-from eqmail.ipc import ProtocolError, accept_from
+from eqmail.ipc import ProtocolError
+from eqmail.ipc.delivery import (
+    MAX_CHILD_JOB,
+    Channel,
+    DeliveryRequest,
+    LocalChildJob,
+    Outcome,
+    Verdict,
+)
 from eqmail.log import log
+from eqmail.queue.layout import QueuePaths
 from eqmail.supervisor.privileges import PrivilegeError, drop_to
-from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
-from eqmail.workers.jobs import JobBoard, ScannerClients
+from eqmail.workers.base import WorkerContext
+from eqmail.workers.deliveryserver import DeliveryServer
 
 CHILD_IDLE = 60.0
-MAX_JOB = 64 * 1024
+#: qmail-local's report kinds as the delivery protocol's verdicts
+VERDICTS = {ReportKind.SUCCESS: Verdict.SUCCESS, ReportKind.TEMPORARY: Verdict.DEFERRAL,
+            ReportKind.PERMANENT: Verdict.FAILURE}
+CRASHED = Outcome(Verdict.DEFERRAL, "qmail-local crashed.")
+CANNOT_RUN = Outcome(Verdict.DEFERRAL, "Unable to run qmail-local.")
+
+
+def _defer(text: str) -> Outcome:
+    return Outcome(Verdict.DEFERRAL, text)
 
 
 @dataclass
@@ -50,68 +68,68 @@ class Child:
     idle_since: float = field(default_factory=time.monotonic)
 
 
-class Spawner(ScannerClients):
-    def __init__(self, ctx: WorkerContext) -> None:
+class Spawner:
+    """qmail-lspawn: the local delivery handler of the delivery-worker skeleton."""
+
+    role = "local delivery"
+    channel = Channel.LOCAL
+    bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)")
+
+    def __init__(self, ctx: WorkerContext, server: DeliveryServer) -> None:
         self.ctx = ctx
+        self.server = server
         self.controls = ctx.controls
-        self.sel = selectors.DefaultSelector()
+        self.paths = QueuePaths(ctx.instance.queue)
         self.children: dict[int, Child] = {}  # pid -> child
-        self.clients: dict[socket.socket, bytearray] = {}
-        self.board = JobBoard()
-        self.role = "local delivery"
-        self.stopping = False
         # The same table the SMTP listener's RCPT check resolves with (eqmail.delivery.mailbox).
         alias = ctx.ids["alias"]
         self.users = LocalUsers.build(ctx.controls.assign, alias.uid, alias.gid, str(ctx.instance.alias))
         self.queue_uid = ctx.ids["queue"].uid
 
+    def begin(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a child's exit wakes the loop
+
     # ------------------------------------------------------------ requests
-    def handle_request(self, client: socket.socket, payload: bytes) -> None:
-        parts = payload.split(b"\0")
-        if len(parts) < 5:
-            raise ProtocolError("malformed delivery request")
-        slot, msgid_b, sender_b, recip_b = parts[0], parts[1], parts[2], parts[3]
-        if not self.board.start(client, slot):
-            return  # running already (a restarted scanner asked again), or just reported
-        def answer(text: str) -> None:
-            self.board.finish(slot, text)
-        if not msgid_b.isdigit() or len(msgid_b) > 20:
-            return answer("DSorry, message id is not valid. (#5.3.5)")
-        recipient = decode(recip_b)
+    def submit(self, request: DeliveryRequest) -> Outcome | None:
+        recipient = request.recipient
         if "@" not in recipient:
-            return answer("DSorry, address must include host name. (#5.1.3)")
-        msgid = int(msgid_b)
-        path = self.ctx.instance.queue / "mess" / str(msgid % 23) / str(msgid)
+            return Outcome(Verdict.FAILURE, "Sorry, address must include host name. (#5.1.3)")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.paths.mess(request.msgid), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            return answer("ZUnable to open message file. (#4.3.0)")
+            return _defer("Unable to open message file. (#4.3.0)")
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or (self.ctx.ids.privileged and st.st_uid != self.queue_uid):
-                return answer("ZSorry, message has wrong owner. (#4.3.5)")
+                return _defer("Sorry, message has wrong owner. (#4.3.5)")
             local, _, domain = recipient.rpartition("@")
             if local == "":
-                return answer("K")  # qmail-lspawn: an empty local part is a successful trash delivery
+                # qmail-lspawn: an empty local part is a successful trash delivery
+                return Outcome(Verdict.SUCCESS, "")
             try:
                 user = self.users.resolve(local)
             except Exception as e:  # a passwd lookup failing is temporary
                 log(f"warning: user lookup for {local!r} failed: {e}")
-                return answer("ZTemporary failure in qmail-lspawn.")
+                return _defer("Temporary failure in qmail-lspawn.")
             if user.uid == 0:
-                return answer("ZNot allowed to perform deliveries as root.")
-            job = b"\0".join(encode(x) for x in (
-                user.user, user.home, local, user.dash, user.ext, domain, decode(sender_b),
-                self.controls.defaultdelivery, self.controls.me)) + b"\0"
+                return _defer("Not allowed to perform deliveries as root.")
+            try:
+                job = LocalChildJob(user.user, user.home, local, user.dash, user.ext, domain,
+                                    request.sender, self.controls.defaultdelivery,
+                                    self.controls.me).encode()
+            except ProtocolError as e:  # a NUL in a home directory, an absurd length
+                log(f"warning: local delivery job for {local!r}: {e}")
+                return CANNOT_RUN
             child = self.child_for(user)
             if child is None:
-                return answer("ZUnable to run qmail-local.")
+                return CANNOT_RUN
             try:
                 socket.send_fds(child.sock, [job], [fd])
             except OSError:
-                self.reap(child, "Zqmail-local crashed.")
-                return answer("ZUnable to run qmail-local.")
-            child.busy_slot = slot
+                self.reap(child, CRASHED)
+                return CANNOT_RUN
+            child.busy_slot = request.slot
+            return None
         finally:
             os.close(fd)
 
@@ -139,39 +157,42 @@ class Spawner(ScannerClients):
         child_sock.close()
         child = Child(key, pid, parent_sock)
         self.children[pid] = child
-        self.sel.register(parent_sock, selectors.EVENT_READ, ("child", pid))
+        self.server.watch(parent_sock, lambda: self.child_report(pid))
         return child
 
     def _close_for_child(self) -> None:
-        signal.set_wakeup_fd(-1)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
         for child in self.children.values():
             child.sock.close()
-        for client in self.clients:
-            client.close()
-        self.listener.close()
-        self.sel.close()
+        self.server.close_in_child()
 
-    def child_report(self, child: Child) -> None:
+    def child_report(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is None:
+            return
         try:
-            data = child.sock.recv(MAX_JOB)
+            data = child.sock.recv(MAX_CHILD_JOB)
         except OSError:
             data = b""
         if not data:
-            self.reap(child, "Zqmail-local crashed.")
+            self.reap(child, CRASHED)
+            return
+        try:
+            outcome = Outcome.decode(data)
+        except ProtocolError:
+            self.reap(child, CRASHED)
             return
         if child.busy_slot is not None:
             slot, child.busy_slot = child.busy_slot, None
-            self.board.finish(slot, decode(data))
+            self.server.finish(slot, outcome)
         child.idle_since = time.monotonic()
 
-    def reap(self, child: Child, text: str) -> None:
-        self.sel.unregister(child.sock)
+    def reap(self, child: Child, outcome: Outcome | None) -> None:
+        """End ``child``; a delivery it was running ends with ``outcome``."""
+        self.server.unwatch(child.sock)
         child.sock.close()
         self.children.pop(child.pid, None)
-        if child.busy_slot is not None:
-            self.board.finish(child.busy_slot, text)
+        if child.busy_slot is not None and outcome is not None:
+            self.server.finish(child.busy_slot, outcome)
         try:
             os.kill(child.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -191,49 +212,22 @@ class Spawner(ScannerClients):
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.busy_slot is None and now - child.idle_since > CHILD_IDLE:
-                self.reap(child, "")
+                self.reap(child, None)
 
-    # ------------------------------------------------------------ loop
-    def serve(self) -> int:
-        self.listener = socket.socket(fileno=self.ctx.extra["socket_fd"])  # bound by the supervisor
-        self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ, ("listen", 0))
-        # Signals wake the select through a self-pipe: a handler alone does not
-        # interrupt it (PEP 475), which made every stop wait out the 1 s timeout.
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        signal.set_wakeup_fd(self.wake_w)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", 0))
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.ctx.ready()
-        while not (self.stopping and not any(c.busy_slot for c in self.children.values())):
-            for key, _ in self.sel.select(1.0):
-                kind, ident = key.data
-                if kind == "listen":
-                    self.accept()
-                elif kind == "client":
-                    self.client_data(key.fileobj)  # type: ignore[arg-type]
-                elif kind == "child" and ident in self.children:
-                    self.child_report(self.children[ident])
-                elif kind == "wake":
-                    drain_wake_pipe(self.wake_r)
-            self.expire_idle()
-            self.collect_zombies()
+    # ------------------------------------------------------------ the skeleton's hooks
+    def timeout(self) -> float:
+        return 1.0
+
+    def turn(self) -> None:
+        self.expire_idle()
+        self.collect_zombies()
+
+    def busy(self) -> bool:
+        return any(c.busy_slot is not None for c in self.children.values())
+
+    def close(self) -> None:
         for child in list(self.children.values()):
-            self.reap(child, "")
-        return 0
-
-    def _on_term(self, *_: object) -> None:
-        self.stopping = True
-
-    def accept(self) -> None:
-        conn = accept_from(self.listener, {0, os.getuid(), self.ctx.ids["send"].uid})
-        if conn is not None:
-            self.clients[conn] = bytearray()
-            self.sel.register(conn, selectors.EVENT_READ, ("client", 0))
-
+            self.reap(child, Outcome(Verdict.DEFERRAL, ""))
 
 
 def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
@@ -260,31 +254,30 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
     sock.settimeout(CHILD_IDLE + 5)
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_JOB, 1)
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_CHILD_JOB, 1)
         except (TimeoutError, OSError):
             return 0
         if not data:
             return 0
-        fields = [decode(x) for x in data.split(b"\0")[:9]]
-        _u, home, local, dash, ext, domain, sender, default, me = fields
-        job = LocalJob(user=user.user, home=home, local=local, dash=dash, ext=ext, domain=domain,
-                       sender=sender, default_delivery=default)
+        request = LocalChildJob.decode(data)
+        job = LocalJob(user=user.user, home=request.home, local=request.local, dash=request.dash,
+                       ext=request.ext, domain=request.domain, sender=request.sender,
+                       default_delivery=request.default_delivery)
         if not fds:
-            sock.send(b"ZUnable to read message. (#4.3.0)")
+            sock.send(_defer("Unable to read message. (#4.3.0)").encode())
             continue
         with os.fdopen(fds[0], "rb") as message:
             try:
                 report = deliver(job, message, forwarder, hostname=None,
                                  program_limit=ctx.controls.timeoutprogram)
-                text = report.kind.value + report.text
+                outcome = Outcome(VERDICTS[report.kind], report.text)
             except Exception as e:  # our bug must never bounce mail: defer
                 log(f"warning: local delivery raised {e!r}")
-                text = "ZTemporary failure in local delivery. (#4.3.0)"
-        sock.send(encode(text)[:10000])
+                outcome = _defer("Temporary failure in local delivery. (#4.3.0)")
+        sock.send(outcome.cut().encode())
 
 
 def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
-    from eqmail.delivery.local import ReportKind
     from eqmail.queue.client import submit
 
     def forward(sender, recipients, prefix, message):  # type: ignore[no-untyped-def]
@@ -298,4 +291,5 @@ def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
 
 
 def run(ctx: WorkerContext) -> int:
-    return Spawner(ctx).serve()
+    server = DeliveryServer(ctx, ctx.extra["socket_fd"], lambda server: Spawner(ctx, server))
+    return server.serve()

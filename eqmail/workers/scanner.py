@@ -12,8 +12,10 @@ flush).  Events only wake it: the directories are the truth.
 
 Talks to: the queue writer (clean requests and bounce injection, over run/queue.sock),
 the local and remote delivery workers (run/local.sock, run/remote.sock: delivery
-requests ``D`` / reports ``r``; on connecting it first takes over the deliveries a
-previous scanner left running, and before exiting it detaches, see eqmail.ipc).
+requests ``D`` / reports ``r``, typed in eqmail.ipc.delivery; on connecting it first
+takes over the deliveries a previous scanner left running, and before exiting it
+detaches).  Inside, a report is a Verdict and its text; the words success / deferral /
+failure and qmail's letters appear only in log lines and on the wire.
 """
 
 from __future__ import annotations
@@ -28,14 +30,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eqmail.ipc import SLOT_MAX, ProtocolError, frame, read_frames
+from eqmail.ipc import ProtocolError, read_frames
+from eqmail.ipc.delivery import (
+    TO_SCANNER_KINDS,
+    Adopted,
+    Attach,
+    Channel,
+    DeliveryRequest,
+    Detach,
+    Detached,
+    EndOfList,
+    Outcome,
+    Verdict,
+    decode_to_scanner,
+    parse_scanner_slot,
+    scanner_slot,
+)
 from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.bounce import bounded_copy
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
-from eqmail.queue.manager import DeliveryRequest, QueueManager
-from eqmail.queue.schedule import Channel
-from eqmail.textio import decode, encode
+from eqmail.queue.manager import Delivery, QueueManager
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
 
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
@@ -49,18 +64,19 @@ TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of
 
 @dataclass
 class Slot:
-    request: DeliveryRequest
-    delivery: int  # the number in qmail's "starting delivery N" log lines
+    item: Delivery
+    number: int  # the number in qmail's "starting delivery N" log lines
 
 
-Report = tuple[Slot, str, str]
+Report = tuple[Slot, Outcome]
 
 
 class DeliveryChannel:
     """A framed connection to a delivery worker.  A delivery is named by its slot
-    ``msgid.offset`` (eqmail.ipc), which a restarted scanner can read back: on connecting
-    it says ``A`` and starts nothing until the worker has listed (``a`` ... ``e``) the
-    deliveries still running, which it takes over (eqmail.workers.jobs)."""
+    ``msgid.offset`` (eqmail.ipc.delivery.scanner_slot), which a restarted scanner can
+    read back: on connecting it says ``A`` and starts nothing until the worker has
+    listed (``a`` ... ``e``) the deliveries still running, which it takes over
+    (eqmail.workers.jobs)."""
 
     def __init__(self, channel: Channel, path: str, concurrency: int,
                  take_over: Callable[[Channel, int, int], Slot | None]) -> None:
@@ -84,7 +100,7 @@ class DeliveryChannel:
         try:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(self.path)
-            s.sendall(frame(b"A"))
+            s.sendall(Attach().frame())
         except OSError:
             return False
         s.setblocking(False)
@@ -92,72 +108,67 @@ class DeliveryChannel:
         self.attached = self.detached = False
         return True
 
-    def send(self, req: DeliveryRequest, delivery: int) -> bool:
+    def send(self, item: Delivery, number: int) -> bool:
         if self.sock is None or not self.free:
             return False
-        slot = f"{req.msgid}.{req.offset}".encode()
-        payload = slot + b"\0" + f"{req.msgid}\0".encode() + encode(req.sender) + b"\0" \
-            + encode(req.recipient) + b"\0"
+        slot = scanner_slot(item.msgid, item.offset)
+        request = DeliveryRequest(slot, item.msgid, item.sender, item.recipient, self.channel)
         try:
+            data = request.frame()
             self.sock.setblocking(True)
-            self.sock.sendall(frame(b"D", payload))
+            self.sock.sendall(data)
             self.sock.setblocking(False)
-        except OSError:
+        except (OSError, ProtocolError):
             return False
-        self.running[slot] = Slot(req, delivery)
+        self.running[slot] = Slot(item, number)
         return True
 
     def read_reports(self) -> list[Report] | None:
         """Reports now readable (taking over what a hand-over list names); None when the
-        worker went away."""
+        worker went away.  ProtocolError when it broke the protocol."""
         assert self.sock is not None
-        frames = read_frames(self.sock, self.buf, b"raeq")
+        frames = read_frames(self.sock, self.buf, TO_SCANNER_KINDS)
         if frames is None:
             return None
         out = []
         for kind, payload in frames:
-            if kind == b"a":
-                key = _slot_key(payload)
+            msg = decode_to_scanner(kind, payload)
+            if isinstance(msg, Adopted):
+                key = parse_scanner_slot(msg.slot)
                 taken = self.take_over(self.channel, *key) if key is not None else None
                 if taken is not None:
-                    self.running[payload] = taken
-            elif kind == b"e":
+                    self.running[msg.slot] = taken
+            elif isinstance(msg, EndOfList):
                 self.attached = True
-            elif kind == b"q":
+            elif isinstance(msg, Detached):
                 self.detached = True
-            elif (report := self._report(payload)) is not None:
-                out.append(report)
+            else:
+                slot = self.running.pop(msg.slot, None)
+                if slot is not None:  # else a delivery of a previous scanner not taken over
+                    out.append((slot, msg.outcome))
         return out
 
-    def _report(self, payload: bytes) -> Report | None:
-        slot_b, _, report = payload.partition(b"\0")
-        slot = self.running.pop(slot_b, None)
-        if slot is None:
-            return None  # a delivery of a previous scanner that was not taken over
-        text = decode(report[1:])
-        letter = chr(report[0]) if report else "Z"
-        if letter not in "KZD":
-            letter, text = "Z", "report mangled, will defer"
-        return slot, letter, text
+    def detach(self) -> bool:
+        """Say ``Q``; False when the worker cannot be told."""
+        assert self.sock is not None
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(Detach().frame())
+            self.sock.setblocking(False)
+        except OSError:
+            return False
+        return True
 
-    def lost(self) -> list[DeliveryRequest]:
+    def lost(self) -> list[Delivery]:
         """The worker died: every outstanding delivery counts as deferred."""
-        reqs = [s.request for s in self.running.values()]
+        items = [s.item for s in self.running.values()]
         self.running.clear()
         if self.sock is not None:
             self.sock.close()
         self.sock = None
         self.buf.clear()
         self.attached = False
-        return reqs
-
-
-def _slot_key(slot: bytes) -> tuple[int, int] | None:
-    """(msgid, offset) of a scanner's slot ``msgid.offset``; None for anything else."""
-    msgid, dot, offset = slot.partition(b".")
-    if not (dot and msgid.isdigit() and offset.isdigit() and len(slot) <= SLOT_MAX):
-        return None
-    return int(msgid), int(offset)
+        return items
 
 
 class Scanner:
@@ -284,7 +295,8 @@ class Scanner:
             for req in self.manager.next_requests(ch, limit=dc.free):
                 self.delivery_no += 1
                 if not dc.send(req, self.delivery_no):
-                    self.manager.report(req, "Z", f"Unable to reach the {ch.dirname} delivery worker. (#4.3.0)")
+                    self.manager.report(req, Verdict.DEFERRAL,
+                                        f"Unable to reach the {ch.dirname} delivery worker. (#4.3.0)")
                     continue
                 log(f"starting delivery {self.delivery_no}: msg {req.msgid} to "
                     f"{ch.dirname} {sanitize(req.recipient)}")
@@ -301,15 +313,14 @@ class Scanner:
             if dc.sock is not None:
                 self.sel.unregister(dc.sock)
             for req in dc.lost():
-                self.manager.report(req, "Z", "Delivery worker died. (#4.3.0)")
+                self.manager.report(req, Verdict.DEFERRAL, "Delivery worker died. (#4.3.0)")
             return
         self._apply(reports)
 
     def _apply(self, reports: list[Report]) -> None:
-        for slot, letter, text in reports:
-            word = {"K": "success", "Z": "deferral", "D": "failure"}[letter]
-            log(f"delivery {slot.delivery}: {word}: {sanitize(text)}")
-            self.manager.report(slot.request, letter, text)
+        for slot, outcome in reports:
+            log(f"delivery {slot.number}: {outcome.verdict.value}: {sanitize(outcome.text)}")
+            self.manager.report(slot.item, outcome.verdict, outcome.text)
         self._status()
 
     def _take_over(self, ch: Channel, msgid: int, offset: int) -> Slot | None:
@@ -328,13 +339,7 @@ class Scanner:
         deliveries still running then report to the next scanner (eqmail.workers.jobs)."""
         deadline = time.monotonic() + DETACH_WAIT
         for ch, dc in self.channels.items():
-            if dc.sock is None:
-                continue
-            try:
-                dc.sock.setblocking(True)
-                dc.sock.sendall(frame(b"Q"))
-                dc.sock.setblocking(False)
-            except OSError:
+            if dc.sock is None or not dc.detach():
                 continue
             while dc.sock is not None and not dc.detached and time.monotonic() < deadline:
                 ready = select.select([dc.sock], [], [], max(0.0, deadline - time.monotonic()))[0]

@@ -12,6 +12,7 @@ import pytest
 
 from eqmail.control import load_controls
 from eqmail.ipc import ProtocolError, frame, recv_frame
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.queue.envelope import parse_channel
 from eqmail.queue.layout import create_queue
 from eqmail.queue.manager import QueueManager
@@ -45,14 +46,14 @@ def test_a_report_without_a_scanner_waits_for_the_next_one() -> None:
     assert board.start(w1, b"77.40")
     board.dropped(w1)  # the scanner was killed
     s1.close()
-    board.finish(b"77.12", "Kdid 0+0+1\n")  # ends while nobody listens: held
+    board.finish(b"77.12", Outcome(Verdict.SUCCESS, "did 0+0+1\n"))  # ends while nobody listens: held
     w2, s2 = pair()
     assert board.attach(w2) is None
     # the hand-over list names both, then the held report follows; the running one
     # reports when it ends
     assert frames(s2) == [(b"a", b"77.12"), (b"a", b"77.40"), (b"e", b""),
                           (b"r", b"77.12\0Kdid 0+0+1\n")]
-    board.finish(b"77.40", "Zlater\n")
+    board.finish(b"77.40", Outcome(Verdict.DEFERRAL, "later\n"))
     assert frames(s2) == [(b"r", b"77.40\0Zlater\n")]
     assert board.jobs == {}
 
@@ -64,7 +65,7 @@ def test_a_running_delivery_is_not_started_twice() -> None:
     w2, s2 = pair()
     assert board.attach(w2) is None
     assert board.start(w2, b"5.0") is False  # asked again: nothing new starts
-    board.finish(b"5.0", "Kok\n")
+    board.finish(b"5.0", Outcome(Verdict.SUCCESS, "ok\n"))
     assert frames(s2)[-1] == (b"r", b"5.0\0Kok\n")
     assert frames(s1) == []  # exactly one report, to the scanner of now
     assert board.start(w2, b"5.0")  # a later retry of the same recipient is new
@@ -86,9 +87,9 @@ def test_detach_holds_the_reports_that_come_after_it() -> None:
     board.attach(w1)
     board.start(w1, b"8.1")
     board.start(w1, b"8.2")
-    board.finish(b"8.1", "Kfirst\n")
+    board.finish(b"8.1", Outcome(Verdict.SUCCESS, "first\n"))
     board.detach(w1)
-    board.finish(b"8.2", "Ksecond\n")
+    board.finish(b"8.2", Outcome(Verdict.SUCCESS, "second\n"))
     assert [f for f in frames(s1) if f[0] != b"e"] == [(b"r", b"8.1\0Kfirst\n"), (b"q", b"")]
     w2, s2 = pair()
     board.attach(w2)
@@ -128,7 +129,7 @@ def test_a_restarted_scanner_takes_over_instead_of_starting_again(tmp_path: Path
     assert [r.recipient for r in rest] == ["b@mx.test.example", "c@mx.test.example"]
     assert second.next_requests(Channel.LOCAL) == []
     # the report of the delivery taken over is applied: its done marker is written
-    second.report(req, "K", "did 0+0+1\n")
+    second.report(req, Verdict.SUCCESS, "did 0+0+1\n")
     records = parse_channel(second.paths.split_file("local", 77).read_bytes())
     assert [(r.address, r.done) for r in records] == [
         ("a@mx.test.example", True), ("b@mx.test.example", False), ("c@mx.test.example", False)]

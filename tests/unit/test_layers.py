@@ -76,6 +76,7 @@ SOCKETS, PROCESSES = "sockets", "processes"
 _RIGHTS: dict[str, frozenset[str]] = {
     "eqmail.queue.client": frozenset({SOCKETS}),        # the queue writer's client
     "eqmail.delivery.nexthop": frozenset({SOCKETS}),    # remote delivery's TCP connection
+    "eqmail.delivery.remote": frozenset({SOCKETS}),     # qmail-remote: connects through nexthop
     "eqmail.delivery.local": frozenset({PROCESSES}),    # qmail-local in the per-user child
     "eqmail.spp.runner": frozenset({PROCESSES}),        # sandbox side: plugins
     "eqmail.spp.checkpassword": frozenset({PROCESSES}),  # sandbox side: checkpassword

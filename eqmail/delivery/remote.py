@@ -1,0 +1,304 @@
+"""qmail-remote as a library: deliver one message to the recipients of one domain.
+
+What it owns: the remote SMTP conversation of a delivery -- the before-remote hooks
+(control/beforemote, run in the sandbox worker by the chain runner the caller hands in), the
+choice of addresses (smtproutes, else MX with qmail's "am I an MX" rule, CNAME and
+route preferences), connecting with qmail-tcpto's memory of dead hosts, the TLS policy
+(tlshosts/, notlshosts/, the clear-text retry after a failed handshake), the SMTP
+transaction (eqmail.smtp.client) and reusing an idle connection for the next message
+to the same destination -- and the report qmail-rspawn would build from
+qmail-remote's results for each recipient.
+
+Privilege: runs in the remote delivery worker (eqmailr), in its pool threads; reads
+queue/mess through the descriptor the caller opened, writes queue/lock/tcpto.
+
+Inputs: a :class:`RemoteJob` (controls, our addresses, tcpto, the connection cache, TLS
+configuration), the open message file, the envelope.  Outputs: one
+:class:`~eqmail.ipc.delivery.Outcome` per recipient.  Failures: every delivery problem
+is an outcome (deferral or failure, qmail-remote's texts); any other exception is a bug
+and propagates to the worker, whose boundary turns it into a deferral.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from eqmail.control import Controls
+from eqmail.delivery import bfrmt
+from eqmail.delivery.nexthop import connect
+from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
+from eqmail.instance import Instance
+from eqmail.ipc.delivery import Outcome
+from eqmail.log import log, sanitize
+from eqmail.queue import tcpto
+from eqmail.queue.layout import QueuePaths
+from eqmail.smtp.client import (
+    Destination,
+    Quit,
+    RetryClear,
+    SmtpSession,
+    TryNext,
+    dropped_text,
+    quote_address,
+    rspawn_report,
+)
+from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
+
+IDLE_SECONDS = 5.0  # how long an idle connection is kept for reuse
+TEMP_NOCONN = "ZSorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
+TEMP_READ = "ZUnable to read message. (#4.3.0)\n"
+TEMP_CONTROL = "ZUnable to read control files. (#4.3.0)\n"
+PERM_PARTIAL = "DSMTP cannot transfer messages with partial final lines. (#5.6.2)\n"
+
+
+class ConnectionCache:
+    """Idle SMTP sessions by destination (address, port, host name, credentials)."""
+
+    def __init__(self, limit: int) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[tuple[float, SmtpSession]] = []
+        self.limit = limit
+
+    def take(self, dest: Destination) -> SmtpSession | None:
+        while True:
+            with self.lock:
+                found = [i for i, (_, s) in enumerate(self.idle) if s.dest == dest]
+                if not found:
+                    return None
+                _, session = self.idle.pop(found[-1])
+            if session.rset():
+                return session
+            session.close(send_quit=False)
+
+    def put(self, session: SmtpSession) -> None:
+        with self.lock:
+            self.idle.append((time.monotonic(), session))
+            old = self.idle[: max(0, len(self.idle) - self.limit)]
+            del self.idle[: len(old)]
+        for _, s in old:
+            s.close()
+
+    def expire(self) -> None:
+        limit = time.monotonic() - IDLE_SECONDS
+        with self.lock:
+            old = [s for when, s in self.idle if when < limit]
+            self.idle = [(w, s) for w, s in self.idle if w >= limit]
+        for s in old:
+            s.close()
+
+    def close_all(self) -> None:
+        with self.lock:
+            old, self.idle = self.idle, []
+        for _, s in old:
+            s.close()
+
+
+_local = threading.local()
+
+
+def _resolver(c: Controls) -> Resolver:
+    """One resolver per thread (its deadline is per resolution)."""
+    lifetime = float(min(c.timeoutconnect, 30))
+    key = (c.dnsservers, lifetime)
+    if getattr(_local, "key", None) != key:
+        _local.resolver, _local.key = Resolver(c.dnsservers, lifetime), key
+    return _local.resolver  # type: ignore[no-any-return]
+
+
+@dataclass
+class RemoteJob:
+    """What one delivery needs besides the message."""
+
+    controls: Controls
+    me: frozenset[str]
+    tcpto: tcpto.Tcpto
+    cache: ConnectionCache
+    tls: TlsConfig
+    run_hooks: bfrmt.RunChain  # eqmail.spp.bfrmtclient.run_chain in the worker
+
+
+def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
+                  recipients: list[str]) -> list[Outcome]:
+    """qmail-rspawn's report for each recipient (all of one message, sender, domain)."""
+    return [Outcome.from_report(r) for r in _reports(job, instance, msgid, sender, recipients)]
+
+
+def _reports(job: RemoteJob, instance: Instance, msgid: int, sender: str,
+             recipients: list[str]) -> list[str]:
+    """The reports as qmail-remote's code writes them (K/Z/D + text), one per recipient."""
+    root = instance.root
+    try:
+        fd = os.open(QueuePaths(instance.queue).mess(msgid), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return [TEMP_READ] * len(recipients)
+    with os.fdopen(fd, "rb") as message:
+        size = os.fstat(fd).st_size
+        domain = recipients[0].rpartition("@")[2]
+        reports = [""] * len(recipients)
+        for idxs, body, failure in _bodies(job, root, domain, sender, recipients, message, size):
+            try:
+                texts = [failure] * len(idxs) if body is None else _send(
+                    job, domain, sender, [recipients[i] for i in idxs], body)
+            finally:
+                if body is not None and body is not message:
+                    body.close()
+            for i, text in zip(idxs, texts, strict=True):
+                reports[i] = text
+    return reports
+
+
+def _bodies(job: RemoteJob, root: Path, domain: str, sender: str, recipients: list[str],
+            message: BinaryIO, size: int) -> list[tuple[list[int], BinaryIO | None, str]]:
+    """The message each recipient gets: the stored one, or what the before-remote hooks
+    made of it — recipients whose hook output is identical share one transaction."""
+    commands = job.controls.beforemote
+    if not commands:
+        return [(list(range(len(recipients))), message, "")]
+    groups: dict[bytes, tuple[list[int], BinaryIO]] = {}
+    out: list[tuple[list[int], BinaryIO | None, str]] = []
+    for i, rcpt in enumerate(recipients):
+        res = job.run_hooks(commands, domain, sender, rcpt, message, size, root,
+                            job.controls.timeoutremote)
+        if res.output is None:
+            out.append(([i], None, res.report))
+            continue
+        digest = _digest(res.output)
+        if digest in groups:
+            groups[digest][0].append(i)
+            res.output.close()
+        else:
+            groups[digest] = ([i], res.output)
+    return out + [(idxs, body, "") for idxs, body in groups.values()]
+
+
+def _digest(f: BinaryIO) -> bytes:
+    h = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(1 << 16):
+        h.update(chunk)
+    f.seek(0)
+    return h.digest()
+
+
+def _partial_final_line(body: BinaryIO) -> bool:
+    end = body.seek(0, os.SEEK_END)
+    if end == 0:
+        return False
+    body.seek(end - 1)
+    last = body.read(1)
+    body.seek(0)
+    return last != b"\n"
+
+
+def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str], body: BinaryIO) -> list[str]:
+    """Resolve, connect and run one transaction: reports for these recipients."""
+    c = job.controls
+    n = len(recipients)
+    if _partial_final_line(body):
+        return [PERM_PARTIAL] * n  # found before any DNS or SMTP, unlike qmail-remote
+    if not c.helohost:
+        return [TEMP_CONTROL] * n
+    route = c.route_for(domain)
+    if route is not None and not route.relay:
+        route = None  # qmail: an empty relay means "look up MX as usual"
+    resolver = _resolver(c)
+    try:
+        if route is not None:
+            addrs = candidates(resolver.host_addresses(route.relay), job.me, PREF_ROUTE)
+            rcpt_domain = domain
+        else:
+            rcpt_domain = resolver.canonical(domain)
+            aliased = rcpt_domain.lower() != domain.lower()
+            addrs = candidates(resolver.mx_addresses(domain), job.me,
+                               PREF_CNAME if aliased else None)
+    except DnsFailure as e:
+        return [e.report] * n
+    rcpts = [quote_address(r.rpartition("@")[0] + "@" + rcpt_domain) for r in recipients]
+    port = route.port if route is not None else 25
+    user = route.user if route is not None else None
+    password = route.password if route is not None else None
+    ip_relay = relay_tls_name(route.relay) if route is not None else ""
+    dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465)
+             for a in addrs]
+    rcpt_reports, message = _deliver(job, dests, quote_address(sender) if sender else "", rcpts, body)
+    if rcpt_reports is None:
+        return [rspawn_report(None, message)] * n
+    return [rspawn_report(r, message) for r in rcpt_reports]
+
+
+def relay_tls_name(relay: str) -> str:
+    """The name a relay given as an IP address goes by for TLS (tlshosts/<name>.pem,
+    notlshosts/<name>, the certificate check): the address as written in smtproutes,
+    without brackets or an ``IPv6:`` prefix, lower case — ``[127.0.0.1]`` and
+    ``127.0.0.1`` -> ``127.0.0.1``, ``[IPv6:2001:DB8::1]`` -> ``2001:db8::1``.  "" for
+    a relay given by name (its addresses carry that name already)."""
+    if literal_ip(relay) is None:
+        return ""
+    text = relay[1:-1] if relay.startswith("[") and relay.endswith("]") else relay
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    return text.lower()
+
+
+def _deliver(job: RemoteJob, dests: list[Destination], sender: str, rcpts: list[str],
+             body: BinaryIO) -> tuple[list[str] | None, str]:
+    """qmail-remote's connection loop: the first address that answers gets the message."""
+    for dest in dests:
+        if job.tcpto.blocked(dest.ip):
+            continue
+        session = job.cache.take(dest)
+        if session is None:
+            try:
+                session = _open(job, dest)
+            except Quit as q:
+                return None, q.report
+            if session is None:
+                continue
+        body.seek(0)
+        try:
+            rcpt_reports, message = session.transaction(sender, rcpts, body)
+        except BaseException:  # e.g. the message became unreadable: never leak the socket
+            session.close(send_quit=False)
+            raise
+        if session.usable:
+            job.cache.put(session)
+        else:
+            session.close(send_quit=False)
+        return rcpt_reports, message
+    return None, TEMP_NOCONN
+
+
+def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
+    """Connect and greet; None = try the next address; Quit = a terminal report."""
+    c = job.controls
+    for allow_tls in (True, False):
+        try:
+            sock = connect(dest.ip, dest.port, c.timeoutconnect)
+        except OSError as e:
+            if counts_for_tcpto(e):
+                job.tcpto.record(dest.ip, failed=True)
+            return None
+        job.tcpto.record(dest.ip, failed=False)
+        session = SmtpSession(Transport(sock, c.timeoutremote), dest, c.helohost, job.tls)
+        try:
+            session.open(allow_tls)
+            return session
+        except TryNext:
+            return None
+        except RetryClear as e:
+            log(f"remote: TLS handshake with {dest.ip} failed ({sanitize(str(e))[:200]}); "
+                "retrying in clear text")
+            continue
+        except Quit:
+            session.close(send_quit=False)
+            raise
+        except Dropped:
+            session.close(send_quit=False)
+            raise Quit(dropped_text(dest.ip, False)) from None
+    return None
