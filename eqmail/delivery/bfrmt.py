@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from eqmail.instance import Instance
-from eqmail.log import log, sanitize
-from eqmail.spp.wire import (
+from eqmail.ipc.sandbox import (
     BFRMT,
     BFRMT_ANSWER,
     BfrmtAnswer,
@@ -49,6 +48,7 @@ from eqmail.spp.wire import (
     recv_frame_fds,
     send_frame_fds,
 )
+from eqmail.log import log, sanitize
 
 HOOK_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/", "LC_ALL": "C"}
 EXTRA_OUTPUT = 1 << 20

@@ -22,10 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit
-from eqmail.log import log, sanitize
-from eqmail.smtp import replies
-from eqmail.spp.client import call
-from eqmail.spp.wire import (
+from eqmail.ipc.sandbox import (
     CHECKPW,
     CHECKPW_ANSWER,
     MAX_CHECKPW_INPUT,
@@ -34,6 +31,9 @@ from eqmail.spp.wire import (
     CheckResult,
     ProtocolError,
 )
+from eqmail.log import log, sanitize
+from eqmail.smtp import replies
+from eqmail.spp.client import call
 
 MAX_INPUT = MAX_CHECKPW_INPUT
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -26,10 +26,7 @@ from spp_harness import Sandbox, make_root  # noqa: E402
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit  # noqa: E402
 from eqmail.delivery import bfrmt  # noqa: E402
-from eqmail.smtp import replies  # noqa: E402
-from eqmail.smtp.actions import HookStage  # noqa: E402
-from eqmail.smtp.checkpw import AuthCheck, run_checkpassword  # noqa: E402
-from eqmail.spp.wire import (  # noqa: E402
+from eqmail.ipc.sandbox import (  # noqa: E402
     BFRMT,
     CHECKPW,
     REQUEST,
@@ -39,6 +36,9 @@ from eqmail.spp.wire import (  # noqa: E402
     recv_frame_fds,
     send_frame_fds,
 )
+from eqmail.smtp import replies  # noqa: E402
+from eqmail.smtp.actions import HookStage  # noqa: E402
+from eqmail.smtp.checkpw import AuthCheck, run_checkpassword  # noqa: E402
 
 ENV = {"TCPREMOTEIP": "192.0.2.10", "TCPLOCALPORT": "587", "PROTO": "TCP"}
 
