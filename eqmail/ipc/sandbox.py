@@ -214,18 +214,31 @@ def _str_env(env: Any) -> dict[str, str]:
     return env
 
 
+def _float(value: Any, what: str) -> float:
+    """A JSON number as a finite float (an integer too big for a float is refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError(f"bad {what}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(f"bad {what}") from None
+    if not math.isfinite(number):
+        raise ProtocolError(f"bad {what}")
+    return number
+
+
 def _timeout(value: Any) -> float:
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT):
+    number = _float(value, "timeout")
+    if not 0 < number <= MAX_TIMEOUT:
         raise ProtocolError("bad timeout")
-    return float(value)
+    return number
 
 
 def _seconds(value: Any) -> float:
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or not 0 <= value <= MAX_LIMIT_SECONDS * 4):
+    number = _float(value, "number of seconds")
+    if not 0 <= number <= MAX_LIMIT_SECONDS * 4:
         raise ProtocolError("bad number of seconds")
-    return float(value)
+    return number
 
 
 def _limit(value: Any) -> AuthLimit | None:
