@@ -7,8 +7,11 @@ The socket is line-based, not framed, so that a person with socat can ask too:
                         line (eqmail.supervisor.status.supervisor_report builds it),
                         at most MAX_STATUS_ANSWER bytes; the supervisor then closes
 
-The answer's fields that eqmailctl's commands act on are checked on decoding (their
-types), and ``eqmailctl status --json`` prints the object as it came.
+The answer's fields are checked on encoding and decoding: the top-level ones
+eqmailctl's commands act on, and the minimum the design card promises for
+``eqmailctl status --json`` (each worker's kind, pid, uid, state and title, each
+listener's service, address and port, the queue's messages and todo counts).  The
+command then prints the object as it came.
 """
 
 from __future__ import annotations
@@ -51,19 +54,38 @@ class StatusRequest:
         return cls()
 
 
-def _check(report: Mapping[str, Any]) -> None:
-    for fields, required in ((_REQUIRED, True), (_OPTIONAL, False)):
+# the design card's minimum of each worker and listener entry, and of the queue counts
+_WORKER: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "pid": (int,), "uid": (int,), "state": (str,), "title": (str,)}
+_LISTENER: dict[str, tuple[type, ...]] = {"service": (str,), "address": (str,), "port": (int,)}
+_QUEUE: dict[str, tuple[type, ...]] = {"messages": (int,), "todo": (int,)}
+
+
+def _fields(obj: Any, required: dict[str, tuple[type, ...]],
+            optional: Mapping[str, tuple[type, ...]], what: str) -> None:
+    """ProtocolError unless ``obj`` is an object with every required field, and every
+    field named here present is of its types (a bool is no int)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"status answer with a bad {what}")
+    for fields, needed in ((required, True), (optional, False)):
         for name, types in fields.items():
-            if name not in report:
-                if required:
-                    raise ProtocolError(f"status answer without {name}")
+            if name not in obj:
+                if needed:
+                    raise ProtocolError(f"status answer without {what} {name}")
                 continue
-            value = report[name]
+            value = obj[name]
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise ProtocolError(f"status answer with a bad {name}")
-    if not all(isinstance(w, dict) for w in report["workers"]) or not all(
-            isinstance(lst, dict) for lst in report["listeners"]):
-        raise ProtocolError("status answer with a bad worker or listener")
+                raise ProtocolError(f"status answer with a bad {what} {name}")
+
+
+def _check(report: Mapping[str, Any]) -> None:
+    _fields(report, _REQUIRED, _OPTIONAL, "report")
+    for worker in report["workers"]:
+        _fields(worker, _WORKER, {}, "worker")
+    for listener in report["listeners"]:
+        _fields(listener, _LISTENER, {}, "listener")
+    if report["running"]:
+        _fields(report["queue"], _QUEUE, {}, "queue")
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                for k, v in report["queue"].items()):
         raise ProtocolError("status answer with bad queue counts")

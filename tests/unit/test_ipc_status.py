@@ -23,10 +23,16 @@ reload_ = st.none() | st.fixed_dictionaries({"seq": small, "ok": st.booleans(), 
                                              "time": st.floats(0, 2e9), "errors": st.lists(word)})
 report = st.fixed_dictionaries(
     {"running": st.booleans(), "pid": small, "generation": small, "workers": st.lists(worker, max_size=4),
-     "listeners": st.lists(listener, max_size=3), "queue": st.dictionaries(word, small, max_size=5)},
+     "listeners": st.lists(listener, max_size=3),
+     "queue": st.fixed_dictionaries({"messages": small, "todo": small},
+                                    optional={"local": small, "remote": small, "bouncing": small})},
     optional={"uptime": st.floats(0, 1e9), "last_reload": reload_, "stopping": st.booleans(),
               "log": st.fixed_dictionaries({"sink": word, "format": word, "path": st.none() | word,
                                             "reopens": small, "error": st.none() | word})})
+
+
+def test_the_design_cards_minimum_is_an_answer() -> None:
+    assert StatusAnswer.decode(StatusAnswer(GOOD).encode()).as_dict() == GOOD
 
 
 def test_the_request_line() -> None:
@@ -46,14 +52,16 @@ def test_answer_round_trip(rep: dict[str, Any]) -> None:
     assert back.as_dict() == json.loads(json.dumps(rep)) and back.running == rep["running"]
 
 
+GOOD: dict[str, Any] = {"running": True, "pid": 1, "generation": 0, "queue": {"messages": 0, "todo": 0},
+                        "workers": [{"kind": "scanner", "pid": 9, "uid": 0, "state": "up", "title": "t"}],
+                        "listeners": [{"service": "smtp", "address": "::1", "port": 25}]}
+
+
 @pytest.mark.parametrize("rep", [
-    [], {"running": True}, {"running": 1, "pid": 1, "generation": 0, "workers": [], "listeners": [],
-                            "queue": {}},
-    {"running": True, "pid": True, "generation": 0, "workers": [], "listeners": [], "queue": {}},
-    {"running": True, "pid": 1, "generation": 0, "workers": [1], "listeners": [], "queue": {}},
-    {"running": True, "pid": 1, "generation": 0, "workers": [], "listeners": [], "queue": {"x": "1"}},
-    {"running": True, "pid": 1, "generation": 0, "workers": [], "listeners": [], "queue": {},
-     "stopping": "no"}])
+    [], {"running": True}, GOOD | {"running": 1}, GOOD | {"pid": True}, GOOD | {"workers": [1]},
+    GOOD | {"queue": {"messages": 0, "todo": 0, "x": "1"}}, GOOD | {"queue": {"todo": 0}},
+    GOOD | {"stopping": "no"}, GOOD | {"workers": [{"kind": "scanner", "pid": 9, "uid": 0, "state": "up"}]},
+    GOOD | {"listeners": [{"service": "smtp", "address": "::1", "port": None}]}])
 def test_answers_without_their_fields_are_refused(rep: Any) -> None:
     with pytest.raises(ProtocolError):
         StatusAnswer.decode(json.dumps(rep).encode())
