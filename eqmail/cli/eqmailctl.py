@@ -23,6 +23,8 @@ from eqmail import __version__
 from eqmail.control import load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.status import MAX_STATUS_ANSWER, StatusAnswer, StatusRequest
 
 STOP_TIMEOUT = 120.0
 RELOAD_TIMEOUT = 80.0  # under systemd's default TimeoutSec (90 s) for ExecReload
@@ -70,20 +72,16 @@ def query_status(inst: Instance, timeout: float = 5.0) -> dict[str, Any] | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(inst.status_socket))
-            s.sendall(b"status\n")
-            chunks = []
-            while True:
-                data = s.recv(65536)
-                if not data:
+            s.sendall(StatusRequest().encode())
+            data = bytearray()
+            while len(data) <= MAX_STATUS_ANSWER:
+                chunk = s.recv(65536)
+                if not chunk:
                     break
-                chunks.append(data)
-    except OSError:
+                data += chunk
+        return StatusAnswer.decode(bytes(data)).as_dict()
+    except (OSError, ProtocolError):
         return None
-    try:
-        answer = json.loads(b"".join(chunks))
-    except ValueError:
-        return None
-    return answer if isinstance(answer, dict) else None
 
 
 # ------------------------------------------------------------------ commands

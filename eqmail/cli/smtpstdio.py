@@ -31,7 +31,8 @@ from pathlib import Path
 
 from eqmail.control import Controls, load_controls
 from eqmail.errors import ControlErrors
-from eqmail.ipc import ProtocolError, QQExit, frame
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.queue import BodyChunk, QQExit
 from eqmail.log import log
 from eqmail.netif import local_addresses
 from eqmail.queue.client import CHUNK, QueueConnection, SubmitResult
@@ -57,7 +58,7 @@ class _QueueStream:
 
     def __init__(self, root: Path, prefix: bytes) -> None:
         self.conn: QueueConnection | None = None
-        self.failure: int | None = None
+        self.failure: QQExit | None = None
         try:
             # No role: the writer labels the message by our uid, as qmail-queue does.
             self.conn = QueueConnection(root)
@@ -70,7 +71,7 @@ class _QueueStream:
             return
         try:
             for i in range(0, len(data), CHUNK):
-                self.conn.sock.sendall(frame(b"B", data[i:i + CHUNK]))
+                self.conn.sock.sendall(BodyChunk(data[i:i + CHUNK]).frame())
         except OSError:
             self.failure = QQExit.WRITE_ERROR
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eqmail.instance import Instance
-from eqmail.ipc import QQExit
+from eqmail.ipc.queue import QQExit
 from eqmail.migrate.plan import ImportReport, Owners, write_file
 from eqmail.queue.envelope import Envelope, parse_records
 from eqmail.queue.layout import QueuePaths

@@ -16,39 +16,45 @@ from pathlib import Path
 from typing import BinaryIO
 
 from eqmail.instance import Instance
-from eqmail.ipc import (
-    HEADER,
-    ProtocolError,
+from eqmail.ipc.framing import ProtocolError, expect, read_frame_async, recv_frame
+from eqmail.ipc.queue import (
+    ANSWER,
+    CLEAN_ANSWER,
+    BodyChunk,
+    CleanAnswer,
+    CleanRequest,
     QQExit,
     QueueAnswer,
-    check_header,
-    frame,
-    qq_text,
-    recv_frame,
+    QueueEnvelope,
+    QueueHello,
+    QueueRole,
 )
-from eqmail.queue.envelope import Envelope
 
 CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
 class SubmitResult:
-    code: int
-    text: str  # without the leading D/Z letter; "" on success
+    code: QQExit
+    text: str  # qmail_close()'s text for the code, without its D/Z letter; "" on success
     msgid: int | None
     qp: int | None
 
     @property
     def ok(self) -> bool:
-        return self.code == 0
+        return self.code is QQExit.OK
 
     @property
     def permanent(self) -> bool:
-        return qq_text(self.code).startswith("D")
+        return self.code.permanent
 
     @classmethod
-    def from_code(cls, code: int, qp: int | None = None, msgid: int | None = None) -> SubmitResult:
-        return cls(code, qq_text(code)[1:], msgid if code == 0 else None, qp)
+    def from_code(cls, code: QQExit, qp: int | None = None, msgid: int | None = None) -> SubmitResult:
+        return cls(code, code.text, msgid if code is QQExit.OK else None, qp)
+
+    @classmethod
+    def from_answer(cls, answer: QueueAnswer) -> SubmitResult:
+        return cls.from_code(answer.code, answer.qp, answer.msgid)
 
 
 def _chunks(message: bytes | BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
@@ -73,12 +79,12 @@ def _chunks(message: bytes | BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
 class QueueConnection:
     """A blocking connection that may carry several messages."""
 
-    def __init__(self, root: Path, role: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, root: Path, role: QueueRole | None = None, timeout: float = 600.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(Instance(root).queue_socket))
         if role:
-            self.sock.sendall(frame(b"H", role.encode()))
+            self.sock.sendall(QueueHello(role).frame())
 
     def close(self) -> None:
         self.sock.close()
@@ -86,34 +92,31 @@ class QueueConnection:
     def submit(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
                prefix: bytes = b"") -> SubmitResult:
         if prefix:
-            self.sock.sendall(frame(b"B", prefix))
+            self.sock.sendall(BodyChunk(prefix).frame())
         for chunk in _chunks(message):
             if chunk:
-                self.sock.sendall(frame(b"B", chunk))
-        self.sock.sendall(frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue()))
+                self.sock.sendall(BodyChunk(chunk).frame())
+        self.sock.sendall(QueueEnvelope(sender, tuple(recipients)).frame())
         kind, payload = recv_frame(self.sock)
-        if kind != b"R":
-            raise ProtocolError(f"unexpected answer {kind!r}")
-        ans = QueueAnswer.decode(payload)
-        return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
+        expect(ANSWER, kind)
+        return SubmitResult.from_answer(QueueAnswer.decode(payload))
 
-    def clean(self, request: str) -> bytes:
+    def clean(self, request: CleanRequest) -> CleanAnswer:
         return self.clean_many([request])[0]
 
-    def clean_many(self, requests: list[str]) -> list[bytes]:
+    def clean_many(self, requests: list[CleanRequest]) -> list[CleanAnswer]:
         """qmail-clean requests, pipelined: all sent, then all answers read (in order)."""
-        self.sock.sendall(b"".join(frame(b"C", r.encode()) for r in requests))
+        self.sock.sendall(b"".join(r.frame() for r in requests))
         answers = []
         for _ in requests:
             kind, payload = recv_frame(self.sock)
-            if kind != b"K":
-                raise ProtocolError(f"unexpected answer {kind!r}")
-            answers.append(payload)
+            expect(CLEAN_ANSWER, kind)
+            answers.append(CleanAnswer.decode(payload))
         return answers
 
 
 def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
-           *, prefix: bytes = b"", role: str | None = None) -> SubmitResult:
+           *, prefix: bytes = b"", role: QueueRole | None = None) -> SubmitResult:
     """Queue one message.  Returns code 120 ("unable to exec qq") when no queue writer
     answers, code 53/54/... as qmail-queue would otherwise."""
     try:
@@ -139,7 +142,7 @@ class AsyncQueueClient:
     _idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     MAX_IDLE = 64
 
-    def __init__(self, root: Path, role: str = "network") -> None:
+    def __init__(self, root: Path, role: QueueRole = QueueRole.NETWORK) -> None:
         self.root = root
         self.role = role
         self.reader: asyncio.StreamReader | None = None
@@ -167,7 +170,7 @@ class AsyncQueueClient:
                 await asyncio.sleep(0.01 * (attempt + 1))
         else:
             raise BlockingIOError("queue writer busy")
-        self.writer.write(frame(b"H", self.role.encode()))
+        self.writer.write(QueueHello(self.role).frame())
 
     def release(self) -> None:
         """The session is over and no message is in flight: keep the connection."""
@@ -188,7 +191,7 @@ class AsyncQueueClient:
                 await self._connect()
             assert self.writer is not None
             for i in range(0, len(data), CHUNK):
-                self.pending += frame(b"B", data[i : i + CHUNK])
+                self.pending += BodyChunk(data[i : i + CHUNK]).frame()
             if len(self.pending) >= self.FLUSH:
                 self.writer.write(bytes(self.pending))
                 self.pending.clear()
@@ -205,16 +208,12 @@ class AsyncQueueClient:
             if self.writer is None:
                 await self._connect()
             assert self.writer is not None and self.reader is not None
-            self.pending += frame(b"E", Envelope(sender, tuple(recipients)).encode_for_queue())
+            self.pending += QueueEnvelope(sender, tuple(recipients)).frame()
             self.writer.write(bytes(self.pending))
             self.pending.clear()
-            header = await self.reader.readexactly(HEADER.size)
-            kind, length = check_header(header)
-            payload = await self.reader.readexactly(length)
-            if kind != b"R":
-                raise ProtocolError("unexpected answer")
-            ans = QueueAnswer.decode(payload)
-            return SubmitResult.from_code(ans.code, ans.qp, ans.msgid)
+            kind, payload = await read_frame_async(self.reader)
+            expect(ANSWER, kind)
+            return SubmitResult.from_answer(QueueAnswer.decode(payload))
         except (OSError, asyncio.IncompleteReadError, ProtocolError):
             # no connection at all: qmail's "unable to exec qq"; lost mid-way: "crashed"
             code = QQExit.CANNOT_EXEC if self.writer is None else QQExit.BUG

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from eqmail.control import Controls
 from eqmail.ipc.delivery import Verdict
+from eqmail.ipc.queue import CleanAnswer, CleanRequest
 from eqmail.log import log, sanitize
 from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
 from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
@@ -366,8 +367,8 @@ class QueueManager:
         ids = [i for i in ids if not self._id_reused(i)]
         if not ids:
             return
-        for msgid, answer in zip(ids, self.clean([f"foop/{i}" for i in ids]), strict=True):
-            if answer != b"+":
+        for msgid, answer in zip(ids, self.clean([CleanRequest.foop(i) for i in ids]), strict=True):
+            if answer is not CleanAnswer.DONE:
                 log(f"warning: qmail-clean unable to clean up foop/{msgid}")
                 self.foop_retry[msgid] = self.clock() + 10
 
@@ -431,7 +432,7 @@ class QueueManager:
         for msgid in self.paths.ids_in("mess"):
             if msgid in info or msgid in todo or msgid in busy:
                 continue
-            if self.clean([f"foop/{msgid}"])[0] == b"+":
+            if self.clean([CleanRequest.foop(msgid)])[0] is CleanAnswer.DONE:
                 removed += 1
         return removed
 
@@ -520,7 +521,7 @@ class QueueManager:
                 del self.foop_retry[msgid]
                 if self._id_reused(msgid):
                     continue
-                if self.clean([f"foop/{msgid}"])[0] != b"+":
+                if self.clean([CleanRequest.foop(msgid)])[0] is not CleanAnswer.DONE:
                     self.foop_retry[msgid] = now + 60
 
     def next_wakeup(self) -> float | None:

@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable
 
+from eqmail.ipc.queue import CleanAnswer, CleanRequest
 from eqmail.log import log, log_lines, sanitize
 from eqmail.queue.envelope import ChannelRecord, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
@@ -39,7 +40,7 @@ from eqmail.textio import encode
 
 FRESH_MAX = 20000  # messages whose split is remembered for their first pass
 
-Cleaner = Callable[[list[str]], list[bytes]]  # pipelined qmail-clean requests
+Cleaner = Callable[[list[CleanRequest]], list[CleanAnswer]]  # pipelined qmail-clean requests
 Rewriter = Callable[[str], tuple[Channel, str]]  # a recipient -> its channel and address
 Scheduler = Callable[[int, list[Channel], float], None]  # (msgid, channels with a file, now)
 Fresh = tuple[str, float, list[ChannelRecord]]  # (sender, birth, records)
@@ -107,11 +108,11 @@ class Preprocessor:
             for _, fds in written:
                 for fd in fds:
                     os.close(fd)
-        answers = self.clean([f"todo/{msgid % 23}/{msgid}" for msgid, _ in written])
+        answers = self.clean([CleanRequest.todo(msgid) for msgid, _ in written])
         now = self.clock()
         done = 0
         for (msgid, _), answer in zip(written, answers, strict=True):
-            if answer != b"+":
+            if answer is not CleanAnswer.DONE:
                 log(f"warning: qmail-clean unable to clean up todo/{msgid}")
                 self.trouble = True
                 self.forget(msgid)

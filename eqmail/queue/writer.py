@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eqmail.dates import date822
-from eqmail.ipc import QQExit
+from eqmail.ipc.queue import CleanAnswer, CleanKind, CleanRequest, QQExit
 from eqmail.queue.envelope import Envelope, todo_bytes
 from eqmail.queue.layout import SPLIT, QueuePaths
 from eqmail.queue.recycle import InodePool
@@ -309,9 +309,10 @@ class QueueStore:
             fsync_dir(self.paths.dir("todo") / str(linked[0].msgid % SPLIT))
 
     # -- qmail-clean ----------------------------------------------------------
-    def clean(self, request: str) -> bytes:
+    def clean(self, request: CleanRequest) -> CleanAnswer:
         """qmail-clean: ``foop/<id>`` removes intd+mess, ``todo/[<n>/]<id>`` removes
-        todo then intd.  Answers ``+`` (done; absent is fine), ``!`` or ``x``.
+        todo then intd.  Answers DONE (``+``; absent is fine) or REFUSED (``!``); a
+        request it cannot read (``x``) never gets here (eqmail.ipc.queue.CleanRequest).
 
         ``foop/`` is refused (``!``) for a message still being written or already
         committed (todo/ present): then the scanner's sweep of mess files that have
@@ -319,15 +320,10 @@ class QueueStore:
         comes first because an id leaves ``inflight`` only after its todo link exists,
         and the scanner cannot preprocess (remove todo) while it waits for this answer.
         """
-        if not 7 <= len(request) <= 100:
-            return b"x"
-        kind, _, rest = request.partition("/")
-        num = rest.rsplit("/", 1)[-1]
-        if kind not in ("foop", "todo") or not num.isdigit():
-            return b"x"
-        msgid = int(num)
-        if kind == "foop" and (msgid in self.inflight or os.path.exists(self.paths.todo(msgid))):
-            return b"!"
+        msgid = request.msgid
+        foop = request.kind is CleanKind.FOOP
+        if foop and (msgid in self.inflight or os.path.exists(self.paths.todo(msgid))):
+            return CleanAnswer.REFUSED
         # A finished file goes to the spare pool under its last name, so the other one is
         # unlinked first.  For todo/ the todo name goes first (qmail-clean removes intd/
         # first) and the file leaves through intd/: todo/ then only ever loses names by
@@ -335,15 +331,15 @@ class QueueStore:
         # plain delete.  A crash between the two leaves an intd/ file alone, which the
         # message's foop/ removes with its mess file.
         try:
-            if kind == "foop":
+            if foop:
                 _unlink(self.paths.intd(msgid), strict=True)
                 self.spares.give(self.paths.mess(msgid))
             else:
                 _unlink(self.paths.todo(msgid), strict=True)
                 self.spares.give(self.paths.intd(msgid))
         except OSError:
-            return b"!"
-        return b"+"
+            return CleanAnswer.REFUSED
+        return CleanAnswer.DONE
 
     def clean_pid_dir(self, now: float | None = None, older_than: float = OSSIFIED) -> int:
         """Remove pid/ leftovers older than ``older_than`` (qmail-clean: 36 h, at start

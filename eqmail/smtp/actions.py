@@ -25,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from eqmail.ipc.hooks import HookOutcome as HookOutcome
+from eqmail.ipc.hooks import HookStage as HookStage
+from eqmail.ipc.hooks import HookVerdict as HookVerdict
+
 
 @dataclass(frozen=True)
 class Send:
@@ -115,17 +119,6 @@ class Log:
     line: str
 
 
-class HookStage(Enum):
-    """qmail-spp sections (control/smtpplugins ``[connection]`` ... ``[auth]``)."""
-
-    CONNECTION = "connection"
-    HELO = "helo"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    AUTH = "auth"
-
-
 @dataclass(frozen=True)
 class RunHook:
     """Run the plugins of ``stage``.  ``arg`` is the HELO name or the MAIL/RCPT address
@@ -152,36 +145,3 @@ class QueueOutcome:
     text: str = ""          # for REJECTED / DEFERRED, e.g. ``qqt failure (#4.3.0)``
 
 
-class HookVerdict(Enum):
-    """How a plugin run ended (qmail-spp's result of the whole section)."""
-
-    NORMAL = "normal"        # no terminal command, or A / N: qmail's checks apply
-    OK_SKIP = "ok_skip"      # O: accept; qmail's MAIL/RCPT checks are skipped
-    REJECT = "reject"        # E text, or a plugin failure (451 qmail-spp failure)
-    TERMINATE = "terminate"  # R text or D: send output, close
-
-
-@dataclass(frozen=True)
-class HookOutcome:
-    """Everything one section's plugins produced, for :meth:`Session.hook_result`.
-
-    ``output`` is the command's reply when the verdict is REJECT or TERMINATE (the E/R
-    text after its P lines, or a 451 failure text) and is sent first; with NORMAL or
-    OK_SKIP it is only P continuation lines (``250-...``), which lead the session's own
-    reply when that has their code and are dropped otherwise: one reply per command
-    (the plugin layer makes sure of these shapes, eqmail.spp.protocol).  Then, in
-    this order: ``env`` changes (S -> value, U -> None), ``headers`` (H, one header field
-    each, appended to the next message after the Received line, LF added by the
-    session), ``later`` texts (LM / LR / LD, one complete reply per stage, shown at the
-    next MAIL / RCPT / DATA which they reject; the first one queued wins),
-    ``disable`` (A: no more plugins this session), ``address`` (C: replaces the MAIL or
-    RCPT address; ignored at other stages), then the verdict.
-    """
-
-    verdict: HookVerdict = HookVerdict.NORMAL
-    output: bytes = b""
-    env: tuple[tuple[str, str | None], ...] = ()
-    headers: tuple[str, ...] = ()
-    later: tuple[tuple[HookStage, bytes], ...] = ()
-    disable: bool = False
-    address: str | None = None

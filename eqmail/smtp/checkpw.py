@@ -27,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit
-from eqmail.log import sanitize
-from eqmail.smtp import replies
-from eqmail.spp.wire import (
+from eqmail.ipc.sandbox import (
     MAX_CHECKPW_INPUT,
     CheckAnswer,
     CheckRequest,
     CheckResult,
 )
+from eqmail.log import sanitize
+from eqmail.smtp import replies
 
 MAX_INPUT = MAX_CHECKPW_INPUT
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -7,7 +7,6 @@ commands (for the remote delivery worker).
 - :mod:`eqmail.spp.runner`        runs one plugin: posix_spawn with rlimits, or in-process.
 - :mod:`eqmail.spp.checkpassword` runs one checkpassword program (sandbox side).
 - :mod:`eqmail.spp.beforemote`    runs one before-remote chain on a message fd (sandbox side).
-- :mod:`eqmail.spp.wire`          the frames of run/sandbox.sock and run/sandbox-remote.sock.
 - :mod:`eqmail.spp.client`        ``run_hook`` and ``call`` for the listener.
 - :mod:`eqmail.spp.checkpwclient` ``run_checkpassword`` for the listener (rules: eqmail.smtp.checkpw).
 - :mod:`eqmail.spp.bfrmtclient`   ``run_chain`` for the remote worker (rules: eqmail.delivery.bfrmt).
@@ -16,4 +15,5 @@ commands (for the remote delivery worker).
 config, protocol and the rules they use (eqmail.smtp.checkpw, eqmail.delivery.bfrmt) are
 pure; the runners start processes and the clients talk over the sandbox sockets
 (docs/architecture.md, "Import rules").
+The frames of run/sandbox.sock and run/sandbox-remote.sock are eqmail.ipc.sandbox's.
 """

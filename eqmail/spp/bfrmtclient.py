@@ -29,8 +29,7 @@ from typing import BinaryIO
 
 from eqmail.delivery.bfrmt import HookResult, output_limit
 from eqmail.instance import Instance
-from eqmail.log import log
-from eqmail.spp.wire import (
+from eqmail.ipc.sandbox import (
     BFRMT,
     BFRMT_ANSWER,
     BfrmtAnswer,
@@ -39,6 +38,7 @@ from eqmail.spp.wire import (
     recv_frame_fds,
     send_frame_fds,
 )
+from eqmail.log import log
 
 REMOTE_SOCKET = "sandbox-remote.sock"  # in the instance's run/
 CONNECT_TIMEOUT = 10.0

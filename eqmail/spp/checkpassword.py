@@ -26,8 +26,8 @@ import os
 import shutil
 from dataclasses import replace
 
+from eqmail.ipc.sandbox import CheckAnswer, CheckRequest, CheckResult
 from eqmail.spp.runner import SIGDEF, Limits, kill_group, wait_exit
-from eqmail.spp.wire import CheckAnswer, CheckRequest, CheckResult
 
 FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
 

@@ -16,10 +16,10 @@ run in the listener instead.
 from __future__ import annotations
 
 from eqmail.authlimit import AuthLimit
+from eqmail.ipc.sandbox import CHECKPW, CHECKPW_ANSWER, CheckAnswer, ProtocolError
 from eqmail.log import log
 from eqmail.smtp.checkpw import NO_CHILD, AuthCheck, check_request, check_result, check_warning
 from eqmail.spp.client import call
-from eqmail.spp.wire import CHECKPW, CHECKPW_ANSWER, CheckAnswer, ProtocolError
 
 ANSWER_MARGIN = 15.0  # the sandbox's kill-and-reap after the timeout, and some slack
 

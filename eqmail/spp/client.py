@@ -20,11 +20,7 @@ import asyncio
 import weakref
 from collections.abc import Mapping, Sequence
 
-from eqmail.log import log
-from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
-from eqmail.spp import protocol as P
-from eqmail.spp.config import Plugin
-from eqmail.spp.wire import (
+from eqmail.ipc.sandbox import (
     ANSWER,
     REQUEST,
     ProtocolError,
@@ -33,6 +29,10 @@ from eqmail.spp.wire import (
     read_frame,
     write_frame,
 )
+from eqmail.log import log
+from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
+from eqmail.spp import protocol as P
+from eqmail.spp.config import Plugin
 
 CONNECT_TIMEOUT = 5.0
 

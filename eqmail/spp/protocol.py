@@ -49,10 +49,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
+from eqmail.ipc.hooks import MAX_HEADER as MAX_HEADER
+from eqmail.ipc.hooks import HookOutcome, HookStage, HookVerdict, reply_shape, valid_header
+from eqmail.ipc.hooks import wire_shape as wire_shape
 
 MAX_OUTPUT = 64 * 1024  # bytes of stdout read from one plugin; more is a failure
-MAX_HEADER = 998        # bytes of one H header field: RFC 5322's line length limit
 
 # Failure reasons.  The first three are qmail-spp's texts; the rest are eqmail's.
 CANT_EXECUTE = "can't execute"
@@ -145,62 +146,6 @@ def parse_output(data: bytes, stage: HookStage) -> Commands:
             cmds.terminal = cmd.decode()
             break
     return cmds
-
-
-def valid_header(field: bytes) -> bool:
-    """One RFC 5322 header field on one line: ``name:value`` with a name of printable
-    ASCII other than the colon, no CR, LF or other control character but TAB in the
-    value, at most MAX_HEADER bytes.  (A folded continuation line has no name: refused.)"""
-    if len(field) > MAX_HEADER:
-        return False
-    name, colon, value = field.partition(b":")
-    if not colon or not name or any(not 33 <= b <= 126 for b in name):
-        return False
-    return not any((b < 32 and b != 9) or b == 127 for b in value)
-
-
-def _reply_code(line: bytes) -> tuple[bytes, bool] | None:
-    """(code, continued) for a well-formed reply line, else None."""
-    if len(line) < 3 or not line[:3].isdigit() or b"\r" in line:
-        return None
-    if len(line) == 3:
-        return line, False
-    sep = line[3:4]
-    if sep not in (b" ", b"-"):
-        return None
-    return line[:3], sep == b"-"
-
-
-def reply_shape(lines: list[bytes]) -> tuple[int, bytes | None] | None:
-    """Read ``lines`` (no CR LF) as SMTP reply lines: ``(complete replies, code of a
-    continuation left open or None)``, or None when a line is no reply line or a
-    continuation line is followed by a line of another code."""
-    complete, open_code = 0, None
-    for line in lines:
-        parsed = _reply_code(line)
-        if parsed is None:
-            return None
-        code, continued = parsed
-        if open_code is not None and code != open_code:
-            return None
-        if continued:
-            open_code = code
-        else:
-            complete, open_code = complete + 1, None
-    return complete, open_code
-
-
-def wire_shape(data: bytes) -> tuple[int, bytes | None] | None:
-    """:func:`reply_shape` of CR LF-terminated reply bytes (what a HookOutcome carries);
-    None also when they do not end in CR LF or hold a lone CR or LF."""
-    if not data:
-        return 0, None
-    if not data.endswith(b"\r\n"):
-        return None
-    lines = data[:-2].split(b"\r\n")
-    if any(b"\n" in line for line in lines):
-        return None
-    return reply_shape(lines)
 
 
 def texts_ok(shape: tuple[int, bytes | None] | None, terminal: str | None,

@@ -48,11 +48,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from eqmail.ipc.sandbox import Request
 from eqmail.log import log, sanitize
 from eqmail.smtp.actions import HookOutcome
 from eqmail.spp import protocol as P
 from eqmail.spp.config import Plugin
-from eqmail.spp.wire import Request
 
 
 def _shipped_dir() -> Path:

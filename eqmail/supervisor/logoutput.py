@@ -3,7 +3,7 @@
 Owns: opening the log output as root — the file control/logfile names (or, for a
 background start without control/logfile, log/eqmail.log, the file ``eqmailctl start``
 pointed stdout at), the supervisor's own stdout, systemd's journal stream, or syslog —
-and handing it to the running logger over a SOCK_SEQPACKET socketpair (``ipc.LogTarget``
+and handing it to the running logger over a SOCK_SEQPACKET socketpair (``ipc.logtarget.LogTarget``
 with the fd by SCM_RIGHTS).  The supervisor calls ``reopen`` on SIGUSR1 (logrotate's
 postrotate) and on every accepted reload, so a rotated file or a changed
 control/logfile or control/logformat takes effect without restarting anything.
@@ -32,7 +32,7 @@ from pathlib import Path
 from eqmail.control import Controls
 from eqmail.errors import ControlFileError
 from eqmail.instance import Instance
-from eqmail.ipc import LogSink, LogTarget
+from eqmail.ipc.logtarget import LogSink, LogTarget
 from eqmail.logformat import LogFormat, format_lines
 
 

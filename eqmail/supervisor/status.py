@@ -1,20 +1,20 @@
 """Status: the supervisor's status socket and report, queue counts, /proc look-ups.
 
 Owns: run/status.sock (``StatusSocket``: bound by the supervisor as root, mode 0666,
-non-blocking; each connection sends a request line and gets one JSON line back), the
+non-blocking; each connection sends a request line and gets one JSON line back, the
+messages of eqmail.ipc.status), the
 report it serves (``supervisor_report``: workers with pid, uid/gid, state, restarts,
 generation and title; listeners with their bound port and session count; the last
 reload; the log output and its reopen count; queue counts), the one-line summary
 systemd shows as STATUS= (``summary_line``), and the helpers they are built from.  ``queue_counts`` is also used
 by ``eqmailctl status`` when the daemon is not running.
 
-Failure modes: a client that does not read or write within 2 s, or goes away, is
-dropped; a process that exited meanwhile shows uid/gid -1 and an empty title.
+Failure modes: a client that does not read or write within 2 s, goes away or asks
+something else than ``status`` is dropped; a process that exited meanwhile shows uid/gid -1 and an empty title.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.status import MAX_STATUS_REQUEST, StatusAnswer, StatusRequest
 from eqmail.queue.layout import QueuePaths
 from eqmail.supervisor.sockets import bound_port
 
@@ -125,9 +127,21 @@ class StatusSocket:
             return
         try:
             conn.settimeout(2.0)
-            conn.recv(64)  # the request line ("status"); read first so the client's send succeeds
-            conn.sendall(json.dumps(report()).encode() + b"\n")
-        except OSError:
-            pass
+            # the request line, read first so the client's send succeeds
+            StatusRequest.decode(_read_line(conn, MAX_STATUS_REQUEST))
+            conn.sendall(StatusAnswer(report()).encode())
+        except (OSError, ProtocolError):
+            return  # the client gets nothing; not logged, as before: a probe is no event
         finally:
             conn.close()
+
+
+def _read_line(conn: socket.socket, limit: int) -> bytes:
+    """Bytes up to and including a LF, at most ``limit`` of them (fewer at EOF)."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -8,7 +8,7 @@ control/logfile says ``syslog`` — to syslog with facility mail and tag ``eqmai
 
 Rotation: the logger never opens a file (it could not: the log directory is root's).
 The supervisor opens the new file as root and sends it over the control socket
-(``ipc.LogTarget`` with the fd by SCM_RIGHTS) on SIGUSR1 and on reload; the logger
+(``ipc.logtarget.LogTarget`` with the fd by SCM_RIGHTS) on SIGUSR1 and on reload; the logger
 switches between two reads of the pipe, so every line lands whole in the old file or
 in the new one and nothing is lost.  It then writes ``status: log reopened`` as the
 first line of the new output.
@@ -29,7 +29,8 @@ import socket
 import syslog
 import time
 
-from eqmail.ipc import MAX_LOG_TARGET, LogSink, LogTarget, ProtocolError
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.logtarget import MAX_LOG_TARGET, LogSink, LogTarget
 from eqmail.logformat import format_lines
 from eqmail.workers.base import WorkerContext
 

@@ -24,9 +24,23 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from eqmail.ipc import HEADER, ProtocolError, QQExit, QueueAnswer, check_header, frame, peer_uid
+from eqmail.ipc.framing import ProtocolError, next_frame, peer_uid
+from eqmail.ipc.queue import (
+    BODY,
+    CLEAN,
+    ENVELOPE,
+    HELLO,
+    BodyChunk,
+    CleanAnswer,
+    CleanRequest,
+    EnvelopeRefused,
+    QQExit,
+    QueueAnswer,
+    QueueEnvelope,
+    QueueHello,
+)
 from eqmail.log import log
-from eqmail.queue.envelope import EnvelopeError, parse_queue_envelope
+from eqmail.queue.envelope import Envelope
 from eqmail.queue.writer import (
     PendingMessage,
     QueueFailure,
@@ -35,8 +49,6 @@ from eqmail.queue.writer import (
     received_line,
 )
 from eqmail.workers.base import WorkerContext, stop_on_sigterm
-
-ROLES = {"network": "from network", "bounce": "for bounce", "alias": "by alias"}
 
 
 class QPCounter:
@@ -120,14 +132,18 @@ class Committer(threading.Thread):
                 self.loop.call_soon_threadsafe(_answer_batch, finished)
 
 
-def _clean_all(store: QueueStore, requests: list[str]) -> list[bytes]:
+def _clean_all(store: QueueStore, requests: list[CleanRequest | None]) -> list[CleanAnswer]:
+    """The answers, in order; None stands for a request qmail-clean does not understand."""
     answers = []
     for request in requests:
+        if request is None:
+            answers.append(CleanAnswer.BAD)
+            continue
         try:
             answers.append(store.clean(request))
         except Exception as e:  # an answer for every request, whatever happens
             log(f"warning: qmail-clean {request}: {e}")
-            answers.append(b"!")
+            answers.append(CleanAnswer.REFUSED)
     return answers
 
 
@@ -149,8 +165,8 @@ class QueueProtocol(asyncio.Protocol):
         self.msg: PendingMessage | None = None
         self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
         self.waiting = False
-        self.clean_answers: deque[Future[list[bytes]]] = deque()
-        self.clean_requests: list[str] = []  # of the frames read now, run as one job
+        self.clean_answers: deque[Future[list[CleanAnswer]]] = deque()
+        self.clean_requests: list[CleanRequest | None] = []  # of the frames read now, run as one job
 
     # -- connection -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,13 +191,8 @@ class QueueProtocol(asyncio.Protocol):
     def _drain(self) -> None:
         buf = self.buf
         pos = 0
-        while len(buf) - pos >= HEADER.size and not self.waiting:
-            kind, length = check_header(bytes(buf[pos : pos + HEADER.size]))
-            if len(buf) - pos - HEADER.size < length:
-                break
-            start = pos + HEADER.size
-            payload = bytes(buf[start : start + length])
-            pos = start + length
+        while not self.waiting and (got := next_frame(buf, pos)) is not None:
+            kind, payload, pos = got
             self._frame(kind, payload)
         del buf[:pos]
         if self.clean_requests:
@@ -193,22 +204,25 @@ class QueueProtocol(asyncio.Protocol):
 
     # -- frames ---------------------------------------------------------------
     def _frame(self, kind: bytes, payload: bytes) -> None:
-        if kind == b"B":
-            self._body(payload)
-        elif kind == b"E":
+        if kind == BODY:
+            self._body(BodyChunk.decode(payload))
+        elif kind == ENVELOPE:
             self._envelope(payload)
-        elif kind == b"H":
+        elif kind == HELLO:
             self._hello(payload)
-        elif kind == b"C":
+        elif kind == CLEAN:
             self._clean(payload)
         else:
             raise ProtocolError(f"unexpected frame {kind!r}")
 
     def _hello(self, payload: bytes) -> None:
-        role = payload.decode("ascii", "replace")
-        trusted = self.uid in (0, os.getuid())
-        if trusted and role in ROLES:
-            self.who = ROLES[role]
+        if self.uid not in (0, os.getuid()):
+            return  # only eqmail's own workers may say who they are
+        try:
+            hello = QueueHello.decode(payload)
+        except ProtocolError:
+            return  # a role this writer does not know: labelled by uid, as without hello
+        self.who = hello.role.invoked
 
     def _ensure_message(self) -> PendingMessage | None:
         if self.msg is None and self.failed is None:
@@ -220,12 +234,12 @@ class QueueProtocol(asyncio.Protocol):
                 log(f"warning: cannot create message in queue: {e}")
         return self.msg
 
-    def _body(self, payload: bytes) -> None:
+    def _body(self, chunk: BodyChunk) -> None:
         msg = self._ensure_message()
         if msg is None:
             return
         try:
-            self.server.store.write(msg, payload)
+            self.server.store.write(msg, chunk.data)
         except QueueFailure as e:
             self.failed = e.code
             self.server.store.abort(msg)
@@ -234,36 +248,40 @@ class QueueProtocol(asyncio.Protocol):
     def _envelope(self, payload: bytes) -> None:
         msg = self._ensure_message()
         if msg is None or self.failed is not None:
-            self._answer(QueueAnswer(int(self.failed or QQExit.BUG), 0, 0))
+            self._answer(QueueAnswer(self.failed or QQExit.BUG, 0, 0))
             return
         try:
-            msg.envelope = parse_queue_envelope(payload)
-        except EnvelopeError as e:
+            env = QueueEnvelope.decode(payload)
+        except EnvelopeRefused as e:
             self.server.store.abort(msg)
             self.msg = None
             self._answer(QueueAnswer(e.code, msg.qp, 0))
             return
+        msg.envelope = Envelope(env.sender, env.recipients)
         self.waiting = True
         self.server.committer.submit(msg, self._committed)
 
     def _committed(self, msg: PendingMessage) -> None:
         self.waiting = False
         self.msg = None
-        code = int(msg.result if msg.result is not None else QQExit.BUG)
-        self._answer(QueueAnswer(code, msg.qp, msg.msgid if code == 0 else 0))
+        code = msg.result if msg.result is not None else QQExit.BUG
+        self._answer(QueueAnswer(code, msg.qp, msg.msgid if code is QQExit.OK else 0))
         if self.buf:
             self.data_received(b"")
 
     def _answer(self, ans: QueueAnswer) -> None:
         self.failed = None
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(b"R", ans.encode()))
+            self.transport.write(ans.frame())
 
     def _clean(self, payload: bytes) -> None:
         allowed = {0, os.getuid(), self.server.ids["send"].uid}
         if self.uid not in allowed:
             raise ProtocolError("clean request from a uid that is not the scanner's")
-        self.clean_requests.append(payload.decode("ascii", "replace"))
+        try:
+            self.clean_requests.append(CleanRequest.decode(payload))
+        except ProtocolError:
+            self.clean_requests.append(None)  # qmail-clean answers "x" and reads on
 
     def _run_cleans(self) -> None:
         # The unlinks run on the cleaner thread, not on this loop that every listener's
@@ -282,7 +300,7 @@ class QueueProtocol(asyncio.Protocol):
         while self.clean_answers and self.clean_answers[0].done():
             answers = self.clean_answers.popleft().result()
             if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(b"".join(frame(b"K", a) for a in answers))
+                self.transport.write(b"".join(a.frame() for a in answers))
 
 
 class QueueServer:

@@ -14,7 +14,7 @@ every listener process: a ``P`` request that names its client address is refused
 failure is counted before the next check of that address starts.  The table is
 memory only: it survives listener restarts and reloads, not a restart of this worker.
 
-What a request may do is decided by the socket it arrived on (eqmail.spp.wire):
+What a request may do is decided by the socket it arrived on (eqmail.ipc.sandbox):
 listener socket — ``Q`` (a plugin section, answered ``A``) and ``P`` (checkpassword,
 answered ``p``); remote socket — ``B`` only (a before-remote chain with the message
 fd, answered ``b`` with the output fd), and only from the remote worker's uid (or
@@ -48,13 +48,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from eqmail.authlimit import AuthLimit, AuthLimiter, client_key
-from eqmail.ipc import peer_uid
-from eqmail.log import log
-from eqmail.smtp.actions import HookOutcome, HookVerdict
-from eqmail.spp import beforemote, checkpassword
-from eqmail.spp import protocol as P
-from eqmail.spp.runner import PRLIMIT, Limits, Runner
-from eqmail.spp.wire import (
+from eqmail.ipc.framing import peer_uid
+from eqmail.ipc.sandbox import (
     ANSWER,
     BFRMT,
     BFRMT_ANSWER,
@@ -74,6 +69,11 @@ from eqmail.spp.wire import (
     send_frame_fds,
     write_frame,
 )
+from eqmail.log import log
+from eqmail.smtp.actions import HookOutcome, HookVerdict
+from eqmail.spp import beforemote, checkpassword
+from eqmail.spp import protocol as P
+from eqmail.spp.runner import PRLIMIT, Limits, Runner
 from eqmail.workers.base import WorkerContext, stop_on_sigterm
 
 NPROC_PRIVILEGED = 256  # processes of user eqmailp in all (plugins + their children)

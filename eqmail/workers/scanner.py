@@ -46,6 +46,7 @@ from eqmail.ipc.delivery import (
     parse_scanner_slot,
     scanner_slot,
 )
+from eqmail.ipc.queue import CleanAnswer, CleanRequest, QueueRole
 from eqmail.log import flush_log, hold_log, log, sanitize
 from eqmail.queue.bounce import bounded_copy
 from eqmail.queue.client import QueueConnection, submit
@@ -209,7 +210,7 @@ class Scanner:
         mid-message leaves an orphaned mess file, so a sweep is due (see QueueManager.sweep)."""
         if self.queue_conn is None:
             try:
-                self.queue_conn = QueueConnection(self.root, role="bounce", timeout=60)
+                self.queue_conn = QueueConnection(self.root, role=QueueRole.BOUNCE, timeout=60)
             except OSError:
                 return None
             self.sel.register(self.queue_conn.sock, selectors.EVENT_READ, "writer")
@@ -238,7 +239,7 @@ class Scanner:
             log("status: queue writer connection closed; sweeping the queue when it is back")
         self._drop_writer_conn()
 
-    def _clean(self, requests: list[str]) -> list[bytes]:
+    def _clean(self, requests: list[CleanRequest]) -> list[CleanAnswer]:
         """qmail-clean requests to the queue writer, pipelined; ``!`` for each when the
         writer cannot be reached (the caller retries later)."""
         for _ in range(3):
@@ -249,7 +250,7 @@ class Scanner:
             except (OSError, ProtocolError):
                 self._drop_writer_conn()
             time.sleep(0.2)
-        return [b"!"] * len(requests)
+        return [CleanAnswer.REFUSED] * len(requests)
 
     def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int,
                 limit: int) -> tuple[bool, str]:
@@ -257,7 +258,7 @@ class Scanner:
         try:
             with open(self.paths.mess(msgid), "rb") as mess:
                 body = bounded_copy(mess, limit) if limit > 0 else mess
-                res = submit(self.root, sender, recipients, body, prefix=head, role="bounce")
+                res = submit(self.root, sender, recipients, body, prefix=head, role=QueueRole.BOUNCE)
         except OSError as e:
             return False, str(e)
         return (True, str(res.qp)) if res.ok else (False, res.text)

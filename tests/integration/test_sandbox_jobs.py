@@ -25,12 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spp_harness import Sandbox, make_root  # noqa: E402
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit  # noqa: E402
-from eqmail.smtp import replies  # noqa: E402
-from eqmail.smtp.actions import HookStage  # noqa: E402
-from eqmail.smtp.checkpw import AuthCheck  # noqa: E402
-from eqmail.spp import bfrmtclient  # noqa: E402
-from eqmail.spp.checkpwclient import run_checkpassword  # noqa: E402
-from eqmail.spp.wire import (  # noqa: E402
+from eqmail.ipc.sandbox import (  # noqa: E402
     BFRMT,
     CHECKPW,
     REQUEST,
@@ -40,6 +35,11 @@ from eqmail.spp.wire import (  # noqa: E402
     recv_frame_fds,
     send_frame_fds,
 )
+from eqmail.smtp import replies  # noqa: E402
+from eqmail.smtp.actions import HookStage  # noqa: E402
+from eqmail.smtp.checkpw import AuthCheck  # noqa: E402
+from eqmail.spp import bfrmtclient  # noqa: E402
+from eqmail.spp.checkpwclient import run_checkpassword  # noqa: E402
 
 ENV = {"TCPREMOTEIP": "192.0.2.10", "TCPLOCALPORT": "587", "PROTO": "TCP"}
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eqmail.authlimit import LOCKED_TEXT
+from eqmail.ipc.sandbox import CheckAnswer, CheckRequest, CheckResult
 from eqmail.smtp import replies
 from eqmail.smtp.checkpw import (
     DEFAULT_PATH,
@@ -19,7 +20,6 @@ from eqmail.smtp.checkpw import (
     check_result,
     check_warning,
 )
-from eqmail.spp.wire import CheckAnswer, CheckRequest, CheckResult
 
 ARGV = ("/bin/checkpassword", "/bin/true")
 

@@ -13,6 +13,7 @@ import pytest
 from eqmail.control import load_controls
 from eqmail.ipc import ProtocolError, frame, recv_frame
 from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.ipc.queue import CleanAnswer
 from eqmail.queue.envelope import parse_channel
 from eqmail.queue.layout import create_queue
 from eqmail.queue.manager import QueueManager
@@ -106,7 +107,7 @@ def test_a_slot_longer_than_the_protocol_allows_is_refused() -> None:
 
 def _manager(root: Path) -> QueueManager:
     return QueueManager(load_controls(root), create_queue(root / "queue"),
-                        lambda reqs: [b"+"] * len(reqs), lambda *a: (True, "1"))
+                        lambda reqs: [CleanAnswer.DONE] * len(reqs), lambda *a: (True, "1"))
 
 
 def test_a_restarted_scanner_takes_over_instead_of_starting_again(tmp_path: Path) -> None:

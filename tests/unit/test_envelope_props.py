@@ -5,8 +5,8 @@ which the scanner runs on whatever a crash left on disk.
 
 - neither reader raises on any bytes; a record cut short by a crash (no NUL) is dropped,
   never half-read;
-- todo_bytes -> parse_records and encode_for_queue -> parse_queue_envelope round-trip
-  any addresses (every byte survives, surrogateescape);
+- todo_bytes -> parse_records and QueueEnvelope.encode -> decode (eqmail.ipc.queue)
+  round-trip any addresses (every byte survives, surrogateescape);
 - a channel record's offset points at its T/D letter, so writing ``D`` there (the scanner's
   done mark) marks exactly that recipient done.
 """
@@ -16,10 +16,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eqmail.ipc.queue import QueueEnvelope
 from eqmail.queue.envelope import (
     Envelope,
     parse_channel,
-    parse_queue_envelope,
     parse_records,
     todo_bytes,
 )
@@ -57,9 +57,9 @@ def test_a_record_cut_by_a_crash_is_dropped(sender: str, rcpts: list[str], cut: 
 
 @given(addr, st.lists(addr, max_size=6))
 def test_queue_envelope_round_trip(sender: str, rcpts: list[str]) -> None:
-    env = Envelope(sender, tuple(rcpts))
+    env = QueueEnvelope(sender, tuple(rcpts))
     if all(len(a.encode("utf-8", "surrogateescape")) <= 1002 for a in [sender, *rcpts]):
-        assert parse_queue_envelope(env.encode_for_queue()) == env
+        assert QueueEnvelope.decode(env.encode()) == env
 
 
 @given(st.lists(st.tuples(st.booleans(), addr), max_size=8), st.data())

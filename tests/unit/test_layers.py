@@ -66,8 +66,6 @@ KNOWN_ARROWS: frozenset[tuple[str, str]] = frozenset({
     ("eqmail/workers/sandbox.py", "eqmail.supervisor.privileges"),
     ("eqmail/migrate/plan.py", "eqmail.supervisor.ids"),
     ("eqmail/setup.py", "eqmail.supervisor.ids"),
-    # spp/wire.py (the sandbox's frames) moves to ipc/sandbox.py (item 1).
-    ("eqmail/smtp/checkpw.py", "eqmail.spp.wire"),
 })
 
 SOCKETS, PROCESSES = "sockets", "processes"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from eqmail.ipc import LogSink, LogTarget, ProtocolError
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.logtarget import LogSink, LogTarget
 from eqmail.logformat import LogFormat
 from eqmail.supervisor.logoutput import journal_stream
 from eqmail.supervisor.sockets import Notifier

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eqmail.control import load_controls
+from eqmail.ipc.queue import CleanAnswer, CleanRequest
 from eqmail.queue.fileio import read_bounded
 from eqmail.queue.layout import create_queue
 from eqmail.queue.manager import QueueManager
@@ -28,9 +29,9 @@ def _manager(tmp_path: Path, cleaned: list[str]) -> QueueManager:
     (tmp_path / "control" / "me").write_text("mx.test.example\n")
     paths = create_queue(tmp_path / "queue")
 
-    def cleaner(requests: list[str]) -> list[bytes]:
-        cleaned.extend(requests)
-        return [b"+"] * len(requests)
+    def cleaner(requests: list[CleanRequest]) -> list[CleanAnswer]:
+        cleaned.extend(str(r) for r in requests)  # as the frames carry them
+        return [CleanAnswer.DONE] * len(requests)
 
     return QueueManager(load_controls(tmp_path), paths, cleaner, lambda *a: (True, "1"))
 
@@ -97,7 +98,7 @@ def test_bounces_to_one_sender_are_limited_double_bounces_are_not_and_the_copy_i
         injected.append((sender, rcpts, head, msgid, limit))
         return True, "1"
 
-    m = QueueManager(load_controls(tmp_path), paths, lambda r: [b"+"] * len(r), injector)
+    m = QueueManager(load_controls(tmp_path), paths, lambda r: [CleanAnswer.DONE] * len(r), injector)
     senders = {101: "Forged@Victim.example", 102: "forged@victim.example",
                103: "FORGED@victim.example", 104: "other@victim.example",
                201: "", 202: "", 203: "", 204: ""}

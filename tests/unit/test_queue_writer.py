@@ -13,14 +13,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eqmail.ipc import QQExit
-from eqmail.queue.envelope import (
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.queue import (
     ADDR_MAX,
-    Envelope,
-    EnvelopeError,
-    parse_queue_envelope,
-    todo_bytes,
+    CleanAnswer,
+    CleanRequest,
+    EnvelopeRefused,
+    QQExit,
+    QueueEnvelope,
 )
+from eqmail.queue.envelope import Envelope, todo_bytes
 from eqmail.queue.layout import SPLIT, SPLIT_DIRS, QueuePaths, create_queue
 from eqmail.queue.writer import OSSIFIED, PendingMessage, QueueFailure, QueueStore, received_line
 
@@ -102,8 +104,8 @@ def test_empty_sender_and_no_recipients(store: QueueStore) -> None:
 
 
 def test_eight_bit_addresses_round_trip(store: QueueStore) -> None:
-    env = parse_queue_envelope(b"F\xff\xfejoe@x\0T\xe9@y\0\0")
-    msg = queue_one(store, b"x", env, qp=1, uid=0)
+    env = QueueEnvelope.decode(b"F\xff\xfejoe@x\0T\xe9@y\0\0")
+    msg = queue_one(store, b"x", Envelope(env.sender, env.recipients), qp=1, uid=0)
     assert store.paths.todo(msg.msgid).read_bytes() == b"u0\0p1\0F\xff\xfejoe@x\0T\xe9@y\0"
 
 
@@ -240,13 +242,13 @@ def test_write_error_on_the_received_line_leaves_nothing(store: QueueStore,
 def test_clean_requests(store: QueueStore) -> None:
     msg = queue_one(store, b"x", Envelope("s@x", ("r@y",)))
     n = msg.msgid
-    assert store.clean(f"todo/{n % 23}/{n}") == b"+"
+    assert store.clean(CleanRequest.todo(n)) is CleanAnswer.DONE
     assert not store.paths.todo(n).exists() and not store.paths.intd(n).exists()
     assert store.paths.mess(n).exists()
-    assert store.clean(f"todo/{n % 23}/{n}") == b"+"  # absent is fine
-    assert store.clean(f"foop/{n}") == b"+"
+    assert store.clean(CleanRequest.todo(n)) is CleanAnswer.DONE  # absent is fine
+    assert store.clean(CleanRequest.foop(n)) is CleanAnswer.DONE
     assert all_files(store.paths) == []
-    assert store.clean(f"foop/{n}") == b"+"
+    assert store.clean(CleanRequest.foop(n)) is CleanAnswer.DONE
 
 
 def test_finished_files_are_recycled_as_the_next_messages_files(store: QueueStore) -> None:
@@ -255,7 +257,8 @@ def test_finished_files_are_recycled_as_the_next_messages_files(store: QueueStor
     first = queue_one(store, b"first body\n", Envelope("s@x", ("r@y",)))
     n = first.msgid
     todo_ino = os.stat(store.paths.todo(n)).st_ino
-    assert store.clean(f"todo/{n % 23}/{n}") == b"+" and store.clean(f"foop/{n}") == b"+"
+    assert store.clean(CleanRequest.todo(n)) is CleanAnswer.DONE
+    assert store.clean(CleanRequest.foop(n)) is CleanAnswer.DONE
     spare_dir = store.paths.dir("spare-queue")
     store.spares.settle()
     assert len(os.listdir(spare_dir)) == 2 and len(store.spares) == 2
@@ -270,17 +273,17 @@ def test_clean_foop_refuses_committed_and_in_flight_messages(store: QueueStore) 
     # eqmail's guard (so the scanner may sweep orphans at any time): foop/ of a message
     # that still has todo/, or that the writer is still writing, is refused with "!"
     msg = queue_one(store, b"x", Envelope("s@x", ("r@y",)))
-    assert store.clean(f"foop/{msg.msgid}") == b"!"
+    assert store.clean(CleanRequest.foop(msg.msgid)) is CleanAnswer.REFUSED
     assert store.paths.mess(msg.msgid).exists() and store.paths.todo(msg.msgid).exists()
     writing = store.start(2, 0, b"R\n")
-    assert store.clean(f"foop/{writing.msgid}") == b"!"
+    assert store.clean(CleanRequest.foop(writing.msgid)) is CleanAnswer.REFUSED
     assert store.paths.mess(writing.msgid).exists()
     # an orphan (what a killed writer leaves: mess, maybe intd, no todo) is removed
     orphan = store.start(3, 0, b"R\n")
     os.close(orphan.mess_fd)
     store.inflight.discard(orphan.msgid)  # as if the writer that created it had died
     store.paths.intd(orphan.msgid).write_bytes(b"u0\0p3\0F\0")
-    assert store.clean(f"foop/{orphan.msgid}") == b"+"
+    assert store.clean(CleanRequest.foop(orphan.msgid)) is CleanAnswer.DONE
     assert not store.paths.mess(orphan.msgid).exists() and not store.paths.intd(orphan.msgid).exists()
     # once aborted, a message is no longer in flight
     store.abort(writing)
@@ -289,13 +292,22 @@ def test_clean_foop_refuses_committed_and_in_flight_messages(store: QueueStore) 
 
 @pytest.mark.parametrize("request_", ["foop/1", "bogus/12345", "todo/abc", "foop/12x45", "x" * 101,
                                       "todo/1/", "mess/1234567"])
-def test_clean_malformed_requests(store: QueueStore, request_: str) -> None:
-    assert store.clean(request_) == b"x"
+def test_clean_malformed_requests(request_: str) -> None:
+    # what qmail-clean answers "x" to: the writer answers CleanAnswer.BAD for these
+    with pytest.raises(ProtocolError):
+        CleanRequest.decode(request_.encode())
+
+
+@pytest.mark.parametrize(("request_", "expected"), [
+    ("foop/1234567", CleanRequest.foop(1234567)), ("todo/1234567", CleanRequest.todo(1234567)),
+    ("todo/5/1234567", CleanRequest.todo(1234567))])
+def test_clean_requests_read_as_qmail_clean_reads_them(request_: str, expected: CleanRequest) -> None:
+    assert CleanRequest.decode(request_.encode()) == expected
 
 
 def test_clean_unlink_failure_is_bang(store: QueueStore) -> None:
     store.paths.mess(1234567).mkdir()  # unlink of a directory fails with something other than ENOENT
-    assert store.clean("foop/1234567") == b"!"
+    assert store.clean(CleanRequest.foop(1234567)) is CleanAnswer.REFUSED
 
 
 def test_clean_pid_dir_removes_only_ossified_files(store: QueueStore) -> None:
@@ -324,18 +336,18 @@ def test_envelope_errors() -> None:
         b"Fs\0T" + b"a" * 2000: 11,
     }
     for data, code in cases.items():
-        with pytest.raises(EnvelopeError) as info:
-            parse_queue_envelope(data)
+        with pytest.raises(EnvelopeRefused) as info:
+            QueueEnvelope.decode(data)
         assert info.value.code == code, data[:20]
 
 
 def test_envelope_address_length_limit_is_1002_bytes() -> None:
     ok = "a" * (ADDR_MAX - 1)
-    assert parse_queue_envelope(b"F" + ok.encode() + b"\0T" + ok.encode() + b"\0\0") == Envelope(ok, (ok,))
+    assert QueueEnvelope.decode(b"F" + ok.encode() + b"\0T" + ok.encode() + b"\0\0") == QueueEnvelope(ok, (ok,))
 
 
 def test_envelope_bytes_after_the_terminator_are_not_read() -> None:
-    assert parse_queue_envelope(b"Fs\0Tr\0\0garbage") == Envelope("s", ("r",))
+    assert QueueEnvelope.decode(b"Fs\0Tr\0\0garbage") == QueueEnvelope("s", ("r",))
 
 
 _addr = st.binary(max_size=1100).filter(lambda b: b"\0" not in b)
@@ -346,23 +358,23 @@ def test_envelope_round_trip_or_too_long(parts: tuple[bytes, list[bytes]]) -> No
     sender, recips = parts
     data = b"F" + sender + b"\0" + b"".join(b"T" + r + b"\0" for r in recips) + b"\0"
     if any(len(a) > 1002 for a in [sender, *recips]):
-        with pytest.raises(EnvelopeError) as info:
-            parse_queue_envelope(data)
+        with pytest.raises(EnvelopeRefused) as info:
+            QueueEnvelope.decode(data)
         assert info.value.code == 11
         return
-    env = parse_queue_envelope(data)
-    assert env.encode_for_queue() == data
+    env = QueueEnvelope.decode(data)
+    assert env.encode() == data
     assert len(env.recipients) == len(recips)
 
 
 @given(st.binary(max_size=300))
 def test_envelope_parser_takes_any_bytes(data: bytes) -> None:
     try:
-        env = parse_queue_envelope(data)
-    except EnvelopeError as e:
+        env = QueueEnvelope.decode(data)
+    except EnvelopeRefused as e:
         assert e.code in (11, 54, 91)
     else:
-        assert data.startswith(env.encode_for_queue())
+        assert data.startswith(env.encode())
 
 
 def test_pipelined_step_links_the_previous_batch_with_one_barrier(store: QueueStore,

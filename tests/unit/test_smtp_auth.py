@@ -1,5 +1,5 @@
 """The AUTH exchange (eqmail.smtp.auth) and the checkpassword frames that carry the
-failure table's fields (eqmail.spp.wire): strict base64, NUL inside a field, the
+failure table's fields (eqmail.ipc.sandbox): strict base64, NUL inside a field, the
 CRAM-MD5 challenge, the session's failure cap."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 
 from eqmail.authlimit import AuthLimit
 from eqmail.ipc import ProtocolError
+from eqmail.ipc.sandbox import CheckAnswer, CheckRequest, CheckResult
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.auth import AuthExchange, Credentials, Failed, Prompt, b64decode, cram_challenge
 from eqmail.smtp.policy import RcptHosts
 from eqmail.smtp.session import MAX_AUTH_FAILURES, Session, SessionConfig
-from eqmail.spp.wire import CheckAnswer, CheckRequest, CheckResult
 
 
 def b64(data: bytes) -> bytes:

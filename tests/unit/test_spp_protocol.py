@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eqmail.ipc import ProtocolError
+from eqmail.ipc.sandbox import decode_outcome, encode_outcome
 from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
 from eqmail.spp.protocol import (
     MAX_HEADER,
@@ -20,7 +21,6 @@ from eqmail.spp.protocol import (
     valid_header,
     wire_shape,
 )
-from eqmail.spp.wire import decode_outcome, encode_outcome
 
 MAIL = HookStage.MAIL
 

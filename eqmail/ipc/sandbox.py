@@ -1,7 +1,7 @@
 """The protocol of the plugin sandbox's two sockets.
 
-Framing is eqmail.ipc's (a type byte, a 4-byte big-endian length, the payload) with
-this module's own bounded frame types, so ipc.MAX_FRAME needs no entry for them.
+Framing is eqmail.ipc.framing's (a type byte, a 4-byte big-endian length, the payload)
+with this module's own bounded frame types, so framing.MAX_FRAME needs no entry for them.
 
 run/sandbox.sock (mode 0600, owner eqmaild: the listeners):
 
@@ -51,9 +51,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eqmail.authlimit import AuthLimit
-from eqmail.ipc import HEADER, ProtocolError
-from eqmail.smtp.actions import HookOutcome, HookStage, HookVerdict
-from eqmail.spp.protocol import valid_header, wire_shape
+from eqmail.ipc.framing import HEADER, ProtocolError
+from eqmail.ipc.hooks import HookOutcome, HookStage, HookVerdict, valid_header, wire_shape
 
 REQUEST = b"Q"
 ANSWER = b"A"
@@ -78,6 +77,22 @@ __all__ = ["ANSWER", "BFRMT", "BFRMT_ANSWER", "CHECKPW", "CHECKPW_ANSWER", "Bfrm
            "read_frame_any", "recv_frame_fds", "send_frame_fds", "write_frame"]
 
 
+def _bounded(payload: bytes, kind: bytes) -> bytes:
+    """An encoded payload, which must fit the frame it goes out in."""
+    if len(payload) > MAX_FRAME[kind]:
+        raise ProtocolError(f"frame {kind!r} of {len(payload)} bytes too large")
+    return payload
+
+
+def _load(payload: bytes, what: str) -> Any:
+    """The JSON value of a payload; ProtocolError for anything that is not JSON (also
+    for nesting too deep for the parser)."""
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"bad {what}: {type(e).__name__}") from None
+
+
 @dataclass(frozen=True)
 class Request:
     stage: HookStage
@@ -85,23 +100,24 @@ class Request:
     env: dict[str, str]
 
     def encode(self) -> bytes:
-        return json.dumps({"stage": self.stage.value, "plugins": list(self.plugins),
-                           "env": self.env}).encode()
+        return _bounded(json.dumps({"stage": self.stage.value, "plugins": list(self.plugins),
+                           "env": self.env}).encode(), REQUEST)
 
     @classmethod
     def decode(cls, payload: bytes) -> Request:
+        obj = _load(payload, "sandbox request")
         try:
-            obj = json.loads(payload)
             stage = HookStage(obj["stage"])
-            plugins = tuple(obj["plugins"])
+            plugins = obj["plugins"]
             env = obj["env"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"bad sandbox request: {e}") from None
-        if (len(plugins) > MAX_PLUGINS or not all(isinstance(p, str) and p for p in plugins)
+        if (not isinstance(plugins, list) or len(plugins) > MAX_PLUGINS
+                or not all(isinstance(p, str) and p for p in plugins)
                 or not isinstance(env, dict)
                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
             raise ProtocolError("bad sandbox request")
-        return cls(stage, plugins, env)
+        return cls(stage, tuple(plugins), env)
 
 
 def _b(data: bytes) -> str:
@@ -109,18 +125,18 @@ def _b(data: bytes) -> str:
 
 
 def encode_outcome(o: HookOutcome) -> bytes:
-    return json.dumps({
+    return _bounded(json.dumps({
         "verdict": o.verdict.value, "output": _b(o.output), "env": [list(e) for e in o.env],
         "headers": list(o.headers), "later": [[s.value, _b(t)] for s, t in o.later],
-        "disable": o.disable, "address": o.address}).encode()
+        "disable": o.disable, "address": o.address}).encode(), ANSWER)
 
 
 def decode_outcome(payload: bytes) -> HookOutcome:
     """The sandbox's answer, checked again on the listener's side: its reply bytes and
     headers must keep the rules eqmail.spp.protocol enforces (one reply per command,
     one header field per header), whatever the sandbox process has become."""
+    obj = _load(payload, "sandbox answer")
     try:
-        obj: dict[str, Any] = json.loads(payload)
         env = tuple((str(n), None if v is None else str(v)) for n, v in obj["env"])
         outcome = HookOutcome(
             verdict=HookVerdict(obj["verdict"]), output=obj["output"].encode("latin-1"),
@@ -197,18 +213,31 @@ def _str_env(env: Any) -> dict[str, str]:
     return env
 
 
+def _float(value: Any, what: str) -> float:
+    """A JSON number as a finite float (an integer too big for a float is refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProtocolError(f"bad {what}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(f"bad {what}") from None
+    if not math.isfinite(number):
+        raise ProtocolError(f"bad {what}")
+    return number
+
+
 def _timeout(value: Any) -> float:
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT):
+    number = _float(value, "timeout")
+    if not 0 < number <= MAX_TIMEOUT:
         raise ProtocolError("bad timeout")
-    return float(value)
+    return number
 
 
 def _seconds(value: Any) -> float:
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not math.isfinite(value) or not 0 <= value <= MAX_LIMIT_SECONDS * 4):
+    number = _float(value, "number of seconds")
+    if not 0 <= number <= MAX_LIMIT_SECONDS * 4:
         raise ProtocolError("bad number of seconds")
-    return float(value)
+    return number
 
 
 def _limit(value: Any) -> AuthLimit | None:
@@ -235,15 +264,15 @@ class CheckRequest:
     def encode(self) -> bytes:
         limit = None if self.limit is None else [
             self.limit.failures, self.limit.seconds, self.limit.delay]
-        return json.dumps({"argv": list(self.argv), "env": self.env,
+        return _bounded(json.dumps({"argv": list(self.argv), "env": self.env,
                            "input": self.input.decode("latin-1"),
                            "timeout": self.timeout, "client": self.client,
-                           "limit": limit}).encode()
+                           "limit": limit}).encode(), CHECKPW)
 
     @classmethod
     def decode(cls, payload: bytes) -> CheckRequest:
+        obj = _load(payload, "checkpassword request")
         try:
-            obj = json.loads(payload)
             argv, env, data, timeout = obj["argv"], obj["env"], obj["input"], obj["timeout"]
             client, limit = obj.get("client", ""), obj.get("limit")
             raw = data.encode("latin-1")
@@ -265,19 +294,19 @@ class CheckAnswer:
     locked: bool = False    # FAILED under the table: this failure locked the address out
 
     def encode(self) -> bytes:
-        return json.dumps({"result": self.result.value, "status": self.status,
-                           "delay": self.delay, "locked": self.locked}).encode()
+        return _bounded(json.dumps({"result": self.result.value, "status": self.status,
+                           "delay": self.delay, "locked": self.locked}).encode(), CHECKPW_ANSWER)
 
     @classmethod
     def decode(cls, payload: bytes) -> CheckAnswer:
+        obj = _load(payload, "checkpassword answer")
         try:
-            obj = json.loads(payload)
             status, locked = obj["status"], obj.get("locked", False)
             if not isinstance(status, int) or not isinstance(locked, bool):
                 raise TypeError("status")
             return cls(CheckResult(obj["result"]), status, _seconds(obj.get("delay", 0.0)),
                        locked)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"bad checkpassword answer: {e}") from None
 
 
@@ -291,15 +320,15 @@ class BfrmtRequest:
     timeout: float              # per command
 
     def encode(self) -> bytes:
-        return json.dumps({"commands": list(self.commands), "args": list(self.args),
-                           "timeout": self.timeout}).encode()
+        return _bounded(json.dumps({"commands": list(self.commands), "args": list(self.args),
+                           "timeout": self.timeout}).encode(), BFRMT)
 
     @classmethod
     def decode(cls, payload: bytes) -> BfrmtRequest:
+        obj = _load(payload, "before-remote request")
         try:
-            obj = json.loads(payload)
             commands, args, timeout = obj["commands"], obj["args"], obj["timeout"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"bad before-remote request: {e}") from None
         if (not isinstance(commands, list) or not 0 < len(commands) <= MAX_COMMANDS
                 or not all(isinstance(c, str) and c and "\0" not in c for c in commands)
@@ -314,13 +343,14 @@ class BfrmtAnswer:
     report: str  # "" = the output fd comes with the answer; else qmail-remote's Z/D text
 
     def encode(self) -> bytes:
-        return json.dumps({"report": self.report}).encode()
+        return _bounded(json.dumps({"report": self.report}).encode(), BFRMT_ANSWER)
 
     @classmethod
     def decode(cls, payload: bytes) -> BfrmtAnswer:
+        obj = _load(payload, "before-remote answer")
         try:
-            report = json.loads(payload)["report"]
-        except (ValueError, KeyError, TypeError) as e:
+            report = obj["report"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ProtocolError(f"bad before-remote answer: {e}") from None
         if not isinstance(report, str) or len(report) > MAX_REPORT or (
                 report and (report[0] not in "ZD" or not report.endswith("\n")
