@@ -23,6 +23,16 @@ from eqmail import __version__
 from eqmail.control import load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
+from eqmail.ipc.admin import (
+    MAX_ADMIN_ANSWER,
+    AdminAction,
+    AdminAnswer,
+    AdminRefusal,
+    AdminRequest,
+    QueueActivity,
+    Removed,
+    decode_answer,
+)
 from eqmail.ipc.framing import ProtocolError
 from eqmail.ipc.status import MAX_STATUS_ANSWER, StatusAnswer, StatusRequest
 
@@ -48,22 +58,22 @@ def _pid_of(inst: Instance) -> int | None:
         os.close(fd)
 
 
-def query_scanner(inst: Instance, request: str, timeout: float = 30.0) -> dict[str, Any] | None:
-    """One request to the scanner's admin socket (root only); None if unreachable."""
+def query_scanner(inst: Instance, request: AdminRequest, timeout: float = 30.0) -> AdminAnswer | None:
+    """One request to the scanner's admin socket (root only); None if unreachable or
+    the answer is not one of the protocol's."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(inst.run / "scanner.sock"))
-            s.sendall(request.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
+            s.sendall(request.encode())
+            data = bytearray()
+            while not data.endswith(b"\n") and len(data) <= MAX_ADMIN_ANSWER:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        answer = json.loads(data)
-        return answer if isinstance(answer, dict) else None
-    except (OSError, ValueError):
+        return decode_answer(bytes(data))
+    except (OSError, ProtocolError):
         return None
 
 
@@ -240,10 +250,10 @@ def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
         code = 4 if pid else 3
     else:
         code = 0
-        scanner = query_scanner(inst, "status")
-        if scanner is not None:
-            status["deliveries"] = scanner.get("deliveries", [])
-            status["queue"].update(scanner.get("counts", {}))
+        scanner = query_scanner(inst, AdminRequest(AdminAction.STATUS))
+        if isinstance(scanner, QueueActivity):
+            status["deliveries"] = [d.as_dict() for d in scanner.deliveries]
+            status["queue"].update(dict(scanner.counts))
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -434,18 +444,19 @@ def cmd_queue(inst: Instance, args: argparse.Namespace) -> int:
         print(f"eqmailctl queue {args.action}: --json is for stat, list and show", file=sys.stderr)
         return 1
     if args.action in ("delete", "bounce"):
-        if args.id is None:
+        if args.id is None or args.id < 0:
             print(f"usage: eqmailctl queue {args.action} ID", file=sys.stderr)
             return 1
-        answer = query_scanner(inst, f"{args.action} {args.id}")
+        answer = query_scanner(inst, AdminRequest(AdminAction(args.action), args.id))
         if answer is None:
             print("eqmail: not running (or not root): the scanner must do this", file=sys.stderr)
             return 3
-        if not answer.get("ok"):
-            print(f"eqmail: {answer.get('error')}", file=sys.stderr)
+        if not isinstance(answer, Removed):
+            error = answer.error if isinstance(answer, AdminRefusal) else "unexpected answer"
+            print(f"eqmail: {error}", file=sys.stderr)
             return 1
         what = "bounced" if args.action == "bounce" else "deleted"
-        print(f"eqmail: msg {args.id}: {answer['removed']} recipient(s) {what}")
+        print(f"eqmail: msg {args.id}: {answer.removed} recipient(s) {what}")
     elif args.action == "flush":
         pid = _pid_of(inst)
         tcpto = inst.queue / "lock" / "tcpto"

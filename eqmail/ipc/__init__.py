@@ -10,12 +10,12 @@ package builds or parses a payload by hand.
 - :mod:`eqmail.ipc.queue`      run/queue.sock: role hello, body chunks, envelope and the
   writer's answer (qmail-queue's exit code, :class:`~eqmail.ipc.queue.QQExit`);
   qmail-clean's request and answer (scanner -> queue writer).
+- :mod:`eqmail.ipc.admin`      run/scanner.sock: status, delete and bounce (eqmailctl -> scanner).
 - :mod:`eqmail.ipc.status`     run/status.sock: the status request and the supervisor's
   report (eqmailctl -> supervisor).
 - :mod:`eqmail.ipc.logtarget`  supervisor -> logger: where the log goes now.
 - :mod:`eqmail.ipc.sandbox`    run/sandbox.sock and run/sandbox-remote.sock: plugin
   sections, checkpassword and before-remote chains (listener / remote worker -> sandbox).
-
 - :mod:`eqmail.ipc.hooks`      the values of a plugin section's result (HookStage,
   HookVerdict, HookOutcome) and the shape rules its texts must meet.
 - :mod:`eqmail.ipc.delivery`   run/local.sock and run/remote.sock (scanner <-> delivery

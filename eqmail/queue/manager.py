@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eqmail.control import Controls
+from eqmail.ipc.admin import Delivery as AdminDelivery
+from eqmail.ipc.admin import QueueActivity
 from eqmail.ipc.delivery import Verdict
 from eqmail.ipc.queue import CleanAnswer, CleanRequest
 from eqmail.log import log, sanitize
@@ -489,20 +491,16 @@ class QueueManager:
                 self._pass_finished(state, state.passes[msgid])
         return removed
 
-    def deliveries(self) -> list[dict[str, object]]:
-        """Messages with a pass in progress, for ``eqmailctl status``."""
-        return [{"msgid": ps.msgid, "channel": ch.dirname, "running": ps.outstanding,
-                 "waiting": len(ps.todo)}
-                for ch, state in self.channels.items() for ps in state.passes.values()]
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "local_pending": len(self.channels[Channel.LOCAL].scheduled) + len(self.channels[Channel.LOCAL].passes),
-            "remote_pending": len(self.channels[Channel.REMOTE].scheduled)
-            + len(self.channels[Channel.REMOTE].passes),
-            "local_active": self.channels[Channel.LOCAL].active,
-            "remote_active": self.channels[Channel.REMOTE].active,
-        }
+    def activity(self) -> QueueActivity:
+        """Messages with a pass in progress and the channel counts, for ``eqmailctl status``."""
+        local, remote = self.channels[Channel.LOCAL], self.channels[Channel.REMOTE]
+        return QueueActivity(
+            tuple(AdminDelivery(ps.msgid, ch.dirname, ps.outstanding, len(ps.todo))
+                  for ch, state in self.channels.items() for ps in state.passes.values()),
+            (("local_pending", len(local.scheduled) + len(local.passes)),
+             ("remote_pending", len(remote.scheduled) + len(remote.passes)),
+             ("local_active", local.active),
+             ("remote_active", remote.active)))
 
     def flush(self) -> None:
         """ALRM: every scheduled entry becomes due now."""

@@ -20,7 +20,6 @@ failure and qmail's letters appear only in log lines and on the wire.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import selectors
@@ -31,6 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from eqmail.ipc import ProtocolError, read_frames
+from eqmail.ipc.admin import (
+    MAX_ADMIN_REQUEST,
+    AdminAction,
+    AdminAnswer,
+    AdminRefusal,
+    AdminRequest,
+    Removed,
+    encode_answer,
+)
 from eqmail.ipc.delivery import (
     TO_SCANNER_KINDS,
     Adopted,
@@ -437,24 +445,27 @@ class Scanner:
         with conn:
             conn.settimeout(2.0)
             try:
-                request = conn.recv(256).decode("ascii", "replace").split()
-                conn.sendall(json.dumps(self._answer(request)).encode() + b"\n")
+                data = conn.recv(MAX_ADMIN_REQUEST)
+                try:
+                    answer = self._answer(AdminRequest.decode(data))
+                except ProtocolError:
+                    answer = AdminRefusal("unknown request")
+                conn.sendall(encode_answer(answer))
             except OSError:
                 pass
 
-    def _answer(self, request: list[str]) -> dict[str, object]:
-        if request[:1] == ["status"]:
-            return {"deliveries": self.manager.deliveries(), "counts": self.manager.counts()}
-        if len(request) == 2 and request[0] in ("delete", "bounce") and request[1].isdigit():
-            msgid = int(request[1])
-            removed = self.manager.remove(msgid, bounce=request[0] == "bounce")
-            if removed is None:
-                return {"ok": False, "error": f"no message {msgid} in the queue"}
-            log(f"status: msg {msgid}: {removed} recipient(s) removed by the postmaster"
-                f"{' with a bounce' if request[0] == 'bounce' else ''}")
-            self.manager.flush_cleans()
-            return {"ok": True, "removed": removed}
-        return {"ok": False, "error": "unknown request"}
+    def _answer(self, request: AdminRequest) -> AdminAnswer:
+        if request.action is AdminAction.STATUS or request.msgid is None:
+            return self.manager.activity()
+        msgid = request.msgid
+        bounce = request.action is AdminAction.BOUNCE
+        removed = self.manager.remove(msgid, bounce=bounce)
+        if removed is None:
+            return AdminRefusal(f"no message {msgid} in the queue")
+        log(f"status: msg {msgid}: {removed} recipient(s) removed by the postmaster"
+            f"{' with a bounce' if bounce else ''}")
+        self.manager.flush_cleans()
+        return Removed(removed)
 
     def _timeout(self, next_rescan: float) -> float:
         timeout = max(0.0, next_rescan - time.monotonic())
