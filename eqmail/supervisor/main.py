@@ -35,8 +35,8 @@ from eqmail.control import ListenerSpec, load_controls
 from eqmail.errors import ControlFileError
 from eqmail.instance import Instance
 from eqmail.log import log, write_directly
+from eqmail.privsep.ids import Ids, SystemIds
 from eqmail.queue.layout import QUEUE_DIRS
-from eqmail.supervisor.ids import Ids, SystemIds
 from eqmail.supervisor.logoutput import LogOutput
 from eqmail.supervisor.reload import ReloadMixin
 from eqmail.supervisor.sockets import Notifier, bind_listener, bind_unix

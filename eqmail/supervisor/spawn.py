@@ -25,8 +25,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from eqmail.supervisor.ids import Ids
-from eqmail.supervisor.privileges import PrivilegeError, drop_to
+from eqmail.privsep.ids import Ids
+from eqmail.privsep.privileges import PrivilegeError, drop_to
 from eqmail.workers.base import WorkerContext
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from eqmail.control import Controls
 from eqmail.instance import Instance
-from eqmail.supervisor.ids import SystemIds
+from eqmail.privsep.ids import SystemIds
 
 
 @dataclass

@@ -32,7 +32,7 @@ from eqmail.delivery.mailbox import LocalUsers
 from eqmail.delivery.users import UserEntry
 from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log
-from eqmail.supervisor.privileges import PrivilegeError, drop_to
+from eqmail.privsep.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
 from eqmail.workers.base import WorkerContext, drain_wake_pipe
 from eqmail.workers.jobs import JobBoard, ScannerClients

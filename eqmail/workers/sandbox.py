@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     serving."""
     from eqmail.control import load_controls
     from eqmail.instance import Instance
-    from eqmail.supervisor.ids import Ids, SystemIds
-    from eqmail.supervisor.privileges import drop_to
+    from eqmail.privsep.ids import Ids, SystemIds
+    from eqmail.privsep.privileges import drop_to
 
     ap = argparse.ArgumentParser(prog="eqmail.workers.sandbox")
     ap.add_argument("--root", required=True)

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from eqmail.control import load_controls
 from eqmail.instance import Instance
-from eqmail.supervisor.ids import SystemIds
+from eqmail.privsep.ids import SystemIds
 from eqmail.workers.base import WorkerContext
 from eqmail.workers import remote
 root = Path(sys.argv[1])
