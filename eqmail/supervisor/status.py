@@ -73,7 +73,7 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
                         "state": w.state, "restarts": w.restart.restarts,
                         "generation": w.generation, "title": read_title(pid) if pid else ""})
     listeners = [{"service": s.service, "address": s.address,
-                  "port": bound_port(sup.listen_socks.get(s.key)), "concurrency": s.concurrency,
+                  "port": bound_port(sup.listeners.socks.get(s.key)), "concurrency": s.concurrency,
                   "sessions": sum(w.sessions for w in sup.workers
                                   if w.kind == "listener" and w.spec is not None
                                   and w.spec.key == s.key and w.proc is not None)}
@@ -82,7 +82,7 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
     log_output = {"sink": str(lo.target.sink), "format": str(lo.target.fmt),
                   "path": str(lo.path) if lo.path else None, "reopens": lo.reopens, "error": lo.error}
     return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - sup.started, 1),
-            "generation": sup.generation, "last_reload": sup.last_reload, "stopping": sup.stopping,
+            "generation": sup.generation, "last_reload": sup.reloads.last, "stopping": sup.stopping,
             "log": log_output,
             "workers": workers, "listeners": listeners,
             "queue": queue_counts(sup.instance.queue)}

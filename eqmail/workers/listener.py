@@ -45,8 +45,10 @@ from typing import Any
 
 from eqmail.authlimit import read_authlimit
 from eqmail.connlimit import ClientTable, Verdict, client_key
-from eqmail.control import ListenerSpec
+from eqmail.control import Controls, ListenerSpec
 from eqmail.delivery.mailbox import LocalUsers, Lookup, Mailbox, lookup
+from eqmail.ipc import ProtocolError
+from eqmail.ipc.config import ConfigApplied, ConfigReader, ConfigUpdate
 from eqmail.log import log, sanitize
 from eqmail.netif import local_addresses
 from eqmail.queue.client import AsyncQueueClient
@@ -70,7 +72,7 @@ from eqmail.tls import (
     freeze_plaintext,
     read_tlsclients,
 )
-from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.base import ListenerSettings, WorkerContext, stop_on_sigterm
 
 READ_SIZE = 256 * 1024
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
@@ -84,36 +86,44 @@ REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
 
 
 class Listener:
-    def __init__(self, ctx: WorkerContext, spec: ListenerSpec) -> None:
-        c = ctx.controls
+    def __init__(self, ctx: WorkerContext[ListenerSettings], spec: ListenerSpec) -> None:
         self.ctx = ctx
         self.spec = spec
-        self.controls = c
         self.root = ctx.instance.root
+        self.sessions = 0
+        self._report_pending = False
+        # control/concurrencyperclient, shared by every listener process (None: no table)
+        self.clients: ClientTable | None = ctx.settings.clients
+        self.pid = os.getpid()
+        self._refused: dict[str, tuple[float, int]] = {}
+        # Built by the supervisor before the privilege drop (the key may be root-only).
+        self.tls: ServerTLS | None = ctx.settings.tls
+        # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
+        # plugins themselves run in the sandbox worker, never in this process.
+        self.spp = PluginTableCache(self.root)
+        self.sandbox_sock = str(ctx.instance.run / "sandbox.sock")
+        if self.tls is not None and self.tls.error:
+            log(f"warning: {spec.display_address}: TLS unavailable: {self.tls.error}")
+        if self.tls is not None and self.tls.warning:
+            log(f"warning: {spec.display_address}: {self.tls.warning}")
+        self.reconfigure(ctx.controls)
+
+    def reconfigure(self, controls: Controls) -> None:
+        """Serve every later session with ``controls`` (at start, and when a reload
+        keeps this process: eqmail.ipc.config); sessions in progress keep theirs."""
+        c = controls
+        ctx = self.ctx
+        ctx.controls = c
+        self.controls = c
+        spec = self.spec
         rules_text = c.tcp_smtp if spec.rules == "tcp.smtp" else _read(ctx.instance.control / spec.rules)
         self.rules = Rules.parse(rules_text, f"control/{spec.rules}") if rules_text else None
         self.rcpthosts = rcpt_matcher(c)
         self.badmailfrom = BadMailFrom.from_lines(c.badmailfrom)
         self.local_ips = local_addresses()
         self.timeout = float(c.timeoutsmtpd)
-        self.sessions = 0
-        self._report_pending = False
         self.greeting = c.smtpgreeting or c.me
-        # control/concurrencyperclient, shared by every listener process (None: no table)
-        self.clients: ClientTable | None = ctx.extra.get("clients")
-        self.pid = os.getpid()
-        self._refused: dict[str, tuple[float, int]] = {}
-        # Built by the supervisor before the privilege drop (the key may be root-only).
-        self.tls: ServerTLS | None = ctx.extra.get("tls")
-        # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
-        # plugins themselves run in the sandbox worker, never in this process.
-        self.spp = PluginTableCache(self.root)
-        self.sandbox_sock = str(ctx.instance.run / "sandbox.sock")
         self.tlsclients = read_tlsclients(ctx.instance.control) if self.tls and self.tls.client_ca else frozenset()
-        if self.tls is not None and self.tls.error:
-            log(f"warning: {spec.display_address}: TLS unavailable: {self.tls.error}")
-        if self.tls is not None and self.tls.warning:
-            log(f"warning: {spec.display_address}: {self.tls.warning}")
         # Read here like tlsclients: eqmail.control does not know this file yet.
         limit, problem = read_authlimit(ctx.instance.control)
         if problem:
@@ -132,7 +142,7 @@ class Listener:
 
     def _send_sessions(self) -> None:
         self._report_pending = False
-        fd = self.ctx.extra.get("status_fd", -1)
+        fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
                 os.write(fd, b"%d\n" % self.sessions)
@@ -142,7 +152,7 @@ class Listener:
     def report_closed(self) -> None:
         """Tell the supervisor this process accepts no more connections (a reload is
         complete only when every retired listener has said so)."""
-        fd = self.ctx.extra.get("status_fd", -1)
+        fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
                 os.write(fd, b"closed\n")
@@ -225,7 +235,7 @@ class RecipientCheck:
     once per home directory -- so the check never refuses what delivery would take.
     """
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext[ListenerSettings]) -> None:
         c = ctx.controls
         alias = ctx.ids["alias"]
         self.users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(ctx.instance.alias))
@@ -592,7 +602,7 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
         await asyncio.wait(tasks)
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[ListenerSettings]) -> int:
     try:
         import uvloop
 
@@ -600,13 +610,57 @@ def run(ctx: WorkerContext) -> int:
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    spec: ListenerSpec = ctx.extra["spec"]
-    sock = socket.socket(fileno=ctx.extra["socket_fd"])
+    spec: ListenerSpec = ctx.settings.spec
+    sock = socket.socket(fileno=ctx.settings.socket_fd)
     sock.set_inheritable(False)  # never leak it into checkpassword or plugins
     listener = Listener(ctx, spec)
     stop = asyncio.Event()
     stop_on_sigterm(loop, stop)
     os.umask(0o077)
     ctx.ready()
-    loop.run_until_complete(_accept_loop(listener, sock, stop))
+    loop.run_until_complete(_serve_until_stopped(listener, sock, stop, ctx.settings.config_fd))
     return 0
+
+
+async def _serve_until_stopped(listener: Listener, sock: socket.socket, stop: asyncio.Event,
+                               config_fd: int) -> None:
+    receiver = asyncio.ensure_future(_receive_config(listener, config_fd, stop))
+    try:
+        await _accept_loop(listener, sock, stop)
+    finally:
+        receiver.cancel()
+        try:
+            await receiver
+        except asyncio.CancelledError:
+            pass
+
+
+async def _receive_config(listener: Listener, fd: int, stop: asyncio.Event) -> None:
+    """The supervisor's channel (eqmail.ipc.config): each ConfigUpdate is applied with
+    ``reconfigure`` and answered with ConfigApplied.  A channel that breaks the
+    protocol stops this process gracefully (sessions finish); the supervisor then
+    starts a successor with the current configuration."""
+    if fd < 0:
+        return
+    channel = socket.socket(fileno=fd)
+    channel.set_inheritable(False)
+    channel.setblocking(False)
+    loop = asyncio.get_running_loop()
+    reader = ConfigReader(b"U")
+    try:
+        while True:
+            data = await loop.sock_recv(channel, 65536)
+            if not data:
+                return  # the supervisor is gone (and so will this process be)
+            for update in reader.feed(data):
+                assert isinstance(update, ConfigUpdate)
+                listener.reconfigure(update.controls)
+                await loop.sock_sendall(channel, ConfigApplied(update.generation).encode())
+    except ProtocolError as e:
+        log(f"alert: {listener.ctx.name}: configuration channel: {e}; stopping")
+        stop.set()
+    except OSError as e:
+        log(f"alert: {listener.ctx.name}: configuration channel: {e.strerror}; stopping")
+        stop.set()
+    finally:
+        channel.close()

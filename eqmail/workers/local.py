@@ -34,7 +34,7 @@ from eqmail.ipc import ProtocolError, accept_from
 from eqmail.log import log
 from eqmail.privsep.privileges import PrivilegeError, drop_to
 from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.base import LocalSettings, WorkerContext, drain_wake_pipe
 from eqmail.workers.jobs import JobBoard, ScannerClients
 
 CHILD_IDLE = 60.0
@@ -51,7 +51,7 @@ class Child:
 
 
 class Spawner(ScannerClients):
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext[LocalSettings]) -> None:
         self.ctx = ctx
         self.controls = ctx.controls
         self.sel = selectors.DefaultSelector()
@@ -195,7 +195,7 @@ class Spawner(ScannerClients):
 
     # ------------------------------------------------------------ loop
     def serve(self) -> int:
-        self.listener = socket.socket(fileno=self.ctx.extra["socket_fd"])  # bound by the supervisor
+        self.listener = socket.socket(fileno=self.ctx.settings.socket_fd)  # bound by the supervisor
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, ("listen", 0))
         # Signals wake the select through a self-pipe: a handler alone does not
@@ -236,7 +236,7 @@ class Spawner(ScannerClients):
 
 
 
-def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
+def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSettings]) -> int:
     """Runs in the forked child: switch to the user, then serve jobs until idle."""
     from eqmail.delivery.local import LocalJob, deliver
 
@@ -283,7 +283,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
         sock.send(encode(text)[:10000])
 
 
-def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
+def make_forwarder(ctx: WorkerContext[LocalSettings]):  # type: ignore[no-untyped-def]
     from eqmail.delivery.local import ReportKind
     from eqmail.queue.client import submit
 
@@ -297,5 +297,5 @@ def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
     return forward
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[LocalSettings]) -> int:
     return Spawner(ctx).serve()

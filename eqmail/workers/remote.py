@@ -1,7 +1,7 @@
 """The remote delivery worker (qmail-rspawn + qmail-remote, eQmail's IPv6/TLS/AUTH/bfrmt).
 
 Runs as eqmailr (group eqmail: reads queue/mess, owns queue/lock/tcpto).  Serves the
-listening Unix socket the supervisor bound (``ctx.extra["socket_fd"]``, run/remote.sock,
+listening Unix socket the supervisor bound (``ctx.settings.socket_fd``, run/remote.sock,
 mode 0600, owner eqmails); connections are accepted only from root, our own uid or the
 scanner's uid (SO_PEERCRED).
 
@@ -59,7 +59,7 @@ from eqmail.smtp.client import (
 )
 from eqmail.smtp.transport import Dropped, TlsConfig, Transport, connect, counts_for_tcpto
 from eqmail.textio import decode
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.base import RemoteSettings, WorkerContext, drain_wake_pipe
 from eqmail.workers.jobs import JobBoard, ScannerClients
 
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
@@ -85,7 +85,7 @@ class Batch:
 class RemoteWorker(ScannerClients):
     """The socket loop: framing, grouping, the thread pool, reports."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext[RemoteSettings]) -> None:
         self.ctx = ctx
         self.controls: Controls = ctx.controls
         self.sel = selectors.DefaultSelector()
@@ -180,7 +180,7 @@ class RemoteWorker(ScannerClients):
 
     # ------------------------------------------------------------ loop
     def serve(self) -> int:
-        self.listener = socket.socket(fileno=self.ctx.extra["socket_fd"])
+        self.listener = socket.socket(fileno=self.ctx.settings.socket_fd)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
@@ -470,7 +470,7 @@ def _open(job: Job, dest: Destination) -> SmtpSession | None:
     return None
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[RemoteSettings]) -> int:
     worker = RemoteWorker(ctx)
     signal.signal(signal.SIGTERM, worker.on_term)
     threading.current_thread().name = "remote-main"

@@ -36,7 +36,7 @@ from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import DeliveryRequest, QueueManager
 from eqmail.queue.schedule import Channel
 from eqmail.textio import decode, encode
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.base import ScannerSettings, WorkerContext, drain_wake_pipe
 
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
 TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again later"
@@ -161,7 +161,7 @@ def _slot_key(slot: bytes) -> tuple[int, int] | None:
 
 
 class Scanner:
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext[ScannerSettings]) -> None:
         self.ctx = ctx
         self.root = ctx.instance.root
         self.paths = QueuePaths(ctx.instance.queue)
@@ -176,7 +176,7 @@ class Scanner:
             Channel.LOCAL: DeliveryChannel(Channel.LOCAL, str(ctx.instance.local_socket),
                                            ctx.controls.concurrencylocal, self._take_over),
         }
-        remote_socket = ctx.extra.get("remote_socket")
+        remote_socket = ctx.settings.remote_socket
         if remote_socket is not None:
             self.channels[Channel.REMOTE] = DeliveryChannel(Channel.REMOTE, remote_socket,
                                                             ctx.controls.concurrencyremote,
@@ -416,7 +416,7 @@ class Scanner:
     def _open_control(self) -> None:
         """run/scanner.sock (bound by the supervisor, root only): eqmailctl's queue
         delete/bounce and the deliveries shown by status, answered as one JSON line."""
-        fd = self.ctx.extra.get("control_fd")
+        fd = self.ctx.settings.control_fd
         if fd is None:
             return
         self.control_sock = socket.socket(fileno=fd)
@@ -477,6 +477,6 @@ class Scanner:
         self.wake()
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[ScannerSettings]) -> int:
     os.umask(0o077)
     return Scanner(ctx).run()
