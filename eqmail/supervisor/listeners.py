@@ -89,11 +89,15 @@ class Listeners:
 
     # ------------------------------------------------------------ reload
     def apply(self, plan: ListenerPlan, controls: Controls, generation: int) -> None:
-        for spec in plan.add:
-            try:
-                self.socks[spec.key] = bind_listener(spec)
-            except OSError as e:
-                log(f"alert: cannot bind {spec.display_address}: {e.strerror}")
+        # An added socket is bound now; so is a listed one whose bind failed before.
+        bound_now: set[str] = set()
+        for spec in (*plan.keep, *plan.start):
+            if spec.key not in self.socks:
+                try:
+                    self.socks[spec.key] = bind_listener(spec)
+                    bound_now.add(spec.key)
+                except OSError as e:
+                    log(f"alert: cannot bind {spec.display_address}: {e.strerror}")
         for spec in plan.replace + plan.remove:
             for w in self._of(spec):
                 self._retire(w)
@@ -103,7 +107,7 @@ class Listeners:
                 if w.proc is not None and not self._push(w, update):
                     self._retire(w)
                     self._successor(w, controls, generation)
-        for spec in plan.start:
+        for spec in (*plan.start, *(s for s in plan.keep if s.key in bound_now)):
             if spec.key in self.socks:
                 self.start(spec, controls, generation)
         for spec in plan.remove:

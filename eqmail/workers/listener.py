@@ -28,6 +28,10 @@ control/rcptchecklocal (default on) a local recipient is looked up at RCPT
 (eqmail.delivery.mailbox, the rules local delivery uses) in a small thread pool, bounded
 by LOOKUP_TIMEOUT; only a certain "no mailbox" refuses it.
 
+A reload that keeps this listener (eqmail.supervisor.diff) pushes the new configuration
+over the supervisor's channel (``ctx.settings.config_fd``, eqmail.ipc.config);
+``Listener.reconfigure`` applies it and the answer tells the supervisor so.
+
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
 that session.
@@ -110,7 +114,10 @@ class Listener:
 
     def reconfigure(self, controls: Controls) -> None:
         """Serve every later session with ``controls`` (at start, and when a reload
-        keeps this process: eqmail.ipc.config); sessions in progress keep theirs."""
+        keeps this process: the supervisor's push, eqmail.ipc.config).  A session in
+        progress keeps the session settings it started with (greeting, rcpthosts,
+        databytes, limits); the values read per action (timeoutsmtpd, authlimit,
+        tlsclients, the RCPT check) are the new ones from here on."""
         c = controls
         ctx = self.ctx
         ctx.controls = c
