@@ -69,7 +69,8 @@ class Supervisor:
         self.logout = self.plant.logout
         self.config = Configuration(self.plant.controls, tls_files(self.instance.control))
         self.reloads = ReloadState()
-        self.pool = WorkerPool(self.instance, self.plant.ids, self.sel, self.plant.log_w)
+        self.pool = WorkerPool(self.instance, self.plant.ids, self.sel, self.plant.log_w,
+                               self._forget_sessions)
         self.listeners = Listeners(self.instance, self.plant.listen_socks, self.plant.clients, self.pool)
         self.reloader = Reloader(self.instance, self.config, self.reloads, self.pool, self.listeners,
                                  self.logout, self.notifier, self.switch_log, self.summary,
@@ -165,13 +166,15 @@ class Supervisor:
     def _on_exit(self, w: Worker) -> None:
         if w.proc is None:  # a stale event for a worker already handled
             return
-        outcome, pid, _code = self.pool.on_exit(w, self.stopping)
+        outcome, _pid, _code = self.pool.on_exit(w, self.stopping)
+        if outcome is Exit.RETIRED:
+            self.reloader.retired_exit(w)
+
+    def _forget_sessions(self, w: Worker, pid: int) -> None:
         if w.kind is WorkerKind.LISTENER:  # sessions a killed listener never released
             dropped = self.plant.clients.purge(pid)
             if dropped:
                 log(f"status: {w.name} (pid {pid}) left {dropped} client session(s) counted; forgotten")
-        if outcome is Exit.RETIRED:
-            self.reloader.retired_exit(w)
 
     def flush(self) -> None:
         self.pool.signal(WorkerKind.SCANNER, signal.SIGALRM)

@@ -45,11 +45,12 @@ class Exit(enum.Enum):
 
 class WorkerPool:
     def __init__(self, instance: Instance, ids: SystemIds, sel: selectors.BaseSelector,
-                 log_w: int) -> None:
+                 log_w: int, on_reap: Callable[[Worker, int], None]) -> None:
         self.instance = instance
         self.ids = ids
         self.sel = sel
         self.log_w = log_w  # every worker's stdout and stderr
+        self.on_reap = on_reap  # called with each reaped worker and its pid, before the verdict
         self.workers: list[Worker] = []
 
     def of_kind(self, *kinds: WorkerKind) -> list[Worker]:
@@ -153,6 +154,7 @@ class WorkerPool:
         pid = w.proc.pid
         w.proc = None
         w.ready = False
+        self.on_reap(w, pid)
         if stopping or w.retired:
             w.state = WorkerState.STOPPED
             log(f"status: {w.name} (pid {pid}) exited with {code}")
