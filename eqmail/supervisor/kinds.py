@@ -9,8 +9,9 @@ whether to replace it, the signal that asks it to make way for a successor, and 
 phase in the ordered stop.
 
 The table is checked when this module is imported -- every kind has a row, every
-control named is a field of ``Controls``, the settings class is that kind's -- so a
-typo cannot silently mean "never restart" or "never replaced on reload".  Pure data
+control named is a field of ``Controls``, only the local spawner stays root -- and a
+``Worker`` record refuses settings of another kind (worker.py), so a typo cannot
+silently mean "never restart", "never replaced on reload" or "runs as root".  Pure data
 plus the lazy import of entry points; no system calls.
 """
 
@@ -134,6 +135,8 @@ def check_table(rows: tuple[KindSpec, ...]) -> dict[WorkerKind, KindSpec]:
             raise ValueError(f"{row.kind}: no such control: {', '.join(sorted(unknown))}")
         if (row.on_reload is OnReload.REPLACE) != bool(row.reload_controls):
             raise ValueError(f"{row.kind}: replaced on reload exactly when it names controls")
+        if row.role is None and row.kind is not WorkerKind.LOCAL:
+            raise ValueError(f"{row.kind}: only the local spawner may stay root")
         if row.ready_timeout <= 0 or row.stop_phase < 0 or row.nice < 0:
             raise ValueError(f"{row.kind}: bad timeout, stop phase or niceness")
         table[row.kind] = row

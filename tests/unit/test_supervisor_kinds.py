@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from eqmail.control import Controls
 from eqmail.privsep.ids import Role
@@ -96,6 +98,12 @@ def test_replaced_exactly_when_controls_are_named() -> None:
         check_table(tuple(kept_with_controls if r.kind is WorkerKind.LOGGER else r for r in ROWS))
 
 
+def test_only_the_local_spawner_stays_root() -> None:
+    as_root = dataclasses.replace(KINDS[WorkerKind.LISTENER], role=None)
+    with pytest.raises(ValueError, match="only the local spawner may stay root"):
+        check_table(tuple(as_root if r.kind is WorkerKind.LISTENER else r for r in ROWS))
+
+
 def test_controls_changed() -> None:
     old = Controls(root=Path("/srv/mail"), me="a.example")
     assert controls_changed(WorkerKind.SCANNER, old, dataclasses.replace(old, queuelifetime=1))
@@ -149,6 +157,26 @@ def test_a_stable_run_forgives_past_crashes() -> None:
     assert r.on_exit(10.0 + STABLE_AFTER) == 0.0  # up long enough: a fresh start
     r.on_start(50.0)
     assert r.on_exit(51.0) == 1.0
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=100.0), min_size=1, max_size=30))
+def test_delays_are_bounded_and_grow_only_within_a_crash_loop(uptimes: list[float]) -> None:
+    r = RestartState()
+    now = 1.0
+    r.on_start(now)
+    previous = None
+    for up in uptimes:
+        now += up
+        delay = r.on_exit(now)
+        assert 0.0 <= delay <= MAX_DELAY
+        if up >= STABLE_AFTER:
+            assert delay == 0.0  # a stable run starts the count again
+        elif previous is not None:
+            assert delay >= previous and delay <= max(1.0, 2 * previous)
+        previous = delay
+        now += delay
+        r.on_start(now)
+    assert r.restarts == len(uptimes)
 
 
 def test_first_start_is_not_a_restart() -> None:
