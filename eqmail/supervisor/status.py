@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqmail.queue.layout import QueuePaths
 from eqmail.supervisor.sockets import bound_port
+from eqmail.workers.base import WorkerKind
 
 if TYPE_CHECKING:
     from eqmail.supervisor.main import Supervisor
@@ -75,7 +76,7 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
     listeners = [{"service": s.service, "address": s.address,
                   "port": bound_port(sup.listeners.socks.get(s.key)), "concurrency": s.concurrency,
                   "sessions": sum(w.sessions for w in sup.workers
-                                  if w.kind == "listener" and w.spec is not None
+                                  if w.kind is WorkerKind.LISTENER and w.spec is not None
                                   and w.spec.key == s.key and w.proc is not None)}
                  for s in sup.controls.listen]
     lo = sup.logout
@@ -91,7 +92,7 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
 def summary_line(sup: Supervisor) -> str:
     """systemd's STATUS=: ``7/7 workers up, 2 listeners, 3 sessions, queue 12 messages``."""
     up = sum(1 for w in sup.workers if w.proc is not None and w.ready)
-    sessions = sum(w.sessions for w in sup.workers if w.kind == "listener" and w.proc is not None)
+    sessions = sum(w.sessions for w in sup.workers if w.kind is WorkerKind.LISTENER and w.proc is not None)
     listeners = len(sup.controls.listen)
     try:
         queued = len(QueuePaths(sup.instance.queue).ids_in("mess"))
