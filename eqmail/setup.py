@@ -17,8 +17,8 @@ from pathlib import Path
 
 from eqmail.certs import ensure_tls_files
 from eqmail.instance import Instance
+from eqmail.privsep.ids import SystemIds, create_system_users
 from eqmail.queue.layout import create_queue
-from eqmail.supervisor.ids import SystemIds, create_system_users
 
 DEFAULT_DATABYTES = 52428800  # 50 MB: finite on purpose (docs/compatibility.md)
 

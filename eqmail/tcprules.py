@@ -39,6 +39,7 @@ that cannot be a rule; matching never raises.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eqmail.errors import ControlFileError
@@ -99,6 +100,12 @@ class Rules:
 
     def __repr__(self) -> str:
         return f"Rules({self.filename!r}, {len(self.text)} characters)"
+
+    def __reduce__(self) -> tuple[Callable[[str, str], Rules], tuple[str, str]]:
+        # A reload pushes the parsed configuration to running listeners
+        # (eqmail.ipc.config): the rules travel as the text they were parsed from and
+        # are parsed again on arrival, so no internal table crosses the boundary.
+        return rules_from_text, (self.text, self.filename)
 
     @classmethod
     def parse(cls, text: str, filename: str) -> Rules:
@@ -272,3 +279,8 @@ def _octets(octets: list[str]) -> None:
     for octet in octets:
         if not octet.isdigit() or int(octet) > 255:
             raise ValueError(f"bad octet {octet!r}")
+
+
+def rules_from_text(text: str, filename: str) -> Rules:
+    """:meth:`Rules.parse` as a plain function: what a pickled Rules is rebuilt with."""
+    return Rules.parse(text, filename)

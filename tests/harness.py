@@ -470,3 +470,22 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def parsed_controls(files: dict[str, str] | None = None, **changes: Any) -> Any:
+    """A Controls as the supervisor parses it (eqmail.control.load_controls of a
+    throw-away control/ with ``me`` and ``files``), with ``changes`` replaced: the
+    table's defaults for everything else, so a test names only what it is about."""
+    from dataclasses import replace
+
+    from eqmail.control import load_controls
+
+    root = Path(tempfile.mkdtemp(prefix="eqmail-controls-"))
+    try:
+        (root / "control").mkdir()
+        (root / "users").mkdir()
+        for name, text in {"me": "a.example\n", **(files or {})}.items():
+            (root / name if name.startswith("users/") else root / "control" / name).write_text(text)
+        return replace(load_controls(root), **changes)
+    finally:
+        shutil.rmtree(root)

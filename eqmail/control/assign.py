@@ -49,6 +49,11 @@ class Assign:
     def __hash__(self) -> int:
         return hash((frozenset(self._exact.items()), frozenset(self._wild.items())))
 
+    def __reduce__(self) -> tuple[type[Assign], tuple[dict[str, UserEntry], dict[str, UserEntry]]]:
+        # Pickled only for a reload's push to running listeners (eqmail.ipc.config),
+        # whose unpickler admits this class by name: the two tables, nothing derived.
+        return Assign, (self._exact, self._wild)
+
     @classmethod
     def parse(cls, text: str, filename: str = "users/assign") -> Assign:
         """Compile assign text; raise ControlFileError naming the first bad line.

@@ -198,7 +198,7 @@ def stamp_tlsfiles(r: Reader) -> tuple[FileStamp, ...]:
             st = os.stat(r.root / "control" / name)
         except OSError:
             continue
-        out.append(FileStamp(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        out.append(FileStamp(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     if (r.root / "control" / "tlsclients").exists():
-        out.append(FileStamp("tlsclients", 0, 0, 0, 0))
+        out.append(FileStamp("tlsclients", 0, 0, 0, 0, 0))
     return tuple(out)

@@ -32,13 +32,15 @@ class Route:
 @dataclass(frozen=True)
 class FileStamp:
     """What identifies one version of a file without reading it (a certificate's key
-    may be readable by root alone): device, inode, size and modification time."""
+    may be readable by root alone): device, inode, size, modification and change time
+    (a chmod or chown changes the last)."""
 
     name: str
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ from eqmail.control import known_file, load_controls
 from eqmail.delivery.hookcheck import import_fragment
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
+from eqmail.privsep.ids import SystemIds
 from eqmail.queue.writer import fsync_dir
-from eqmail.supervisor.ids import SystemIds
 
-# qmail's users and groups (conf-users, conf-groups) -> eqmail's roles (supervisor.ids)
+# qmail's users and groups (conf-users, conf-groups) -> eqmail's roles (privsep.ids)
 QMAIL_USER_ROLES = {"qmaild": "daemon", "qmailq": "queue", "qmails": "send", "qmailr": "remote",
                     "qmailp": "plugin", "qmaill": "log", "alias": "alias"}
 

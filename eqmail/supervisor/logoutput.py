@@ -35,6 +35,9 @@ from eqmail.instance import Instance
 from eqmail.ipc.logtarget import LogSink, LogTarget
 from eqmail.logformat import LogFormat, format_lines
 
+# An opened output: what the logger is told, the fd it writes to, the file (if one).
+Opened = tuple[LogTarget, int, Path | None]
+
 
 def journal_stream(fd: int, env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     """Is ``fd`` the journal stream systemd gave this service (JOURNAL_STREAM)?"""
@@ -78,7 +81,7 @@ class LogOutput:
             return self.instance.log / "eqmail.log"
         return None
 
-    def open(self, controls: Controls) -> tuple[LogTarget, int, Path | None]:
+    def open(self, controls: Controls) -> Opened:
         """The output ``controls`` ask for, opened (as root); raises ControlFileError."""
         path = self.path_for(controls)
         if controls.logfile == "syslog":

@@ -2,7 +2,8 @@
 
 A worker that exits is restarted; one that keeps dying is restarted with growing
 delays (0, 1, 2, 4 ... 60 s) so a crash loop cannot eat the machine, and a worker that
-stayed up for STABLE_AFTER seconds is forgiven its past crashes.
+stayed up for STABLE_AFTER seconds is forgiven its past crashes.  Which kinds are
+restarted at all, and as whom, is the table in kinds.py.
 """
 
 from __future__ import annotations

@@ -1,179 +1,145 @@
 """Reload: reparse control/ and apply it to the running workers as a diff.
 
-Owns: the supervisor's reaction to SIGHUP and to the control watcher's byte — parse
-everything, validate, then swap (qmail-send's regetcontrols); the listener diff
-(bind added sockets, renew every listener worker, close removed sockets); the graceful
-replacement of a long-running worker whose controls changed (``WORKER_CONTROLS``); and
-deciding when a reload is complete.  Runs as root, inside the supervisor's
-single-threaded loop, as a mixin of ``Supervisor`` (main.py), whose state it uses.
+Owns: the supervisor's reaction to SIGHUP and to the control watcher's byte -- parse
+everything, validate, then swap (qmail-send's regetcontrols); the ``Configuration`` in
+force (controls, TLS file stamps, generation) that every worker start uses; the
+listener diff (diff.py, applied by listeners.py: unchanged listeners keep running and
+get the new configuration pushed, changed ones are replaced, added ones bound and
+started, removed ones retired); the graceful replacement of another long-running worker
+whose controls changed (kinds.py's ``reload_controls``); the successor of a retired
+worker; and deciding when a reload is complete.  Root, in the supervisor's
+single-threaded loop; its state is the ``Configuration`` and ``ReloadState`` objects it
+is given, nothing else.
 
 Every reload also reopens the log output (a changed control/logfile or logformat takes
 effect; logoutput.py) and is told to systemd: RELOADING=1 when it starts, READY=1 when
-it is complete or refused.  ``last_reload["seq"]`` numbers the attempts, so that
+it is complete or refused.  ``ReloadState.last["seq"]`` numbers the attempts, so that
 ``eqmailctl reload`` can wait for the verdict on its own request.
 
 Failure modes: invalid control files, or a log file that cannot be opened, leave the
-old configuration running and are recorded in ``last_reload`` (shown by status); a
-listener address that cannot be bound is logged and skipped.  Old generations finish
+old configuration running and are recorded in ``ReloadState.last`` (shown by status);
+a listener address that cannot be bound is logged and skipped.  Old generations finish
 their sessions before they exit.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from eqmail.control import Controls, ListenerSpec, load_controls
+from eqmail.control import Controls, load_controls
 from eqmail.errors import ControlErrors, ControlFileError
 from eqmail.instance import Instance
 from eqmail.log import log
-from eqmail.supervisor.logoutput import LogOutput
-from eqmail.supervisor.sockets import Notifier, bind_listener
+from eqmail.supervisor.diff import listener_diff
+from eqmail.supervisor.kinds import controls_changed
+from eqmail.supervisor.listeners import Listeners
+from eqmail.supervisor.logoutput import LogOutput, Opened
+from eqmail.supervisor.pool import WorkerPool
+from eqmail.supervisor.sockets import Notifier
 from eqmail.supervisor.worker import Worker
-from eqmail.workers.base import drain_wake_pipe
-
-# The control values each long-running worker was built from: a reload restarts a
-# worker (gracefully) only when one of its values changed.  Listeners are always
-# renewed: they are cheap to replace and old sessions finish under the old generation.
-WORKER_CONTROLS: dict[str, tuple[str, ...]] = {
-    "scanner": ("me", "locals", "virtualdomains", "percenthack", "envnoathost", "bouncefrom",
-                "bouncehost", "doublebouncehost", "doublebounceto", "concurrencylocal",
-                "concurrencyremote", "queuelifetime"),
-    "local": ("me", "assign", "defaultdelivery", "concurrencylocal", "timeoutprogram"),
-    "remote": ("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote", "dnsservers",
-               "concurrencyremote", "locals", "beforemote", "tlsclientciphers", "clientcert",
-               "tlshosts", "tlshosts_exhaustive", "notlshosts"),
-    "sandbox": ("spptimeout",),
-}
-
-# Workers that a reload replaces with a signal other than SIGTERM (a stop).
-HANDOVER_SIGNAL: dict[str, signal.Signals] = {"scanner": signal.SIGUSR1}
+from eqmail.workers.base import WorkerKind, drain_wake_pipe
 
 
-def _differs(old: Controls, new: Controls, fields: tuple[str, ...]) -> bool:
-    return any(getattr(old, f, None) != getattr(new, f, None) for f in fields)
+@dataclass
+class Configuration:
+    """The configuration in force: what every worker starts with."""
 
-
-class ReloadMixin:
-    """The reload half of ``Supervisor``; the attributes below are set up there."""
-
-    instance: Instance
     controls: Controls
-    workers: list[Worker]
-    listen_socks: dict[str, socket.socket]
-    generation: int
-    last_reload: dict[str, Any]
-    stopping: bool
-    reload_pending: int | None  # generation whose listeners are not all up yet
-    watch_r: int
-    reload_seq: int
-    notifier: Notifier
-    logout: LogOutput
+    generation: int = 1
 
-    if TYPE_CHECKING:  # provided by Supervisor
-        def start_worker(self, w: Worker) -> None: ...
-        def switch_log(self, *opened: Any) -> None: ...
-        def _listener_workers(self, spec: ListenerSpec) -> list[Worker]: ...
-        def summary(self) -> str: ...
 
-    def _on_control_change(self) -> None:
-        drain_wake_pipe(self.watch_r)
-        if not self.stopping:
+def _never() -> dict[str, Any]:
+    return {"time": None, "ok": True, "errors": [], "seq": 0}
+
+
+@dataclass
+class ReloadState:
+    seq: int = 0                  # reload attempts so far (eqmailctl reload waits for its own)
+    pending: int | None = None    # generation not yet served by every listener
+    last: dict[str, Any] = field(default_factory=_never)  # the last attempt, for status
+
+
+class Reloader:
+    def __init__(self, instance: Instance, config: Configuration, state: ReloadState,
+                 pool: WorkerPool, listeners: Listeners, logout: LogOutput, notifier: Notifier,
+                 switch_log: Callable[[Opened], None], summary: Callable[[], str],
+                 stopping: Callable[[], bool]) -> None:
+        self.instance = instance
+        self.config = config
+        self.state = state
+        self.pool = pool
+        self.listeners = listeners
+        self.logout = logout
+        self.notifier = notifier
+        self.switch_log = switch_log  # install a new log output (main.py)
+        self.summary = summary        # systemd's STATUS= line (status.py)
+        self.stopping = stopping
+
+    def on_control_change(self, watch_r: int) -> None:
+        drain_wake_pipe(watch_r)
+        if not self.stopping():
             log("status: control files changed")
             self.reload()
 
     def reload(self) -> None:
-        if self.stopping:  # a HUP racing a stop: new workers now would never be stopped
+        if self.stopping():  # a HUP racing a stop: new workers now would never be stopped
             log("status: reload ignored: stopping")
             return
-        self.reload_seq += 1
+        st, cfg = self.state, self.config
+        st.seq += 1
         self.notifier.reloading("reloading control files")
         try:
             new = load_controls(self.instance.root)
             opened = self.logout.open(new)
         except (ControlErrors, ControlFileError) as e:
             errors = e.errors if isinstance(e, ControlErrors) else [e]
-            self.last_reload = {"time": time.time(), "ok": False, "errors": [str(x) for x in errors],
-                                "seq": self.reload_seq}
+            st.last = {"time": time.time(), "ok": False, "errors": [str(x) for x in errors],
+                       "seq": st.seq}
             for err in errors:
                 log(f"alert: reload refused: {err}")
-            if self.reload_pending is None:  # else the pending one's completion says READY
+            if st.pending is None:  # else the pending one's completion says READY
                 self.notifier.ready(f"reload refused: {errors[0]}")
             return
-        self.generation += 1
-        self.last_reload = {"time": time.time(), "ok": True, "errors": [], "complete": False,
-                            "seq": self.reload_seq}
-        self.reload_pending = self.generation
-        old = self.controls
-        self.controls = new
-        log(f"status: reloading control files, generation {self.generation}")
-        self.switch_log(*opened)
-        self._apply_listener_diff(old, new)
-        for w in self.workers:
-            if w.proc is not None and _differs(old, new, WORKER_CONTROLS.get(w.kind, ())):
-                self._replace(w)
+        old = cfg.controls
+        cfg.controls = new
+        cfg.generation += 1
+        st.last = {"time": time.time(), "ok": True, "errors": [], "complete": False, "seq": st.seq}
+        st.pending = cfg.generation
+        log(f"status: reloading control files, generation {cfg.generation}")
+        self.switch_log(opened)
+        self.listeners.apply(listener_diff(old, new), new, cfg.generation)
+        for w in self.pool.workers:
+            if w.proc is not None and not w.retired and controls_changed(w.kind, old, new):
+                # Stopped gracefully; its successor starts when it has exited (the
+                # scanner must never run twice at once, and hands over: kinds.py).
+                self.pool.retire(w)
 
-    def _replace(self, w: Worker) -> None:
-        """Stop ``w`` gracefully and start its successor with the new controls when it
-        has exited (the scanner must never run twice at once).  The scanner is asked to
-        hand over (HANDOVER_SIGNAL) rather than to stop: it exits at once and its
-        successor takes over the deliveries still running, instead of holding every
-        delivery back until they end."""
-        w.retired = True
-        w.state = "stopping"
-        assert w.proc is not None
-        os.kill(w.proc.pid, HANDOVER_SIGNAL.get(w.kind, signal.SIGTERM))
-
-    def _retired_exit(self, w: Worker) -> None:
-        if w.kind == "listener":
-            self.workers.remove(w)
+    def retired_exit(self, w: Worker) -> None:
+        """A worker retired by a reload exited: a listener is gone for good (its
+        successors started with the reload); any other kind gets its successor now."""
+        if w.kind is WorkerKind.LISTENER:
+            self.pool.workers.remove(w)
             return
-        successor = Worker(w.kind, w.name, w.entry, w.role, extra=w.extra, keep_fds=w.keep_fds,
-                           restart=w.restart)
-        self.workers[self.workers.index(w)] = successor
-        self.start_worker(successor)
+        successor = Worker(w.kind, w.name, w.settings, keep_fds=w.keep_fds, restart=w.restart)
+        self.pool.workers[self.pool.workers.index(w)] = successor
+        self.pool.start(successor, self.config.controls, self.config.generation)
 
-    def _check_reload_complete(self) -> None:
-        """A reload is complete when every listener of the new generation serves and no
-        retired one accepts any more: from then on a new connection sees the new
-        configuration (logged, and shown by status)."""
-        if self.reload_pending is None:
+    def check_complete(self) -> None:
+        """A reload is complete when every listener serves its generation (a new
+        process is ready, a kept one applied the pushed configuration) and no retired
+        one accepts any more: from then on a new connection sees the new configuration
+        (logged, and shown by status)."""
+        pending = self.state.pending
+        if pending is None:
             return
-        listeners = [w for w in self.workers if w.kind == "listener"]
-        new_ready = all(w.ready for w in listeners if not w.retired)
+        listeners = self.pool.of_kind(WorkerKind.LISTENER)
+        current = all(w.ready and w.generation >= pending for w in listeners if not w.retired)
         old_closed = all(not w.accepting or w.proc is None for w in listeners if w.retired)
-        if new_ready and old_closed:
-            log(f"status: reload complete, generation {self.reload_pending}")
-            self.last_reload["complete"] = True
-            self.reload_pending = None
+        if current and old_closed:
+            log(f"status: reload complete, generation {pending}")
+            self.state.last["complete"] = True
+            self.state.pending = None
             self.notifier.ready(self.summary())
-
-    def _apply_listener_diff(self, old: Controls, new: Controls) -> None:
-        old_specs = {s.key: s for s in old.listen}
-        new_specs = {s.key: s for s in new.listen}
-        for key, spec in new_specs.items():
-            if key in old_specs and old_specs[key] == spec:
-                # unchanged socket and options: a fresh generation picks up other controls
-                pass
-            if key not in self.listen_socks:
-                try:
-                    self.listen_socks[key] = bind_listener(spec)
-                except OSError as e:
-                    log(f"alert: cannot bind {spec.display_address}: {e.strerror}")
-                    continue
-        for w in [w for w in self.workers if w.kind == "listener" and w.proc is not None]:
-            w.retired = True
-            w.state = "stopping"
-            os.kill(w.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
-        for key, spec in new_specs.items():
-            if key in self.listen_socks:
-                for lw in self._listener_workers(spec):
-                    self.workers.append(lw)
-                    self.start_worker(lw)
-        for key in set(old_specs) - set(new_specs):
-            sock = self.listen_socks.pop(key, None)
-            if sock is not None:
-                sock.close()

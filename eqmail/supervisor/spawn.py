@@ -1,7 +1,7 @@
 """Spawn mechanics: fork a worker, set it up, drop privileges, call its run().
 
-Only system calls here; the decisions (which workers, when to restart) live in
-policy.py, main.py and reload.py.  A worker is a plain ``os.fork`` and the supervisor
+Only system calls here; the decisions (which workers, as whom, when to restart) live in
+kinds.py, policy.py, pool.py and reload.py.  A worker is a plain ``os.fork`` and the supervisor
 selects on a pidfd (``os.pidfd_open``) to learn that it exited.  (The ``multiprocess``
 library's fork Process was tried: its exit sentinel is a pipe whose write end the child must keep open,
 which conflicts with closing every inherited fd — see docs/design-notes.md.)
@@ -24,9 +24,10 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from eqmail.supervisor.ids import Ids
-from eqmail.supervisor.privileges import PrivilegeError, drop_to
+from eqmail.privsep.ids import Ids
+from eqmail.privsep.privileges import PrivilegeError, drop_to
 from eqmail.workers.base import WorkerContext
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -37,8 +38,8 @@ FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALR
 
 @dataclass
 class SpawnSpec:
-    ctx: WorkerContext
-    entry: Callable[[WorkerContext], int]
+    ctx: WorkerContext[Any]
+    entry: Callable[[WorkerContext[Any]], int]
     ids: Ids | None  # None: keep the current ids (root for the local spawner)
     groups: list[int] | None
     keep_fds: tuple[int, ...]

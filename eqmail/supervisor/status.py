@@ -26,6 +26,7 @@ from eqmail.ipc.framing import ProtocolError
 from eqmail.ipc.status import MAX_STATUS_REQUEST, StatusAnswer, StatusRequest
 from eqmail.queue.layout import QueuePaths
 from eqmail.supervisor.sockets import bound_port
+from eqmail.workers.base import WorkerKind
 
 if TYPE_CHECKING:
     from eqmail.supervisor.main import Supervisor
@@ -75,16 +76,16 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
                         "state": w.state, "restarts": w.restart.restarts,
                         "generation": w.generation, "title": read_title(pid) if pid else ""})
     listeners = [{"service": s.service, "address": s.address,
-                  "port": bound_port(sup.listen_socks.get(s.key)), "concurrency": s.concurrency,
+                  "port": bound_port(sup.listeners.socks.get(s.key)), "concurrency": s.concurrency,
                   "sessions": sum(w.sessions for w in sup.workers
-                                  if w.kind == "listener" and w.spec is not None
+                                  if w.kind is WorkerKind.LISTENER and w.spec is not None
                                   and w.spec.key == s.key and w.proc is not None)}
                  for s in sup.controls.listen]
     lo = sup.logout
     log_output = {"sink": str(lo.target.sink), "format": str(lo.target.fmt),
                   "path": str(lo.path) if lo.path else None, "reopens": lo.reopens, "error": lo.error}
     return {"running": True, "pid": os.getpid(), "uptime": round(time.time() - sup.started, 1),
-            "generation": sup.generation, "last_reload": sup.last_reload, "stopping": sup.stopping,
+            "generation": sup.generation, "last_reload": sup.reloads.last, "stopping": sup.stopping,
             "log": log_output,
             "workers": workers, "listeners": listeners,
             "queue": queue_counts(sup.instance.queue)}
@@ -93,7 +94,7 @@ def supervisor_report(sup: Supervisor) -> dict[str, Any]:
 def summary_line(sup: Supervisor) -> str:
     """systemd's STATUS=: ``7/7 workers up, 2 listeners, 3 sessions, queue 12 messages``."""
     up = sum(1 for w in sup.workers if w.proc is not None and w.ready)
-    sessions = sum(w.sessions for w in sup.workers if w.kind == "listener" and w.proc is not None)
+    sessions = sum(w.sessions for w in sup.workers if w.kind is WorkerKind.LISTENER and w.proc is not None)
     listeners = len(sup.controls.listen)
     try:
         queued = len(QueuePaths(sup.instance.queue).ids_in("mess"))

@@ -42,7 +42,7 @@ from eqmail.ipc.delivery import (
     decode_to_worker,
 )
 from eqmail.log import log
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.base import LocalSettings, RemoteSettings, WorkerContext, drain_wake_pipe
 from eqmail.workers.jobs import JobBoard
 
 Callback = Callable[[], None]
@@ -79,7 +79,7 @@ class DeliveryServer:
     """Accept, frame, dispatch, report, stop: the loop around a :class:`DeliveryHandler`,
     which ``make_handler`` builds with this server (for finish, watch, call_from_thread)."""
 
-    def __init__(self, ctx: WorkerContext, listen_fd: int,
+    def __init__(self, ctx: WorkerContext[LocalSettings] | WorkerContext[RemoteSettings], listen_fd: int,
                  make_handler: Callable[[DeliveryServer], DeliveryHandler]) -> None:
         self.ctx = ctx
         self.listener = socket.socket(fileno=listen_fd)  # bound by the supervisor

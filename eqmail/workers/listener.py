@@ -35,6 +35,10 @@ current one when it is accepted and keeps it; :meth:`Listener.reconfigure` puts 
 one in place for the sessions after it, so a reload need not replace a listener whose
 socket, options and TLS files are unchanged.  The listener opens no control file.
 
+A reload that keeps this listener (eqmail.supervisor.diff) pushes the new configuration
+over the supervisor's channel (``ctx.settings.config_fd``, eqmail.ipc.config);
+``Listener.reconfigure`` applies it and the answer tells the supervisor so.
+
 Failure modes: a broken connection ends its session (a half-received message is
 abandoned, so nothing is queued); an unexpected exception is logged and ends only
 that session.
@@ -53,6 +57,8 @@ from typing import Any
 from eqmail.connlimit import ClientTable, Verdict, client_key
 from eqmail.control import Controls, ListenerSpec
 from eqmail.delivery.mailbox import LocalUsers
+from eqmail.ipc import ProtocolError
+from eqmail.ipc.config import ConfigApplied, ConfigReader, ConfigUpdate
 from eqmail.log import log, sanitize
 from eqmail.queue.client import AsyncQueueClient
 from eqmail.smtp import actions as A
@@ -71,7 +77,7 @@ from eqmail.tls import (
     client_cert_email,
     freeze_plaintext,
 )
-from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.base import ListenerSettings, WorkerContext, stop_on_sigterm
 from eqmail.workers.listenerconfig import LOOKUP_THREADS, ListenerConfig, RecipientCheck
 
 READ_SIZE = 256 * 1024
@@ -81,18 +87,18 @@ REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
 
 
 class Listener:
-    def __init__(self, ctx: WorkerContext, spec: ListenerSpec) -> None:
+    def __init__(self, ctx: WorkerContext[ListenerSettings], spec: ListenerSpec) -> None:
         self.ctx = ctx
         self.spec = spec
         self.root = ctx.instance.root
         self.sessions = 0
         self._report_pending = False
         # control/concurrencyperclient, shared by every listener process (None: no table)
-        self.clients: ClientTable | None = ctx.extra.get("clients")
+        self.clients: ClientTable | None = ctx.settings.clients
         self.pid = os.getpid()
         self._refused: dict[str, tuple[float, int]] = {}
         # Built by the supervisor before the privilege drop (the key may be root-only).
-        self.tls: ServerTLS | None = ctx.extra.get("tls")
+        self.tls: ServerTLS | None = ctx.settings.tls
         # qmail-spp: control/smtpplugins (or SPPCONFFILE), re-read when it changes; the
         # plugins themselves run in the sandbox worker, never in this process.
         self.spp = PluginTableCache(self.root)
@@ -117,7 +123,7 @@ class Listener:
         own ListenerSpec (socket, options, processes, its rules= file *name*), and its
         TLS context — ``tlsserverciphers`` and the files in ``tlsfiles`` — which only
         root can load; the per-client table's size is the supervisor's too
-        (eqmail.workers.listenerconfig.keeps_listener says which listeners may stay)."""
+        (eqmail.supervisor.diff.listener_diff says which listeners may stay)."""
         self.config = self._configure(controls)
 
     def _configure(self, c: Controls) -> ListenerConfig:
@@ -144,7 +150,7 @@ class Listener:
 
     def _send_sessions(self) -> None:
         self._report_pending = False
-        fd = self.ctx.extra.get("status_fd", -1)
+        fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
                 os.write(fd, b"%d\n" % self.sessions)
@@ -154,7 +160,7 @@ class Listener:
     def report_closed(self) -> None:
         """Tell the supervisor this process accepts no more connections (a reload is
         complete only when every retired listener has said so)."""
-        fd = self.ctx.extra.get("status_fd", -1)
+        fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
                 os.write(fd, b"closed\n")
@@ -559,7 +565,7 @@ async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Ev
         await asyncio.wait(tasks)
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[ListenerSettings]) -> int:
     try:
         import uvloop
 
@@ -567,13 +573,57 @@ def run(ctx: WorkerContext) -> int:
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    spec: ListenerSpec = ctx.extra["spec"]
-    sock = socket.socket(fileno=ctx.extra["socket_fd"])
+    spec: ListenerSpec = ctx.settings.spec
+    sock = socket.socket(fileno=ctx.settings.socket_fd)
     sock.set_inheritable(False)  # never leak it into checkpassword or plugins
     listener = Listener(ctx, spec)
     stop = asyncio.Event()
     stop_on_sigterm(loop, stop)
     os.umask(0o077)
     ctx.ready()
-    loop.run_until_complete(_accept_loop(listener, sock, stop))
+    loop.run_until_complete(_serve_until_stopped(listener, sock, stop, ctx.settings.config_fd))
     return 0
+
+
+async def _serve_until_stopped(listener: Listener, sock: socket.socket, stop: asyncio.Event,
+                               config_fd: int) -> None:
+    receiver = asyncio.ensure_future(_receive_config(listener, config_fd, stop))
+    try:
+        await _accept_loop(listener, sock, stop)
+    finally:
+        receiver.cancel()
+        try:
+            await receiver
+        except asyncio.CancelledError:
+            pass
+
+
+async def _receive_config(listener: Listener, fd: int, stop: asyncio.Event) -> None:
+    """The supervisor's channel (eqmail.ipc.config): each ConfigUpdate is applied with
+    ``reconfigure`` and answered with ConfigApplied.  A channel that breaks the
+    protocol stops this process gracefully (sessions finish); the supervisor then
+    starts a successor with the current configuration."""
+    if fd < 0:
+        return
+    channel = socket.socket(fileno=fd)
+    channel.set_inheritable(False)
+    channel.setblocking(False)
+    loop = asyncio.get_running_loop()
+    reader = ConfigReader(b"U")
+    try:
+        while True:
+            data = await loop.sock_recv(channel, 65536)
+            if not data:
+                return  # the supervisor is gone (and so will this process be)
+            for update in reader.feed(data):
+                assert isinstance(update, ConfigUpdate)
+                listener.reconfigure(update.controls)
+                await loop.sock_sendall(channel, ConfigApplied(update.generation).encode())
+    except ProtocolError as e:
+        log(f"alert: {listener.ctx.name}: configuration channel: {e}; stopping")
+        stop.set()
+    except OSError as e:
+        log(f"alert: {listener.ctx.name}: configuration channel: {e.strerror}; stopping")
+        stop.set()
+    finally:
+        channel.close()

@@ -109,13 +109,3 @@ class RecipientCheck:
             self.warned.add(result.reason)
             log(f"warning: recipient check cannot tell, accepting: {sanitize(result.reason)}")
         return not result.refuse
-
-
-def keeps_listener(old: Controls, new: Controls, spec: ListenerSpec) -> bool:
-    """Whether a running listener of ``spec``, started under ``old``, can serve under
-    ``new`` by :meth:`eqmail.workers.listener.Listener.reconfigure` instead of being
-    replaced: its control/listen line is in ``new`` unchanged (socket and every option),
-    and so is what its TLS context is built from — tlsserverciphers and the server TLS
-    files (``tlsfiles``), which the supervisor loads as root.  Every other value of
-    Controls reaches a running listener through reconfigure."""
-    return spec in new.listen and (old.tlsserverciphers, old.tlsfiles) == (new.tlsserverciphers, new.tlsfiles)

@@ -42,9 +42,9 @@ from eqmail.ipc.delivery import (
     Verdict,
 )
 from eqmail.log import log
+from eqmail.privsep.privileges import PrivilegeError, drop_to
 from eqmail.queue.layout import QueuePaths
-from eqmail.supervisor.privileges import PrivilegeError, drop_to
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import LocalSettings, WorkerContext
 from eqmail.workers.deliveryserver import DeliveryServer
 
 CHILD_IDLE = 60.0
@@ -75,7 +75,7 @@ class Spawner:
     channel = Channel.LOCAL
     bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)")
 
-    def __init__(self, ctx: WorkerContext, server: DeliveryServer) -> None:
+    def __init__(self, ctx: WorkerContext[LocalSettings], server: DeliveryServer) -> None:
         self.ctx = ctx
         self.server = server
         self.controls = ctx.controls
@@ -230,7 +230,7 @@ class Spawner:
             self.reap(child, Outcome(Verdict.DEFERRAL, ""))
 
 
-def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
+def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSettings]) -> int:
     """Runs in the forked child: switch to the user, then serve jobs until idle."""
     from eqmail.delivery.local import LocalJob, deliver
 
@@ -277,7 +277,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext) -> int:
         sock.send(outcome.cut().encode())
 
 
-def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
+def make_forwarder(ctx: WorkerContext[LocalSettings]):  # type: ignore[no-untyped-def]
     from eqmail.queue.client import submit
 
     def forward(sender, recipients, prefix, message):  # type: ignore[no-untyped-def]
@@ -290,6 +290,6 @@ def make_forwarder(ctx: WorkerContext):  # type: ignore[no-untyped-def]
     return forward
 
 
-def run(ctx: WorkerContext) -> int:
-    server = DeliveryServer(ctx, ctx.extra["socket_fd"], lambda server: Spawner(ctx, server))
+def run(ctx: WorkerContext[LocalSettings]) -> int:
+    server = DeliveryServer(ctx, ctx.settings.socket_fd, lambda server: Spawner(ctx, server))
     return server.serve()

@@ -32,7 +32,7 @@ import time
 from eqmail.ipc.framing import ProtocolError
 from eqmail.ipc.logtarget import MAX_LOG_TARGET, LogSink, LogTarget
 from eqmail.logformat import format_lines
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import LoggerSettings, WorkerContext
 
 MAX_LINE = 4000
 _CONTROLS = bytes(range(32)) + b"\x7f"
@@ -105,10 +105,10 @@ class Output:
         return new
 
 
-def run(ctx: WorkerContext) -> int:
-    rfd: int = ctx.extra["log_read_fd"]
-    out = Output(ctx.extra["target"], ctx.extra["out_fd"])
-    control = socket.socket(fileno=ctx.extra["control_fd"])
+def run(ctx: WorkerContext[LoggerSettings]) -> int:
+    rfd = ctx.settings.log_read_fd
+    out = Output(ctx.settings.target, ctx.settings.out_fd)
+    control = socket.socket(fileno=ctx.settings.control_fd)
     control.setblocking(False)
     stopping = False
 

@@ -48,7 +48,7 @@ from eqmail.queue.writer import (
     failure_code,
     received_line,
 )
-from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.base import QueueWriterSettings, WorkerContext, stop_on_sigterm
 
 
 class QPCounter:
@@ -304,7 +304,7 @@ class QueueProtocol(asyncio.Protocol):
 
 
 class QueueServer:
-    def __init__(self, ctx: WorkerContext, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, ctx: WorkerContext[QueueWriterSettings], loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
         self.ids = ctx.ids
         self.store = QueueStore(ctx.instance.queue)
@@ -314,7 +314,7 @@ class QueueServer:
         self.cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleaner")
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[QueueWriterSettings]) -> int:
     try:
         import uvloop
 
@@ -331,7 +331,7 @@ def run(ctx: WorkerContext) -> int:
     if removed:
         log(f"queue writer: removed {removed} stale pid/ files")
     server.committer.start()
-    sock = socket.socket(fileno=ctx.extra["socket_fd"])  # bound by the supervisor
+    sock = socket.socket(fileno=ctx.settings.socket_fd)  # bound by the supervisor
 
     async def main() -> None:
         # uvloop re-listens with its own default backlog (100) unless told: every

@@ -3,7 +3,7 @@
 Runs as eqmailr (group eqmail: reads queue/mess, owns queue/lock/tcpto).  The socket,
 the scanner's frames, the reports and the stop are the delivery-worker skeleton's
 (eqmail.workers.deliveryserver, serving the socket the supervisor bound,
-``ctx.extra["socket_fd"]``, run/remote.sock); this module is its handler.  The SMTP
+``ctx.settings.socket_fd``, run/remote.sock); this module is its handler.  The SMTP
 conversation itself is eqmail.delivery.remote (qmail-remote as a library).
 
 Beyond qmail: requests for the same message, sender and recipient domain that are
@@ -32,7 +32,7 @@ from eqmail.netif import local_addresses
 from eqmail.queue import tcpto
 from eqmail.smtp.transport import TlsConfig
 from eqmail.spp import bfrmtclient
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import RemoteSettings, WorkerContext
 from eqmail.workers.deliveryserver import DeliveryServer
 
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
@@ -57,7 +57,7 @@ class RemoteWorker:
     channel = Channel.REMOTE
     bad_msgid = Outcome(Verdict.FAILURE, "Sorry, message id is not valid. (#5.3.5)\n")
 
-    def __init__(self, ctx: WorkerContext, server: DeliveryServer) -> None:
+    def __init__(self, ctx: WorkerContext[RemoteSettings], server: DeliveryServer) -> None:
         self.ctx = ctx
         self.server = server
         self.controls: Controls = ctx.controls
@@ -148,7 +148,7 @@ class RemoteWorker:
         self.pool.shutdown(wait=True)
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[RemoteSettings]) -> int:
     threading.current_thread().name = "remote-main"
-    server = DeliveryServer(ctx, ctx.extra["socket_fd"], lambda server: RemoteWorker(ctx, server))
+    server = DeliveryServer(ctx, ctx.settings.socket_fd, lambda server: RemoteWorker(ctx, server))
     return server.serve()

@@ -2,8 +2,8 @@
 away from the listener and the remote delivery worker.
 
 Owns: the server side of run/sandbox.sock (bound by the supervisor, mode 0600, owner
-eqmaild; ``ctx.extra["socket_fd"]``) and of run/sandbox-remote.sock (mode 0600, owner
-eqmailr; ``ctx.extra["remote_socket_fd"]``, optional), and every plugin, checkpassword
+eqmaild; ``ctx.settings.socket_fd``) and of run/sandbox-remote.sock (mode 0600, owner
+eqmailr; ``ctx.settings.remote_socket_fd``, optional), and every plugin, checkpassword
 and before-remote run (eqmail.spp.runner, .checkpassword, .beforemote).  Runs as
 eqmailp (role "plugin"): no access to the queue, the TLS keys or control files other
 than world-readable ones; its cwd is the instance root, as qmail-smtpd's is.
@@ -24,7 +24,7 @@ drops the connection.
 Concurrency: listener connections are asyncio tasks, so a slow plugin delays only its
 own session; before-remote chains block, so each remote connection is served by a
 thread of its own pool (at most MAX_REMOTE at once; more wait to be accepted).
-Optional ``ctx.extra``: ``limits`` (eqmail.spp.runner.Limits) to override the default
+Optional ``ctx.settings.limits`` (eqmail.spp.runner.Limits) overrides the default
 rlimits.
 
 Failure modes: a peer that breaks the framing is disconnected (logged); a plugin that
@@ -74,7 +74,7 @@ from eqmail.smtp.actions import HookOutcome, HookVerdict
 from eqmail.spp import beforemote, checkpassword
 from eqmail.spp import protocol as P
 from eqmail.spp.runner import PRLIMIT, Limits, Runner
-from eqmail.workers.base import WorkerContext, stop_on_sigterm
+from eqmail.workers.base import SandboxSettings, WorkerContext, WorkerKind, stop_on_sigterm
 
 NPROC_PRIVILEGED = 256  # processes of user eqmailp in all (plugins + their children)
 MAX_REMOTE = 64  # remote connections served at once (the remote worker opens one per chain)
@@ -337,24 +337,24 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def _allowed_remote_uids(ctx: WorkerContext) -> frozenset[int] | None:
+def _allowed_remote_uids(ctx: WorkerContext[SandboxSettings]) -> frozenset[int] | None:
     if not ctx.ids.privileged:
         return None
     return frozenset({ctx.ids["remote"].uid, 0})
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[SandboxSettings]) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    sock = socket.socket(fileno=ctx.extra["socket_fd"])
+    sock = socket.socket(fileno=ctx.settings.socket_fd)
     sock.set_inheritable(False)  # never leak it into plugins
     remote_sock = None
-    if ctx.extra.get("remote_socket_fd") is not None:
-        remote_sock = socket.socket(fileno=ctx.extra["remote_socket_fd"])
+    if ctx.settings.remote_socket_fd is not None:
+        remote_sock = socket.socket(fileno=ctx.settings.remote_socket_fd)
         remote_sock.set_inheritable(False)
     os.chdir(ctx.instance.root)  # plugin paths and their own reads are relative to it
     timeout = ctx.controls.spptimeout
-    limits = ctx.extra.get("limits") or default_limits(timeout, ctx.ids.privileged)
+    limits = ctx.settings.limits or default_limits(timeout, ctx.ids.privileged)
     runner = Runner(ctx.instance.root, timeout, limits)
     runner.preload()
     remote = None if remote_sock is None else RemoteServer(
@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     serving."""
     from eqmail.control import load_controls
     from eqmail.instance import Instance
-    from eqmail.supervisor.ids import Ids, SystemIds
-    from eqmail.supervisor.privileges import drop_to
+    from eqmail.privsep.ids import Ids, SystemIds
+    from eqmail.privsep.privileges import drop_to
 
     ap = argparse.ArgumentParser(prog="eqmail.workers.sandbox")
     ap.add_argument("--root", required=True)
@@ -394,9 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     inst = Instance(Path(args.root).resolve())
     controls = load_controls(inst.root)
-    extra: dict[str, object] = {"socket_fd": _bind(args.socket).detach()}
-    if args.remote_socket:
-        extra["remote_socket_fd"] = _bind(args.remote_socket).detach()
+    settings = SandboxSettings(socket_fd=_bind(args.socket).detach(), remote_socket_fd=(
+        _bind(args.remote_socket).detach() if args.remote_socket else None))
     ids = SystemIds.current_user()
     if args.user:
         import pwd
@@ -406,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         who = Ids(pw.pw_uid, pw.pw_gid, args.user)
         ids = SystemIds(True, dict.fromkeys(ids.roles, who))
     if args.nproc is not None:
-        extra["limits"] = Limits(cpu=controls.spptimeout, nproc=args.nproc)
-    ctx = WorkerContext(kind="sandbox", name="plugin sandbox", instance=inst,
-                        controls=controls, ids=ids, generation=0, extra=extra,
+        settings = replace(settings, limits=Limits(cpu=controls.spptimeout, nproc=args.nproc))
+    ctx = WorkerContext(kind=WorkerKind.SANDBOX, name="plugin sandbox", instance=inst,
+                        controls=controls, ids=ids, generation=0, settings=settings,
                         on_ready=lambda: print("ready", flush=True))
     return run(ctx)
 

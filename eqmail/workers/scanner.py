@@ -60,7 +60,7 @@ from eqmail.queue.bounce import bounded_copy
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import Delivery, QueueManager
-from eqmail.workers.base import WorkerContext, drain_wake_pipe
+from eqmail.workers.base import ScannerSettings, WorkerContext, drain_wake_pipe
 
 RESCAN_INTERVAL = 60.0  # backs up the trigger; qmail-send rescans todo every 25 min
 TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again later"
@@ -181,7 +181,7 @@ class DeliveryChannel:
 
 
 class Scanner:
-    def __init__(self, ctx: WorkerContext) -> None:
+    def __init__(self, ctx: WorkerContext[ScannerSettings]) -> None:
         self.ctx = ctx
         self.root = ctx.instance.root
         self.paths = QueuePaths(ctx.instance.queue)
@@ -196,7 +196,7 @@ class Scanner:
             Channel.LOCAL: DeliveryChannel(Channel.LOCAL, str(ctx.instance.local_socket),
                                            ctx.controls.concurrencylocal, self._take_over),
         }
-        remote_socket = ctx.extra.get("remote_socket")
+        remote_socket = ctx.settings.remote_socket
         if remote_socket is not None:
             self.channels[Channel.REMOTE] = DeliveryChannel(Channel.REMOTE, remote_socket,
                                                             ctx.controls.concurrencyremote,
@@ -430,7 +430,7 @@ class Scanner:
     def _open_control(self) -> None:
         """run/scanner.sock (bound by the supervisor, root only): eqmailctl's queue
         delete/bounce and the deliveries shown by status, answered as one JSON line."""
-        fd = self.ctx.extra.get("control_fd")
+        fd = self.ctx.settings.control_fd
         if fd is None:
             return
         self.control_sock = socket.socket(fileno=fd)
@@ -494,6 +494,6 @@ class Scanner:
         self.wake()
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[ScannerSettings]) -> int:
     os.umask(0o077)
     return Scanner(ctx).run()

@@ -18,7 +18,7 @@ import threading
 import time
 
 from eqmail.log import log
-from eqmail.workers.base import WorkerContext
+from eqmail.workers.base import WatcherSettings, WorkerContext
 
 DEBOUNCE = 1.0
 IGNORED_SUFFIXES = (".swp", ".swx", "~", ".tmp")
@@ -29,11 +29,11 @@ def _interesting(path: str) -> bool:
     return not (name.startswith(".") or name.endswith(IGNORED_SUFFIXES) or name.startswith("#"))
 
 
-def run(ctx: WorkerContext) -> int:
+def run(ctx: WorkerContext[WatcherSettings]) -> int:
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
-    notify_fd: int = ctx.extra["notify_fd"]
+    notify_fd = ctx.settings.notify_fd
     changed = threading.Event()
     stop = threading.Event()
     last_event = [0.0]

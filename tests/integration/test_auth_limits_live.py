@@ -175,8 +175,13 @@ def test_counts_are_shared_by_listeners_and_survive_reload_and_kill(world: World
             assert exchange(client, plain()) == FAILED
         finally:
             client.close()
-    # A reload re-forks every listener; a listener killed with SIGKILL is restarted.
+    # A reload that changes the listeners re-forks them (an unchanged one keeps its
+    # processes: test_reload_keeps_listeners.py); a listener killed with SIGKILL is restarted.
     old = set(worker_pids(inst, LISTENER))
+    inst.write_control("listen", f"smtp 127.0.0.1:{world.smtp} processes=2 concurrency=99 "
+                                 f"checkpassword=/bin/false\n"
+                                 f"smtp 127.0.0.1:{world.submission} concurrency=99 "
+                                 f"checkpassword=/bin/false\n")
     inst.ctl("reload")
     _replace_listeners(inst, old)
     old = set(worker_pids(inst, LISTENER))

@@ -41,13 +41,13 @@ import sys
 from pathlib import Path
 from eqmail.control import load_controls
 from eqmail.instance import Instance
-from eqmail.supervisor.ids import SystemIds
-from eqmail.workers.base import WorkerContext
+from eqmail.privsep.ids import SystemIds
+from eqmail.workers.base import RemoteSettings, WorkerContext, WorkerKind
 from eqmail.workers import remote
 root = Path(sys.argv[1])
-ctx = WorkerContext(kind="remote", name="remote", instance=Instance(root),
+ctx = WorkerContext(kind=WorkerKind.REMOTE, name="remote", instance=Instance(root),
                     controls=load_controls(root), ids=SystemIds.current_user(), generation=1,
-                    ready_fd=int(sys.argv[3]), extra={"socket_fd": int(sys.argv[2])})
+                    ready_fd=int(sys.argv[3]), settings=RemoteSettings(int(sys.argv[2])))
 sys.exit(remote.run(ctx))
 """
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from harness import Instance, free_port
 
-from eqmail.supervisor import main as supervisor_main
+from eqmail.supervisor import plant as supervisor_plant
 
 RECEIVER_DOMAIN = "remote.example"
 
@@ -98,7 +98,7 @@ def test_temporary_failure_is_retried_and_delivered(pair: tuple[Instance, Instan
     sender.wait_queue_empty()
 
 
-SUPERVISOR_BINDS_REMOTE_SANDBOX = "sandbox-remote.sock" in inspect.getsource(supervisor_main)
+SUPERVISOR_BINDS_REMOTE_SANDBOX = "sandbox-remote.sock" in inspect.getsource(supervisor_plant)
 HOOK = ("ls queue/mess >/dev/null 2>&1 && echo 'X-Queue: readable'; "
         "printf 'X-Hook: %s %s %s as %s\\n' \"$1\" \"$2\" \"$3\" \"$(id -un)\"; cat")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from eqmail.control import load_controls
 from eqmail.instance import Instance
 from eqmail.ipc.delivery import Channel, Outcome, Verdict
-from eqmail.supervisor.ids import SystemIds
-from eqmail.workers.base import WorkerContext
+from eqmail.privsep.ids import SystemIds
+from eqmail.workers.base import LocalSettings, WorkerContext, WorkerKind
 from eqmail.workers.deliveryserver import DeliveryServer
 
 class Handler:
@@ -64,9 +64,9 @@ class Handler:
         print("closed", flush=True)
 
 root = Path(sys.argv[1])
-ctx = WorkerContext(kind="local", name="local", instance=Instance(root),
+ctx = WorkerContext(kind=WorkerKind.LOCAL, name="local", instance=Instance(root),
                     controls=load_controls(root), ids=SystemIds.current_user(), generation=1,
-                    ready_fd=int(sys.argv[3]))
+                    settings=LocalSettings(socket_fd=int(sys.argv[2])), ready_fd=int(sys.argv[3]))
 sys.exit(DeliveryServer(ctx, int(sys.argv[2]), Handler).serve())
 """
 

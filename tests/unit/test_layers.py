@@ -55,18 +55,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cli": FOUNDATION | _LIBRARIES | {"inject", "supervisor", "migrate", "setup"},
 }
 
-# (file, imported module): arrows that break ALLOWED today, each removed by other work.
-# The lead empties this list as those branches land; a stale entry fails the test.
-KNOWN_ARROWS: frozenset[tuple[str, str]] = frozenset({
-    # privileges.py and ids.py move from supervisor/ to privsep/ (issue 13 item 3):
-    # workers never import eqmail.supervisor; migrate and setup need only the ids.
-    ("eqmail/workers/base.py", "eqmail.supervisor.ids"),
-    ("eqmail/workers/local.py", "eqmail.supervisor.privileges"),
-    ("eqmail/workers/sandbox.py", "eqmail.supervisor.ids"),
-    ("eqmail/workers/sandbox.py", "eqmail.supervisor.privileges"),
-    ("eqmail/migrate/plan.py", "eqmail.supervisor.ids"),
-    ("eqmail/setup.py", "eqmail.supervisor.ids"),
-})
+# (file, imported module): arrows that break ALLOWED, each with its reason (none today).
+# A stale entry fails the test, so the list cannot outlive the import it excuses.
+KNOWN_ARROWS: frozenset[tuple[str, str]] = frozenset()
 
 SOCKETS, PROCESSES = "sockets", "processes"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from eqmail.authlimit import AuthLimit
-from eqmail.control import ListenerSpec, load_controls
+from eqmail.control import Controls, ListenerSpec, load_controls
 from eqmail.instance import Instance
-from eqmail.supervisor.ids import SystemIds
-from eqmail.workers.base import WorkerContext
+from eqmail.privsep.ids import SystemIds
+from eqmail.workers.base import ListenerSettings, WorkerContext, WorkerKind
 from eqmail.workers.listener import Listener
 
 ME = "mx.example"
@@ -40,8 +40,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def make_listener(root: Path) -> Listener:
-    ctx = WorkerContext(kind="listener", name="listener test", instance=Instance(root),
-                        controls=load_controls(root), ids=SystemIds.current_user(), generation=1)
+    ctx = WorkerContext(kind=WorkerKind.LISTENER, name="listener test", instance=Instance(root),
+                        controls=load_controls(root), ids=SystemIds.current_user(), generation=1,
+                        settings=ListenerSettings(socket_fd=-1, spec=SPEC, tls=None, clients=None))
     return Listener(ctx, SPEC)
 
 
@@ -193,9 +194,12 @@ def test_reconfigure_replaces_the_file_values_and_keeps_the_listener_state(
 
 
 def test_which_changes_need_a_new_listener(root: Path) -> None:
-    """keeps_listener: the reload diff keeps a listener whose line and TLS inputs are
-    unchanged (everything else goes through reconfigure)."""
-    from eqmail.workers.listenerconfig import keeps_listener
+    """The reload diff keeps a listener whose line and TLS inputs are unchanged
+    (everything else goes through reconfigure)."""
+    from eqmail.supervisor.diff import listener_diff
+
+    def keeps_listener(old: Controls, new: Controls, spec: ListenerSpec) -> bool:
+        return spec in listener_diff(old, new).keep
 
     write(root, listen="smtp 127.0.0.1:2525\nsmtp 127.0.0.1:2526 concurrency=5\n")
     old = load_controls(root)

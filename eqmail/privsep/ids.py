@@ -17,20 +17,34 @@ runs groupadd/useradd with fixed argument vectors — no shell.
 
 from __future__ import annotations
 
+import enum
 import grp
 import os
 import pwd
 import subprocess
 from dataclasses import dataclass
 
-ROLE_USERS: dict[str, tuple[str, str]] = {
-    "daemon": ("eqmaild", "nofiles"),
-    "queue": ("eqmailq", "eqmail"),
-    "send": ("eqmails", "eqmail"),
-    "remote": ("eqmailr", "eqmail"),
-    "plugin": ("eqmailp", "nofiles"),
-    "log": ("eqmaill", "nofiles"),
-    "alias": ("alias", "nofiles"),
+
+class Role(enum.StrEnum):
+    """A role of the privilege model; equal to its name, so ``ids["daemon"]`` works too."""
+
+    DAEMON = "daemon"
+    QUEUE = "queue"
+    SEND = "send"
+    REMOTE = "remote"
+    PLUGIN = "plugin"
+    LOG = "log"
+    ALIAS = "alias"
+
+
+ROLE_USERS: dict[Role, tuple[str, str]] = {
+    Role.DAEMON: ("eqmaild", "nofiles"),
+    Role.QUEUE: ("eqmailq", "eqmail"),
+    Role.SEND: ("eqmails", "eqmail"),
+    Role.REMOTE: ("eqmailr", "eqmail"),
+    Role.PLUGIN: ("eqmailp", "nofiles"),
+    Role.LOG: ("eqmaill", "nofiles"),
+    Role.ALIAS: ("alias", "nofiles"),
 }
 GROUPS = ("eqmail", "nofiles")
 
