@@ -26,6 +26,7 @@ from eqmail.control import Controls, ListenerSpec
 from eqmail.instance import Instance
 from eqmail.ipc import ProtocolError
 from eqmail.ipc.config import ConfigApplied, ConfigUpdate
+from eqmail.ipc.worker import Closed, ListenerReportReader
 from eqmail.log import log
 from eqmail.supervisor.diff import ListenerPlan
 from eqmail.supervisor.pool import WorkerPool
@@ -135,12 +136,17 @@ class Listeners:
             data = os.read(w.status_r, 4096)
         except OSError:
             return
-        lines = data.split()
-        if b"closed" in lines:
-            w.accepting = False
-        numbers = [ln for ln in lines if ln.isdigit()]
-        if numbers:
-            w.sessions = int(numbers[-1])
+        try:
+            reports = w.status_reader.feed(data)
+        except ProtocolError as e:
+            log(f"warning: {w.name}: status pipe: {e}")
+            w.status_reader = ListenerReportReader()
+            return
+        for report in reports:
+            if isinstance(report, Closed):
+                w.accepting = False
+            else:
+                w.sessions = report.sessions
 
     def on_config(self, w: Worker, controls: Controls, generation: int) -> None:
         """A listener's answer on its channel: the generation it applied."""

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from eqmail.control import Controls
 from eqmail.instance import Instance
 from eqmail.ipc.config import ConfigReader
+from eqmail.ipc.worker import Ready
 from eqmail.log import log
 from eqmail.privsep.ids import SystemIds
 from eqmail.supervisor.kinds import entry_point
@@ -134,7 +135,7 @@ class WorkerPool:
         except OSError:
             data = b""
         self._close_ready(w)
-        if data.startswith(b"R"):
+        if data[:1] == Ready().encode():
             w.ready = True
             w.state = WorkerState.RUNNING
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from eqmail.control import ListenerSpec
 from eqmail.ipc.config import ConfigReader
+from eqmail.ipc.worker import ListenerReportReader
 from eqmail.supervisor.kinds import KINDS, KindSpec
 from eqmail.supervisor.policy import RestartState
 from eqmail.supervisor.spawn import Spawned
@@ -47,6 +48,7 @@ class Worker:
     generation: int = 0    # the configuration it serves (a kept listener's rises on reload)
     spec: ListenerSpec | None = None
     status_r: int = -1  # listener: its session count arrives here
+    status_reader: ListenerReportReader = field(default_factory=ListenerReportReader)
     sessions: int = 0
     accepting: bool = True  # listener: False once it said it closed its socket
     channel: socket.socket | None = None  # listener: the configuration push (ipc.config)

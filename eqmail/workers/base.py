@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from eqmail.control import Controls, ListenerSpec
 from eqmail.instance import Instance
 from eqmail.ipc.logtarget import LogTarget
+from eqmail.ipc.worker import Ready
 from eqmail.privsep.ids import SystemIds
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class WorkerContext(Generic[S]):
             self.on_ready()
         if self.ready_fd >= 0:
             try:
-                os.write(self.ready_fd, b"R")
+                os.write(self.ready_fd, Ready().encode())
                 os.close(self.ready_fd)
             except OSError:
                 pass

@@ -59,6 +59,7 @@ from eqmail.control import Controls, ListenerSpec
 from eqmail.delivery.mailbox import LocalUsers
 from eqmail.ipc import ProtocolError
 from eqmail.ipc.config import ConfigApplied, ConfigReader, ConfigUpdate
+from eqmail.ipc.worker import Closed, SessionCount
 from eqmail.log import log, sanitize
 from eqmail.queue.client import AsyncQueueClient
 from eqmail.smtp import actions as A
@@ -153,7 +154,7 @@ class Listener:
         fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
-                os.write(fd, b"%d\n" % self.sessions)
+                os.write(fd, SessionCount(self.sessions).encode())
             except OSError:
                 pass
 
@@ -163,7 +164,7 @@ class Listener:
         fd = self.ctx.settings.status_fd
         if fd >= 0:
             try:
-                os.write(fd, b"closed\n")
+                os.write(fd, Closed().encode())
             except OSError:
                 pass
 

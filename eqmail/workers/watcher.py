@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 
+from eqmail.ipc.worker import ControlChanged
 from eqmail.log import log
 from eqmail.workers.base import WatcherSettings, WorkerContext
 
@@ -65,7 +66,7 @@ def run(ctx: WorkerContext[WatcherSettings]) -> int:
         if stop.is_set():
             break
         try:
-            os.write(notify_fd, b"C")
+            os.write(notify_fd, ControlChanged().encode())
         except OSError as e:
             log(f"warning: control watcher cannot notify the supervisor: {e.strerror}")
     observer.stop()
