@@ -26,7 +26,6 @@ calling worker, whose boundary turns it into a deferral.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import selectors
@@ -44,17 +43,12 @@ from eqmail import textio
 from eqmail.delivery import dotqmail, maildir, mbox
 from eqmail.delivery.dotqmail import Forward, ForwardOnly, Instruction, Maildir, Mbox, Program
 from eqmail.errors import ControlFileError
-
-
-class ReportKind(enum.Enum):
-    SUCCESS = "K"
-    TEMPORARY = "Z"
-    PERMANENT = "D"
+from eqmail.ipc.delivery import Verdict
 
 
 @dataclass(frozen=True)
 class Report:
-    kind: ReportKind
+    kind: Verdict
     text: str  # exactly what qmail-local prints: every line ends with "\n"
 
 
@@ -71,7 +65,7 @@ class LocalJob:
 
 
 #: (newsender, recipients, Delivered-To line, message at offset 0) -> (kind, text, qp)
-Forwarder = Callable[[str, Sequence[str], bytes, BinaryIO], tuple[ReportKind, str, int | None]]
+Forwarder = Callable[[str, Sequence[str], bytes, BinaryIO], tuple[Verdict, str, int | None]]
 
 REPORT_LIMIT = 3000
 TOO_LONG = b"\nError report too long, sorry.\n"
@@ -96,14 +90,14 @@ _ATOM = frozenset(
 class _Failure(Exception):
     """Ends the delivery (qmail-local's exit 111 or 100)."""
 
-    def __init__(self, kind: ReportKind, text: str = "") -> None:
+    def __init__(self, kind: Verdict, text: str = "") -> None:
         super().__init__(text)
         self.kind = kind
         self.text = text
 
 
 def _temporary(text: str) -> _Failure:
-    return _Failure(ReportKind.TEMPORARY, text)
+    return _Failure(Verdict.DEFERRAL, text)
 
 
 class _Output:
@@ -294,7 +288,7 @@ def _check_loop(message: _Message, dtline: bytes) -> None:
                         return  # end of header
                     if complete and piece == dtline:
                         raise _Failure(
-                            ReportKind.PERMANENT,
+                            Verdict.FAILURE,
                             "This message is looping: it already has my Delivered-To line. "
                             "(#5.4.6)",
                         )
@@ -320,7 +314,7 @@ def _plan(job: LocalJob) -> _Plan:
         )
     except dotqmail.NoMailbox as exc:
         # The same rule decides the SMTP listener's RCPT check (eqmail.delivery.mailbox).
-        raise _Failure(ReportKind.PERMANENT, exc.text) from exc
+        raise _Failure(Verdict.FAILURE, exc.text) from exc
     except dotqmail.DotQmailError as exc:
         raise _temporary(exc.text) from exc
     default = found.default if found is not None else None
@@ -376,11 +370,11 @@ def _run_program(
     if status < 0:
         raise _temporary("Aack, child crashed. (#4.3.0)")
     if status in PERMANENT_EXIT_CODES:
-        raise _Failure(ReportKind.PERMANENT)
+        raise _Failure(Verdict.FAILURE)
     if status == EXIT_STOP:
         return True
     if status != 0:
-        raise _Failure(ReportKind.TEMPORARY)
+        raise _Failure(Verdict.DEFERRAL)
     return False
 
 
@@ -508,9 +502,9 @@ def _forward(forwarder: Forwarder, newsender: str, recipients: list[str],
             kind, text, qp = forwarder(newsender, tuple(recipients), textio.encode(dtline), handle)
     except OSError as exc:
         raise _temporary(f"Unable to forward message: {exc.strerror or exc}.") from exc
-    if kind is ReportKind.SUCCESS:
+    if kind is Verdict.SUCCESS:
         return qp
-    failed = ReportKind.PERMANENT if kind is ReportKind.PERMANENT else ReportKind.TEMPORARY
+    failed = Verdict.FAILURE if kind is Verdict.FAILURE else Verdict.DEFERRAL
     raise _Failure(failed, f"Unable to forward message: {text}.")
 
 
@@ -556,4 +550,4 @@ def deliver(
     out.write(f"did {counts.files}+{counts.forwards}+{counts.programs}\n".encode())
     if qp:
         out.write(f"qp {qp}\n".encode())
-    return Report(ReportKind.SUCCESS, out.render())
+    return Report(Verdict.SUCCESS, out.render())

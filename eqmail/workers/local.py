@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 
 from eqmail.control.assign import UserEntry
-from eqmail.delivery.local import ReportKind
 from eqmail.delivery.mailbox import LocalUsers
 from eqmail.ipc import ProtocolError
 from eqmail.ipc.delivery import (
@@ -49,8 +48,6 @@ from eqmail.workers.deliveryserver import DeliveryServer
 
 CHILD_IDLE = 60.0
 #: qmail-local's report kinds as the delivery protocol's verdicts
-VERDICTS = {ReportKind.SUCCESS: Verdict.SUCCESS, ReportKind.TEMPORARY: Verdict.DEFERRAL,
-            ReportKind.PERMANENT: Verdict.FAILURE}
 CRASHED = Outcome(Verdict.DEFERRAL, "qmail-local crashed.")
 CANNOT_RUN = Outcome(Verdict.DEFERRAL, "Unable to run qmail-local.")
 
@@ -270,7 +267,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSet
             try:
                 report = deliver(job, message, forwarder, hostname=None,
                                  program_limit=ctx.controls.timeoutprogram)
-                outcome = Outcome(VERDICTS[report.kind], report.text)
+                outcome = Outcome(report.kind, report.text)
             except Exception as e:  # our bug must never bounce mail: defer
                 log(f"warning: local delivery raised {e!r}")
                 outcome = _defer("Temporary failure in local delivery. (#4.3.0)")
@@ -283,8 +280,8 @@ def make_forwarder(ctx: WorkerContext[LocalSettings]):  # type: ignore[no-untype
     def forward(sender, recipients, prefix, message):  # type: ignore[no-untyped-def]
         res = submit(ctx.instance.root, sender, list(recipients), message, prefix=prefix)
         if res.ok:
-            return ReportKind.SUCCESS, "", res.qp
-        kind = ReportKind.PERMANENT if res.permanent else ReportKind.TEMPORARY
+            return Verdict.SUCCESS, "", res.qp
+        kind = Verdict.FAILURE if res.permanent else Verdict.DEFERRAL
         return kind, res.text, None
 
     return forward

@@ -21,12 +21,12 @@ from eqmail.delivery import maildir, mbox
 from eqmail.delivery.local import (
     LocalJob,
     Report,
-    ReportKind,
     ctime_gmt,
     deliver,
     envelope_lines,
     quote_address,
 )
+from eqmail.ipc.delivery import Verdict
 
 NOW = 1_700_000_000.0  # Tue Nov 14 22:13:20 2023 GMT
 MESSAGE = b"Subject: hi\n\nFrom here on\n>From there\nbody\n"
@@ -38,7 +38,7 @@ UF = b"From a@b.example Tue Nov 14 22:13:20 2023\n"
 class Recorder:
     """A forwarder that remembers its calls and returns a fixed result."""
 
-    def __init__(self, result: tuple[ReportKind, str, int | None] = (ReportKind.SUCCESS, "", 4242)):
+    def __init__(self, result: tuple[Verdict, str, int | None] = (Verdict.SUCCESS, "", 4242)):
         self.calls: list[tuple[str, tuple[str, ...], bytes, bytes]] = []
         self.result = result
 
@@ -121,7 +121,7 @@ def test_ctime_day_is_zero_padded() -> None:
 def test_default_delivery_to_maildir_exact_bytes(home: Path, tmp_path: Path) -> None:
     box = make_maildir(home / "Maildir")
     report = run(home, tmp_path, local="joe", dash="", ext="")
-    assert report == Report(ReportKind.SUCCESS, "did 1+0+0\n")
+    assert report == Report(Verdict.SUCCESS, "did 1+0+0\n")
     [path] = new_files(box)
     assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+\.mx\.test", path.name)
     assert path.read_bytes() == RP + b"Delivered-To: joe@example.org\n" + MESSAGE
@@ -139,7 +139,7 @@ def test_two_maildir_lines_to_same_maildir_get_distinct_names(home: Path, tmp_pa
 def test_maildir_missing_is_temporary(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "./nobox/\n")
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY, "Unable to chdir to maildir. (#4.2.1)\n"
+        Verdict.DEFERRAL, "Unable to chdir to maildir. (#4.2.1)\n"
     )
 
 
@@ -164,7 +164,7 @@ def test_empty_dotqmail_uses_default_delivery(home: Path, tmp_path: Path) -> Non
 def test_no_dotqmail_with_dash_bounces(home: Path, tmp_path: Path) -> None:
     make_maildir(home / "Maildir")
     assert run(home, tmp_path) == Report(
-        ReportKind.PERMANENT, "Sorry, no mailbox here by that name. (#5.1.1)\n"
+        Verdict.FAILURE, "Sorry, no mailbox here by that name. (#5.1.1)\n"
     )
 
 
@@ -172,7 +172,7 @@ def test_message_without_fileno_is_spooled(home: Path) -> None:
     box = make_maildir(home / "Maildir")
     report = deliver(job(home, local="joe", dash="", ext=""), io.BytesIO(MESSAGE), Recorder(),
                      hostname="h", now=NOW)
-    assert report.kind is ReportKind.SUCCESS
+    assert report.kind is Verdict.SUCCESS
     assert new_files(box)[0].read_bytes().endswith(MESSAGE)
 
 
@@ -197,7 +197,7 @@ def test_mbox_exact_bytes_and_append(home: Path, tmp_path: Path) -> None:
 def test_mbox_open_error_is_temporary(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "./no/such/dir/mbox\n")
     report = run(home, tmp_path)
-    assert report.kind is ReportKind.TEMPORARY
+    assert report.kind is Verdict.DEFERRAL
     assert report.text.startswith("Unable to open ./no/such/dir/mbox: ")
     assert report.text.endswith(". (#4.2.1)\n")
 
@@ -298,7 +298,7 @@ def test_program_environment_and_stdin(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-list-foo-bar-baz-owner", "&owner@x\n")
     report = run(home, tmp_path, local="joe-list-Foo-bar-baz", ext="list-Foo-bar-baz",
                  sender="a@b.example")
-    assert report == Report(ReportKind.SUCCESS, f"ran\n{home}\ndid 0+0+1\n")
+    assert report == Report(Verdict.SUCCESS, f"ran\n{home}\ndid 0+0+1\n")
     assert (home / "got").read_bytes() == MESSAGE  # no Return-Path / Delivered-To added
     env = dict(item.split("=", 1) for item in (home / "env").read_text().split("\0") if item)
     expected = {
@@ -320,7 +320,7 @@ def test_program_env_without_default_and_deep_host(home: Path, tmp_path: Path) -
             LocalJob("joe", str(home), "joe-foo", "-", "foo", "a.b.c.d.e", "", "./Maildir/"),
             msg, Recorder(), base_env={"PATH": os.environ.get("PATH", "/bin"), "DEFAULT": "x"},
         )
-    assert report.kind is ReportKind.SUCCESS
+    assert report.kind is Verdict.SUCCESS
     env = dict(item.split("=", 1) for item in (home / "env").read_text().split("\0") if item)
     assert "DEFAULT" not in env
     assert (env["HOST2"], env["HOST3"], env["HOST4"]) == ("a.b.c.d", "a.b.c", "a.b")
@@ -331,10 +331,10 @@ def test_program_env_without_default_and_deep_host(home: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("code", "kind"),
-    [(100, ReportKind.PERMANENT), (64, ReportKind.PERMANENT), (112, ReportKind.PERMANENT),
-     (111, ReportKind.TEMPORARY), (1, ReportKind.TEMPORARY), (75, ReportKind.TEMPORARY)],
+    [(100, Verdict.FAILURE), (64, Verdict.FAILURE), (112, Verdict.FAILURE),
+     (111, Verdict.DEFERRAL), (1, Verdict.DEFERRAL), (75, Verdict.DEFERRAL)],
 )
-def test_program_exit_codes(home: Path, tmp_path: Path, code: int, kind: ReportKind) -> None:
+def test_program_exit_codes(home: Path, tmp_path: Path, code: int, kind: Verdict) -> None:
     box = make_maildir(home / "Maildir")
     recorder = Recorder()
     write(home, ".qmail-foo", f"&fwd@x\n|echo said {code}; exit {code}\n./Maildir/\n")
@@ -346,7 +346,7 @@ def test_program_exit_codes(home: Path, tmp_path: Path, code: int, kind: ReportK
 def test_program_killed_by_signal(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "|echo dying; kill -9 $$\n")
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY, "dying\nAack, child crashed. (#4.3.0)\n"
+        Verdict.DEFERRAL, "dying\nAack, child crashed. (#4.3.0)\n"
     )
 
 
@@ -355,7 +355,7 @@ def test_exit_99_stops_but_forwards_still_go(home: Path, tmp_path: Path) -> None
     recorder = Recorder()
     write(home, ".qmail-foo", "&one@x\n|cat > /dev/null; exit 99\n./Maildir/\n&two@x\n")
     assert run(home, tmp_path, forwarder=recorder) == Report(
-        ReportKind.SUCCESS, "did 0+1+1\nqp 4242\n"
+        Verdict.SUCCESS, "did 0+1+1\nqp 4242\n"
     )
     assert new_files(box) == []
     assert recorder.calls == [("a@b.example", ("one@x",), DT, MESSAGE)]
@@ -364,7 +364,7 @@ def test_exit_99_stops_but_forwards_still_go(home: Path, tmp_path: Path) -> None
 def test_program_output_report_is_cut_to_3000_bytes(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "|head -c 100000 /dev/zero | tr '\\0' x; exit 100\n")
     report = run(home, tmp_path)
-    assert report.kind is ReportKind.PERMANENT
+    assert report.kind is Verdict.FAILURE
     assert len(report.text) == 3000
     assert report.text.endswith("x\nError report too long, sorry.\n")
 
@@ -385,12 +385,12 @@ def test_forwards_collected_and_sent_once_with_dtline(home: Path, tmp_path: Path
     recorder = Recorder()
     write(home, ".qmail-foo", "# list\n&a@x\nb@y\n")
     report = run(home, tmp_path, forwarder=recorder)
-    assert report == Report(ReportKind.SUCCESS, "did 0+2+0\nqp 4242\n")
+    assert report == Report(Verdict.SUCCESS, "did 0+2+0\nqp 4242\n")
     assert recorder.calls == [("a@b.example", ("a@x", "b@y"), DT, MESSAGE)]
 
 
 def test_forward_sender_is_newsender_verp(home: Path, tmp_path: Path) -> None:
-    recorder = Recorder((ReportKind.SUCCESS, "", None))
+    recorder = Recorder((Verdict.SUCCESS, "", None))
     write(home, ".qmail-foo", "&a@x\n")
     write(home, ".qmail-foo-owner", "&owner@x\n")
     write(home, ".qmail-foo-owner-default", "&owner@x\n")
@@ -399,11 +399,11 @@ def test_forward_sender_is_newsender_verp(home: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "expected"), [(ReportKind.TEMPORARY, ReportKind.TEMPORARY),
-                           (ReportKind.PERMANENT, ReportKind.PERMANENT)],
+    ("kind", "expected"), [(Verdict.DEFERRAL, Verdict.DEFERRAL),
+                           (Verdict.FAILURE, Verdict.FAILURE)],
 )
-def test_forward_failure(home: Path, tmp_path: Path, kind: ReportKind,
-                         expected: ReportKind) -> None:
+def test_forward_failure(home: Path, tmp_path: Path, kind: Verdict,
+                         expected: Verdict) -> None:
     write(home, ".qmail-foo", "&a@x\n")
     recorder = Recorder((kind, "qq write error or disk full (#4.3.0)", None))
     assert run(home, tmp_path, forwarder=recorder) == Report(
@@ -424,7 +424,7 @@ def test_x_bit_forward_only(home: Path, tmp_path: Path, line: str, text: str) ->
     make_maildir(home / "Maildir")
     recorder = Recorder()
     write(home, ".qmail-foo", f"&a@x\n{line}\n", 0o700)
-    assert run(home, tmp_path, forwarder=recorder) == Report(ReportKind.TEMPORARY, text)
+    assert run(home, tmp_path, forwarder=recorder) == Report(Verdict.DEFERRAL, text)
     assert recorder.calls == []
 
 
@@ -436,7 +436,7 @@ def test_x_bit_with_only_forwards_is_fine(home: Path, tmp_path: Path) -> None:
 def test_plus_list_switches_to_forward_only(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "|echo before\n+list\n|echo after\n")
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY,
+        Verdict.DEFERRAL,
         "before\nUh-oh: .qmail has prog delivery but has x bit set. (#4.7.0)\n",
     )
 
@@ -448,7 +448,7 @@ def test_loop_detection_is_permanent(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "|echo must not run\n")
     looped = b"Received: x\n" + DT + b"Subject: y\n\nbody\n"
     assert run(home, tmp_path, looped) == Report(
-        ReportKind.PERMANENT,
+        Verdict.FAILURE,
         "This message is looping: it already has my Delivered-To line. (#5.4.6)\n",
     )
 
@@ -462,41 +462,41 @@ def test_loop_detection_is_permanent(home: Path, tmp_path: Path) -> None:
 )
 def test_no_false_loops(home: Path, tmp_path: Path, data: bytes) -> None:
     write(home, ".qmail-foo", "|cat > /dev/null\n")
-    assert run(home, tmp_path, data).kind is ReportKind.SUCCESS
+    assert run(home, tmp_path, data).kind is Verdict.SUCCESS
 
 
 def test_writable_home(home: Path, tmp_path: Path) -> None:
     os.chmod(home, 0o703)
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY, "Uh-oh: home directory is writable. (#4.7.0)\n"
+        Verdict.DEFERRAL, "Uh-oh: home directory is writable. (#4.7.0)\n"
     )
 
 
 def test_sticky_home(home: Path, tmp_path: Path) -> None:
     os.chmod(home, 0o1700)
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY,
+        Verdict.DEFERRAL,
         "Home directory is sticky: user is editing his .qmail file. (#4.2.1)\n",
     )
 
 
 def test_missing_home(tmp_path: Path) -> None:
     report = run(tmp_path / "gone", tmp_path)
-    assert report.kind is ReportKind.TEMPORARY
+    assert report.kind is Verdict.DEFERRAL
     assert report.text.startswith(f"Unable to switch to {tmp_path / 'gone'}: ")
 
 
 def test_writable_dotqmail(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "&a@x\n", 0o606)
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY, "Uh-oh: .qmail file is writable. (#4.7.0)\n"
+        Verdict.DEFERRAL, "Uh-oh: .qmail file is writable. (#4.7.0)\n"
     )
 
 
 def test_first_line_blank(home: Path, tmp_path: Path) -> None:
     write(home, ".qmail-foo", "\n&a@x\n")
     assert run(home, tmp_path) == Report(
-        ReportKind.TEMPORARY, "Uh-oh: first line of .qmail file is blank. (#4.2.1)\n"
+        Verdict.DEFERRAL, "Uh-oh: first line of .qmail file is blank. (#4.2.1)\n"
     )
 
 

@@ -19,8 +19,9 @@ from types import SimpleNamespace
 import pytest
 
 from eqmail.control.assign import Assign
-from eqmail.delivery.local import LocalJob, ReportKind, deliver
+from eqmail.delivery.local import LocalJob, deliver
 from eqmail.delivery.mailbox import LocalUsers, Mailbox, lookup
+from eqmail.ipc.delivery import Verdict
 from eqmail.queue.rewrite import RewriteRules
 
 ME = "mx.example.org"
@@ -70,7 +71,7 @@ class World:
     def check(self, address: str) -> Mailbox:
         return lookup(address, self.rules, self.users, getpwnam=self.getpwnam).verdict
 
-    def delivery(self, address: str) -> ReportKind:
+    def delivery(self, address: str) -> Verdict:
         """What qmail-local says for the same address (the scanner's rewrite, the
         spawner's resolve, then deliver); every .qmail here says ./Maildir/."""
         from eqmail.queue.rewrite import rewrite
@@ -83,12 +84,12 @@ class World:
         job = LocalJob(user.user, user.home, local, user.dash, user.ext, domain, "s@x.example",
                        "./Maildir/")
         report = deliver(job, io.BytesIO(b"Subject: t\n\nx\n"), _no_forwards)
-        if report.kind is ReportKind.PERMANENT:
+        if report.kind is Verdict.FAILURE:
             assert report.text == "Sorry, no mailbox here by that name. (#5.1.1)\n"
         return report.kind
 
 
-def _no_forwards(*_args: object) -> tuple[ReportKind, str, int | None]:
+def _no_forwards(*_args: object) -> tuple[Verdict, str, int | None]:
     raise AssertionError("no forwards here")
 
 
@@ -106,7 +107,7 @@ def world() -> Iterator[World]:
 
 def agree(world: World, address: str, expected: Mailbox) -> None:
     assert world.check(address) is expected, address
-    want = ReportKind.PERMANENT if expected is Mailbox.UNKNOWN else ReportKind.SUCCESS
+    want = Verdict.FAILURE if expected is Mailbox.UNKNOWN else Verdict.SUCCESS
     assert world.delivery(address) is want, address
 
 

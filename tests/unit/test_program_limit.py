@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from harness import group_members, poll
 
-from eqmail.delivery.local import LocalJob, Report, ReportKind, deliver
+from eqmail.delivery.local import LocalJob, Report, deliver
+from eqmail.ipc.delivery import Verdict
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def no_forward(*_args: object) -> tuple[ReportKind, str, int | None]:
+def no_forward(*_args: object) -> tuple[Verdict, str, int | None]:
     raise AssertionError("no forward expected")
 
 
@@ -39,7 +40,7 @@ def test_hung_program_group_is_killed_and_deferred(tmp_path: Path) -> None:
     line = ("|trap '' TERM; echo $$ > pgid; echo partial output; "
             "(exec >/dev/null 2>&1; sleep 100000) & sleep 100000 & sleep 100000")
     report, took = run_program(tmp_path, line, limit=1)
-    assert report.kind is ReportKind.TEMPORARY
+    assert report.kind is Verdict.DEFERRAL
     assert report.text == ("partial output\n"
                            "Timeout: program ran longer than 1 seconds. (#4.3.0)\n")
     assert 1 <= took < 15, took  # the limit, the SIGTERM grace, then SIGKILL
@@ -50,7 +51,7 @@ def test_hung_program_group_is_killed_and_deferred(tmp_path: Path) -> None:
 
 def test_program_that_exits_within_the_limit_is_not_touched(tmp_path: Path) -> None:
     report, _ = run_program(tmp_path, "|sleep 0.3; echo fine", limit=5)
-    assert report == Report(ReportKind.SUCCESS, "fine\ndid 0+0+1\n")
+    assert report == Report(Verdict.SUCCESS, "fine\ndid 0+0+1\n")
 
 
 def test_background_child_holding_the_pipe_does_not_hold_the_delivery(tmp_path: Path) -> None:
@@ -59,7 +60,7 @@ def test_background_child_holding_the_pipe_does_not_hold_the_delivery(tmp_path: 
     line = "|echo $$ > pgid; sleep 100000 & echo started; exit 0"
     report, took = run_program(tmp_path, line, limit=100)
     try:
-        assert report == Report(ReportKind.SUCCESS, "started\ndid 0+0+1\n")
+        assert report == Report(Verdict.SUCCESS, "started\ndid 0+0+1\n")
         assert took < 10, took
     finally:
         pgid = int((tmp_path / "home" / "pgid").read_text())
@@ -70,7 +71,7 @@ def test_background_child_holding_the_pipe_does_not_hold_the_delivery(tmp_path: 
 def test_exit_status_still_decides_after_a_background_child(tmp_path: Path) -> None:
     report, took = run_program(tmp_path, "|echo $$ > pgid; sleep 100000 & exit 100", limit=100)
     try:
-        assert report.kind is ReportKind.PERMANENT and took < 10
+        assert report.kind is Verdict.FAILURE and took < 10
     finally:
         for pid in group_members(int((tmp_path / "home" / "pgid").read_text())):
             os.kill(pid, 9)
