@@ -193,13 +193,7 @@ class StdioSession:
         assert self.message is not None and self.envelope is not None
         message, self.message = self.message, None
         result = message.finish(self.envelope.sender, list(self.envelope.recipients))
-        if result.ok:
-            outcome = A.QueueOutcome(A.QueueStatus.ACCEPTED, qp=result.qp or 0)
-        elif result.permanent:
-            outcome = A.QueueOutcome(A.QueueStatus.REJECTED, text=result.text)
-        else:
-            outcome = A.QueueOutcome(A.QueueStatus.DEFERRED, text=result.text)
-        return self.session.queue_result(outcome)
+        return self.session.queue_result(A.QueueOutcome.of(result))
 
 
 def run_stdio(root: Path) -> int:

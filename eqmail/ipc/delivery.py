@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from eqmail.ipc import MAX_FRAME, SLOT_MAX, ProtocolError, frame
 from eqmail.textio import decode, encode
@@ -242,9 +242,10 @@ class _Empty:
         return frame(self.KIND)
 
     @classmethod
-    def _check(cls, payload: bytes) -> None:
+    def decode(cls, payload: bytes) -> Self:
         if payload:
             raise ProtocolError(f"frame {cls.KIND!r} must be empty")
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -253,22 +254,12 @@ class Attach(_Empty):
 
     KIND: ClassVar[bytes] = b"A"
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Attach:
-        cls._check(payload)
-        return cls()
-
 
 @dataclass(frozen=True)
 class EndOfList(_Empty):
     """``e``: the end of the list that answers :class:`Attach`."""
 
     KIND: ClassVar[bytes] = b"e"
-
-    @classmethod
-    def decode(cls, payload: bytes) -> EndOfList:
-        cls._check(payload)
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -277,22 +268,12 @@ class Detach(_Empty):
 
     KIND: ClassVar[bytes] = b"Q"
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Detach:
-        cls._check(payload)
-        return cls()
-
 
 @dataclass(frozen=True)
 class Detached(_Empty):
     """``q``: answers :class:`Detach`; nothing more comes on this connection."""
 
     KIND: ClassVar[bytes] = b"q"
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Detached:
-        cls._check(payload)
-        return cls()
 
 
 @dataclass(frozen=True)

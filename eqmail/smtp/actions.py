@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from eqmail.ipc.hooks import HookOutcome as HookOutcome
 from eqmail.ipc.hooks import HookStage as HookStage
@@ -132,6 +133,20 @@ Action = (Send | Close | StartTLS | BeginMessage | MessageData | EndMessage | Ab
           | CheckPassword | CheckClientCert | CheckMailbox | Log | RunHook | Delay)
 
 
+class QueueResult(Protocol):
+    """The queue writer's answer as its client reports it (eqmail.queue.client's
+    SubmitResult), seen from the session."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def permanent(self) -> bool: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def qp(self) -> int | None: ...
+
+
 class QueueStatus(Enum):
     ACCEPTED = "accepted"   # -> 250 ok <time> qp <qp>
     REJECTED = "rejected"   # qmail-queue ``D<text>`` -> 554 <text>
@@ -143,5 +158,14 @@ class QueueOutcome:
     status: QueueStatus
     qp: int = 0             # shown as ``qp <qp>`` (qmail: the qmail-queue pid)
     text: str = ""          # for REJECTED / DEFERRED, e.g. ``qqt failure (#4.3.0)``
+
+    @classmethod
+    def of(cls, result: QueueResult) -> QueueOutcome:
+        """What the queue writer's answer (eqmail.queue.client) means for the session."""
+        if result.ok:
+            return cls(QueueStatus.ACCEPTED, qp=result.qp or 0)
+        if result.permanent:
+            return cls(QueueStatus.REJECTED, text=result.text)
+        return cls(QueueStatus.DEFERRED, text=result.text)
 
 

@@ -420,13 +420,7 @@ class Connection:
         msg, self.message = self.message, None
         await self._drain()  # replies before the 250 go out first
         result = await self.queue.finish(msg.sender, list(msg.recipients))
-        if result.ok:
-            outcome = A.QueueOutcome(A.QueueStatus.ACCEPTED, qp=result.qp or 0)
-        elif result.permanent:
-            outcome = A.QueueOutcome(A.QueueStatus.REJECTED, text=result.text)
-        else:
-            outcome = A.QueueOutcome(A.QueueStatus.DEFERRED, text=result.text)
-        return self.session.queue_result(outcome)
+        return self.session.queue_result(A.QueueOutcome.of(result))
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
         ip = self.env["TCPREMOTEIP"]
