@@ -1,9 +1,10 @@
 """The before-remote hook (eQmail's qmail-bfrmt), done safely: its rules, without the I/O.
 
 Owns: the format of ``control/beforemote``, the environment and bounds every hook
-command runs with, and the outcomes (with qmail-style texts) a hook can produce.  Pure: the commands run in the
-plugin sandbox worker (eqmailp; eqmail.spp.beforemote), which the remote delivery
-worker (eqmailr) reaches through eqmail.spp.bfrmtclient; both apply the rules here.
+command runs with, and the outcomes (with qmail-style texts) a hook can produce.
+Pure: the commands run in the plugin sandbox worker (eqmailp; eqmail.spp.beforemote),
+which the remote delivery worker (eqmailr) reaches through eqmail.spp.bfrmtclient;
+both apply the rules here.
 
 Format of ``control/beforemote`` (eqmail's, not eQmail's shell fragment): one command
 per line, ``#`` lines and empty lines ignored.  Each command runs as
@@ -64,7 +65,8 @@ def exit_outcome(cmd: str, status: int, stderr: bytes) -> Outcome:
     if status < 0:
         return _deferral(f"before-remote hook {name} crashed (signal {-status}); will retry. "
                          f"(#4.3.0){tail}")
-    return _deferral(f"before-remote hook {name} failed (exit {status}); will retry. (#4.3.0){tail}")
+    return _deferral(f"before-remote hook {name} failed (exit {status}); will retry. "
+                     f"(#4.3.0){tail}")
 
 
 def not_started(cmd: str, why: str) -> Outcome:

@@ -28,8 +28,8 @@ with the 220 to STARTTLS — Exim's CVE-2021-38371 —, anywhere) can never be t
 answer to a later command, and only a well-formed 2xx to the end of data reports the
 message accepted.  A server that breaks this gets a deferral (retry later).
 
-Failures: terminal message outcomes travel as :class:`Quit`; :class:`TryNext` = a 4xx greeting
-(try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
+Failures: terminal message outcomes travel as :class:`Quit`; :class:`TryNext` = a 4xx
+greeting (try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
 STARTTLS handshake failed (the caller reconnects to the same address in clear text
 once: DESIGN, Postfix's behaviour); a dead, silent or garbled peer is
 :class:`Dropped` (eqmail.smtp.transport's), one that breaks the lockstep or the reply

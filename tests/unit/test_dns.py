@@ -145,3 +145,11 @@ def test_order_mx_is_stable_by_preference() -> None:
     assert order_mx(recs, random.Random(3)) == [(10, "a"), (20, "b"), (30, "c")]
 
 
+
+
+def test_permanence_agrees_with_the_enhanced_code() -> None:
+    """qmail-remote's perm_* texts carry a #5.x.x code, its temp_* ones a #4.x.x."""
+    for problem in (edns.TEMP_DNS, edns.PERM_NOMX, edns.TEMP_CNAME, edns.PERM_AMBIGMX,
+                    edns.perm_dns("x.test")):
+        assert ("(#5." in problem.text) is problem.permanent, problem
+        assert ("(#4." in problem.text) is not problem.permanent, problem
