@@ -12,9 +12,11 @@ preferences in random order, for each host all its AAAA addresses then all its A
 addresses (CNAME chains followed), i.e. IPv6 first (qmail-core §4.2, eQmail §8 with
 eQmail's "first A record only" bug fixed).
 
-Failures: :class:`DnsFailure` carrying the complete qmail-remote report, e.g.
-``ZSorry, I couldn't find any host by that name. (#4.1.2)\\n``.  A soft failure
-(timeout, SERVFAIL) on some MX hosts is tolerated while any address was found.
+Failures: :class:`DnsFailure` with a :class:`DnsProblem` — permanent or temporary, and
+qmail-remote's text, e.g. ``Sorry, I couldn't find any host by that name. (#4.1.2)\\n``
+(temporary).  Remote delivery makes it a failure or a deferral: this foundation module
+knows no delivery verdicts.  A soft failure (timeout, SERVFAIL) on some MX hosts is
+tolerated while any address was found.
 
 Bounds: each query has ``lifetime`` seconds, one resolution ``3 * lifetime`` in all;
 at most MAX_MX exchangers, MAX_ADDRS addresses per name and MAX_TOTAL in all are used;
@@ -43,28 +45,39 @@ MAX_CNAME_HOPS = 10
 PREF_ROUTE = 300000  # qmail-remote: with a route every address is tried
 PREF_CNAME = 500000  # ... and when the recipient domain was an alias
 
-TEMP_DNS = "ZSorry, I couldn't find any host by that name. (#4.1.2)\n"
-PERM_NOMX = "DSorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n"
-TEMP_CNAME = "ZCNAME lookup failed temporarily. (#4.4.3)\n"
-PERM_AMBIGMX = ("DSorry. Although I'm listed as a best-preference MX or A for that host,\n"
-                "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)\n")
+
+@dataclass(frozen=True)
+class DnsProblem:
+    """Why a resolution failed: ``permanent`` (qmail-remote's perm_*, the mail bounces)
+    or temporary (temp_*, retried), and qmail-remote's ``text``."""
+
+    permanent: bool
+    text: str
 
 
-def perm_dns(host: str) -> str:
-    return f"DSorry, I couldn't find any host named {safe(host)}. (#5.1.2)\n"
+class DnsFailure(Exception):
+    """Resolution failed, for the reason ``problem``."""
+
+    def __init__(self, problem: DnsProblem) -> None:
+        super().__init__(problem.text)
+        self.problem = problem
+
+
+TEMP_DNS = DnsProblem(False, "Sorry, I couldn't find any host by that name. (#4.1.2)\n")
+PERM_NOMX = DnsProblem(True, "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n")
+TEMP_CNAME = DnsProblem(False, "CNAME lookup failed temporarily. (#4.4.3)\n")
+PERM_AMBIGMX = DnsProblem(
+    True, "Sorry. Although I'm listed as a best-preference MX or A for that host,\n"
+          "it isn't in my control/locals file, so I don't treat it as local. (#5.4.6)\n")
+
+
+def perm_dns(host: str) -> DnsProblem:
+    return DnsProblem(True, f"Sorry, I couldn't find any host named {safe(host)}. (#5.1.2)\n")
 
 
 def safe(text: str) -> str:
     """qmail-remote's outsafe(): unprintable characters of echoed names become ``?``."""
     return "".join(c if " " <= c < "\x7f" or c > "\x9f" else "?" for c in text)
-
-
-class DnsFailure(Exception):
-    """Resolution failed; ``report`` is qmail-remote's full K/Z/D message report."""
-
-    def __init__(self, report: str) -> None:
-        super().__init__(report)
-        self.report = report
 
 
 class _Soft(Exception):

@@ -1,9 +1,10 @@
 """The before-remote hook (eQmail's qmail-bfrmt), done safely: its rules, without the I/O.
 
 Owns: the format of ``control/beforemote``, the environment and bounds every hook
-command runs with, and the reports a hook can produce.  Pure: the commands run in the
-plugin sandbox worker (eqmailp; eqmail.spp.beforemote), which the remote delivery
-worker (eqmailr) reaches through eqmail.spp.bfrmtclient; both apply the rules here.
+command runs with, and the outcomes (with qmail-style texts) a hook can produce.
+Pure: the commands run in the plugin sandbox worker (eqmailp; eqmail.spp.beforemote),
+which the remote delivery worker (eqmailr) reaches through eqmail.spp.bfrmtclient;
+both apply the rules here.
 
 Format of ``control/beforemote`` (eqmail's, not eQmail's shell fragment): one command
 per line, ``#`` lines and empty lines ignored.  Each command runs as
@@ -13,29 +14,24 @@ command text — with the working directory at the instance root, the message on
 and its stdout taken as the message to pass on.  Commands are chained: the output of
 one is the input of the next; the last output is what is sent.
 
-Reports (qmail-style, :func:`verdict`): exit 100 -> ``D`` (bounce), exit 111 or any
-other nonzero, a signal, a timeout, no output or too much output (more than
-:func:`output_limit`) -> ``Z`` (retry).
+Outcomes (:func:`exit_outcome` and the others here): exit 100 -> failure (bounce), exit
+111 or any other nonzero, a signal, a timeout, no output or too much output (more
+than :func:`output_limit`), a sandbox that cannot run the chain -> deferral (retry).
 """
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeAlias
 
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.log import sanitize
 
-
-@dataclass
-class HookResult:
-    """What the before-remote chain made of one recipient's copy of the message."""
-
-    output: BinaryIO | None  # the message to send (positioned at 0), or None
-    report: str = ""  # the Z/D report when output is None
-
+#: What the before-remote chain made of one recipient's copy of the message: the
+#: message to send (an open file positioned at 0), or the chain's failure or deferral.
+HookResult: TypeAlias = BinaryIO | Outcome
 
 #: The chain runner remote delivery is handed (eqmail.spp.bfrmtclient.run_chain, which
 #: talks to the sandbox): commands, host, sender, recipient, message, its size, the
@@ -56,18 +52,45 @@ def command_name(cmd: str) -> str:
     return sanitize(short)
 
 
-def verdict(cmd: str, status: int, stderr: bytes) -> str:
-    """The report for a command that exited with ``status`` (minus a signal number)."""
+def exit_outcome(cmd: str, status: int, stderr: bytes) -> Outcome:
+    """A command that exited with ``status`` (minus a signal number) other than 0."""
     name = command_name(cmd)
     said = sanitize(stderr.decode("utf-8", "replace").strip().split("\n")[0][:200])
     tail = f"\nhook said: {said}\n" if said else "\n"
     if status == 100:
-        return f"Dbefore-remote hook {name} refused the message (exit 100). (#5.3.0){tail}"
+        return Outcome(Verdict.FAILURE,
+                       f"before-remote hook {name} refused the message (exit 100). (#5.3.0){tail}")
     if status == -signal.SIGXFSZ:
-        return f"Zbefore-remote hook {name} produced too much output. (#4.3.0){tail}"
+        return _deferral(f"before-remote hook {name} produced too much output. (#4.3.0){tail}")
     if status < 0:
-        return f"Zbefore-remote hook {name} crashed (signal {-status}); will retry. (#4.3.0){tail}"
-    return f"Zbefore-remote hook {name} failed (exit {status}); will retry. (#4.3.0){tail}"
+        return _deferral(f"before-remote hook {name} crashed (signal {-status}); will retry. "
+                         f"(#4.3.0){tail}")
+    return _deferral(f"before-remote hook {name} failed (exit {status}); will retry. "
+                     f"(#4.3.0){tail}")
+
+
+def not_started(cmd: str, why: str) -> Outcome:
+    return _deferral(f"before-remote hook {command_name(cmd)} could not be started: {why}. "
+                     "(#4.3.0)\n")
+
+
+def timed_out(cmd: str) -> Outcome:
+    return _deferral(f"before-remote hook {command_name(cmd)} timed out; will retry. (#4.3.0)\n")
+
+
+def no_output(cmd: str) -> Outcome:
+    return _deferral(f"before-remote hook {command_name(cmd)} produced no output. (#4.3.0)\n")
+
+
+NOT_A_FILE = Outcome(Verdict.DEFERRAL,
+                     "before-remote hook: the message is not a regular file. (#4.3.0)\n")
+SANDBOX_FAILED = Outcome(Verdict.DEFERRAL, "before-remote hook failed in the sandbox. (#4.3.0)\n")
+UNAVAILABLE = Outcome(Verdict.DEFERRAL, "before-remote hook could not be run: sandbox unavailable; "
+                                        "will retry. (#4.3.0)\n")
+
+
+def _deferral(text: str) -> Outcome:
+    return Outcome(Verdict.DEFERRAL, text)
 
 
 def parse_commands(text: str | None) -> tuple[str, ...]:

@@ -6,7 +6,7 @@ choice of addresses (smtproutes, else MX with qmail's "am I an MX" rule, CNAME a
 route preferences), connecting with qmail-tcpto's memory of dead hosts, the TLS policy
 (tlshosts/, notlshosts/, the clear-text retry after a failed handshake), the SMTP
 transaction (eqmail.smtp.client) and reusing an idle connection for the next message
-to the same destination -- and the report qmail-rspawn would build from
+to the same destination -- and the outcome qmail-rspawn would build from
 qmail-remote's results for each recipient.
 
 Privilege: runs in the remote delivery worker (eqmailr), in its pool threads; reads
@@ -34,7 +34,7 @@ from eqmail.delivery import bfrmt
 from eqmail.delivery.nexthop import connect
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.instance import Instance
-from eqmail.ipc.delivery import Outcome
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.queue.layout import QueuePaths
@@ -44,17 +44,19 @@ from eqmail.smtp.client import (
     RetryClear,
     SmtpSession,
     TryNext,
-    dropped_text,
+    dropped,
     quote_address,
-    rspawn_report,
+    rspawn_outcome,
 )
 from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
 
 IDLE_SECONDS = 5.0  # how long an idle connection is kept for reuse
-TEMP_NOCONN = "ZSorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
-TEMP_READ = "ZUnable to read message. (#4.3.0)\n"
-TEMP_CONTROL = "ZUnable to read control files. (#4.3.0)\n"
-PERM_PARTIAL = "DSMTP cannot transfer messages with partial final lines. (#5.6.2)\n"
+TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
+                      "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+TEMP_READ = Outcome(Verdict.DEFERRAL, "Unable to read message. (#4.3.0)\n")
+TEMP_CONTROL = Outcome(Verdict.DEFERRAL, "Unable to read control files. (#4.3.0)\n")
+PERM_PARTIAL = Outcome(Verdict.FAILURE,
+                       "SMTP cannot transfer messages with partial final lines. (#5.6.2)\n")
 
 
 class ConnectionCache:
@@ -125,13 +127,13 @@ class RemoteJob:
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
                   recipients: list[str]) -> list[Outcome]:
-    """qmail-rspawn's report for each recipient (all of one message, sender, domain)."""
-    return [Outcome.from_report(r) for r in _reports(job, instance, msgid, sender, recipients)]
+    """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
+    its text cut to what a report carries."""
+    return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients)]
 
 
-def _reports(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-             recipients: list[str]) -> list[str]:
-    """The reports as qmail-remote's code writes them (K/Z/D + text), one per recipient."""
+def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
+              recipients: list[str]) -> list[Outcome]:
     root = instance.root
     try:
         fd = os.open(QueuePaths(instance.queue).mess(msgid), os.O_RDONLY | os.O_NOFOLLOW)
@@ -140,41 +142,41 @@ def _reports(job: RemoteJob, instance: Instance, msgid: int, sender: str,
     with os.fdopen(fd, "rb") as message:
         size = os.fstat(fd).st_size
         domain = recipients[0].rpartition("@")[2]
-        reports = [""] * len(recipients)
-        for idxs, body, failure in _bodies(job, root, domain, sender, recipients, message, size):
+        outcomes: dict[int, Outcome] = {}
+        for idxs, body in _bodies(job, root, domain, sender, recipients, message, size):
             try:
-                texts = [failure] * len(idxs) if body is None else _send(
+                got = [body] * len(idxs) if isinstance(body, Outcome) else _send(
                     job, domain, sender, [recipients[i] for i in idxs], body)
             finally:
-                if body is not None and body is not message:
+                if not isinstance(body, Outcome) and body is not message:
                     body.close()
-            for i, text in zip(idxs, texts, strict=True):
-                reports[i] = text
-    return reports
+            outcomes.update(zip(idxs, got, strict=True))
+    return [outcomes[i] for i in range(len(recipients))]  # _bodies places every one
 
 
 def _bodies(job: RemoteJob, root: Path, domain: str, sender: str, recipients: list[str],
-            message: BinaryIO, size: int) -> list[tuple[list[int], BinaryIO | None, str]]:
+            message: BinaryIO, size: int) -> list[tuple[list[int], BinaryIO | Outcome]]:
     """The message each recipient gets: the stored one, or what the before-remote hooks
-    made of it — recipients whose hook output is identical share one transaction."""
+    made of it — recipients whose hook output is identical share one transaction — or
+    the hooks' failure or deferral."""
     commands = job.controls.beforemote
     if not commands:
-        return [(list(range(len(recipients))), message, "")]
+        return [(list(range(len(recipients))), message)]
     groups: dict[bytes, tuple[list[int], BinaryIO]] = {}
-    out: list[tuple[list[int], BinaryIO | None, str]] = []
+    out: list[tuple[list[int], BinaryIO | Outcome]] = []
     for i, rcpt in enumerate(recipients):
         res = job.run_hooks(commands, domain, sender, rcpt, message, size, root,
                             job.controls.timeoutremote)
-        if res.output is None:
-            out.append(([i], None, res.report))
+        if isinstance(res, Outcome):
+            out.append(([i], res))
             continue
-        digest = _digest(res.output)
+        digest = _digest(res)
         if digest in groups:
             groups[digest][0].append(i)
-            res.output.close()
+            res.close()
         else:
-            groups[digest] = ([i], res.output)
-    return out + [(idxs, body, "") for idxs, body in groups.values()]
+            groups[digest] = ([i], res)
+    return out + [(idxs, body) for idxs, body in groups.values()]
 
 
 def _digest(f: BinaryIO) -> bytes:
@@ -196,8 +198,9 @@ def _partial_final_line(body: BinaryIO) -> bool:
     return last != b"\n"
 
 
-def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str], body: BinaryIO) -> list[str]:
-    """Resolve, connect and run one transaction: reports for these recipients."""
+def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str],
+          body: BinaryIO) -> list[Outcome]:
+    """Resolve, connect and run one transaction: outcomes for these recipients."""
     c = job.controls
     n = len(recipients)
     if _partial_final_line(body):
@@ -218,7 +221,8 @@ def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str], body:
             addrs = candidates(resolver.mx_addresses(domain), job.me,
                                PREF_CNAME if aliased else None)
     except DnsFailure as e:
-        return [e.report] * n
+        verdict = Verdict.FAILURE if e.problem.permanent else Verdict.DEFERRAL
+        return [Outcome(verdict, e.problem.text)] * n
     rcpts = [quote_address(r.rpartition("@")[0] + "@" + rcpt_domain) for r in recipients]
     port = route.port if route is not None else 25
     user = route.user if route is not None else None
@@ -226,10 +230,11 @@ def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str], body:
     ip_relay = relay_tls_name(route.relay) if route is not None else ""
     dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465)
              for a in addrs]
-    rcpt_reports, message = _deliver(job, dests, quote_address(sender) if sender else "", rcpts, body)
-    if rcpt_reports is None:
-        return [rspawn_report(None, message)] * n
-    return [rspawn_report(r, message) for r in rcpt_reports]
+    rcpt_outcomes, message = _deliver(job, dests, quote_address(sender) if sender else "",
+                                      rcpts, body)
+    if rcpt_outcomes is None:
+        return [rspawn_outcome(None, message)] * n
+    return [rspawn_outcome(r, message) for r in rcpt_outcomes]
 
 
 def relay_tls_name(relay: str) -> str:
@@ -247,7 +252,7 @@ def relay_tls_name(relay: str) -> str:
 
 
 def _deliver(job: RemoteJob, dests: list[Destination], sender: str, rcpts: list[str],
-             body: BinaryIO) -> tuple[list[str] | None, str]:
+             body: BinaryIO) -> tuple[list[Outcome] | None, Outcome]:
     """qmail-remote's connection loop: the first address that answers gets the message."""
     for dest in dests:
         if job.tcpto.blocked(dest.ip):
@@ -257,12 +262,12 @@ def _deliver(job: RemoteJob, dests: list[Destination], sender: str, rcpts: list[
             try:
                 session = _open(job, dest)
             except Quit as q:
-                return None, q.report
+                return None, q.outcome
             if session is None:
                 continue
         body.seek(0)
         try:
-            rcpt_reports, message = session.transaction(sender, rcpts, body)
+            rcpt_outcomes, message = session.transaction(sender, rcpts, body)
         except BaseException:  # e.g. the message became unreadable: never leak the socket
             session.close(send_quit=False)
             raise
@@ -270,12 +275,12 @@ def _deliver(job: RemoteJob, dests: list[Destination], sender: str, rcpts: list[
             job.cache.put(session)
         else:
             session.close(send_quit=False)
-        return rcpt_reports, message
+        return rcpt_outcomes, message
     return None, TEMP_NOCONN
 
 
 def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
-    """Connect and greet; None = try the next address; Quit = a terminal report."""
+    """Connect and greet; None = try the next address; Quit = a terminal outcome."""
     c = job.controls
     for allow_tls in (True, False):
         try:
@@ -300,5 +305,5 @@ def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
             raise
         except Dropped:
             session.close(send_quit=False)
-            raise Quit(dropped_text(dest.ip, False)) from None
+            raise Quit(dropped(dest.ip, False)) from None
     return None

@@ -106,17 +106,6 @@ class Outcome:
             raise ProtocolError("empty or over-long report")
         return cls(Verdict.from_letter(chr(data[0])), decode(data[1:]))
 
-    @classmethod
-    def from_report(cls, report: str) -> Outcome:
-        """A report as qmail's code writes it (letter first, e.g. what
-        eqmail.smtp.client.rspawn_report returns), cut to REPORT_MAX bytes.  A text
-        without a known letter is a deferral: our bug must never bounce mail."""
-        data = encode(report)[:REPORT_MAX]
-        letter = report[:1]
-        if letter not in ("K", "Z", "D"):
-            return cls(Verdict.DEFERRAL, decode(data[: REPORT_MAX - 1]))
-        return cls(Verdict.from_letter(letter), decode(data[1:]))
-
     def report_text(self) -> str:
         """Letter + text, qmail's report form, for people and for qmail's report users."""
         return self.verdict.letter + self.text

@@ -24,9 +24,11 @@ run/sandbox-remote.sock (mode 0600, owner eqmailr: the remote delivery worker):
                        "args": [host, sender, recipient], "timeout": seconds}`` sent in
                        one sendmsg with exactly one fd (SCM_RIGHTS): the message, open
                        for reading — the sandbox's user cannot open the queue itself
-  sandbox -> remote    ``b`` answer: JSON ``{"report": str}``; report "" = success, and
-                       then exactly one fd comes with it: an unlinked temporary file
-                       holding the hooks' final output; else a ``Z``/``D`` report, no fd
+  sandbox -> remote    ``b`` answer: JSON ``{"verdict": str, "text": str}``, a Verdict's
+                       value: "success" (text "") = exactly one fd comes with it, an
+                       unlinked temporary file holding the hooks' final output;
+                       "deferral" or "failure" with the text of qmail's report
+                       (lines ending in "\\n"), no fd
 
 The sandbox decides what a request may do by the socket it came in on, never by the
 request: the listener socket serves ``Q`` and ``P`` only, the remote socket ``B`` only.
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eqmail.authlimit import AuthLimit
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.ipc.framing import HEADER, ProtocolError
 from eqmail.ipc.hooks import HookOutcome, HookStage, HookVerdict, valid_header, wire_shape
 
@@ -340,23 +343,45 @@ class BfrmtRequest:
 
 @dataclass(frozen=True)
 class BfrmtAnswer:
-    report: str  # "" = the output fd comes with the answer; else qmail-remote's Z/D text
+    """How a before-remote chain ended: ``failure`` None = the output fd comes with the
+    answer; else the chain's deferral or failure, its text one or more lines, each
+    ending in ``\\n``, without NUL, shorter than MAX_REPORT."""
+
+    failure: Outcome | None
 
     def encode(self) -> bytes:
-        return _bounded(json.dumps({"report": self.report}).encode(), BFRMT_ANSWER)
+        outcome = self.failure or Outcome(Verdict.SUCCESS, "")
+        if self.failure is not None and outcome.verdict is Verdict.SUCCESS:
+            raise ProtocolError("bad before-remote answer: a failure that is a success")
+        _check_bfrmt_outcome(outcome)
+        return _bounded(json.dumps({"verdict": outcome.verdict.value,
+                                    "text": outcome.text}).encode(), BFRMT_ANSWER)
 
     @classmethod
     def decode(cls, payload: bytes) -> BfrmtAnswer:
         obj = _load(payload, "before-remote answer")
-        try:
-            report = obj["report"]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ProtocolError(f"bad before-remote answer: {e}") from None
-        if not isinstance(report, str) or len(report) > MAX_REPORT or (
-                report and (report[0] not in "ZD" or not report.endswith("\n")
-                            or "\0" in report)):
+        if not isinstance(obj, dict) or set(obj) != {"verdict", "text"}:
             raise ProtocolError("bad before-remote answer")
-        return cls(report)
+        verdict, text = obj["verdict"], obj["text"]
+        if not isinstance(verdict, str) or not isinstance(text, str):
+            raise ProtocolError("bad before-remote answer")
+        try:
+            outcome = Outcome(Verdict(verdict), text)
+        except ValueError:
+            raise ProtocolError("bad before-remote answer: unknown verdict") from None
+        _check_bfrmt_outcome(outcome)
+        return cls(None if outcome.verdict is Verdict.SUCCESS else outcome)
+
+
+def _check_bfrmt_outcome(outcome: Outcome) -> None:
+    """Success has no text; a deferral or failure has qmail's report text."""
+    text = outcome.text
+    if outcome.verdict is Verdict.SUCCESS:
+        ok = text == ""
+    else:
+        ok = 0 < len(text) < MAX_REPORT and text.endswith("\n") and "\0" not in text
+    if not ok:
+        raise ProtocolError("bad before-remote answer")
 
 
 # ---- frames with fds (blocking sockets: the remote worker's threads, the sandbox's) ---

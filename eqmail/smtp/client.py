@@ -11,10 +11,12 @@ eqmail.smtp.transport's.  Runs in the remote delivery worker (eqmailr).
 Inputs: a connected socket, the destination (:class:`Destination`), helohost, the TLS
 configuration (:class:`TlsConfig`), ``timeoutremote`` for every read and write.
 
-Outputs: per recipient ``r`` / ``h<text>`` / ``s<text>`` and one message report
-``K``/``Z``/``D`` + text, exactly as qmail-remote prints them (``\\n`` where qmail has
-newlines, ``Remote host said: ...`` from the last reply, ``Possible duplicate!`` when
-the connection died after the final dot).
+Outputs: an :class:`~eqmail.ipc.delivery.Outcome` per recipient (qmail-remote's
+``r`` / ``h`` / ``s``: :data:`ACCEPTED`, or a failure or deferral with its text) and one
+for the message (qmail-remote's ``K`` / ``Z`` / ``D``), the texts exactly as
+qmail-remote prints them (``\\n`` where qmail has newlines, ``Remote host said: ...``
+from the last reply, ``Possible duplicate!`` when the connection died after the final
+dot); :func:`rspawn_outcome` merges the two as qmail-rspawn does.
 
 Lockstep: the client reads exactly the replies it asked for.  Every reply must be
 well formed (:func:`parse_reply`: three digits, one code on every line) and of the
@@ -24,19 +26,19 @@ waiting on the socket when the next command is due (:meth:`SmtpSession.reply`,
 :meth:`SmtpSession.expect_silence`).  So stray or injected lines (after the greeting,
 with the 220 to STARTTLS — Exim's CVE-2021-38371 —, anywhere) can never be taken as the
 answer to a later command, and only a well-formed 2xx to the end of data reports the
-message accepted.  A server that breaks this gets a ``Z`` report (retry later).
+message accepted.  A server that breaks this gets a deferral (retry later).
 
-Failures: terminal reports travel as :class:`Quit`; :class:`TryNext` = a 4xx greeting
-(try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
+Failures: terminal message outcomes travel as :class:`Quit`; :class:`TryNext` = a 4xx
+greeting (try the next address silently, eQmail); :class:`RetryClear` = an opportunistic
 STARTTLS handshake failed (the caller reconnects to the same address in clear text
 once: DESIGN, Postfix's behaviour); a dead, silent or garbled peer is
 :class:`Dropped` (eqmail.smtp.transport's), one that breaks the lockstep or the reply
-syntax :class:`ProtocolViolation` (a Dropped with its own report text).  Hosts with
+syntax :class:`ProtocolViolation` (a Dropped with its own text).  Hosts with
 ``tlshosts/<host>.pem`` (relays given as an IP address: ``tlshosts/<address>.pem``)
 never fall back and are verified strictly (subjectAltName DNS names, else CN; no eQmail
 CN fallback; an IP relay's certificate must carry that address as an iPAddress
 subjectAltName).  A message larger than the server's advertised ``SIZE`` is not sent
-(``D``, #5.3.4).
+(a failure, #5.3.4).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import BinaryIO
 
 from OpenSSL import SSL
 
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.smtp.dataout import DataEncoder, wire_size
 from eqmail.smtp.transport import (
     CHUNK,
@@ -65,12 +68,16 @@ MAX_LINE = 16384  # one reply line; longer = broken peer
 MAX_LINES = 512
 
 
-class Quit(Exception):
-    """A terminal message report (qmail-remote's quit()/temp_*/perm_*)."""
+#: qmail-remote's ``r``: the server accepted the recipient (no text of its own).
+ACCEPTED = Outcome(Verdict.SUCCESS, "")
 
-    def __init__(self, report: str) -> None:
-        super().__init__(report)
-        self.report = report
+
+class Quit(Exception):
+    """A terminal message outcome (qmail-remote's quit()/temp_*/perm_*)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
 
 
 class TryNext(Exception):
@@ -218,31 +225,47 @@ def size_offered(ehlo: Reply | None) -> int | None:
     return None
 
 
-def rspawn_report(rcpt: str | None, message: str) -> str:
-    """qmail-rspawn's merge of one recipient's r/h/s report with the message report."""
-    result = {"K": 1, "Z": 0, "D": -1}.get(message[:1], 0)
-    if rcpt is None:  # qmail-remote stopped before RCPT: the message report alone
-        return ("KZD"[1 - result]) + message[1:]
-    orr = {"s": 0, "h": -1}.get(rcpt[:1], result)
-    return "KZD"[1 - orr] + rcpt[1:] + (message[1:] if result <= orr else "")
+# qmail-rspawn ranks the outcomes: success above deferral above failure.
+_RANK = {Verdict.SUCCESS: 1, Verdict.DEFERRAL: 0, Verdict.FAILURE: -1}
 
 
-def dropped_text(ip: str, critical: bool) -> str:
+def rspawn_outcome(rcpt: Outcome | None, message: Outcome) -> Outcome:
+    """qmail-rspawn's merge of one recipient's outcome with the message's.
+
+    ``rcpt`` None (qmail-remote stopped before RCPT): the message's alone.  Otherwise
+    a refused recipient keeps its own verdict, an accepted one takes the message's;
+    the text is the recipient's, followed by the message's unless the message did
+    better than the verdict (a refused recipient of a delivered message)."""
+    if rcpt is None:
+        return message
+    verdict = message.verdict if rcpt.verdict is Verdict.SUCCESS else rcpt.verdict
+    tail = message.text if _RANK[message.verdict] <= _RANK[verdict] else ""
+    return Outcome(verdict, rcpt.text + tail)
+
+
+def dropped(ip: str, critical: bool) -> Outcome:
     dup = "Possible duplicate! " if critical else ""
-    return f"ZConnected to {ip} but connection died. {dup}(#4.4.2)\n"
+    return Outcome(Verdict.DEFERRAL, f"Connected to {ip} but connection died. {dup}(#4.4.2)\n")
 
 
-def violation_text(ip: str, e: ProtocolViolation, critical: bool) -> str:
-    """The report for a server out of step: temporary, like a dropped connection."""
+def violation(ip: str, e: ProtocolViolation, critical: bool) -> Outcome:
+    """A server out of step: a deferral, like a dropped connection."""
     dup = "Possible duplicate! " if critical else ""
-    return (f"ZConnected to {ip} but the server broke the SMTP protocol ({e.why}). "
-            f"{dup}(#4.5.0)\n{said(e.reply)}")
+    return Outcome(Verdict.DEFERRAL,
+                   f"Connected to {ip} but the server broke the SMTP protocol ({e.why}). "
+                   f"{dup}(#4.5.0)\n{said(e.reply)}")
 
 
-def size_text(ip: str, size: int, limit: int) -> str:
+def too_large(ip: str, size: int, limit: int) -> Outcome:
     """Postfix's 5.3.4: the server said in advance that it takes no message this big."""
-    return (f"DConnected to {ip} but the message ({size} bytes) is larger than the server "
-            f"accepts ({limit} bytes): message size exceeds fixed limit. (#5.3.4)\n")
+    return Outcome(Verdict.FAILURE,
+                   f"Connected to {ip} but the message ({size} bytes) is larger than the server "
+                   f"accepts ({limit} bytes): message size exceeds fixed limit. (#5.3.4)\n")
+
+
+def _refusal(code: int) -> Verdict:
+    """A 5xx is a failure, a 4xx a deferral."""
+    return Verdict.FAILURE if code >= 500 else Verdict.DEFERRAL
 
 
 @dataclass(frozen=True)
@@ -303,24 +326,24 @@ class SmtpSession:
         self.transport.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return self.reply(stage)
 
-    def quit(self, prepend: str, append: str, reply: Reply | None) -> Quit:
-        """qmail-remote's quit(): QUIT without waiting, the report with the remote text."""
+    def quit(self, verdict: Verdict, prepend: str, append: str, reply: Reply | None) -> Quit:
+        """qmail-remote's quit(): QUIT without waiting, the outcome with the remote text."""
         try:
             self.transport.send(b"QUIT\r\n")
         except Dropped:
             pass
         self.usable = False
-        return Quit(f"{prepend}{self.ip}{append}.\n{said(reply)}")
+        return Quit(Outcome(verdict, f"{prepend}{self.ip}{append}.\n{said(reply)}"))
 
     # ---------------------------------------------------------------- opening
     def open(self, allow_tls: bool = True) -> None:
         """Greeting, EHLO/HELO, TLS as the policy says, AUTH LOGIN with credentials.
-        A server out of step gives a terminal (temporary) report, as a failed greeting."""
+        A server out of step gives a terminal deferral, as a failed greeting."""
         try:
             self._open(allow_tls)
         except ProtocolViolation as e:
             self.usable = False
-            raise Quit(violation_text(self.ip, e, False)) from None
+            raise Quit(violation(self.ip, e, False)) from None
 
     def _open(self, allow_tls: bool) -> None:
         mode, pem = self.tls.mode_for(self.dest.host)
@@ -328,14 +351,14 @@ class SmtpSession:
             self._handshake(mode, pem, implicit=True)
         greeting = self.reply("the greeting")
         if self.dest.implicit_tls and greeting.code != 220:
-            raise self.quit("ZTLS Connected to ", " but greeting failed", greeting)
+            raise self.quit(Verdict.DEFERRAL, "TLS Connected to ", " but greeting failed", greeting)
         if 500 <= greeting.code < 600:
-            raise self.quit("DConnected to ", " but greeting failed", greeting)
+            raise self.quit(Verdict.FAILURE, "Connected to ", " but greeting failed", greeting)
         if 400 <= greeting.code < 500:
             self.close(send_quit=False)
             raise TryNext()
         if greeting.code != 220:
-            raise self.quit("ZConnected to ", " but greeting failed", greeting)
+            raise self.quit(Verdict.DEFERRAL, "Connected to ", " but greeting failed", greeting)
         ehlo = self._hello()
         if not self.tls_active and mode is not TlsMode.OFF and allow_tls:
             ehlo = self._starttls(ehlo, mode, pem)
@@ -352,13 +375,13 @@ class SmtpSession:
             return ehlo
         helo = self.command(f"HELO {self.helohost}", "the reply to HELO")
         if helo.code != 250:
-            raise self.quit("ZConnected to ", " but my name was rejected", helo)
+            raise self.quit(Verdict.DEFERRAL, "Connected to ", " but my name was rejected", helo)
         return None
 
     def _tls_fail(self, what: str) -> Quit:
         self.usable = False
         self.close(send_quit=not self.tls_active)
-        return Quit(f"Z{what}; connected to {self.ip}.\n")
+        return Quit(Outcome(Verdict.DEFERRAL, f"{what}; connected to {self.ip}.\n"))
 
     def _starttls(self, ehlo: Reply | None, mode: TlsMode, pem: str) -> Reply | None:
         if ehlo is None or "STARTTLS" not in ehlo_keywords(ehlo):
@@ -414,36 +437,35 @@ class SmtpSession:
         for i, (line, what) in enumerate(steps):
             r = self.command(line, f"the reply to AUTH LOGIN ({what})")
             if r.code != (235 if i == 2 else 334):
-                raise self.quit("ZConnected to ", f" but authentication was rejected ({what})", r)
+                raise self.quit(Verdict.DEFERRAL, "Connected to ",
+                                f" but authentication was rejected ({what})", r)
         self.authed = True
 
     # ---------------------------------------------------------------- mail
     def transaction(self, sender: str, recipients: list[str],
-                    body: BinaryIO) -> tuple[list[str] | None, str]:
-        """One message: per-recipient reports (None if RCPT was never reached) and the
-        message report.  The body is the stored message (LF line ends, ending in LF)."""
+                    body: BinaryIO) -> tuple[list[Outcome] | None, Outcome]:
+        """One message: per-recipient outcomes (None if RCPT was never reached) and the
+        message's.  The body is the stored message (LF line ends, ending in LF)."""
         size = wire_size(body)
         if self.size_limit and size > self.size_limit:
-            return None, size_text(self.ip, size, self.size_limit)  # nothing sent: still usable
+            return None, too_large(self.ip, size, self.size_limit)  # nothing sent: still usable
         self.usable = False
-        rcpts: list[str] | None = None
+        rcpts: list[Outcome] | None = None
         critical = False
         try:
             params = f" AUTH=<{sender}>" if self.authed else ""
             if self.size_limit is not None:
                 params += f" SIZE={size}"
             r = self.command(f"MAIL FROM:<{sender}>{params}", "the reply to MAIL")
-            if r.code >= 500:
-                raise self.quit("DConnected to ", " but sender was rejected", r)
             if r.code >= 400:
-                raise self.quit("ZConnected to ", " but sender was rejected", r)
+                raise self.quit(_refusal(r.code), "Connected to ", " but sender was rejected", r)
             _final(r, "MAIL")
             rcpts = [self._rcpt(rc) for rc in recipients]
-            if not any(x == "r" for x in rcpts):
-                raise self.quit("DGiving up on ", "", None)
+            if not any(x.verdict is Verdict.SUCCESS for x in rcpts):
+                raise self.quit(Verdict.FAILURE, "Giving up on ", "", None)
             r = self.command("DATA", "the reply to DATA")
             if r.code >= 400:
-                raise self.quit("D" if r.code >= 500 else "Z", " failed on DATA command", r)
+                raise self.quit(_refusal(r.code), "", " failed on DATA command", r)
             if not 300 <= r.code < 400:
                 raise ProtocolViolation(f"{r.code} reply to DATA", r)
             self.expect_silence()
@@ -452,26 +474,26 @@ class SmtpSession:
             r = self.reply("the reply to the end of data")
             _final(r, "the end of data")
             self.usable = True
-            if r.code >= 500:
-                return rcpts, f"D{self.ip} failed after I sent the message.\n{said(r)}"
             if r.code >= 400:
-                return rcpts, f"Z{self.ip} failed after I sent the message.\n{said(r)}"
-            return rcpts, f"K{self.ip} accepted message.\n{said(r)}"
+                return rcpts, Outcome(_refusal(r.code),
+                                      f"{self.ip} failed after I sent the message.\n{said(r)}")
+            return rcpts, Outcome(Verdict.SUCCESS, f"{self.ip} accepted message.\n{said(r)}")
         except Quit as q:
-            return rcpts, q.report
+            return rcpts, q.outcome
         except ProtocolViolation as e:
             self.usable = False
-            return rcpts, violation_text(self.ip, e, critical)
+            return rcpts, violation(self.ip, e, critical)
         except Dropped:
             self.usable = False
-            return rcpts, dropped_text(self.ip, critical)
+            return rcpts, dropped(self.ip, critical)
 
-    def _rcpt(self, recipient: str) -> str:
+    def _rcpt(self, recipient: str) -> Outcome:
+        """qmail-remote's ``r`` (:data:`ACCEPTED`), ``h`` (failure) or ``s`` (deferral)."""
         r = self.command(f"RCPT TO:<{recipient}>", "the reply to RCPT")
         if r.code >= 400:
-            return f"{'h' if r.code >= 500 else 's'}{self.ip} does not like recipient.\n{said(r)}"
+            return Outcome(_refusal(r.code), f"{self.ip} does not like recipient.\n{said(r)}")
         _final(r, "RCPT")
-        return "r"
+        return ACCEPTED
 
     def _blast(self, body: BinaryIO) -> None:
         encoder = DataEncoder()

@@ -3,7 +3,7 @@
 Owns: running the commands of one ``B`` request of run/sandbox-remote.sock on a
 message.  Runs in the sandbox worker (user eqmailp) in a pool thread (it blocks);
 never in the remote delivery worker, which only sends the request
-(eqmail.delivery.bfrmt.run_chain).
+(eqmail.spp.bfrmtclient.run_chain).
 
 Input: the commands (control/beforemote lines), host, sender and recipient, the
 per-command timeout (timeoutremote) and the message as an fd received from the remote
@@ -19,9 +19,10 @@ processes, no core) plus CPU = timeout + 1 s and file size = the output bound
 (2 × message + 1 MiB).  At the deadline, and after every command, its process group
 is killed.
 
-Output: ``(file, "")`` — the last command's output, complete and non-empty, in an
-unlinked temporary file — or ``(None, report)`` with qmail-remote's Z/D text
-(eqmail.delivery.bfrmt.verdict).  Logged here, where the hook ran.
+Output: an :data:`eqmail.delivery.bfrmt.HookResult` — the last command's output,
+complete and non-empty, in an unlinked temporary file — or the deferral or failure
+with its text (eqmail.delivery.bfrmt.exit_outcome and the others there).  Logged here,
+where the hook ran.
 """
 
 from __future__ import annotations
@@ -33,35 +34,46 @@ import tempfile
 from dataclasses import replace
 from typing import BinaryIO
 
-from eqmail.delivery.bfrmt import HOOK_ENV, MAX_STDERR, command_name, output_limit, verdict
+from eqmail.delivery.bfrmt import (
+    HOOK_ENV,
+    MAX_STDERR,
+    NOT_A_FILE,
+    HookResult,
+    exit_outcome,
+    no_output,
+    not_started,
+    output_limit,
+    timed_out,
+)
+from eqmail.ipc.delivery import Outcome
 from eqmail.log import log, sanitize
 from eqmail.spp.runner import SIGDEF, Limits, kill_group, wait_exit_blocking
 
 
 def run_chain(commands: tuple[str, ...], args: tuple[str, str, str], message_fd: int,
-              timeout: float, limits: Limits) -> tuple[BinaryIO | None, str]:
+              timeout: float, limits: Limits) -> HookResult:
     """Every command in order, the output of one the input of the next."""
     st = os.fstat(message_fd)
     if not stat.S_ISREG(st.st_mode):
-        return None, "Zbefore-remote hook: the message is not a regular file. (#4.3.0)\n"
+        return NOT_A_FILE
     limit = output_limit(st.st_size)
     stdin_fd = message_fd
     previous: BinaryIO | None = None
     for cmd in commands:
         os.lseek(stdin_fd, 0, os.SEEK_SET)
-        out, report = run_one(cmd, args, stdin_fd, limit, timeout, limits)
+        out = run_one(cmd, args, stdin_fd, limit, timeout, limits)
         if previous is not None:
             previous.close()
-        if out is None:
-            log(f"warning: {sanitize(report[1:].strip())}")
-            return None, report
+        if isinstance(out, Outcome):
+            log(f"warning: {sanitize(out.text.strip())}")
+            return out
         previous, stdin_fd = out, out.fileno()
     assert previous is not None
-    return previous, ""
+    return previous
 
 
 def run_one(cmd: str, args: tuple[str, str, str], stdin_fd: int, limit: int,
-            timeout: float, limits: Limits) -> tuple[BinaryIO | None, str]:
+            timeout: float, limits: Limits) -> HookResult:
     """One command; its output fully collected in an unlinked temporary file."""
     argv = ["/bin/sh", "-c", cmd, "beforemote", *args]
     wrapped = replace(limits, cpu=int(timeout) + 1, fsize=limit).wrap(argv)
@@ -76,8 +88,7 @@ def run_one(cmd: str, args: tuple[str, str, str], stdin_fd: int, limit: int,
     except OSError as e:
         out.close()
         err.close()
-        return None, (f"Zbefore-remote hook {command_name(cmd)} could not be started: "
-                      f"{e.strerror}. (#4.3.0)\n")
+        return not_started(cmd, str(e.strerror))
     exited = False
     try:
         exited = wait_exit_blocking(pid, timeout)
@@ -91,16 +102,15 @@ def run_one(cmd: str, args: tuple[str, str, str], stdin_fd: int, limit: int,
     size = os.fstat(out.fileno()).st_size
     if not exited:
         out.close()
-        return None, f"Zbefore-remote hook {command_name(cmd)} timed out; will retry. (#4.3.0)\n"
+        return timed_out(cmd)
     if size >= limit or status == 128 + signal.SIGXFSZ:
         # RLIMIT_FSIZE stops the writer at the bound (SIGXFSZ; a shell reports it as
         # 128 + 25); without prlimit the size is checked here.
         status = -signal.SIGXFSZ
     if status != 0:
         out.close()
-        return None, verdict(cmd, status, stderr)
+        return exit_outcome(cmd, status, stderr)
     if size == 0:
         out.close()
-        return None, (f"Zbefore-remote hook {command_name(cmd)} produced no output. "
-                      "(#4.3.0)\n")
-    return out, ""
+        return no_output(cmd)
+    return out

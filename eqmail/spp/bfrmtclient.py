@@ -10,9 +10,10 @@ the queue; the sandbox answers with the fd of an unlinked temporary file holding
 hooks' output, which is copied here into a file of the remote worker's own before any
 SMTP starts (nothing the sandbox's processes do afterwards can change what is sent).
 
-Outputs: :class:`HookResult` — the final message in an unlinked temporary file, or the
-hooks' qmail-style report (eqmail.delivery.bfrmt.verdict).  A sandbox that cannot be
-reached, breaks the protocol or does not answer in time -> ``Z`` (retry): the hooks
+Outputs: a :data:`~eqmail.delivery.bfrmt.HookResult` — the final message in an unlinked
+temporary file, or the hooks' deferral or failure (eqmail.delivery.bfrmt.exit_outcome
+and the others there).  A sandbox that cannot be reached, breaks the protocol or does
+not answer in time -> a deferral (retry): the hooks
 are never run here instead, a failing hook never sends a truncated message and never
 sends twice (eQmail's fallback could).
 """
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from eqmail.delivery.bfrmt import HookResult, output_limit
+from eqmail.delivery.bfrmt import UNAVAILABLE, HookResult, output_limit
 from eqmail.instance import Instance
 from eqmail.ipc.sandbox import (
     BFRMT,
@@ -45,11 +46,9 @@ CONNECT_TIMEOUT = 10.0
 COPY_CHUNK = 1 << 20
 
 
-
 def _unavailable(why: str) -> HookResult:
     log(f"warning: before-remote hook not run: sandbox {why}")
-    return HookResult(None, "Zbefore-remote hook could not be run: sandbox unavailable; "
-                            "will retry. (#4.3.0)\n")
+    return UNAVAILABLE
 
 
 def run_chain(commands: tuple[str, ...], host: str, sender: str, recipient: str,
@@ -82,8 +81,8 @@ def run_chain(commands: tuple[str, ...], host: str, sender: str, recipient: str,
     payload, fds = got
     try:
         answer = BfrmtAnswer.decode(payload)
-        if answer.report:
-            return HookResult(None, answer.report)
+        if answer.failure is not None:
+            return answer.failure
         if len(fds) != 1:
             return _unavailable("answered without the output")
         return _private_copy(fds[0], output_limit(message_size))
@@ -113,7 +112,7 @@ def _private_copy(fd: int, limit: int) -> HookResult:
         out.close()
         return _unavailable(f"output not readable: {e.strerror}")
     out.seek(0)
-    return HookResult(out)
+    return out
 
 
 def _copy(src: int, dst: int, offset: int, count: int) -> int:

@@ -48,6 +48,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from eqmail.authlimit import AuthLimit, AuthLimiter, client_key
+from eqmail.delivery.bfrmt import SANDBOX_FAILED
+from eqmail.ipc.delivery import Outcome
 from eqmail.ipc.framing import peer_uid
 from eqmail.ipc.sandbox import (
     ANSWER,
@@ -268,28 +270,26 @@ class RemoteServer:
                 log(f"warning: sandbox: before-remote connection failed: {e!r}")
 
     def _chain(self, conn: socket.socket, payload: bytes, fds: list[int]) -> None:
-        out = None
         try:
             req = BfrmtRequest.decode(payload)
             if len(fds) != 1:
                 raise ProtocolError("a before-remote request needs the message fd")
             try:
-                out, report = beforemote.run_chain(req.commands, req.args, fds[0],
-                                                   req.timeout, self.limits)
+                result = beforemote.run_chain(req.commands, req.args, fds[0],
+                                              req.timeout, self.limits)
             except Exception as e:  # our bug: defer, and say why
                 log(f"warning: sandbox: before-remote chain failed: {e!r}")
-                out, report = None, "Zbefore-remote hook failed in the sandbox. (#4.3.0)\n"
+                result = SANDBOX_FAILED
         finally:
             for fd in fds:
                 os.close(fd)
+        if isinstance(result, Outcome):
+            send_frame_fds(conn, BFRMT_ANSWER, BfrmtAnswer(result).encode())
+            return
         try:
-            if out is not None:
-                send_frame_fds(conn, BFRMT_ANSWER, BfrmtAnswer("").encode(), [out.fileno()])
-            else:
-                send_frame_fds(conn, BFRMT_ANSWER, BfrmtAnswer(report).encode())
+            send_frame_fds(conn, BFRMT_ANSWER, BfrmtAnswer(None).encode(), [result.fileno()])
         finally:
-            if out is not None:
-                out.close()
+            result.close()
 
 
 # ---- the worker ----------------------------------------------------------------------

@@ -30,10 +30,14 @@ from smtpsink import Script, SmtpSink, mint
 from spp_harness import Sandbox
 
 from eqmail.ipc import frame, recv_frame
+from eqmail.ipc.delivery import DeliveryReport, Outcome, Verdict
+from eqmail.textio import encode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(),
                                 reason="needs root and unshare for network namespaces")
 
+S, Z, F = Verdict.SUCCESS, Verdict.DEFERRAL, Verdict.FAILURE
+WIRE_LETTER = {S: b"K", Z: b"Z", F: b"D"}  # qmail-rspawn's report letters, on the wire
 CLONE_NEWNET = 0x40000000
 PY = sys.executable
 BOOT = """
@@ -143,9 +147,10 @@ class Worker:
     slot: int = 0
 
     def deliver(self, msgid: int, sender: str, recipients: list[str], wait: float = 20,
-                separately: bool = False) -> list[str]:
+                separately: bool = False) -> list[Outcome]:
         """One D frame per recipient (one write, or one write each as the scanner does);
-        the reports in recipient order."""
+        the reported outcomes in recipient order, each checked to be on the wire as
+        qmail's letter + text."""
         slots = {}
         data = b""
         for rcpt in recipients:
@@ -157,13 +162,15 @@ class Worker:
                 data = b""
         self.sock.sendall(data)
         self.sock.settimeout(wait)
-        got: dict[str, str] = {}
+        got: dict[str, Outcome] = {}
         while len(got) < len(recipients):
             kind, payload = recv_frame(self.sock)
             assert kind == b"r"
-            slot, _, report = payload.partition(b"\0")
+            report = DeliveryReport.decode(payload)
+            slot = report.slot
             assert slot in slots and slots[slot] not in got, "one report per request"
-            got[slots[slot]] = report.decode()
+            assert payload == slot + b"\0" + WIRE_LETTER[report.verdict] + encode(report.text)
+            got[slots[slot]] = report.outcome
         return [got[r] for r in recipients]
 
 
@@ -239,7 +246,7 @@ def test_ipv6_used_when_an_aaaa_exists(start_worker, sinks) -> None:  # type: ig
     v6, v4 = sinks("fd99::2"), sinks("10.99.0.2")
     w = start_worker()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@v6.test"])
-    assert report == "Kfd99::2 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
+    assert report == Outcome(S, "fd99::2 accepted message.\nRemote host said: 250 ok 1234 qp 5\n")
     (tr,) = v6.transactions
     assert tr.peer == "fd99::1" and tr.rcpts == ["u@v6.test"] and tr.helo == "client.test"
     assert tr.data == b"From: s@client.test\r\nSubject: test\r\n\r\n..dot line\r\nbody\r\n"
@@ -250,7 +257,7 @@ def test_refused_ipv6_falls_back_to_ipv4_and_is_noted_in_tcpto(start_worker, sin
     v4 = sinks("10.99.0.3")
     w = start_worker()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@fallback.test"])
-    assert report.startswith("K10.99.0.3 accepted message.\n")
+    assert report.verdict is S and report.text.startswith("10.99.0.3 accepted message.\n")
     assert len(v4.transactions) == 1
     from eqmail.queue.tcpto import Tcpto
 
@@ -261,20 +268,21 @@ def test_mx_preference_order(start_worker, sinks) -> None:  # type: ignore[no-un
     a, b = sinks("10.99.0.4"), sinks("10.99.0.5")
     w = start_worker()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@pref.test"])
-    assert report.startswith("K10.99.0.4 accepted")
+    assert report.verdict is S and report.text.startswith("10.99.0.4 accepted")
     assert len(a.transactions) == 1 and b.transactions == []
     a.stop()  # the best MX goes away: the next preference gets it
     w.proc.terminate()  # (a fresh worker: the first one would reuse its open connection)
     w = start_worker()
     (report,) = w.deliver(write_message(w, 4712), "s@client.test", ["u@pref.test"])
-    assert report.startswith("K10.99.0.5 accepted") and len(b.transactions) == 1
+    assert report.verdict is S and report.text.startswith("10.99.0.5 accepted")
+    assert len(b.transactions) == 1
 
 
 def test_smarthost_route_ipv6_literal_with_auth_login(start_worker, sinks) -> None:  # type: ignore[no-untyped-def]
     relay = sinks("::1", Script(auth=("relayuser", "pass word")), port=0, ns="client")
     w = start_worker({"smtproutes": f":[::1]:{relay.port} relayuser pass word\n"})  # type: ignore[attr-defined]
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@anywhere.example"])
-    assert report.startswith("K::1 accepted message.\n")
+    assert report.verdict is S and report.text.startswith("::1 accepted message.\n")
     (tr,) = relay.transactions
     assert tr.auth_user == "relayuser"
     size = len(MESSAGE.replace(b"\n", b"\r\n"))  # the server offers SIZE: RFC 1870's size
@@ -286,7 +294,7 @@ def test_starttls_used_when_offered(start_worker, sinks, tmp_path: Path) -> None
     sink = sinks("10.99.0.6", Script(starttls=True), (cert, key))
     w = start_worker()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@tls.test"])
-    assert report.startswith("K10.99.0.6 accepted")
+    assert report.verdict is S and report.text.startswith("10.99.0.6 accepted")
     assert sink.transactions[0].tls
 
 
@@ -295,8 +303,8 @@ def test_mandatory_tls_refuses_a_wrong_certificate(start_worker, sinks, tmp_path
     sink = sinks("10.99.0.6", Script(starttls=True), (cert, key))
     w = start_worker({"tlshosts/mx.tls.test.pem": ca.read_bytes()})
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@tls.test"])
-    assert report == ("ZTLS unable to verify server mx.tls.test: received certificate for "
-                      "not-the-mx.test; connected to 10.99.0.6.\n")
+    assert report == Outcome(Z, "TLS unable to verify server mx.tls.test: received certificate for "
+                                "not-the-mx.test; connected to 10.99.0.6.\n")
     assert sink.transactions == []
 
 
@@ -308,10 +316,10 @@ def test_4xx_is_temporary_and_5xx_permanent_with_the_remote_text(start_worker, s
     sinks("10.99.0.7", Script(rcpt=rcpt))
     w = start_worker()
     later, never = w.deliver(write_message(w), "s@client.test", ["later@plain.test", "never@plain.test"])
-    assert later == ("Z10.99.0.7 does not like recipient.\nRemote host said: 451 4.7.1 greylisted, "
-                     "come back\nGiving up on 10.99.0.7.\n")
-    assert never == ("D10.99.0.7 does not like recipient.\nRemote host said: 550 5.1.1 no such user\n"
-                     "Giving up on 10.99.0.7.\n")
+    assert later == Outcome(Z, "10.99.0.7 does not like recipient.\nRemote host said: 451 4.7.1 greylisted, "
+                               "come back\nGiving up on 10.99.0.7.\n")
+    assert never == Outcome(F, "10.99.0.7 does not like recipient.\nRemote host said: 550 5.1.1 no such user\n"
+                               "Giving up on 10.99.0.7.\n")
 
 
 def test_receiver_that_hangs_times_out(start_worker, sinks) -> None:  # type: ignore[no-untyped-def]
@@ -319,7 +327,7 @@ def test_receiver_that_hangs_times_out(start_worker, sinks) -> None:  # type: ig
     w = start_worker({"timeoutremote": "1"})
     start = time.monotonic()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@plain.test"])
-    assert report == "ZConnected to 10.99.0.7 but connection died. (#4.4.2)\n"
+    assert report == Outcome(Z, "Connected to 10.99.0.7 but connection died. (#4.4.2)\n")
     assert time.monotonic() - start < 5
 
 
@@ -328,19 +336,19 @@ def test_recipients_share_one_transaction_and_connections_are_reused(start_worke
     w = start_worker()
     reports = w.deliver(write_message(w), "s@client.test", ["a@plain.test", "x@plain.test", "b@plain.test"],
                         separately=True)
-    assert [r[0] for r in reports] == ["K", "D", "K"]
-    assert reports[0] == "K10.99.0.7 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
+    assert [r.verdict for r in reports] == [S, F, S]
+    assert reports[0] == Outcome(S, "10.99.0.7 accepted message.\nRemote host said: 250 ok 1234 qp 5\n")
     (tr,) = sink.transactions
     assert tr.rcpts == ["a@plain.test", "b@plain.test"]
     (report,) = w.deliver(write_message(w, 4713), "s@client.test", ["c@plain.test"])
-    assert report[0] == "K" and len(sink.transactions) == 2 and sink.connections == 1
+    assert report.verdict is S and len(sink.transactions) == 2 and sink.connections == 1
 
 
 def test_partial_final_line_is_refused_before_connecting(start_worker, sinks) -> None:  # type: ignore[no-untyped-def]
     sink = sinks("10.99.0.7")
     w = start_worker()
     (report,) = w.deliver(write_message(w, body=b"Subject: x\n\nno newline"), "s@client.test", ["u@plain.test"])
-    assert report == "DSMTP cannot transfer messages with partial final lines. (#5.6.2)\n"
+    assert report == Outcome(F, "SMTP cannot transfer messages with partial final lines. (#5.6.2)\n")
     assert sink.connections == 0
 
 
@@ -348,7 +356,7 @@ def test_before_remote_hook_adds_a_header(start_worker, sinks) -> None:  # type:
     sink = sinks("10.99.0.7")
     w = start_worker({"beforemote": "# sign\nprintf 'X-Signed: %s\\n' \"$1\"; cat\n"})
     reports = w.deliver(write_message(w), "s@client.test", ["a@plain.test", "b@plain.test"])
-    assert [r[0] for r in reports] == ["K", "K"]
+    assert [r.verdict for r in reports] == [S, S]
     (tr,) = sink.transactions  # same hook output for both: still one transaction
     assert tr.data.startswith(b"X-Signed: plain.test\r\nFrom: s@client.test\r\n")
 
@@ -357,7 +365,7 @@ def test_failing_hook_defers_and_sends_nothing(start_worker, sinks) -> None:  # 
     sink = sinks("10.99.0.7")
     w = start_worker({"beforemote": "head -c 10; exit 111\n"})
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@plain.test"])
-    assert report == "Zbefore-remote hook head -c 10; exit 111 failed (exit 111); will retry. (#4.3.0)\n"
+    assert report == Outcome(Z, "before-remote hook head -c 10; exit 111 failed (exit 111); will retry. (#4.3.0)\n")
     assert sink.connections == 0
 
 
@@ -367,14 +375,15 @@ def test_hook_never_runs_in_the_remote_worker(start_worker, sinks) -> None:  # t
     w.sandbox.stop()  # no sandbox: deferred, not run here instead, nothing sent
     (w.root / "run" / "sandbox-remote.sock").unlink()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@plain.test"])
-    assert report == ("Zbefore-remote hook could not be run: sandbox unavailable; "
-                      "will retry. (#4.3.0)\n")
+    assert report == Outcome(Z, "before-remote hook could not be run: sandbox unavailable; "
+                                "will retry. (#4.3.0)\n")
     assert sink.connections == 0 and not (w.root / "ran").exists()
 
 
 def test_dns_failures_reach_the_report(start_worker) -> None:  # type: ignore[no-untyped-def]
     w = start_worker()
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@nowhere.test"])
-    assert report == "DSorry, I couldn't find any host named nowhere.test. (#5.1.2)\n"
+    assert report == Outcome(F, "Sorry, I couldn't find any host named nowhere.test. (#5.1.2)\n")
     (report,) = w.deliver(write_message(w), "s@client.test", ["u@[127.0.0.1]"])
-    assert report.startswith("DSorry. Although I'm listed as a best-preference MX or A")
+    assert report.verdict is F
+    assert report.text.startswith("Sorry. Although I'm listed as a best-preference MX or A")

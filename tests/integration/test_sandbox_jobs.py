@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spp_harness import Sandbox, make_root  # noqa: E402
 
 from eqmail.authlimit import LOCKED_TEXT, AuthLimit  # noqa: E402
+from eqmail.ipc.delivery import Outcome  # noqa: E402
 from eqmail.ipc.sandbox import (  # noqa: E402
     BFRMT,
     CHECKPW,
@@ -185,8 +186,8 @@ def test_hook_runs_as_the_sandbox_user_with_the_message_but_not_the_queue() -> N
         hook = "cat queue/mess/0/23 >/dev/null 2>&1 && echo LEAK; printf 'X-User: %s\\n' $(id -un); cat"
         with open(mess / "23", "rb") as msg:
             res = bfrmtclient.run_chain((hook,), "h.test", "s@x.test", "r@h.test", msg, 22, root, 5)
-        assert res.output is not None, res.report
-        assert res.output.read() == b"X-User: eqmailp\nSubject: secret\n\nbody\n"
+        assert not isinstance(res, Outcome), res
+        assert res.read() == b"X-User: eqmailp\nSubject: secret\n\nbody\n"
     finally:
         log = sb.stop()
         sb.destroy()

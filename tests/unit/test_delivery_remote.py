@@ -6,12 +6,13 @@ tests/integration/test_remote*.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from eqmail.control import load_controls
 from eqmail.delivery.remote import ConnectionCache, RemoteJob, deliver_batch, relay_tls_name
 from eqmail.instance import Instance
-from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.ipc.delivery import REPORT_MAX, Outcome, Verdict
 from eqmail.queue import tcpto
 from eqmail.queue.layout import create_queue
 from eqmail.smtp.transport import TlsConfig
@@ -47,3 +48,22 @@ def test_the_tls_name_of_a_relay_given_as_an_address() -> None:
     assert relay_tls_name("127.0.0.1") == "127.0.0.1"
     assert relay_tls_name("[IPv6:2001:DB8::1]") == "2001:db8::1"
     assert relay_tls_name("relay.example") == ""
+
+
+def test_a_hook_failure_is_the_outcome_cut_to_a_report(tmp_path: Path) -> None:
+    """What the before-remote chain answers for a recipient is that recipient's outcome,
+    its text cut to what a delivery report carries (REPORT_MAX bytes with the verdict)."""
+    job, instance = _job(tmp_path)
+    (tmp_path / "control" / "beforemote").write_text("cat\n")
+    long = Outcome(Verdict.FAILURE, "x" * 20000 + "\n")
+    asked: list[str] = []
+
+    def hooks(commands: tuple[str, ...], host: str, sender: str, rcpt: str, *_: object) -> Outcome:
+        asked.append(rcpt)
+        return long if rcpt.startswith("a@") else Outcome(Verdict.DEFERRAL, "later\n")
+
+    job = replace(job, controls=load_controls(tmp_path), run_hooks=hooks)
+    (instance.queue / "mess" / str(4711 % 23) / "4711").write_bytes(b"Subject: x\n\nbody\n")
+    assert deliver_batch(job, instance, 4711, "s@client.test", ["a@x.test", "b@x.test"]) == [
+        Outcome(Verdict.FAILURE, "x" * (REPORT_MAX - 1)), Outcome(Verdict.DEFERRAL, "later\n")]
+    assert asked == ["a@x.test", "b@x.test"]

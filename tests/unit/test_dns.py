@@ -10,7 +10,7 @@ import pytest
 from dnsserver import DnsServer
 
 from eqmail import dns as edns
-from eqmail.dns import MxAddress, candidates, literal_ip, order_mx
+from eqmail.dns import DnsProblem, MxAddress, candidates, literal_ip, order_mx
 
 ZONE = {
     "example.net": {"MX": [(20, "backup.example.net"), (10, "mx1.example.net"), (10, "mx2.example.net")]},
@@ -69,16 +69,16 @@ def test_texts_for_failures(server: DnsServer) -> None:
     r = resolver(server)
     with pytest.raises(edns.DnsFailure) as e:
         r.mx_addresses("nowhere.example.net")
-    assert e.value.report == "DSorry, I couldn't find any host named nowhere.example.net. (#5.1.2)\n"
+    assert e.value.problem == DnsProblem(True, "Sorry, I couldn't find any host named nowhere.example.net. (#5.1.2)\n")
     with pytest.raises(edns.DnsFailure) as e:
         r.mx_addresses("broken.example.net")
-    assert e.value.report == "ZSorry, I couldn't find any host by that name. (#4.1.2)\n"
+    assert e.value.problem == DnsProblem(False, "Sorry, I couldn't find any host by that name. (#4.1.2)\n")
     with pytest.raises(edns.DnsFailure) as e:
         r.mx_addresses("empty.example.net")
-    assert e.value.report == "DSorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n"
+    assert e.value.problem == DnsProblem(True, "Sorry, I couldn't find a mail exchanger or IP address. (#5.4.4)\n")
     with pytest.raises(edns.DnsFailure) as e:
         r.mx_addresses("deadmx.example.net")
-    assert e.value.report == edns.PERM_NOMX
+    assert e.value.problem == edns.PERM_NOMX
 
 
 def test_soft_failure_tolerated_while_an_address_is_known(server: DnsServer) -> None:
@@ -86,14 +86,14 @@ def test_soft_failure_tolerated_while_an_address_is_known(server: DnsServer) -> 
     assert [a.ip for a in r.mx_addresses("softmx.example.net")] == ["192.0.2.3"]
     with pytest.raises(edns.DnsFailure) as e:
         r.mx_addresses("allsoft.example.net")
-    assert e.value.report == edns.TEMP_DNS
+    assert e.value.problem == edns.TEMP_DNS
 
 
 def test_timeout_is_soft_and_bounded(server: DnsServer) -> None:
     start = time.monotonic()
     with pytest.raises(edns.DnsFailure) as e:
         resolver(server, lifetime=1.0).mx_addresses("slow.example.net")
-    assert e.value.report == edns.TEMP_DNS
+    assert e.value.problem == edns.TEMP_DNS
     assert time.monotonic() - start < 4
 
 
@@ -113,7 +113,8 @@ def test_literals_and_relay(server: DnsServer) -> None:
     assert literal_ip("mx.example.net") is None
     with pytest.raises(edns.DnsFailure) as e:
         r.host_addresses("relay.nowhere.example.net")
-    assert e.value.report == "DSorry, I couldn't find any host named relay.nowhere.example.net. (#5.1.2)\n"
+    assert e.value.problem == DnsProblem(
+        True, "Sorry, I couldn't find any host named relay.nowhere.example.net. (#5.1.2)\n")
 
 
 def test_cname_canonicalisation(server: DnsServer) -> None:
@@ -123,7 +124,7 @@ def test_cname_canonicalisation(server: DnsServer) -> None:
     assert r.canonical("nowhere.example.net") == "nowhere.example.net"
     with pytest.raises(edns.DnsFailure) as e:
         r.canonical("broken.example.net")
-    assert e.value.report == "ZCNAME lookup failed temporarily. (#4.4.3)\n"
+    assert e.value.problem == DnsProblem(False, "CNAME lookup failed temporarily. (#4.4.3)\n")
 
 
 def test_self_mx_rule() -> None:
@@ -134,8 +135,9 @@ def test_self_mx_rule() -> None:
     assert len(candidates(addrs, me, edns.PREF_ROUTE)) == 3
     with pytest.raises(edns.DnsFailure) as e:
         candidates([MxAddress("::1", 0, "")], me, None)
-    assert e.value.report.startswith("DSorry. Although I'm listed as a best-preference MX or A")
-    assert e.value.report.endswith("so I don't treat it as local. (#5.4.6)\n")
+    assert e.value.problem.permanent
+    assert e.value.problem.text.startswith("Sorry. Although I'm listed as a best-preference MX or A")
+    assert e.value.problem.text.endswith("so I don't treat it as local. (#5.4.6)\n")
 
 
 def test_order_mx_is_stable_by_preference() -> None:
@@ -143,3 +145,11 @@ def test_order_mx_is_stable_by_preference() -> None:
     assert order_mx(recs, random.Random(3)) == [(10, "a"), (20, "b"), (30, "c")]
 
 
+
+
+def test_permanence_agrees_with_the_enhanced_code() -> None:
+    """qmail-remote's perm_* texts carry a #5.x.x code, its temp_* ones a #4.x.x."""
+    for problem in (edns.TEMP_DNS, edns.PERM_NOMX, edns.TEMP_CNAME, edns.PERM_AMBIGMX,
+                    edns.perm_dns("x.test")):
+        assert ("(#5." in problem.text) is problem.permanent, problem
+        assert ("(#4." in problem.text) is not problem.permanent, problem

@@ -13,9 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eqmail.authlimit import AuthLimit
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.ipc.framing import ProtocolError
 from eqmail.ipc.sandbox import (
     BFRMT,
+    MAX_REPORT,
     BfrmtAnswer,
     BfrmtRequest,
     CheckAnswer,
@@ -81,10 +83,52 @@ def test_before_remote_request_round_trip(commands: list[str], args: tuple[str, 
     assert BfrmtRequest.decode(r.encode()) == r
 
 
-@given(st.sampled_from(["", "Z", "D"]), text)
-def test_before_remote_answer_round_trip(letter: str, report: str) -> None:
-    a = BfrmtAnswer(letter + report.replace("\n", " ") + "\n" if letter else "")
+report_text = st.lists(text.map(lambda t: t.replace("\n", " ") + "\n"), min_size=1,
+                      max_size=3).map("".join)
+bfrmt_failure = st.builds(Outcome, st.sampled_from([Verdict.DEFERRAL, Verdict.FAILURE]), report_text)
+
+
+@given(st.none() | bfrmt_failure)
+def test_before_remote_answer_round_trip(failure: Outcome | None) -> None:
+    a = BfrmtAnswer(failure)
     assert BfrmtAnswer.decode(a.encode()) == a
+
+
+@given(bfrmt_failure)
+def test_before_remote_answer_is_a_verdict_and_a_text(failure: Outcome) -> None:
+    assert json.loads(BfrmtAnswer(failure).encode()) == {"verdict": failure.verdict.value,
+                                                         "text": failure.text}
+    assert json.loads(BfrmtAnswer(None).encode()) == {"verdict": "success", "text": ""}
+
+
+@pytest.mark.parametrize("obj", [
+    {"verdict": "success", "text": "x\n"},            # success carries the fd, no text
+    {"verdict": "deferral", "text": ""},               # a failure says why
+    {"verdict": "failure", "text": "no newline"},
+    {"verdict": "deferral", "text": "nul\0\n"},
+    {"verdict": "deferral", "text": "x" * MAX_REPORT + "\n"},
+    {"verdict": "K", "text": "x\n"},                  # a letter is no verdict
+    {"verdict": "Zdeferral", "text": "x\n"},
+    {"verdict": None, "text": ""},
+    {"verdict": "deferral", "text": ["x\n"]},
+    {"verdict": "deferral"},
+    {"text": "x\n"},
+    {"verdict": "deferral", "text": "x\n", "report": "Zx\n"},  # nothing else
+    {"report": ""},                                    # the older shape
+    {"report": "Zbefore-remote hook failed\n"},
+    ["deferral", "x\n"],
+])
+def test_before_remote_answer_decode_is_strict(obj: object) -> None:
+    with pytest.raises(ProtocolError):
+        BfrmtAnswer.decode(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("failure", [
+    Outcome(Verdict.SUCCESS, ""), Outcome(Verdict.DEFERRAL, ""), Outcome(Verdict.FAILURE, "x"),
+    Outcome(Verdict.DEFERRAL, "x" * MAX_REPORT + "\n"), Outcome(Verdict.DEFERRAL, "\0\n")])
+def test_before_remote_answer_encode_checks_the_outcome(failure: Outcome) -> None:
+    with pytest.raises(ProtocolError):
+        BfrmtAnswer(failure).encode()
 
 
 def test_an_over_long_message_is_not_encoded() -> None:
@@ -110,7 +154,8 @@ json_value = st.recursive(
     max_leaves=12)
 keys = st.sampled_from(["stage", "plugins", "env", "verdict", "output", "headers", "later",
                         "disable", "address", "argv", "input", "timeout", "client", "limit",
-                        "result", "status", "delay", "locked", "commands", "args", "report"])
+                        "result", "status", "delay", "locked", "commands", "args", "report",
+                        "text"])
 
 
 @given(st.sampled_from(_DECODERS), st.dictionaries(keys, json_value, max_size=8) | json_value)

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from smtpsink import Script, SmtpSink, mint
 
+from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.smtp import client as c
 from eqmail.smtp import transport as t
 from eqmail.smtp.client import Destination, Quit, RetryClear, SmtpSession, TryNext
@@ -213,18 +214,60 @@ def test_peer_name_rules() -> None:
     assert t.peer_name_problem("mx.example.net", [], []) == "certificate contains no valid commonName"
 
 
-def test_rspawn_report_merge() -> None:
-    k = "K1.2.3.4 accepted message.\nRemote host said: 250 ok\n"
-    assert c.rspawn_report("r", k) == k
-    h = "h1.2.3.4 does not like recipient.\nRemote host said: 550 no\n"
-    assert c.rspawn_report(h, k) == "D1.2.3.4 does not like recipient.\nRemote host said: 550 no\n"
-    giving_up = "DGiving up on 1.2.3.4.\n"
-    assert c.rspawn_report(h, giving_up) == "D" + h[1:] + "Giving up on 1.2.3.4.\n"
-    s = "s1.2.3.4 does not like recipient.\nRemote host said: 450 later\n"
-    assert c.rspawn_report(s, giving_up) == "Z" + s[1:] + "Giving up on 1.2.3.4.\n"
-    z = "Z1.2.3.4 failed after I sent the message.\nRemote host said: 451 x\n"
-    assert c.rspawn_report("r", z) == z
-    assert c.rspawn_report(None, "ZSorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")[0] == "Z"
+S, Z, F = Verdict.SUCCESS, Verdict.DEFERRAL, Verdict.FAILURE
+
+
+def test_rspawn_outcome_merge() -> None:
+    k = Outcome(S, "1.2.3.4 accepted message.\nRemote host said: 250 ok\n")
+    assert c.rspawn_outcome(c.ACCEPTED, k) == k
+    h = Outcome(F, "1.2.3.4 does not like recipient.\nRemote host said: 550 no\n")
+    assert c.rspawn_outcome(h, k) == Outcome(F, "1.2.3.4 does not like recipient.\nRemote host said: 550 no\n")
+    giving_up = Outcome(F, "Giving up on 1.2.3.4.\n")
+    assert c.rspawn_outcome(h, giving_up) == Outcome(F, h.text + "Giving up on 1.2.3.4.\n")
+    s = Outcome(Z, "1.2.3.4 does not like recipient.\nRemote host said: 450 later\n")
+    assert c.rspawn_outcome(s, giving_up) == Outcome(Z, s.text + "Giving up on 1.2.3.4.\n")
+    z = Outcome(Z, "1.2.3.4 failed after I sent the message.\nRemote host said: 451 x\n")
+    assert c.rspawn_outcome(c.ACCEPTED, z) == z
+    noconn = Outcome(Z, "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+    assert c.rspawn_outcome(None, noconn) == noconn
+
+
+def old_rspawn_report(rcpt: str | None, message: str) -> str:
+    """The oracle: qmail-rspawn's merge as eqmail wrote it on letters (before the
+    Verdict), one recipient's ``r``/``h``/``s`` report with the ``K``/``Z``/``D`` one."""
+    result = {"K": 1, "Z": 0, "D": -1}.get(message[:1], 0)
+    if rcpt is None:  # qmail-remote stopped before RCPT: the message report alone
+        return ("KZD"[1 - result]) + message[1:]
+    orr = {"s": 0, "h": -1}.get(rcpt[:1], result)
+    return "KZD"[1 - orr] + rcpt[1:] + (message[1:] if result <= orr else "")
+
+
+RCPT_CODES = {"r": S, "h": F, "s": Z}  # qmail-remote's per-recipient letters
+
+
+@pytest.mark.parametrize("rcpt_code", [None, "r", "h", "s"])
+@pytest.mark.parametrize("message_code", ["K", "Z", "D"])
+def test_rspawn_outcome_table_is_the_letters_merge(rcpt_code: str | None, message_code: str) -> None:
+    """Every combination of recipient code (none, accepted, hard, soft) and message code
+    gives the verdict and text the letter-based merge gave (accepted recipients carry no
+    text, as qmail-remote prints ``r`` alone)."""
+    rcpt_text = "" if rcpt_code in (None, "r") else "10.0.0.1 does not like recipient.\nRemote host said: 5x0 no\n"
+    message_text = "10.0.0.1 said something.\nRemote host said: x50 ok\n"
+    old = old_rspawn_report(None if rcpt_code is None else rcpt_code + rcpt_text, message_code + message_text)
+    rcpt = None if rcpt_code is None else Outcome(RCPT_CODES[rcpt_code], rcpt_text)
+    new = c.rspawn_outcome(rcpt, Outcome(Verdict.from_letter(message_code), message_text))
+    assert new == Outcome(Verdict.from_letter(old[0]), old[1:])
+
+
+@given(st.sampled_from([None, "r", "h", "s"]), st.text(max_size=40), st.sampled_from("KZD"),
+       st.text(max_size=40))
+def test_rspawn_outcome_is_the_letters_merge(rcpt_code: str | None, rcpt_text: str,
+                                             message_code: str, message_text: str) -> None:
+    """The same for any texts (an accepted recipient with a text too)."""
+    old = old_rspawn_report(None if rcpt_code is None else rcpt_code + rcpt_text, message_code + message_text)
+    rcpt = None if rcpt_code is None else Outcome(RCPT_CODES[rcpt_code], rcpt_text)
+    new = c.rspawn_outcome(rcpt, Outcome(Verdict.from_letter(message_code), message_text))
+    assert new == Outcome(Verdict.from_letter(old[0]), old[1:])
 
 
 def test_tls_modes(tmp_path: Path) -> None:
@@ -276,15 +319,15 @@ def test_transaction_texts_and_wire_format(sink_factory) -> None:  # type: ignor
     s = session(port)
     s.open()
     rcpts, msg = s.transaction("s@x.test", ["a@y.test", "bad@y.test"], io.BytesIO(MESSAGE))
-    assert rcpts == ["r", "h127.0.0.1 does not like recipient.\nRemote host said: 550 no such user\n"]
-    assert msg == "K127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
+    assert rcpts == [c.ACCEPTED, Outcome(F, "127.0.0.1 does not like recipient.\nRemote host said: 550 no such user\n")]
+    assert msg == Outcome(S, "127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n")
     (tr,) = sink.transactions
     assert tr.helo == "client.test" and tr.rcpts == ["a@y.test"]
     assert tr.mail == "FROM:<s@x.test> SIZE=35"  # the CRLF size, without the doubled dot
     assert tr.data == b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n" and not tr.tls
     assert s.usable and s.rset()  # reuse: a second transaction on the same connection
     _, msg2 = s.transaction("", ["a@y.test"], io.BytesIO(b"x\n"))
-    assert msg2.startswith("K127.0.0.1 accepted") and sink.connections == 1
+    assert msg2.verdict is S and msg2.text.startswith("127.0.0.1 accepted") and sink.connections == 1
     assert sink.transactions[1].mail == "FROM:<> SIZE=3"
     s.close()
 
@@ -294,18 +337,18 @@ def test_all_recipients_rejected_and_data_failures(sink_factory) -> None:  # typ
     s = session(port)
     s.open()
     rcpts, msg = s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))
-    assert rcpts == ["s127.0.0.1 does not like recipient.\nRemote host said: 450 try later\n"]
-    assert msg == "DGiving up on 127.0.0.1.\n"
+    assert rcpts == [Outcome(Z, "127.0.0.1 does not like recipient.\nRemote host said: 450 try later\n")]
+    assert msg == Outcome(F, "Giving up on 127.0.0.1.\n")
     _, port = sink_factory(Script(final="554 5.7.1 spam"))
     s = session(port)
     s.open()
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == (
-        "D127.0.0.1 failed after I sent the message.\nRemote host said: 554 5.7.1 spam\n")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == Outcome(
+        F, "127.0.0.1 failed after I sent the message.\nRemote host said: 554 5.7.1 spam\n")
     _, port = sink_factory(Script(mail="451 greylisted"))
     s = session(port)
     s.open()
     assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE)) == (
-        None, "ZConnected to 127.0.0.1 but sender was rejected.\nRemote host said: 451 greylisted\n")
+        None, Outcome(Z, "Connected to 127.0.0.1 but sender was rejected.\nRemote host said: 451 greylisted\n"))
 
 
 def test_greetings(sink_factory) -> None:  # type: ignore[no-untyped-def]
@@ -315,11 +358,11 @@ def test_greetings(sink_factory) -> None:  # type: ignore[no-untyped-def]
     _, port = sink_factory(Script(banner="554 go away"))
     with pytest.raises(Quit) as e:
         session(port).open()
-    assert e.value.report == "DConnected to 127.0.0.1 but greeting failed.\nRemote host said: 554 go away\n"
+    assert e.value.outcome == Outcome(F, "Connected to 127.0.0.1 but greeting failed.\nRemote host said: 554 go away\n")
     sink, port = sink_factory(Script(ehlo=False))
     s = session(port)
     s.open()  # HELO fallback
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].startswith("K")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].verdict is S
 
 
 def test_timeouts_and_possible_duplicate(sink_factory) -> None:  # type: ignore[no-untyped-def]
@@ -327,12 +370,12 @@ def test_timeouts_and_possible_duplicate(sink_factory) -> None:  # type: ignore[
     s = session(port, timeout=0.5)
     s.open()
     assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE)) == (
-        None, "ZConnected to 127.0.0.1 but connection died. (#4.4.2)\n")
+        None, Outcome(Z, "Connected to 127.0.0.1 but connection died. (#4.4.2)\n"))
     _, port = sink_factory(Script(hang_at="final"))
     s = session(port, timeout=0.5)
     s.open()
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == (
-        "ZConnected to 127.0.0.1 but connection died. Possible duplicate! (#4.4.2)\n")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1] == Outcome(
+        Z, "Connected to 127.0.0.1 but connection died. Possible duplicate! (#4.4.2)\n")
 
 
 def test_starttls_opportunistic_and_mandatory(sink_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -341,7 +384,7 @@ def test_starttls_opportunistic_and_mandatory(sink_factory, tmp_path: Path) -> N
     s = session(port, host="mx.tls.test")
     s.open()
     assert s.tls_active
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].startswith("K")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].verdict is S
     assert sink.transactions[0].tls
     control = tmp_path / "control"
     (control / "tlshosts").mkdir(parents=True)
@@ -353,18 +396,19 @@ def test_starttls_opportunistic_and_mandatory(sink_factory, tmp_path: Path) -> N
     assert good.tls_active
     with pytest.raises(Quit) as e:
         session(port, host="wrong.test", tls=tls).open()
-    assert e.value.report == ("ZTLS unable to verify server wrong.test: received certificate for "
-                              "mx.tls.test; connected to 127.0.0.1.\n")
+    assert e.value.outcome == Outcome(Z, "TLS unable to verify server wrong.test: received certificate for "
+                                         "mx.tls.test; connected to 127.0.0.1.\n")
     other_cert, other_key, _ = mint(tmp_path, ["mx.tls.test"])  # another CA
     _, port2 = sink_factory(Script(starttls=True), (other_cert, other_key))
     with pytest.raises(Quit) as e:
         session(port2, host="mx.tls.test", tls=tls).open()
-    assert e.value.report.startswith("ZTLS unable to verify server with control/tlshosts/mx.tls.test.pem: ")
+    assert e.value.outcome.verdict is Z
+    assert e.value.outcome.text.startswith("TLS unable to verify server with control/tlshosts/mx.tls.test.pem: ")
     _, port3 = sink_factory(Script())
     with pytest.raises(Quit) as e:
         session(port3, host="mx.tls.test", tls=tls).open()
-    assert e.value.report == ("ZNo TLS achieved while control/tlshosts/mx.tls.test.pem exists; "
-                              "connected to 127.0.0.1.\n")
+    assert e.value.outcome == Outcome(Z, "No TLS achieved while control/tlshosts/mx.tls.test.pem exists; "
+                                         "connected to 127.0.0.1.\n")
 
 
 def test_broken_handshake_asks_for_clear_text_retry(sink_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -384,7 +428,7 @@ def test_implicit_tls(sink_factory, tmp_path: Path) -> None:  # type: ignore[no-
     sink, port = sink_factory(Script(implicit_tls=True), (cert, key))
     s = session(port, host="smtps.test", implicit=True)
     s.open()
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].startswith("K")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].verdict is S
     assert sink.transactions[0].tls
 
 
@@ -392,24 +436,24 @@ def test_auth_login(sink_factory) -> None:  # type: ignore[no-untyped-def]
     sink, port = sink_factory(Script(auth=("joe", "s3cret pass")))
     s = session(port, user="joe", password="s3cret pass")
     s.open()
-    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].startswith("K")
+    assert s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))[1].verdict is S
     assert sink.transactions[0].auth_user == "joe"
     assert sink.transactions[0].mail == "FROM:<s@x.test> AUTH=<s@x.test> SIZE=35"
     with pytest.raises(Quit) as e:
         session(port, user="joe", password="wrong").open()
-    assert e.value.report == ("ZConnected to 127.0.0.1 but authentication was rejected (password)."
-                              "\nRemote host said: 535 authentication failed\n")
+    assert e.value.outcome == Outcome(Z, "Connected to 127.0.0.1 but authentication was rejected (password)."
+                                         "\nRemote host said: 535 authentication failed\n")
 
 
 # ------------------------------------------------------------------ a hostile server
 
-DELIVERED = "K127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n"
+DELIVERED = Outcome(S, "127.0.0.1 accepted message.\nRemote host said: 250 ok 1234 qp 5\n")
 
 
-def violation(why: str, said: str = "", dup: bool = False) -> str:
-    return (f"ZConnected to 127.0.0.1 but the server broke the SMTP protocol ({why}). "
-            f"{'Possible duplicate! ' if dup else ''}(#4.5.0)\n"
-            + (f"Remote host said: {said}\n" if said else ""))
+def violation(why: str, said: str = "", dup: bool = False) -> Outcome:
+    return Outcome(Z, f"Connected to 127.0.0.1 but the server broke the SMTP protocol ({why}). "
+                      f"{'Possible duplicate! ' if dup else ''}(#4.5.0)\n"
+                      + (f"Remote host said: {said}\n" if said else ""))
 
 
 @pytest.mark.parametrize(("raw", "report"), [
@@ -432,25 +476,25 @@ def violation(why: str, said: str = "", dup: bool = False) -> str:
     ({"final": b"250-ok\r\n550 rejected\r\n"},
      violation("multi-line reply with different codes", dup=True)),
     ({"mail": b"250-ok\r\n451 later\r\n"}, violation("multi-line reply with different codes")),
-    ({"final": b"250 queued\r\n"}, "K127.0.0.1 accepted message.\nRemote host said: 250 queued\n"),
+    ({"final": b"250 queued\r\n"}, Outcome(S, "127.0.0.1 accepted message.\nRemote host said: 250 queued\n")),
 ])
-def test_lockstep_and_reply_classes(sink_factory, raw: dict[str, bytes], report: str) -> None:  # type: ignore[no-untyped-def]
+def test_lockstep_and_reply_classes(sink_factory, raw: dict[str, bytes], report: Outcome) -> None:  # type: ignore[no-untyped-def]
     sink, port = sink_factory(Script(raw=raw, final="451 not really"))
     s = session(port)
     try:
         s.open()
     except Quit as q:  # a violation before MAIL ends the attempt there
-        assert q.report == report
+        assert q.outcome == report
         assert b"MAIL" not in b"".join(sink.commands)
         return
     rcpts, msg = s.transaction("s@x.test", ["a@y.test"], io.BytesIO(MESSAGE))
     assert msg == report
-    if report[0] == "K":
-        assert rcpts == ["r"]
+    if report.verdict is S:
+        assert rcpts == [c.ACCEPTED]
         return
     assert not s.usable
     assert sink.transactions == []  # nothing the sink answered with its own reply
-    if "Possible duplicate" not in report:
+    if "Possible duplicate" not in report.text:
         assert sink.unanswered == []  # the message never reached it
 
 
@@ -462,14 +506,14 @@ def test_bytes_with_the_starttls_220_are_never_read_as_a_tls_reply(sink_factory,
     sink, port = sink_factory(Script(starttls=True, raw={"starttls": injected}), (cert, key))
     with pytest.raises(Quit) as e:
         session(port, host="mx.tls.test").open()
-    assert e.value.report == violation("unsolicited data after the reply to STARTTLS")
+    assert e.value.outcome == violation("unsolicited data after the reply to STARTTLS")
     control = tmp_path / "control"
     (control / "tlshosts").mkdir(parents=True)
     (control / "tlshosts" / "mx.tls.test.pem").write_bytes(ca.read_bytes())
     tls = TlsConfig(control, tlshosts=frozenset({"mx.tls.test"}))
     with pytest.raises(Quit) as e:
         session(port, host="mx.tls.test", tls=tls).open()
-    assert e.value.report == violation("unsolicited data after the reply to STARTTLS")
+    assert e.value.outcome == violation("unsolicited data after the reply to STARTTLS")
     assert [ln.split()[0] for ln in sink.commands] == [b"EHLO", b"STARTTLS"] * 2
     assert sink.transactions == []
 
@@ -480,8 +524,8 @@ def test_size_limit_of_the_server(sink_factory) -> None:  # type: ignore[no-unty
     s = session(port)
     s.open()
     assert s.transaction("s@x.test", ["a@y.test", "b@y.test"], io.BytesIO(MESSAGE)) == (
-        None, f"DConnected to 127.0.0.1 but the message ({wire} bytes) is larger than the server "
-              f"accepts ({wire - 1} bytes): message size exceeds fixed limit. (#5.3.4)\n")
+        None, Outcome(F, f"Connected to 127.0.0.1 but the message ({wire} bytes) is larger than the server "
+                         f"accepts ({wire - 1} bytes): message size exceeds fixed limit. (#5.3.4)\n"))
     assert b"MAIL" not in b"".join(sink.commands)
     assert s.usable  # nothing was started: the connection can take the next message
     assert s.rset()
@@ -519,7 +563,7 @@ def test_tls_pin_for_a_relay_given_as_an_ip_address(sink_factory, tmp_path: Path
         sink, port = sink_factory(Script(starttls=True), wrong)
         with pytest.raises(Quit) as e:
             session(port, host="127.0.0.1", tls=tls).open()
-        assert e.value.report.startswith("Z" + problem)
+        assert e.value.outcome.verdict is Z and e.value.outcome.text.startswith(problem)
         assert sink.transactions == [] and b"MAIL" not in b"".join(sink.commands)
 
 
@@ -567,7 +611,7 @@ def test_plain_text_arriving_after_the_starttls_220_is_never_a_reply(tmp_path: P
     (control / "tlshosts" / "mx.tls.test.pem").write_bytes(ca.read_bytes())
     with pytest.raises(Quit) as e:
         attempt(TlsConfig(control, tlshosts=frozenset({"mx.tls.test"}))).open()
-    assert e.value.report.startswith("ZTLS connect failed: ")
+    assert e.value.outcome.verdict is Z and e.value.outcome.text.startswith("TLS connect failed: ")
     thread.join(10)
     listener.close()
     assert [ln.split()[0] for ln in seen] == [b"EHLO", b"STARTTLS"] * 2

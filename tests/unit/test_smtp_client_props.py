@@ -69,7 +69,8 @@ import io  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from eqmail.smtp.client import Destination, Quit, RetryClear, SmtpSession, TryNext  # noqa: E402
+from eqmail.ipc.delivery import Verdict  # noqa: E402
+from eqmail.smtp.client import ACCEPTED, Destination, Quit, RetryClear, SmtpSession, TryNext  # noqa: E402
 from eqmail.smtp.transport import TlsConfig, Transport  # noqa: E402
 
 
@@ -163,8 +164,8 @@ server_chunks = st.one_of(
 @given(server_chunks)
 def test_delivered_only_after_a_well_formed_2xx_to_the_end_of_data(
         chunks: list[tuple[bytes, bool]]) -> None:
-    """Whatever the server sends, however TCP cuts it and whenever it arrives: a "K"
-    report only when the bytes read after the final dot are exactly one well-formed
+    """Whatever the server sends, however TCP cuts it and whenever it arrives: a
+    success only when the bytes read after the final dot are exactly one well-formed
     2xx reply — the one the report quotes."""
     peer = ScriptedPeer([ch for ch in chunks if ch[0]])
     session = SmtpSession(peer, Destination("192.0.2.1"), "client.test", TlsConfig(Path("/nonexistent")))
@@ -173,10 +174,10 @@ def test_delivered_only_after_a_well_formed_2xx_to_the_end_of_data(
     except (Quit, RetryClear, Dropped, TryNext):
         return
     rcpts, report = session.transaction("s@x.test", ["a@y.test"], io.BytesIO(b"Subject: x\n\nbody\n"))
-    assert report[:1] in ("K", "Z", "D")
-    event(f"report {report[:1]}")
-    if report.startswith("K"):
-        assert peer.dot_sent and rcpts == ["r"]
+    assert isinstance(report.verdict, Verdict)
+    event(f"report {report.verdict.value}")
+    if report.verdict is Verdict.SUCCESS:
+        assert peer.dot_sent and rcpts == [ACCEPTED]
         assert one_well_formed_2xx(bytes(peer.after_dot)), (chunks, peer.after_dot)
-        said = report.split("Remote host said: ", 1)[1]
+        said = report.text.split("Remote host said: ", 1)[1]
         assert said.encode() == bytes(peer.after_dot).replace(b"\r", b"")
