@@ -106,10 +106,6 @@ class Outcome:
             raise ProtocolError("empty or over-long report")
         return cls(Verdict.from_letter(chr(data[0])), decode(data[1:]))
 
-    def report_text(self) -> str:
-        """Letter + text, qmail's report form, for people and for qmail's report users."""
-        return self.verdict.letter + self.text
-
     def cut(self) -> Outcome:
         """This outcome with its text cut so that it encodes in REPORT_MAX bytes."""
         data = encode(self.text)
