@@ -6,7 +6,7 @@ check, the environment given to programs, choosing the .qmail file (via
 ``|program`` through ``/bin/sh -c`` in the home directory (in its own process group,
 killed as a whole after control/timeoutprogram seconds: a deferral), forwards collected and queued
 once at the end through the caller's ``forwarder`` -- and the report qmail-lspawn would
-send back: kind ``K``/``Z``/``D`` and text (program output, then ``did F+W+P`` and
+send back: a Verdict (qmail's K/Z/D) and text (program output, then ``did F+W+P`` and
 ``qp N``, or the failure text), cut to 3000 bytes as qmail-lspawn does.
 
 Privilege: runs in a process that ALREADY has the recipient's uid and gid; it never
