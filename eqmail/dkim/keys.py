@@ -85,7 +85,7 @@ def normalize_domain(text: str) -> str:
         raise DkimError("empty domain name")
     try:
         ascii_name = name if name.isascii() else idna.encode(name, uts46=True).decode("ascii")
-    except idna.IDNAError as e:
+    except (idna.IDNAError, UnicodeError, ValueError) as e:
         raise DkimError(f"bad domain name {text!r}: {e}") from None
     ascii_name = ascii_name.lower()
     labels = ascii_name.split(".")

@@ -248,3 +248,16 @@ def test_format_parse_round_trip(key: keys.PrivateKey, sel: str, domain: str) ->
     assert tags["v"] == "DKIM1" and tags["k"] == keys.key_type(key).value
     assert keys.match(joined, key) == keys.Match(True)
     assert keys.match(joined, ED if key is not ED else RSA1024).ok is False
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=500)
+def test_names_either_safe_or_refused(text: str) -> None:
+    """Any text is a clean store name or DkimError: never a path with '/' or '..'."""
+    for fn in (keys.normalize_domain, keys.check_selector):
+        try:
+            name = fn(text)
+        except DkimError:
+            continue
+        assert "/" not in name and ".." not in name and not name.startswith(".")
+        assert name.isascii() and name == name.lower() and "\x00" not in name
