@@ -190,13 +190,13 @@ def _server_text(ip: str, port: int) -> str:
 
 
 def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
+    if not 0 < args.timeout <= 60:
+        _err("check", f"--timeout {args.timeout:g}: want more than 0, at most 60 seconds")
+        return EXIT_USAGE
     found = _domain_keys("check", inst, args.domain)
     if isinstance(found, int):
         return found
     domain, keys = found
-    if args.timeout <= 0 or args.timeout > 60:
-        _err("check", f"--timeout {args.timeout}: want more than 0, at most 60 seconds")
-        return EXIT_USAGE
     try:
         controls = load_controls(inst.root)
     except ControlErrors as e:

@@ -132,6 +132,8 @@ def test_check_and_show_without_keys_or_with_a_broken_key(instance: Instance) ->
     assert none.returncode == 1 and "no DKIM keys for example.com" in none.stderr
     assert inst.ctl("dkim", "check", DOMAIN, check=False).returncode == 1
     assert inst.ctl("dkim", "show", "bad..name", check=False).returncode == 2
+    assert inst.ctl("dkim", "check", DOMAIN, "--timeout", "0", check=False).returncode == 2
+    assert inst.ctl("dkim", "check", DOMAIN, "--timeout", "nan", check=False).returncode == 2
     inst.ctl("dkim", "keygen", DOMAIN, "--type", "ed25519")  # the default selector
     sel = "eq" + time.strftime("%Y%m", time.gmtime())
     path = inst.root / "control" / "dkim" / DOMAIN / f"{sel}.key"
