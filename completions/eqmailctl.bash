@@ -11,7 +11,7 @@ _eqmailctl_queue_ids() {
 _eqmailctl() {
     local cur=${COMP_WORDS[COMP_CWORD]}
     local prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="setup start stop status reload check cert import-qmail queue"
+    local commands="setup start stop status reload check cert import-qmail queue dkim"
     local i cmd="" at=0
     local -a rootopt=()
     COMPREPLY=()
@@ -56,6 +56,21 @@ _eqmailctl() {
                 COMPREPLY=($(compgen -W "--force --dry-run --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -d -- "$cur"))
+            fi ;;
+        dkim)
+            local daction=${COMP_WORDS[at+1]}
+            if ((arg == 1)); then
+                COMPREPLY=($(compgen -W "keygen show check --help" -- "$cur"))
+            elif [[ $prev == --type ]]; then
+                COMPREPLY=($(compgen -W "rsa ed25519" -- "$cur"))
+            elif [[ $prev == --selector || $prev == --bits || $prev == --timeout ]]; then
+                return 0
+            elif [[ $cur == -* ]]; then
+                case $daction in
+                    keygen) COMPREPLY=($(compgen -W "--selector --type --bits --force --help" -- "$cur")) ;;
+                    check) COMPREPLY=($(compgen -W "--timeout --help" -- "$cur")) ;;
+                    *) COMPREPLY=($(compgen -W "--help" -- "$cur")) ;;
+                esac
             fi ;;
         queue)
             local action=${COMP_WORDS[at+1]}

@@ -6,7 +6,8 @@ files in control/ that nothing reads, and warnings about configurations that loa
 will not do what they seem to (no rcpthosts; a listener that requires AUTH it cannot
 offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port;
 the problems the load itself reports as warnings, such as a control/authlimit that does
-not parse).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
+not parse; DKIM keys under control/dkim/ that are unreadable, wrongly owned or moded, or
+do not parse).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
 
 Privilege: read access to control/.  Read-only.
 Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from eqmail.cli.dkim import key_warnings
 from eqmail.control import (
     KNOWN_FILES,
     PLUGIN_FILES,
@@ -119,13 +121,15 @@ def check_report(inst: Instance) -> dict[str, Any]:
             report["plugin_controls"].append({"file": fn, "plugin": plugin, "default": default,
                                               "text": _plugin_value(path), "source": path})
     named = referenced_files(c)
-    report["unknown"] = [fn for fn in present if not known_file(fn) and fn not in named]
+    report["unknown"] = [fn for fn in present
+                         if not known_file(fn) and fn not in named and fn != "dkim"]
     if c.rcpthosts is None:
         report["warnings"].append("warning: control/rcpthosts is missing: eqmail accepts only its "
                                   "locals and virtualdomains")
     report["warnings"] += [f"warning: {w}" for w in c.warnings]  # e.g. a bad control/authlimit
     report["warnings"] += auth_warnings(c)
     report["warnings"] += beforemote_warnings(c)
+    report["warnings"] += key_warnings(inst.control)
     return report
 
 

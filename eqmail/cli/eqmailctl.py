@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from eqmail import __version__
+from eqmail.cli import dkim
 from eqmail.control import load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
@@ -576,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["stat", "list", "show", "flush", "delete", "bounce"])
     s.add_argument("id", nargs="?", type=int, help="show, delete, bounce: the message id")
     s.add_argument("--json", action="store_true", help="stat, list, show: JSON (eqmailctl(8))")
+    dkim.add_parser(sub)
     return p
 
 
@@ -583,7 +585,7 @@ COMMANDS = {
     "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
     "import-qmail": cmd_import_qmail,
     "reload": cmd_reload, "reopen-logs": cmd_reopen_logs, "check": cmd_check, "queue": cmd_queue,
-    "cert": cmd_cert,
+    "cert": cmd_cert, "dkim": dkim.cmd_dkim,
 }
 
 

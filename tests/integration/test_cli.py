@@ -39,7 +39,7 @@ MAN_PAGES = ("eqmailctl.8", "eqmail-inject.8", "eqmail-sendmail.8", "eqmail-chec
              "eqmail-control.5")
 PROGRAMS = ("eqmailctl", "eqmail-inject", "eqmail-sendmail", "eqmail-checkpassword")
 EQMAILCTL_COMMANDS = ("setup", "start", "stop", "status", "reload", "reopen-logs", "check", "cert",
-                      "import-qmail", "queue")
+                      "import-qmail", "queue", "dkim")
 PASSWORD = "Secret-1"
 
 
@@ -275,12 +275,13 @@ def test_bash_completion(live: Live) -> None:
              "echo \"${COMPREPLY[*]}\"; }; "
              "c eqmailctl qu; c eqmailctl queue ''; c eqmailctl check --j; "
              f"c {bin_path('eqmailctl')} --root {live.inst.root} queue show ''; "
-             "c eqmailctl import-qmail --dry")
+             "c eqmailctl import-qmail --dry; c eqmailctl dkim ''; "
+             "c eqmailctl dkim keygen example.com --type ''")
     proc = run("bash", "--norc", "--noprofile", "-c", probe)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "complete -F _eqmailctl eqmailctl", "queue", "stat list show flush delete bounce --help",
-        "--json", str(live.msgid), "--dry-run"]
+        "--json", str(live.msgid), "--dry-run", "keygen show check --help", "rsa ed25519"]
 
 
 # ------------------------------------------------------------------ import-qmail

@@ -81,3 +81,32 @@ def test_a_bad_authlimit_is_reported_from_the_same_parse(tmp_path: Path) -> None
     assert report["ok"] and report["warnings"] == [
         "warning: control/authlimit:1: SECONDS and DELAY must be numbers from 0 to 604800; using defaults"]
     assert report["warnings"][0] + "\n" in format_check(report)
+
+
+def test_dkim_keys_that_are_wrong_are_named(tmp_path: Path) -> None:
+    import os
+
+    from eqmail.cli.dkim import expected_key_owner
+    from eqmail.dkim import keys
+
+    inst = instance(tmp_path)
+    uid, gid = expected_key_owner()
+    owners = keys.Owners(uid, gid if gid is not None else os.getgid(), os.getuid(), os.getgid())
+    ed = keys.generate(keys.KeyType.ED25519)
+    good = keys.write_key(inst.control, "example.com", "good", ed, owners)
+    report = check_report(inst)
+    assert report["unknown"] == []
+    assert not [w for w in report["warnings"] if "dkim" in w]
+    moded = keys.write_key(inst.control, "example.com", "moded", ed, owners)
+    os.chmod(moded, 0o644)
+    broken = keys.write_key(inst.control, "example.org", "broken", ed, owners)
+    os.chmod(broken, 0o600)
+    broken.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    os.chmod(broken, 0o400)
+    report = check_report(inst)
+    assert "dkim" not in report["unknown"]
+    dkim = [w for w in report["warnings"] if "dkim" in w]
+    assert dkim[0] == "warning: control/dkim/example.com/moded.key: mode 0644, want 0400"
+    assert dkim[1].startswith("warning: control/dkim/example.org/broken.key: not a PEM private key")
+    assert len(dkim) == 2 and str(good.name) not in " ".join(dkim)
+    assert all(w in format_check(report) for w in dkim)
