@@ -52,7 +52,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "supervisor": FOUNDATION | {"ipc", "queue", "privsep", "workers"},
     "migrate": FOUNDATION | {"ipc", "queue", "delivery", "privsep", "setup"},
     "setup": FOUNDATION | {"queue", "privsep"},
-    "cli": FOUNDATION | _LIBRARIES | {"inject", "supervisor", "migrate", "setup"},
+    "dkim": FOUNDATION | {"ipc"},                        # DKIM keys, signing, verification
+    "cli": FOUNDATION | _LIBRARIES | {"dkim", "inject", "supervisor", "migrate", "setup"},
 }
 
 # (file, imported module): arrows that break ALLOWED, each with its reason (none today).
@@ -73,8 +74,9 @@ _RIGHTS: dict[str, frozenset[str]] = {
     "eqmail.spp.client": frozenset({SOCKETS}),          # listener -> run/sandbox.sock
     "eqmail.spp.checkpwclient": frozenset({SOCKETS}),   # listener -> run/sandbox.sock
     "eqmail.spp.bfrmtclient": frozenset({SOCKETS}),     # remote -> run/sandbox-remote.sock
+    "eqmail.dkim.dns": frozenset({SOCKETS}),            # the TXT lookup (dnspython)
 }
-RESTRICTED = frozenset({"ipc", "smtp", "queue", "delivery", "spp"})
+RESTRICTED = frozenset({"ipc", "smtp", "queue", "delivery", "spp", "dkim"})
 ALL_RIGHTS = frozenset({SOCKETS, PROCESSES})
 
 
