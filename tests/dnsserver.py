@@ -238,6 +238,8 @@ class DnsServer:
                 data, addr = self.udp.recvfrom(65535)
             except OSError:
                 return
+            if addr is None or self.stopping:  # woken by stop()'s shutdown
+                return
             self.udp_garbage_then_tc = False
             wire = self._reply_wire(data, limit=512)
             if wire is not None:

@@ -314,3 +314,44 @@ def test_sign_verify_property(sample: tuple[bytes, bytes], data: st.DataObject) 
     new = data.draw(st.sampled_from([c for c in range(33, 127) if c != old]))
     changed = message[:at] + bytes([new]) + message[at + 1:]
     assert results(fields + changed, zone) == [Result.FAIL, Result.FAIL]
+
+
+# ---- a real (misbehaving) DNS server, a 50 MB message ---------------------------------
+
+def test_dns_that_hangs_or_answers_garbage() -> None:
+    from dnsserver import Behaviour, DnsServer, txt
+
+    from eqmail.dkim.dns import dnspython_txt_lookup
+    zone = {n: {"TXT": [txt(v[0].decode())]} for n, v in records().items()}
+    server = DnsServer(zone)
+    port = server.start()
+    try:
+        lookup = dnspython_txt_lookup((f"127.0.0.1:{port}",), 0.5)
+        assert results(signed(), {}) == [Result.PERMERROR] * 2  # (dict: no records)
+        assert [r.result for r in verify(signed(), lookup)] == [Result.PASS, Result.PASS]
+        server.behaviour = Behaviour.SILENT
+        start = time.monotonic()
+        got = verify(signed(), lookup)
+        assert [r.result for r in got] == [Result.TEMPERROR] * 2
+        assert time.monotonic() - start < 5
+        # the whole message's budget: the second signature is not even tried
+        got = verify(signed(), lookup, deadline=time.monotonic() + 0.2)
+        assert [r.result for r in got] == [Result.TEMPERROR] * 2
+        assert got[1].reason == "not evaluated: time budget used up"
+        # broken answers on the wire: the lookup cannot tell, so "try later"
+        server.behaviour = Behaviour.GARBAGE
+        assert [r.result for r in verify(signed(), lookup)] == [Result.TEMPERROR] * 2
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_50_mb_message_with_forged_signatures_is_bounded() -> None:
+    body = b"x" * 998 + b"\n"
+    message = MESSAGE + body * 50_000  # 50 MB
+    forged = sign(MESSAGE, signing_keys()) + message  # signatures over another body
+    start = time.monotonic()
+    got = verify(forged, dict_lookup(records()), deadline=time.monotonic() + 1.0)
+    assert [r.result for r in got] == [Result.FAIL, Result.TEMPERROR]
+    assert got[0].reason == "body hash did not verify"
+    assert time.monotonic() - start < 60
