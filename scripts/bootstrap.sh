@@ -2,7 +2,8 @@
 # Install everything eqmail and its tests need on a fresh Debian machine, idempotently.
 #   - Debian packages (as root): python3-venv, swaks, openssl, iproute2, man-db and
 #     groff-base (the tests render the man pages with man -l), daemontools (tai64nlocal)
-#     and logrotate for the log tests
+#     and logrotate for the log tests, libmail-dkim-perl, opendkim and opendkim-tools
+#     (the DKIM interop tests: implementations nobody here wrote)
 #   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
 #     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
 #     or ./.venv otherwise, with eqmail and its test dependencies installed.
@@ -14,13 +15,20 @@ here=$(pwd)
 if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
-  for pkg in python3-venv swaks openssl iproute2 procps util-linux man-db groff-base daemontools logrotate; do
+  for pkg in python3-venv swaks openssl iproute2 procps util-linux man-db groff-base daemontools logrotate \
+             libmail-dkim-perl opendkim opendkim-tools; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq "${need[@]}" >&2
+    # The tests run opendkim only in its test mode (opendkim -t); a daemon that Debian
+    # started because this run installed the package is not wanted (one installed
+    # before, the admin's own, is left alone).
+    if [[ " ${need[*]} " == *" opendkim "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable --now opendkim.service >/dev/null 2>&1 || true
+    fi
   fi
 else
   venv=${EQMAIL_VENV:-$here/.venv}

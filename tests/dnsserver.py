@@ -11,7 +11,9 @@ The zone is data::
 A name absent from the zone is NXDOMAIN; a present name without the asked type is an
 empty NOERROR answer.  In-zone CNAMEs are chased in the answer like a real
 authoritative server does.  Answers too big for UDP are sent truncated (TC), so the
-client retries over TCP.  Binds port 0 on the given address and reports the port.
+client retries over TCP.  Binds port 0 on the given address and reports the port (or
+the port given: a resolver that cannot be told a port, such as OpenDKIM's, needs 53).
+TXT values are zone-file text; :func:`txt` quotes a long value as several strings.
 
 A name may also map to ``"GARBAGE"`` (answered with a malformed message), and the whole
 server can misbehave: ``server.behaviour = Behaviour.SILENT`` (it reads every query and
@@ -94,11 +96,17 @@ def _truncated(query: bytes) -> bytes | None:
     return resp.to_wire()
 
 
+def txt(value: str) -> str:
+    """A TXT value as zone-file text: quoted strings of at most 255 characters each."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+    return " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
+
+
 class DnsServer:
-    def __init__(self, zone: Zone, host: str = "127.0.0.1") -> None:
+    def __init__(self, zone: Zone, host: str = "127.0.0.1", port: int = 0) -> None:
         self.zone = {k.lower().rstrip("."): v for k, v in zone.items()}
         self.host = host
-        self.port = 0
+        self.port = port
         self.queries: list[tuple[str, str]] = []
         self.stopping = False
         self.threads: list[threading.Thread] = []
@@ -159,7 +167,7 @@ class DnsServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for _ in range(50):
             self.udp = socket.socket(family, socket.SOCK_DGRAM)
-            self.udp.bind((self.host, 0))
+            self.udp.bind((self.host, self.port))
             port = self.udp.getsockname()[1]
             self.tcp = socket.socket(family, socket.SOCK_STREAM)
             self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,6 +237,8 @@ class DnsServer:
             try:
                 data, addr = self.udp.recvfrom(65535)
             except OSError:
+                return
+            if addr is None or self.stopping:  # woken by stop()'s shutdown
                 return
             self.udp_garbage_then_tc = False
             wire = self._reply_wire(data, limit=512)

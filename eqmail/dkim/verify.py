@@ -1,0 +1,331 @@
+"""DKIM verification (RFC 6376, RFC 8463, RFC 8301): one result per DKIM-Signature of a
+message, in the terms of Authentication-Results (RFC 8601 §2.7.1), made by dkimpy.
+
+Owns: the mapping of everything that can go wrong with a signature, its key record or
+the DNS to a result, and the bounds of the work.  No canonicalisation or crypto is
+written here: dkimpy parses, canonicalises, hashes and checks; ``cryptography`` only
+parses a key record's public key to check its size before dkimpy uses it.
+
+Privilege: none; no file, no socket, no process.  DNS is the :data:`TxtLookup` handed
+in (it bounds each lookup with its own timeout and raises ``DnsTempError`` /
+``DnsPermError``).
+
+Input: the message (LF or CRLF line ends).  Output: :func:`verify` returns a list of
+:class:`DkimResult`, one per DKIM-Signature field in the order they appear (a message
+without one gets a single ``none``).  It never raises for anything in the message or
+the DNS; the results:
+
+- ``pass``: the signature verifies.  With an l= tag it still passes, but ``reason``
+  says so and ``unsigned_body`` counts the canonical body bytes after the l= limit:
+  that content is not covered by the signature and must be treated as unsigned (a
+  caller may e.g. refuse to show it as authenticated).  An l= larger than the body is
+  a ``permerror`` (RFC 6376 §3.5).
+- ``fail``: the signature or the body hash does not match (the message was changed).
+- ``permerror``: the signature cannot ever verify: a malformed DKIM-Signature (tag
+  syntax, a tag given twice, a missing or bad tag, h= without From), rsa-sha1 (RFC 8301
+  §3.1), no key record (NXDOMAIN, no TXT), several key records, a record that is not a
+  DKIM key or is revoked (empty p=), a record longer than :data:`MAX_KEY_RECORD`, an RSA
+  key shorter than 1024 bits (RFC 8301 §3.2) or longer than :data:`RSA_MAX_BITS`, a key
+  type that does not match a=, or anything dkimpy cannot process.
+- ``temperror``: the key lookup failed for now (the lookup raised DnsTempError: its own
+  timeout or SERVFAIL), or the time budget was used up before this signature's turn.
+- ``policy``: not evaluated because the message has more than ``max_signatures``
+  signatures (RFC 8601: "some aspect of the signature was not acceptable").
+- ``none``: the message has no DKIM-Signature.
+
+Bounds: at most ``max_signatures`` signatures are verified (each costs one DNS lookup
+and one pass over the body); the ``deadline`` (a ``time.monotonic()`` value, so one
+budget can span all the messages of a session) is checked before each signature, so
+the total time is the budget plus at most one signature's work (one bounded lookup plus
+hashing the body).  A signature repeated byte for byte gets the first copy's result
+without a second lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dkim
+import dkim.canonicalization
+import dkim.util
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from eqmail.dkim.dns import DnsPermError, DnsTempError, TxtLookup
+
+MAX_SIGNATURES = 5              # OpenDKIM's MaximumSignaturesToVerify is 3
+DEFAULT_BUDGET = 15.0           # seconds for one message when no deadline is given
+MAX_KEY_RECORD = 4096           # bytes; an RSA-8192 record is about 1,400
+RSA_MIN_BITS, RSA_MAX_BITS = 1024, 8192
+_REASON_MAX = 120
+
+
+class Result(enum.StrEnum):
+    """The dkim= result values of RFC 8601 §2.7.1."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NEUTRAL = "neutral"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+    POLICY = "policy"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    """One signature's outcome and the properties Authentication-Results reports:
+    header.d (``domain``), header.s (``selector``), header.a (``algorithm``) and
+    header.b (``b``: the first 8 characters of b=, RFC 6008).  Empty where the signature
+    did not say (or could not be parsed).  ``body_length`` is the l= value, if any."""
+
+    result: Result
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    reason: str = ""
+    b: str = ""
+    body_length: int | None = None
+    unsigned_body: int = 0
+
+
+class _Outcome(Exception):
+    """Raised inside dkimpy's key lookup to end one signature's check with a result."""
+
+    def __init__(self, result: Result, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
+
+
+def _short(text: str) -> str:
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text if len(text) <= _REASON_MAX else text[:_REASON_MAX - 3] + "..."
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode("ascii", "replace")
+
+
+def _tags(value: bytes) -> dict[bytes, bytes] | str:
+    """The signature's tags (folding removed), or why they cannot be parsed."""
+    try:
+        tags: dict[bytes, bytes] = dkim.util.parse_tag_value(re.sub(rb"\r?\n", b"", value))
+    except dkim.util.InvalidTagValueList as e:
+        detail = e.args[0] if e.args else b""
+        if isinstance(detail, bytes):
+            detail = _text(detail)
+        return f"malformed DKIM-Signature ({type(e).__name__}: {detail})"
+    return tags
+
+
+def _check_key(record: bytes, algorithm: bytes) -> None:
+    """Raise :class:`_Outcome` unless ``record`` holds a usable key for ``algorithm``."""
+    if len(record) > MAX_KEY_RECORD:
+        raise _Outcome(Result.PERMERROR, f"key record of {len(record)} bytes "
+                                         f"(limit {MAX_KEY_RECORD})")
+    try:
+        tags = dkim.util.parse_tag_value(record)
+    except dkim.util.InvalidTagValueList:
+        raise _Outcome(Result.PERMERROR, "key record syntax error") from None
+    if tags.get(b"v", b"DKIM1") != b"DKIM1":
+        raise _Outcome(Result.PERMERROR, "key record v= is not DKIM1")
+    ktype = tags.get(b"k", b"rsa")
+    if b"p" not in tags:
+        raise _Outcome(Result.PERMERROR, "key record has no p=")
+    p = re.sub(rb"\s+", b"", tags[b"p"])
+    if not p:
+        raise _Outcome(Result.PERMERROR, "key revoked (empty p=)")
+    try:
+        der = base64.b64decode(p, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Outcome(Result.PERMERROR, "key record p= is not base64") from None
+    if not algorithm.startswith(ktype + b"-"):
+        raise _Outcome(Result.PERMERROR, f"key type k={_text(ktype)} does not match "
+                                         f"a={_text(algorithm)}")
+    if ktype == b"ed25519":
+        if len(der) != 32:
+            raise _Outcome(Result.PERMERROR, "Ed25519 key is not 32 bytes")
+        return
+    if ktype != b"rsa":
+        raise _Outcome(Result.PERMERROR, f"unknown key type k={_text(ktype)}")
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, TypeError):
+        raise _Outcome(Result.PERMERROR, "key record p= is not an RSA public key") from None
+    except Exception:  # cryptography's UnsupportedAlgorithm and kin: a key we cannot use
+        raise _Outcome(Result.PERMERROR, "key record p= is not an RSA public key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise _Outcome(Result.PERMERROR, "key record p= is not an RSA public key")
+    if key.key_size < RSA_MIN_BITS:
+        raise _Outcome(Result.PERMERROR, f"RSA key of {key.key_size} bits "
+                                         f"(RFC 8301: at least {RSA_MIN_BITS})")
+    if key.key_size > RSA_MAX_BITS:
+        raise _Outcome(Result.PERMERROR, f"RSA key of {key.key_size} bits "
+                                         f"(limit {RSA_MAX_BITS})")
+
+
+class _KeyFetch:
+    """dkimpy's dnsfunc: the record through the :data:`TxtLookup`, checked."""
+
+    def __init__(self, lookup: TxtLookup, algorithm: bytes) -> None:
+        self.lookup = lookup
+        self.algorithm = algorithm
+
+    def __call__(self, name: bytes, timeout: float = 0) -> bytes:
+        try:
+            qname = name.decode("ascii").rstrip(".")
+        except UnicodeDecodeError:
+            raise _Outcome(Result.PERMERROR, "d= or s= is not ASCII") from None
+        try:
+            records = self.lookup(qname)
+        except DnsTempError as e:
+            raise _Outcome(Result.TEMPERROR, _short(f"key lookup {qname}: {e}")) from None
+        except DnsPermError:
+            raise _Outcome(Result.PERMERROR, f"no key record at {qname}") from None
+        if not records:
+            raise _Outcome(Result.PERMERROR, f"no key record at {qname}")
+        if len(records) > 1:  # RFC 6376 §3.6.2.2: "results are undefined"
+            raise _Outcome(Result.PERMERROR, f"{len(records)} TXT records at {qname}")
+        record = records[0]
+        if not isinstance(record, bytes):
+            raise _Outcome(Result.PERMERROR, "key record is not text")
+        _check_key(record, self.algorithm)
+        return record
+
+
+@dataclass(frozen=True)
+class _Ident:
+    """What a signature says about itself, for its result (empty when unparseable)."""
+
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    b: str = ""
+
+    @classmethod
+    def of(cls, tags: dict[bytes, bytes] | str) -> _Ident:
+        if isinstance(tags, str):
+            return cls()
+        b = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+        return cls(_text(tags.get(b"d")).lower(), _text(tags.get(b"s")),
+                   _text(tags.get(b"a")), _text(b[:8]))
+
+    def result(self, result: Result, reason: str = "", body_length: int | None = None,
+               unsigned_body: int = 0) -> DkimResult:
+        return DkimResult(result, self.domain, self.selector, self.algorithm, reason,
+                          self.b, body_length, unsigned_body)
+
+
+def _precheck(tags: dict[bytes, bytes], body: bytes) -> tuple[int | None, int]:
+    """What dkimpy leaves to the caller: h= must name From, no rsa-sha1 (RFC 8301), and
+    an l= no larger than the canonical body.  Returns (l=, unsigned body bytes).
+    dkimpy's own field checks (missing tags, bad base64, i= outside d=, t= in the
+    future, x= past) come first, so the reason names the first problem."""
+    try:
+        dkim.validate_signature_fields(tags)
+    except dkim.ValidationError as e:
+        raise _Outcome(Result.PERMERROR, _short(str(e))) from None
+    if b"from" not in [h.strip().lower() for h in tags.get(b"h", b"").split(b":")]:
+        raise _Outcome(Result.PERMERROR, "h= does not include From")
+    if tags.get(b"a") == b"rsa-sha1":
+        raise _Outcome(Result.PERMERROR, "rsa-sha1 is not accepted (RFC 8301)")
+    if b"l" not in tags:
+        return None, 0
+    if re.fullmatch(rb"\d{1,76}", tags[b"l"]) is None:
+        raise _Outcome(Result.PERMERROR, "l= is not a number")
+    length = int(tags[b"l"])
+    try:
+        canon = dkim.canonicalization.CanonicalizationPolicy.from_c_value(
+            tags.get(b"c", b"simple/simple"))
+    except dkim.canonicalization.InvalidCanonicalizationPolicyError:
+        raise _Outcome(Result.PERMERROR, "invalid c= value") from None
+    size = len(canon.canonicalize_body(body))
+    if length > size:
+        raise _Outcome(Result.PERMERROR, f"l={length} is longer than the body ({size})")
+    return length, size - length
+
+
+def _one(checker: dkim.DKIM, idx: int, tags: dict[bytes, bytes] | str,
+         lookup: TxtLookup) -> DkimResult:
+    """Verify signature ``idx``: dkimpy does the work, every outcome becomes a result."""
+    ident = _Ident.of(tags)
+    if isinstance(tags, str):
+        return ident.result(Result.PERMERROR, _short(tags))
+    length: int | None = None
+    unsigned = 0
+    try:
+        length, unsigned = _precheck(tags, checker.body)
+        ok = checker.verify(idx, dnsfunc=_KeyFetch(lookup, tags.get(b"a", b"")))
+    except _Outcome as o:
+        return ident.result(o.result, o.reason, length)
+    except dkim.ValidationError as e:
+        if str(e).startswith("body hash mismatch"):
+            return ident.result(Result.FAIL, "body hash did not verify", length)
+        return ident.result(Result.PERMERROR, _short(str(e)))
+    except dkim.DKIMException as e:
+        return ident.result(Result.PERMERROR, _short(f"{type(e).__name__}: {e}"))
+    except Exception as e:  # dkimpy on hostile input (IndexError, ValueError, ...)
+        return ident.result(Result.PERMERROR, f"unverifiable: {type(e).__name__}")
+    if not ok:
+        return ident.result(Result.FAIL, "signature did not verify", length)
+    reason = f"l={length}: {unsigned} body bytes after it are not signed" if length is not None else ""
+    return ident.result(Result.PASS, reason, length, unsigned)
+
+
+def _unparsed(message: bytes, why: str) -> list[DkimResult]:
+    """Results for a message dkimpy cannot parse: permerror per signature field seen."""
+    head = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+    count = len(re.findall(rb"(?im)^dkim-signature[ \t]*:", head))
+    if not count:
+        return [DkimResult(Result.NONE, reason="no signature")]
+    return [DkimResult(Result.PERMERROR, reason=_short(f"message cannot be parsed: {why}"))
+            for _ in range(count)]
+
+
+def verify(message: bytes, lookup: TxtLookup, *, max_signatures: int = MAX_SIGNATURES,
+           deadline: float | None = None,
+           clock: Callable[[], float] = time.monotonic) -> list[DkimResult]:
+    """One :class:`DkimResult` per DKIM-Signature of ``message`` (see the module doc).
+
+    ``deadline`` is a ``clock()`` value (default: now + :data:`DEFAULT_BUDGET`); a
+    signature whose turn comes at or after it is not evaluated (``temperror``).
+    """
+    if deadline is None:
+        deadline = clock() + DEFAULT_BUDGET
+    try:
+        checker = dkim.DKIM(message, minkey=RSA_MIN_BITS)
+    except Exception as e:  # MessageFormatError, or dkimpy's IndexError on odd input
+        return _unparsed(message, type(e).__name__)
+    fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
+    if not fields:
+        return [DkimResult(Result.NONE, reason="no signature")]
+    results: list[DkimResult] = []
+    seen: dict[bytes, int] = {}
+    evaluated = 0
+    for idx, value in enumerate(fields):
+        tags = _tags(value)
+        if value in seen:
+            first = results[seen[value]]
+            results.append(DkimResult(first.result, first.domain, first.selector,
+                                      first.algorithm, f"repeats signature {seen[value] + 1}",
+                                      first.b, first.body_length, first.unsigned_body))
+            continue
+        seen[value] = idx
+        if evaluated >= max_signatures:
+            results.append(_Ident.of(tags).result(
+                Result.POLICY, f"not evaluated: more than {max_signatures} signatures"))
+            continue
+        if clock() >= deadline:
+            results.append(_Ident.of(tags).result(
+                Result.TEMPERROR, "not evaluated: time budget used up"))
+            continue
+        evaluated += 1
+        results.append(_one(checker, idx, tags, lookup))
+    return results
