@@ -80,12 +80,12 @@ def safe(text: str) -> str:
     return "".join(c if " " <= c < "\x7f" or c > "\x9f" else "?" for c in text)
 
 
-class _Soft(Exception):
-    pass
+class LookupSoft(Exception):
+    """A lookup that may pass later: timeout, SERVFAIL, a malformed answer."""
 
 
-class _Hard(Exception):
-    pass
+class LookupHard(Exception):
+    """A lookup that will not pass: NXDOMAIN, no record of the type, an impossible name."""
 
 
 @dataclass(frozen=True)
@@ -150,18 +150,18 @@ class Resolver:
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
         left = min(self.lifetime, self.deadline - time.monotonic())
         if left <= 0:
-            raise _Soft("resolution took too long")
+            raise LookupSoft("resolution took too long")
         try:
             return self.res.resolve(name, rdtype, raise_on_no_answer=False, search=False,
                                     lifetime=left)
         except dns.resolver.NXDOMAIN as e:
-            raise _Hard(str(e)) from None
+            raise LookupHard(str(e)) from None
         except (dns.exception.DNSException, OSError, ValueError) as e:
             # Timeouts, SERVFAIL from every server, malformed answers, bad names: soft,
             # as qmail's dns.c treats everything but NXDOMAIN.
             if isinstance(e, (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel)):
-                raise _Hard(str(e)) from None
-            raise _Soft(str(e)) from None
+                raise LookupHard(str(e)) from None
+            raise LookupSoft(str(e)) from None
 
     def _records(self, name: str, rdtype: dns.rdatatype.RdataType) -> list[str]:
         """Addresses of one type for a name, following CNAMEs the server did not chase."""
@@ -175,6 +175,17 @@ class Resolver:
             name = target
         return []
 
+    def txt(self, name: str) -> list[bytes]:
+        """The TXT records at ``name``, each record's strings joined (CNAMEs the server
+        did not chase are not followed: a TXT owner is looked up where it is).  Raises
+        :class:`LookupHard` for NXDOMAIN, no TXT record or an impossible name, and
+        :class:`LookupSoft` for anything that may pass (timeouts, SERVFAIL, bad answers)."""
+        self._begin()
+        answer = self._query(name, dns.rdatatype.TXT)
+        if answer.rrset is None or answer.rrset.rdtype != dns.rdatatype.TXT:
+            raise LookupHard(f"{name}: no TXT record")
+        return [b"".join(rdata.strings) for rdata in answer.rrset]
+
     def addresses(self, name: str) -> list[str]:
         """All AAAA then all A addresses of ``name``.  Soft only when nothing was found
         and a lookup was soft; hard only when both were hard."""
@@ -183,14 +194,14 @@ class Resolver:
         for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A):
             try:
                 found += self._records(name, rdtype)
-            except (_Soft, _Hard) as e:
+            except (LookupSoft, LookupHard) as e:
                 errors.append(e)
         if found:
             return [str(ipaddress.ip_address(a)) for a in found]
-        if any(isinstance(e, _Soft) for e in errors):
-            raise _Soft("address lookup failed")
+        if any(isinstance(e, LookupSoft) for e in errors):
+            raise LookupSoft("address lookup failed")
         if len(errors) == 2:
-            raise _Hard("no such host")
+            raise LookupHard("no such host")
         return []
 
     def host_addresses(self, host: str, pref: int = 0) -> list[MxAddress]:
@@ -204,9 +215,9 @@ class Resolver:
     def _host_or_fail(self, host: str, pref: int) -> list[MxAddress]:
         try:
             found = self.addresses(host)
-        except _Soft:
+        except LookupSoft:
             raise DnsFailure(TEMP_DNS) from None
-        except _Hard:
+        except LookupHard:
             raise DnsFailure(perm_dns(host)) from None
         if not found:
             raise DnsFailure(PERM_NOMX)
@@ -220,9 +231,9 @@ class Resolver:
             return [MxAddress(ip, 0, "")]
         try:
             answer = self._query(host, dns.rdatatype.MX)
-        except _Soft:
+        except LookupSoft:
             raise DnsFailure(TEMP_DNS) from None
-        except _Hard:
+        except LookupHard:
             return self._host_or_fail(host, 0)
         mxs = [(r.preference, r.exchange.to_text(omit_final_dot=True))
                for r in list(answer.rrset or [])[:MAX_MX]]
@@ -233,9 +244,9 @@ class Resolver:
         for pref, name in order_mx(mxs, self.rng):
             try:
                 out += [MxAddress(a, pref, name.lower()) for a in self.addresses(name)]
-            except _Soft:
+            except LookupSoft:
                 soft = True
-            except _Hard:
+            except LookupHard:
                 pass
             if len(out) >= MAX_TOTAL:
                 break
@@ -253,9 +264,9 @@ class Resolver:
         for _ in range(MAX_CNAME_HOPS):
             try:
                 answer = self._query(name, dns.rdatatype.CNAME)
-            except _Hard:
+            except LookupHard:
                 break
-            except _Soft:
+            except LookupSoft:
                 raise DnsFailure(TEMP_CNAME) from None
             if answer.rrset is None:
                 break

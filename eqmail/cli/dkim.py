@@ -185,10 +185,6 @@ def check_selector_record(lookup: TxtLookup, domain: str, selector: str, key: Pr
     return f"mismatch{many}: {reasons}"
 
 
-def _server_text(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
     if not 0 < args.timeout <= 60:
         _err("check", f"--timeout {args.timeout:g}: want more than 0, at most 60 seconds")
@@ -203,8 +199,7 @@ def cmd_check(inst: Instance, args: argparse.Namespace) -> int:
         for err in e.errors:
             _err("check", str(err))
         return EXIT_FAIL
-    servers = tuple(_server_text(ip, port) for ip, port in controls.dnsservers)
-    lookup = dnspython_txt_lookup(servers, args.timeout)
+    lookup = dnspython_txt_lookup(controls.dnsservers, args.timeout)
     all_ok = True
     for sel, key in keys:
         verdict = "cannot load the key" if key is None else check_selector_record(lookup, domain, sel, key)

@@ -8,15 +8,19 @@ file names.  Pure data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from eqmail.authlimit import AuthLimit
 from eqmail.control.assign import Assign
 from eqmail.control.listen import ListenerSpec
 from eqmail.logformat import LogFormat
 from eqmail.tcprules import Rules
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,20 @@ class FileStamp:
     size: int
     mtime_ns: int
     ctime_ns: int
+
+
+def domain_lookup(table: Mapping[str, V], host: str) -> V | None:
+    """qmail's lookup of a host in smtproutes and virtualdomains: the host (lowercased),
+    then each suffix starting at a dot (``.example.com``), then the empty key."""
+    host = host.lower()
+    if host in table:
+        return table[host]
+    i = host.find(".")
+    while i >= 0:
+        if host[i:] in table:
+            return table[host[i:]]
+        i = host.find(".", i + 1)
+    return table.get("")
 
 
 @dataclass(frozen=True)
@@ -118,16 +136,11 @@ class Controls:
 
     def route_for(self, host: str) -> Route | None:
         """smtproutes lookup: the host, each suffix from a dot, then the empty key."""
-        table = dict(self.smtproutes)
-        host = host.lower()
-        if host in table:
-            return table[host]
-        i = host.find(".")
-        while i >= 0:
-            if host[i:] in table:
-                return table[host[i:]]
-            i = host.find(".", i + 1)
-        return table.get("")
+        return domain_lookup(self._routes, host)
+
+    @functools.cached_property
+    def _routes(self) -> dict[str, Route]:
+        return dict(self.smtproutes)  # once per configuration, not per delivery
 
     def rules_for(self, fn: str) -> Rules | None:
         """The parsed tcprules file control/``fn`` (a listener's ``rules=``); None when

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from eqmail.control.values import domain_lookup
 from eqmail.queue.schedule import Channel
 
 if TYPE_CHECKING:
@@ -55,16 +56,9 @@ def rewrite(addr: str, rules: RewriteRules, vmap: dict[str, str] | None = None) 
 
 
 def _virtual_lookup(addr: str, domain: str, table: dict[str, str]) -> str | None:
-    lowered = domain.lower()
-    for key in (addr.lower(), lowered):
-        if key in table:
-            return table[key]
-    i = lowered.find(".")
-    while i >= 0:
-        if lowered[i:] in table:
-            return table[lowered[i:]]
-        i = lowered.find(".", i + 1)
-    return table.get("")
+    """virtualdomains: the whole address first, then the domain as smtproutes looks hosts up."""
+    found = table.get(addr.lower())
+    return found if found is not None else domain_lookup(table, domain)
 
 
 def strip_virtual_prepend(addr: str, rules: RewriteRules, vmap: dict[str, str] | None = None) -> str:

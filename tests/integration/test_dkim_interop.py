@@ -109,7 +109,7 @@ def opendkim_test(conf: Path, message: Path) -> str:
 
 
 def loopback_lookup(dns: DnsServer):  # type: ignore[no-untyped-def]
-    return dnspython_txt_lookup((f"{DNS_HOST}:{dns.port}",), 5.0)
+    return dnspython_txt_lookup(((DNS_HOST, dns.port),), 5.0)
 
 
 # ---- eqmail signs, others verify ----------------------------------------------------

@@ -331,7 +331,7 @@ def test_dns_that_hangs_or_answers_garbage() -> None:
     server = DnsServer(zone)
     port = server.start()
     try:
-        lookup = dnspython_txt_lookup((f"127.0.0.1:{port}",), 0.5)
+        lookup = dnspython_txt_lookup((("127.0.0.1", port),), 0.5)
         assert results(signed(), {}) == [Result.PERMERROR] * 2  # (dict: no records)
         assert [r.result for r in verify(signed(), lookup)] == [Result.PASS, Result.PASS]
         server.behaviour = Behaviour.SILENT
