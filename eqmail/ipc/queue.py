@@ -7,8 +7,9 @@ SO_PEERCRED, never from a message.  Frames (eqmail.ipc.framing):
                      peer with the writer's own uid or root; an unknown role is ignored)
                      ``B`` :class:`BodyChunk` (<= 1 MiB): the message, streamed
                      ``E`` :class:`QueueEnvelope`: qmail-queue's fd-1 format
-                     ``F<s>\\0T<r>\\0...\\0``; ends the message, the writer commits and
-                     answers
+                     ``F<s>\\0T<r>\\0...\\0``, then eqmail's extension records
+                     ``X<key>=<value>\\0`` (:class:`Origin`); ends the message, the
+                     writer commits and answers
                      ``C`` :class:`CleanRequest` (qmail-clean: ``foop/<id>``,
                      ``todo/<id % 23>/<id>``), only from the scanner's uid
   writer -> client   ``R`` :class:`QueueAnswer`: ASCII ``<exit code> <qp> <msgid>``
@@ -187,12 +188,43 @@ class EnvelopeRefused(ProtocolError):
         self.code = code
 
 
+class Origin(enum.StrEnum):
+    """Where a message came from, as far as signing and SRS care (issue 16).
+
+    The client claims it in the envelope's ``Xorigin=`` record; the queue writer decides
+    what it believes (AUTH and RELAY only from the listener's role and uid, BOUNCE only
+    from the scanner's; any client may claim less: NETWORK or FORWARD) and a client that
+    claims nothing is a local injection (LOCAL).  The writer records every origin but
+    NETWORK in the todo/ and info/ files (docs/queue-format.md)."""
+
+    NETWORK = "network"   # an SMTP client that is neither authenticated nor a relay client
+    AUTH = "auth"         # an SMTP client that authenticated (AUTH)
+    RELAY = "relay"       # an SMTP relay client (RELAYCLIENT)
+    LOCAL = "local"       # eqmail-inject / sendmail / a program run by a local user
+    BOUNCE = "bounce"     # a bounce eqmail itself wrote
+    FORWARD = "forward"   # a copy a .qmail file (or alias) forwarded on
+
+    @property
+    def signed(self) -> bool:
+        """Whether mail of this origin is DKIM-signed for its From: domain."""
+        return self in (Origin.AUTH, Origin.RELAY, Origin.LOCAL, Origin.BOUNCE)
+
+
+_EXT_MAX = 16  # extension records one envelope may carry
+_EXT_LEN = 256  # bytes of one extension record
+
+
 @dataclass(frozen=True)
 class QueueEnvelope:
-    """The envelope of one message (addresses are surrogate-escaped str, eqmail.textio)."""
+    """The envelope of one message (addresses are surrogate-escaped str, eqmail.textio).
+
+    ``origin`` is what the client claims (None: nothing, i.e. qmail-queue's format
+    exactly); it travels as an ``Xorigin=<value>`` record after the terminating NUL,
+    where qmail-queue stops reading, so the bytes before it stay qmail-queue's."""
 
     sender: str
     recipients: tuple[str, ...]
+    origin: Origin | None = None
 
     def encode(self) -> bytes:
         """The bytes a client sends to the queue writer (qmail-queue's fd 1).  An
@@ -204,6 +236,8 @@ class QueueEnvelope:
         if any(b"\0" in p for p in parts[1::3]):
             raise ProtocolError("an envelope address holds a NUL")
         parts.append(b"\0")
+        if self.origin is not None:
+            parts.append(f"Xorigin={Origin(self.origin).value}\0".encode("ascii"))
         data = b"".join(parts)
         if len(data) > MAX_FRAME[ENVELOPE]:
             raise ProtocolError("envelope too long")
@@ -219,7 +253,11 @@ class QueueEnvelope:
         First byte not ``F`` or a record not starting with ``T``: 91.  An address with
         no NUL within its first ADDR_MAX bytes (i.e. longer than 1002 bytes): 11.  The
         data ending before the terminating extra NUL: 54 (qmail-queue's die_read).
-        Anything after the terminating NUL is not read.  Every refusal is an
+        After the terminating NUL come eqmail's extension records (``X<key>=<value>``
+        each with its NUL; qmail-queue never reads them): ``origin`` is taken when its
+        value is an :class:`Origin`; an unknown key or value, too many records or a
+        record without its NUL is ignored, never a refusal, so an older client's bytes
+        and a newer client's unknown records both queue.  Every refusal is an
         :class:`EnvelopeRefused` carrying its code.
         """
         pos = 0
@@ -252,7 +290,23 @@ class QueueEnvelope:
             if tag != b"T":
                 raise EnvelopeRefused(QQExit.BAD_ENVELOPE, "recipient record does not start with T")
             recips.append(address())
-        return cls(sender, tuple(recips))
+        return cls(sender, tuple(recips), _extensions(data, pos).get("origin"))
+
+
+def _extensions(data: bytes, pos: int) -> dict[str, Origin]:
+    found: dict[str, Origin] = {}
+    for _ in range(_EXT_MAX):
+        end = data.find(b"\0", pos, pos + _EXT_LEN)
+        if end < 0 or data[pos:pos + 1] != b"X":
+            break
+        key, sep, value = data[pos + 1:end].partition(b"=")
+        pos = end + 1
+        if key == b"origin" and sep:
+            try:
+                found["origin"] = Origin(value.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+    return found
 
 
 class CleanKind(enum.Enum):

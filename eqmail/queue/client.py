@@ -23,6 +23,7 @@ from eqmail.ipc.queue import (
     BodyChunk,
     CleanAnswer,
     CleanRequest,
+    Origin,
     QQExit,
     QueueAnswer,
     QueueEnvelope,
@@ -90,13 +91,13 @@ class QueueConnection:
         self.sock.close()
 
     def submit(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
-               prefix: bytes = b"") -> SubmitResult:
+               prefix: bytes = b"", origin: Origin | None = None) -> SubmitResult:
         if prefix:
             self.sock.sendall(BodyChunk(prefix).frame())
         for chunk in _chunks(message):
             if chunk:
                 self.sock.sendall(BodyChunk(chunk).frame())
-        self.sock.sendall(QueueEnvelope(sender, tuple(recipients)).frame())
+        self.sock.sendall(QueueEnvelope(sender, tuple(recipients), origin).frame())
         kind, payload = recv_frame(self.sock)
         expect(ANSWER, kind)
         return SubmitResult.from_answer(QueueAnswer.decode(payload))
@@ -116,7 +117,8 @@ class QueueConnection:
 
 
 def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
-           *, prefix: bytes = b"", role: QueueRole | None = None) -> SubmitResult:
+           *, prefix: bytes = b"", role: QueueRole | None = None,
+           origin: Origin | None = None) -> SubmitResult:
     """Queue one message.  Returns code 120 ("unable to exec qq") when no queue writer
     answers, code 53/54/... as qmail-queue would otherwise."""
     try:
@@ -124,7 +126,7 @@ def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | 
     except OSError:
         return SubmitResult.from_code(QQExit.CANNOT_EXEC)
     try:
-        return conn.submit(sender, recipients, message, prefix)
+        return conn.submit(sender, recipients, message, prefix, origin)
     except (OSError, ProtocolError):
         return SubmitResult.from_code(QQExit.BUG)
     finally:
@@ -200,7 +202,8 @@ class AsyncQueueClient:
         except OSError:
             self.broken = True
 
-    async def finish(self, sender: str, recipients: Sequence[str]) -> SubmitResult:
+    async def finish(self, sender: str, recipients: Sequence[str],
+                     origin: Origin | None = None) -> SubmitResult:
         if self.broken:
             await self.abandon()
             return SubmitResult.from_code(QQExit.CANNOT_EXEC)
@@ -208,7 +211,7 @@ class AsyncQueueClient:
             if self.writer is None:
                 await self._connect()
             assert self.writer is not None and self.reader is not None
-            self.pending += QueueEnvelope(sender, tuple(recipients)).frame()
+            self.pending += QueueEnvelope(sender, tuple(recipients), origin).frame()
             self.writer.write(bytes(self.pending))
             self.pending.clear()
             kind, payload = await read_frame_async(self.reader)

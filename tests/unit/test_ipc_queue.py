@@ -184,3 +184,30 @@ def test_clean_request_text_decodes_or_raises_protocol_error(text: str) -> None:
     except ProtocolError:
         return
     assert request.msgid == int(text.rsplit("/", 1)[1])
+
+
+# ---------------------------------------------------------------- origin (issue 16)
+
+from eqmail.ipc.queue import Origin  # noqa: E402
+
+
+def test_envelope_without_origin_is_qmail_queue_bytes() -> None:
+    assert QueueEnvelope("a@b", ("c@d",)).encode() == b"Fa@b\0Tc@d\0\0"
+
+
+@pytest.mark.parametrize("origin", list(Origin))
+def test_envelope_origin_round_trips_after_the_terminator(origin: Origin) -> None:
+    env = QueueEnvelope("a@b", ("c@d",), origin)
+    data = env.encode()
+    assert data.startswith(b"Fa@b\0Tc@d\0\0X")
+    assert QueueEnvelope.decode(data) == env
+
+
+@pytest.mark.parametrize("tail", [b"Xorigin=bogus\0", b"Xcolour=red\0", b"Xorigin=auth",
+                                  b"garbage", b"X" * 400 + b"\0"])
+def test_unknown_or_broken_extension_records_are_ignored(tail: bytes) -> None:
+    assert QueueEnvelope.decode(b"Fa@b\0Tc@d\0\0" + tail) == QueueEnvelope("a@b", ("c@d",))
+
+
+def test_signed_origins() -> None:
+    assert {o for o in Origin if o.signed} == {Origin.AUTH, Origin.RELAY, Origin.LOCAL, Origin.BOUNCE}
