@@ -44,6 +44,7 @@ from eqmail.dkim.keys import (
     record_name,
     record_text,
     selectors,
+    unreadable_by,
     write_key,
     zone_line,
 )
@@ -86,15 +87,36 @@ def expected_key_owner() -> tuple[int, int | None]:
 
 def key_warnings(control: Path) -> list[str]:
     """``eqmailctl check``'s lines for stored keys that are unreadable, owned or
-    moded wrongly, or do not parse — each naming the file."""
+    moded wrongly, or do not parse — each naming the file — and (run as root) for keys
+    the remote delivery user, the one that signs, cannot read: mail of their domain
+    would be deferred."""
     uid, gid = expected_key_owner()
+    signer = signer_ids()
     out = []
     for path in key_files(control):
         problems = file_problems(path, uid, gid)
+        rel = path.relative_to(control.parent)
         if problems:
-            rel = path.relative_to(control.parent)
             out.append(f"warning: {rel}: {'; '.join(problems)}")
+        if signer is not None:
+            why = unreadable_by(path, signer[0], signer[1])
+            if why:
+                out.append(f"warning: {rel}: the remote delivery user cannot read it ({why}): "
+                           "signed mail of its domain will be deferred")
     return out
+
+
+def signer_ids() -> tuple[int, frozenset[int]] | None:
+    """The uid and groups of the user that signs (the remote delivery user), when
+    ``check`` runs as root on a system that has it; None otherwise (then the invoking
+    user is the signer, and file_problems' read of the key already speaks for it)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        remote = SystemIds.lookup()[Role.REMOTE]
+    except KeyError:
+        return None
+    return remote.uid, frozenset(os.getgrouplist(remote.name, remote.gid))
 
 
 def cmd_keygen(inst: Instance, args: argparse.Namespace) -> int:

@@ -111,6 +111,8 @@ FILES: tuple[FileRow, ...] = (
     Number("smtperrorhardlimit", 20, 0, 1_000_000, "error replies after which the session gets 421; 0 = never"),
     Number("smtperrorsleep", 1, 0, 60, "seconds of that wait"),
     Number("smtpjunklimit", 100, 0, 1_000_000, "NOOP/RSET/VRFY/HELP without a delivered message; 0 = no limit"),
+    Parsed("dkimsign", "(relaxed/relaxed, the usual fields, From over-signed)",
+           "DKIM signing per domain: DOMAIN|* canon= headers= oversign= expire="),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eqmail.control import parsers as p
 from eqmail.control.ciphers import client_ciphers_ok, server_ciphers_ok
+from eqmail.control.dkimsign import parse_dkimsign
 from eqmail.control.listen import parse_listen
 from eqmail.control.reader import Reader
 from eqmail.control.values import Controls
@@ -98,6 +99,7 @@ def load_controls(root: Path) -> Controls:
         authlimit=p.parse_authlimit(r, warnings),
         tlsclients=p.parse_tlsclients(r),
         tlsfiles=p.stamp_tlsfiles(r),
+        dkimsign=parse_dkimsign(r),
         warnings=tuple(warnings),
         sources=dict(r.sources),
     )

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from eqmail.authlimit import AuthLimit
 from eqmail.control.assign import Assign
+from eqmail.control.dkimsign import DkimSignRule
 from eqmail.control.listen import ListenerSpec
 from eqmail.logformat import LogFormat
 from eqmail.tcprules import Rules
@@ -129,6 +130,8 @@ class Controls:
     smtperrorhardlimit: int
     smtperrorsleep: int
     smtpjunklimit: int
+    # DKIM signing of outgoing mail (issue 16; eqmail.control.dkimsign)
+    dkimsign: tuple[DkimSignRule, ...]
     # problems that do not refuse the configuration (the file's default is used):
     # logged by the worker that uses the file, shown by eqmailctl check
     warnings: tuple[str, ...]

@@ -13,7 +13,10 @@ Privilege: runs in the remote delivery worker (eqmailr), in its pool threads; re
 queue/mess through the descriptor the caller opened, writes queue/lock/tcpto.
 
 Inputs: a :class:`RemoteJob` (controls, our addresses, tcpto, the connection cache, TLS
-configuration), the open message file, the envelope.  Outputs: one
+configuration, the DKIM signer), the open message file, the envelope and the message's
+origin.  DKIM: each body a transaction sends (the stored message, or what the
+before-remote hooks made of it) is signed once, after the hooks, by :func:`_dkim_signed`
+(eqmail.dkim.signer decides whether); a key that cannot be loaded defers.  Outputs: one
 :class:`~eqmail.ipc.delivery.Outcome` per recipient.  Failures: every delivery problem
 is an outcome (deferral or failure, qmail-remote's texts); any other exception is a bug
 and propagates to the worker, whose boundary turns it into a deferral.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -32,9 +36,12 @@ from typing import BinaryIO
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.delivery.nexthop import connect
+from eqmail.dkim.sign import MessageError
+from eqmail.dkim.signer import KeyFileError, OutboundSigner
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.instance import Instance
 from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.ipc.queue import Origin
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.queue.layout import QueuePaths
@@ -57,6 +64,9 @@ TEMP_READ = Outcome(Verdict.DEFERRAL, "Unable to read message. (#4.3.0)\n")
 TEMP_CONTROL = Outcome(Verdict.DEFERRAL, "Unable to read control files. (#4.3.0)\n")
 PERM_PARTIAL = Outcome(Verdict.FAILURE,
                        "SMTP cannot transfer messages with partial final lines. (#5.6.2)\n")
+# The key's file is named in the log, not in a text that may end up in a bounce.
+TEMP_DKIM_KEY = Outcome(Verdict.DEFERRAL,
+                        "Unable to load a DKIM signing key; will try again. (#4.3.0)\n")
 
 
 class ConnectionCache:
@@ -123,17 +133,19 @@ class RemoteJob:
     cache: ConnectionCache
     tls: TlsConfig
     run_hooks: bfrmt.RunChain  # eqmail.spp.bfrmtclient.run_chain in the worker
+    signer: OutboundSigner | None = None  # DKIM (issue 16); None: nothing is signed
 
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-                  recipients: list[str]) -> list[Outcome]:
+                  recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
     """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
-    its text cut to what a report carries."""
-    return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients)]
+    its text cut to what a report carries.  ``origin``: the message's, from the
+    queue (the request's ``origin`` option), which decides whether it is signed."""
+    return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients, origin)]
 
 
 def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-              recipients: list[str]) -> list[Outcome]:
+              recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
     root = instance.root
     try:
         fd = os.open(QueuePaths(instance.queue).mess(msgid), os.O_RDONLY | os.O_NOFOLLOW)
@@ -144,12 +156,16 @@ def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
         domain = recipients[0].rpartition("@")[2]
         outcomes: dict[int, Outcome] = {}
         for idxs, body in _bodies(job, root, domain, sender, recipients, message, size):
+            sent: BinaryIO | Outcome = body
             try:
-                got = [body] * len(idxs) if isinstance(body, Outcome) else _send(
-                    job, domain, sender, [recipients[i] for i in idxs], body)
+                if not isinstance(body, Outcome):
+                    sent = _dkim_signed(job, msgid, body, origin)
+                got = [sent] * len(idxs) if isinstance(sent, Outcome) else _send(
+                    job, domain, sender, [recipients[i] for i in idxs], sent)
             finally:
-                if not isinstance(body, Outcome) and body is not message:
-                    body.close()
+                for f in {id(x): x for x in (body, sent)}.values():
+                    if not isinstance(f, Outcome) and f is not message:
+                        f.close()
             outcomes.update(zip(idxs, got, strict=True))
     return [outcomes[i] for i in range(len(recipients))]  # _bodies places every one
 
@@ -177,6 +193,40 @@ def _bodies(job: RemoteJob, root: Path, domain: str, sender: str, recipients: li
         else:
             groups[digest] = ([i], res)
     return out + [(idxs, body) for idxs, body in groups.values()]
+
+
+def _dkim_signed(job: RemoteJob, msgid: int, body: BinaryIO,
+                 origin: Origin | None) -> BinaryIO | Outcome:
+    """``body`` with its DKIM signatures in front (a new file), ``body`` itself when it
+    is not signed, or the outcome that stops it: a deferral when a key cannot be loaded
+    (the log names the file), a failure when the message cannot be signed.  Called once
+    per transaction body, so recipients sharing a transaction share its signatures."""
+    if job.signer is None or origin is None or not Origin(origin).signed:
+        return body
+    body.seek(0)
+    data = body.read()
+    try:
+        fields = job.signer.signatures(data, origin, job.controls.dkimsign)
+    except KeyFileError as e:
+        log(f"warning: DKIM key {e.path}: {e.why}: delivery of msg {msgid} deferred")
+        return TEMP_DKIM_KEY
+    except MessageError as e:
+        log(f"warning: msg {msgid} cannot be DKIM-signed: {sanitize(str(e))[:200]}")
+        return Outcome(Verdict.FAILURE, "This message cannot be DKIM-signed: its header "
+                       "section is malformed. (#5.6.0)\n")
+    finally:
+        body.seek(0)
+    if not fields:
+        return body
+    out = tempfile.TemporaryFile()
+    try:
+        out.write(fields)
+        out.write(data)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def _digest(f: BinaryIO) -> bytes:

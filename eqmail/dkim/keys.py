@@ -311,6 +311,40 @@ def file_problems(path: Path, uid: int, gid: int | None) -> list[str]:
     return out
 
 
+def _may(st: os.stat_result, uid: int, gids: frozenset[int], bits: tuple[int, int, int]) -> bool:
+    """Unix permission check (no ACLs): the owner's bits for the owner, the group's for
+    a member of the group, the others' for everyone else."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & bits[0])
+    if st.st_gid in gids:
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])
+
+
+def unreadable_by(path: Path, uid: int, gids: frozenset[int]) -> str | None:
+    """Why the user ``uid`` (in groups ``gids``) cannot read ``path`` — a directory
+    above it it may not search, or the file it may not read — or None when it can
+    (root always can).  This is what the remote delivery worker meets when it signs."""
+    if uid == 0:
+        return None
+    full = Path(os.path.abspath(path))
+    search = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    for d in reversed(full.parents):
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            return f"{d}: {e.strerror}"
+        if not _may(st, uid, gids, search):
+            return f"no search permission on {d}"
+    try:
+        st = os.stat(full)
+    except OSError as e:
+        return e.strerror
+    if not _may(st, uid, gids, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+        return f"no read permission (owner {st.st_uid}:{st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
 # ---- published records ----------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from eqmail.control.dkimsign import NEVER_SIGNED as NEVER_SIGNED  # control/dkimsign checks it too
 from eqmail.dkim.keys import KeyType as KeyType  # one enum for the store and the signer
 
 RSA_MIN_BITS, RSA_MAX_BITS = 1024, 4096
@@ -60,9 +61,6 @@ DEFAULT_HEADERS: tuple[str, ...] = (
 # §8.15).  From alone, as dkimpy and OpenDKIM's examples do: over-signing more fields
 # breaks signatures when a mailing list legitimately adds e.g. a missing Reply-To.
 DEFAULT_OVERSIGN: tuple[str, ...] = ("from",)
-# Fields a signature must never cover: they change in transit by design.
-NEVER_SIGNED = frozenset({"return-path", "received", "comments", "keywords", "bcc",
-                          "resent-bcc", "dkim-signature"})
 
 
 class SigningError(Exception):

@@ -35,7 +35,7 @@ from pathlib import Path
 from eqmail.instance import Instance
 from eqmail.ipc.queue import QQExit
 from eqmail.migrate.plan import ImportReport, Owners, write_file
-from eqmail.queue.envelope import Envelope, parse_records
+from eqmail.queue.envelope import Envelope, origin_of, parse_records
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.writer import PendingMessage, QueueStore, fsync_dir, syncfs
 
@@ -173,7 +173,7 @@ class QueueImporter:
         recs = parse_records(todo.read_bytes())
         fields = {r.kind: r.value for r in recs if r.kind in "upF"}
         rcpts = tuple(r.value for r in recs if r.kind == "T")
-        others = sorted({r.kind for r in recs} - set("upFT"))
+        others = sorted({r.kind for r in recs} - set("upFTX"))  # X: eqmail's origin, kept
         if "F" not in fields:
             self.report.not_carried.append(f"queue msg {todo.name} (todo without an F record)")
             return None
@@ -186,7 +186,7 @@ class QueueImporter:
         qp = int(fields["p"]) if fields.get("p", "").isdigit() else os.getpid()
         pending = self._new_mess(mess, qp, uid)
         msgid = pending.msgid
-        pending.envelope = Envelope(fields["F"], rcpts)
+        pending.envelope = Envelope(fields["F"], rcpts, origin_of(recs))
         self.store.commit([pending])  # QueueStore removes what it created if this fails
         if pending.result != QQExit.OK:
             raise OSError(f"cannot queue a copy of {mess}: {pending.result!r}")

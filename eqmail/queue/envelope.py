@@ -2,8 +2,9 @@
 
 - qmail-queue input (fd 1): a frame payload of run/queue.sock, so its reader and writer
   are eqmail.ipc.queue.QueueEnvelope's.
-- todo/intd files: ``u<uid>\\0p<pid>\\0F<sender>\\0T<rcpt>\\0...`` (no final extra NUL).
-- info files: ``F<sender>\\0``.
+- todo/intd files: ``u<uid>\\0p<pid>\\0F<sender>\\0T<rcpt>\\0...`` (no final extra NUL),
+  then ``Xorigin=<origin>\\0`` for every origin but NETWORK (docs/queue-format.md).
+- info files: ``F<sender>\\0``, then the same ``Xorigin=<origin>\\0`` when the todo had it.
 - local/remote channel files: ``T<addr>\\0`` (to do) or ``D<addr>\\0`` (done).
 
 Pure functions on bytes; addresses are returned as ``str`` via eqmail.textio so that any
@@ -12,22 +13,61 @@ byte sequence round-trips.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from eqmail.ipc.queue import Origin
 from eqmail.textio import decode, encode
+
+ORIGIN_KEY = "origin"  # the key of the X record: ``Xorigin=<value>``
 
 
 @dataclass(frozen=True)
 class Envelope:
+    """A message's envelope as the queue stores it; ``origin`` is what the queue writer
+    believed (eqmail.queue.origin), None for a message that has no record of it."""
+
     sender: str
     recipients: tuple[str, ...]
+    origin: Origin | None = None
+
+
+def origin_record(origin: Origin | None) -> bytes:
+    """The X record of ``origin``, or nothing: NETWORK (an outsider's mail, the origin
+    that is never signed) and None leave the file exactly as qmail writes it."""
+    if origin is None or origin is Origin.NETWORK:
+        return b""
+    return f"X{ORIGIN_KEY}={Origin(origin).value}\0".encode("ascii")
 
 
 def todo_bytes(uid: int, qp: int, env: Envelope) -> bytes:
     parts = [f"u{uid}\0p{qp}\0".encode(), b"F", encode(env.sender), b"\0"]
     for r in env.recipients:
         parts += [b"T", encode(r), b"\0"]
+    parts.append(origin_record(env.origin))  # after the T records: qmail's bytes come first
     return b"".join(parts)
+
+
+def info_bytes(sender: str, origin: Origin | None) -> bytes:
+    """An info/ file: ``F<sender>\\0`` and the origin's X record (qmail-qread and
+    qmail-send read only the first record of info/)."""
+    return b"F" + encode(sender) + b"\0" + origin_record(origin)
+
+
+def origin_of(records: Iterable[TodoRecord]) -> Origin | None:
+    """The origin an ``Xorigin=`` record of a todo/ or info/ file names; None when there
+    is none (NETWORK's files have none) or its value is not one this eqmail knows (a
+    newer eqmail's: treated as having no origin, so never signed)."""
+    found: Origin | None = None
+    for rec in records:
+        if rec.kind == "X":
+            key, sep, value = rec.value.partition("=")
+            if key == ORIGIN_KEY and sep:
+                try:
+                    found = Origin(value)
+                except ValueError:
+                    found = None
+    return found
 
 
 @dataclass(frozen=True)

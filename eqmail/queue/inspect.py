@@ -7,7 +7,9 @@ Privilege: needs read access to queue/ (root, eqmails, or the owner of a private
 instance); info/, local/, remote/ and bounce/ are mode 0700 like qmail's.
 Inputs: the instance root (the queue is ``<root>/queue``), laid out as in qmail-core §1.1
 with big-todo (todo/ split).  Records are NUL-terminated: info ``F<sender>``; local/remote
-``T<addr>``/``D<addr>``; todo ``u<uid>``, ``p<pid>``, ``F<sender>``, ``T<rcpt>``...
+``T<addr>``/``D<addr>``; todo ``u<uid>``, ``p<pid>``, ``F<sender>``, ``T<rcpt>``...; todo and
+info may end with eqmail's ``Xorigin=<origin>`` (docs/queue-format.md), which ``show`` and
+the JSON objects give as ``origin`` (``network`` when there is none).
 Outputs: text, or (``--json``) the objects documented in eqmailctl(8).  Non-printable
 bytes of envelope data are shown as ``_`` in text (qmail-qread) and as ``\\xNN`` in JSON
 when they are not UTF-8.
@@ -98,14 +100,25 @@ def _channel_recipients(q: QueuePaths, msgid: int) -> tuple[list[Recipient], str
     return found, warning
 
 
-def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes]:
-    """(mess size, info mtime, sender) of a preprocessed message; OSError if unreadable."""
+def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes, str]:
+    """(mess size, info mtime, sender, origin) of a preprocessed message; OSError if
+    unreadable."""
     size = q.mess(msgid).stat().st_size
     with open(q.info(msgid), "rb") as f:
         data = f.read(4096)
         mtime = os.fstat(f.fileno()).st_mtime
     first = data.split(b"\0", 1)[0]
-    return size, mtime, first[1:]
+    return size, mtime, first[1:], _origin(records(data))
+
+
+def _origin(recs: list[bytes]) -> str:
+    """The value of the last ``Xorigin=`` record, as stored; ``network`` without one
+    (the queue writer records every origin but NETWORK)."""
+    found = "network"
+    for rec in recs:
+        if rec.startswith(b"Xorigin="):
+            found = printable(rec[len(b"Xorigin="):])
+    return found
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class QueuedMessage:
     recipients: tuple[Recipient, ...] = ()
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    origin: str = "network"  # the Xorigin= record (eqmail.queue.origin)
 
     def text_lines(self) -> list[str]:
         """qmail-qread's lines for this message."""
@@ -156,6 +170,7 @@ class QueuedMessage:
             "recipients": [{"channel": r.channel, "address": json_text(r.address), "done": r.done}
                            for r in self.recipients],
             "warnings": list(self.warnings),
+            "origin": self.origin,
         }
 
 
@@ -170,13 +185,13 @@ def messages(root: Path) -> list[QueuedMessage]:
     out: list[QueuedMessage] = []
     for msgid in _ids(q, "info"):
         try:
-            size, mtime, sender = _info(q, msgid)
+            size, mtime, sender, origin = _info(q, msgid)
         except OSError as e:
             out.append(QueuedMessage(msgid, error=e.strerror or str(e)))
             continue
         rcpts, warning = _channel_recipients(q, msgid)
         out.append(QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True,
-                                 tuple(rcpts), (warning,) if warning else ()))
+                                 tuple(rcpts), (warning,) if warning else (), origin=origin))
     return out
 
 
@@ -221,24 +236,26 @@ def message(root: Path, msgid: int) -> QueuedMessage:
         recs = records(data)
         sender = next((r[1:] for r in recs if r[:1] == b"F"), b"")
         rcpts = tuple(Recipient("todo", r[1:], False) for r in recs if r[:1] == b"T")
-        return QueuedMessage(msgid, mtime, size, sender, False, False, rcpts)
+        return QueuedMessage(msgid, mtime, size, sender, False, False, rcpts, origin=_origin(recs))
     try:
-        size, mtime, sender = _info(q, msgid)
+        size, mtime, sender, origin = _info(q, msgid)
     except FileNotFoundError:
         raise NoSuchMessage(f"message #{msgid} is not completely queued") from None
     found, warning = _channel_recipients(q, msgid)
     return QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True, tuple(found),
-                         (warning,) if warning else ())
+                         (warning,) if warning else (), origin=origin)
 
 
 def show(root: Path, msgid: int) -> str:
     """One message: the qmail-qread entry (or, before preprocessing, its todo envelope
-    with each recipient marked ``todo``), a blank line, then its header from mess/."""
+    with each recipient marked ``todo``), its ``origin:`` line, a blank line, then its
+    header from mess/."""
     m = message(root, msgid)
     header, truncated = _header_block(_queue(root).mess(msgid))
     lines = m.text_lines()
     if m.preprocessed:  # the unreadable-channel warning goes after the recipients here
         lines = [lines[0], *lines[1 + len(m.warnings):], *m.warnings]
+    lines.append(f"origin: {m.origin}")
     return "".join(ln + "\n" for ln in lines) + "\n" + header + ("[header truncated]\n" if truncated else "")
 
 

@@ -26,10 +26,10 @@ from eqmail.control import Controls
 from eqmail.ipc.admin import Delivery as AdminDelivery
 from eqmail.ipc.admin import QueueActivity
 from eqmail.ipc.delivery import Verdict
-from eqmail.ipc.queue import CleanAnswer, CleanRequest
+from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, sanitize
 from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
-from eqmail.queue.envelope import ChannelRecord, parse_channel, parse_records
+from eqmail.queue.envelope import ChannelRecord, origin_of, parse_channel, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.preprocess import Cleaner, Preprocessor
@@ -53,6 +53,7 @@ class Pass:
     started: float
     dying: bool
     todo: list[ChannelRecord]
+    origin: Origin | None = None  # info/'s Xorigin= record (eqmail.queue.origin)
     outstanding: int = 0
     deferred: bool = False  # some recipient got a temporary failure
     fd: int = -1  # the channel file, opened at the first done marker, closed at the end
@@ -71,6 +72,7 @@ class Delivery:
     offset: int
     sender: str  # VERP-expanded
     recipient: str
+    origin: Origin | None = None  # where the message came from: whether it is signed
 
 
 @dataclass
@@ -214,7 +216,7 @@ class QueueManager:
             state.active += 1
             free -= 1
             out.append(Delivery(ps.msgid, channel, rec.offset,
-                                       verp_sender(ps.sender, rec.address), rec.address))
+                                verp_sender(ps.sender, rec.address), rec.address, ps.origin))
         return out
 
     def adopt(self, channel: Channel, msgid: int, offset: int) -> Delivery | None:
@@ -240,7 +242,7 @@ class QueueManager:
         ps.outstanding += 1
         state.active += 1
         return Delivery(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
-                               rec.address)
+                        rec.address, ps.origin)
 
     def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
         while True:
@@ -259,9 +261,9 @@ class QueueManager:
     def _open_pass(self, channel: Channel, msgid: int, now: float) -> Pass | None:
         fresh = self.preprocessor.take_fresh(channel, msgid)
         if fresh is not None and os.path.exists(self._chan_path(channel, msgid)):
-            sender, birth, todo = fresh
+            sender, birth, todo, origin = fresh
             return Pass(msgid, channel, sender, birth, now,
-                        is_dying(birth, now, self.controls.queuelifetime), todo)
+                        is_dying(birth, now, self.controls.queuelifetime), todo, origin)
         try:
             with open(self.paths.info(msgid), "rb") as f:
                 info = f.read(4096)
@@ -276,7 +278,8 @@ class QueueManager:
         recs = parse_records(info)
         sender = recs[0].value if recs and recs[0].kind == "F" else ""
         todo = [r for r in records if not r.done]
-        return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime), todo)
+        return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime),
+                    todo, origin_of(recs))
 
     def report(self, req: Delivery, verdict: Verdict, text: str) -> None:
         """A delivery finished: a success or failure is done (a failure bounces), a

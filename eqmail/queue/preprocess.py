@@ -3,7 +3,8 @@
 Runs inside the scanner worker as eqmails; the QueueManager (eqmail.queue.manager)
 owns one Preprocessor and delegates ``process_todo``, ``preprocess`` and
 ``preprocess_batch`` to it.  Input: todo/ entries (envelope records,
-eqmail.queue.envelope) and the size of their mess/ file.  Output: info/ (the sender)
+eqmail.queue.envelope) and the size of their mess/ file.  Output: info/ (the sender, and
+the origin the queue writer recorded, docs/queue-format.md)
 and a local/ and/or remote/ channel file (recipients rewritten by eqmail.queue.rewrite),
 then a clean request that removes todo/ (and intd/) through the queue writer, because
 the scanner cannot write there; the manager's ``schedule`` callback then schedules the
@@ -28,9 +29,9 @@ import os
 import time
 from collections.abc import Callable
 
-from eqmail.ipc.queue import CleanAnswer, CleanRequest
+from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, log_lines, sanitize
-from eqmail.queue.envelope import ChannelRecord, parse_records
+from eqmail.queue.envelope import ChannelRecord, info_bytes, origin_of, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.recycle import InodePool
@@ -43,7 +44,7 @@ FRESH_MAX = 20000  # messages whose split is remembered for their first pass
 Cleaner = Callable[[list[CleanRequest]], list[CleanAnswer]]  # pipelined qmail-clean requests
 Rewriter = Callable[[str], tuple[Channel, str]]  # a recipient -> its channel and address
 Scheduler = Callable[[int, list[Channel], float], None]  # (msgid, channels with a file, now)
-Fresh = tuple[str, float, list[ChannelRecord]]  # (sender, birth, records)
+Fresh = tuple[str, float, list[ChannelRecord], Origin | None]  # (sender, birth, records, origin)
 
 
 class Preprocessor:
@@ -169,22 +170,24 @@ class Preprocessor:
         uid = pid = "?"
         sender = ""
         lines = [f"new msg {msgid}"]
+        records = parse_records(data)
+        origin = origin_of(records)  # after the T records in todo/, but info/ wants it now
         try:
-            for rec in parse_records(data):
+            for rec in records:
                 if rec.kind == "u":
                     uid = rec.value
                 elif rec.kind == "p":
                     pid = rec.value
                 elif rec.kind == "F":
                     sender = rec.value
-                    write_all(info_fd, b"F" + encode(rec.value) + b"\0")
+                    write_all(info_fd, info_bytes(rec.value, origin))
                     lines.append(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> "
                                  f"qp {pid} uid {uid}")
                 elif rec.kind == "T":
                     ch, addr = self.rewrite(rec.value)
                     buffers[ch].append(b"T" + encode(addr) + b"\0")
                     addrs[ch].append(addr)
-                else:
+                elif rec.kind != "X":  # X: eqmail's extension records, read above
                     lines.append(f"warning: unknown record type in todo/{msgid}")
             for ch, recs in buffers.items():
                 if recs:
@@ -196,7 +199,7 @@ class Preprocessor:
                 os.close(fd)
             raise
         log_lines(lines)
-        self._remember(msgid, sender, buffers, addrs)
+        self._remember(msgid, sender, buffers, addrs, origin)
         return fds, [ch for ch, recs in buffers.items() if recs]
 
     # ------------------------------------------------------------ first-pass memory
@@ -209,7 +212,7 @@ class Preprocessor:
             self.fresh.pop((ch, msgid), None)
 
     def _remember(self, msgid: int, sender: str, buffers: dict[Channel, list[bytes]],
-                  addrs: dict[Channel, list[str]]) -> None:
+                  addrs: dict[Channel, list[str]], origin: Origin | None) -> None:
         """Keep what was just written for the first pass, which then reads no file
         back (info/ and the channel files are still the truth for every later pass and
         after a restart).  Bounded: beyond FRESH_MAX messages the files are read."""
@@ -222,4 +225,4 @@ class Preprocessor:
                 for rec in recs[:-1]:
                     offsets.append(offsets[-1] + len(rec))
                 records = [ChannelRecord(off, False, addr) for off, addr in zip(offsets, addrs[ch], strict=True)]
-                self.fresh[(ch, msgid)] = (sender, birth, records)
+                self.fresh[(ch, msgid)] = (sender, birth, records, origin)

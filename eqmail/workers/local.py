@@ -275,10 +275,12 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSet
 
 
 def make_forwarder(ctx: WorkerContext[LocalSettings]):  # type: ignore[no-untyped-def]
+    from eqmail.ipc.queue import Origin
     from eqmail.queue.client import submit
 
     def forward(sender, recipients, prefix, message):  # type: ignore[no-untyped-def]
-        res = submit(ctx.instance.root, sender, list(recipients), message, prefix=prefix)
+        res = submit(ctx.instance.root, sender, list(recipients), message, prefix=prefix,
+                     origin=Origin.FORWARD)
         if res.ok:
             return Verdict.SUCCESS, "", res.qp
         kind = Verdict.FAILURE if res.permanent else Verdict.DEFERRAL

@@ -2,7 +2,9 @@
 
 Serves ``run/queue.sock`` (mode 0777: any local user may inject, as with setuid
 qmail-queue).  The client's uid comes from SO_PEERCRED, never from the client: it goes
-into the ``u`` record and picks the ``invoked ...`` text of the Received line.
+into the ``u`` record and picks the ``invoked ...`` text of the Received line.  With
+the hello's role it also decides which origin the client's ``Xorigin=`` claim is worth
+(eqmail.queue.origin), recorded in the todo/ file for the signer (issue 16).
 Clean requests (``C`` frames) are honoured only from the scanner's uid (or root).
 
 An asyncio loop (uvloop when available) reads frames and streams body chunks into the
@@ -38,9 +40,11 @@ from eqmail.ipc.queue import (
     QueueAnswer,
     QueueEnvelope,
     QueueHello,
+    QueueRole,
 )
 from eqmail.log import log
 from eqmail.queue.envelope import Envelope
+from eqmail.queue.origin import believed_origin, peer_role
 from eqmail.queue.writer import (
     PendingMessage,
     QueueFailure,
@@ -162,6 +166,7 @@ class QueueProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.uid = -1
         self.who = ""
+        self.hello: QueueRole | None = None  # the role a trusted client said it has
         self.msg: PendingMessage | None = None
         self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
         self.waiting = False
@@ -223,6 +228,7 @@ class QueueProtocol(asyncio.Protocol):
         except ProtocolError:
             return  # a role this writer does not know: labelled by uid, as without hello
         self.who = hello.role.invoked
+        self.hello = hello.role
 
     def _ensure_message(self) -> PendingMessage | None:
         if self.msg is None and self.failed is None:
@@ -257,7 +263,8 @@ class QueueProtocol(asyncio.Protocol):
             self.msg = None
             self._answer(QueueAnswer(e.code, msg.qp, 0))
             return
-        msg.envelope = Envelope(env.sender, env.recipients)
+        role = peer_role(self.hello, self.uid, os.getuid(), self.server.role_uids)
+        msg.envelope = Envelope(env.sender, env.recipients, believed_origin(role, env.origin))
         self.waiting = True
         self.server.committer.submit(msg, self._committed)
 
@@ -309,6 +316,11 @@ class QueueServer:
         self.ids = ctx.ids
         self.store = QueueStore(ctx.instance.queue)
         self.qp = QPCounter()
+        # the uids whose role is known without a hello (a privileged instance's listener
+        # and scanner), for what their origin claims are worth
+        self.role_uids: dict[QueueRole, int] | None = (
+            {QueueRole.NETWORK: self.ids["daemon"].uid, QueueRole.BOUNCE: self.ids["send"].uid,
+             QueueRole.ALIAS: self.ids["alias"].uid} if self.ids.privileged else None)
         self.loop = loop
         self.committer = Committer(self.store, loop)
         self.cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleaner")

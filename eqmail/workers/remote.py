@@ -13,6 +13,12 @@ kept for eqmail.delivery.remote.IDLE_SECONDS and reused (RSET) for the next mess
 the same address.  At most ``concurrencyremote`` deliveries run at once (threads);
 more requests wait here, still collecting recipients.
 
+DKIM (issue 16): this worker is the one process that reads the private keys
+(control/dkim/, owner eqmailr, mode 0400); one :class:`eqmail.dkim.signer.OutboundSigner`
+holds the loaded keys for every pool thread, and each batch passes the message's
+origin (the request's ``origin`` option, from the queue) to the signing step of
+eqmail.delivery.remote.
+
 Failures: an unexpected exception while delivering is a deferral, logged (our bug
 must never bounce mail); a request that arrives while the worker stops is deferred.
 """
@@ -26,7 +32,9 @@ from dataclasses import dataclass, field
 
 from eqmail.control import Controls
 from eqmail.delivery.remote import ConnectionCache, RemoteJob, deliver_batch
+from eqmail.dkim.signer import OutboundSigner
 from eqmail.ipc.delivery import Channel, DeliveryRequest, Outcome, Verdict
+from eqmail.ipc.queue import Origin
 from eqmail.log import log
 from eqmail.netif import local_addresses
 from eqmail.queue import tcpto
@@ -47,6 +55,16 @@ class Batch:
     key: tuple[int, str, str]
     requests: list[DeliveryRequest] = field(default_factory=list)
     born: float = field(default_factory=time.monotonic)
+
+
+def request_origin(request: DeliveryRequest) -> Origin | None:
+    """The message's origin from the request's options; None without one, or with a
+    value this eqmail does not know (never signed)."""
+    value = dict(request.options).get("origin")
+    try:
+        return Origin(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class RemoteWorker:
@@ -71,6 +89,7 @@ class RemoteWorker:
         self.me = local_addresses()
         self.me_when = time.monotonic()
         self.cache = ConnectionCache(self.limit)
+        self.signer = OutboundSigner(ctx.instance.control)
         c = self.controls
         self.tls = TlsConfig(ctx.instance.control, c.tlsclientciphers, c.clientcert,
                              c.tlshosts, c.tlshosts_exhaustive, c.notlshosts)
@@ -112,9 +131,9 @@ class RemoteWorker:
         never raises."""
         try:
             job = RemoteJob(self.controls, self.me, self.tcpto, self.cache, self.tls,
-                            bfrmtclient.run_chain)
+                            bfrmtclient.run_chain, self.signer)
             return deliver_batch(job, self.ctx.instance, requests[0].msgid, requests[0].sender,
-                                 [r.recipient for r in requests])
+                                 [r.recipient for r in requests], request_origin(requests[0]))
         except Exception as e:  # our bug must never bounce mail: defer, and say so
             log(f"warning: remote delivery of message {requests[0].msgid} raised {e!r}")
             return [BUG] * len(requests)

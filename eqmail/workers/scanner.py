@@ -71,6 +71,15 @@ TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of
 # measured: 16 and 256 both gave less end-to-end throughput than 64 (bench/RESULTS.md)
 
 
+def delivery_options(item: Delivery) -> tuple[tuple[str, str], ...]:
+    """The request's options: the message's origin for a remote delivery, which the
+    remote worker signs by (issue 16; none for a message with no Xorigin= record:
+    an outsider's, never signed)."""
+    if item.channel is Channel.REMOTE and item.origin is not None:
+        return (("origin", item.origin.value),)
+    return ()
+
+
 @dataclass
 class Slot:
     item: Delivery
@@ -121,7 +130,8 @@ class DeliveryChannel:
         if self.sock is None or not self.free:
             return False
         slot = scanner_slot(item.msgid, item.offset)
-        request = DeliveryRequest(slot, item.msgid, item.sender, item.recipient, self.channel)
+        request = DeliveryRequest(slot, item.msgid, item.sender, item.recipient, self.channel,
+                                  delivery_options(item))
         try:
             data = request.frame()
             self.sock.setblocking(True)

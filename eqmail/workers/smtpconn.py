@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from eqmail.log import log, sanitize
 from eqmail.queue.client import AsyncQueueClient
+from eqmail.queue.origin import session_claim
 from eqmail.smtp import actions as A
 from eqmail.smtp import replies
 from eqmail.smtp.pace import Pace
@@ -229,7 +230,8 @@ class Connection:
         assert self.queue is not None and self.message is not None
         msg, self.message = self.message, None
         await self._drain()  # replies before the 250 go out first
-        result = await self.queue.finish(msg.sender, list(msg.recipients))
+        result = await self.queue.finish(msg.sender, list(msg.recipients), session_claim(
+            self.session.authenticated, "RELAYCLIENT" in self.session.env))
         return self.session.queue_result(A.QueueOutcome.of(result))
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from eqmail.cli.check import auth_warnings, check_report, format_check
 from eqmail.control import load_controls
@@ -83,15 +89,23 @@ def test_a_bad_authlimit_is_reported_from_the_same_parse(tmp_path: Path) -> None
     assert report["warnings"][0] + "\n" in format_check(report)
 
 
-def test_dkim_keys_that_are_wrong_are_named(tmp_path: Path) -> None:
-    import os
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """An instance directory every user can search (pytest's tmp_path is 0700): what
+    the remote delivery user can read there is what check reports."""
+    path = Path(tempfile.mkdtemp(prefix="eqm-check-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
-    from eqmail.cli.dkim import expected_key_owner
+
+def test_dkim_keys_that_are_wrong_are_named(open_dir: Path) -> None:
+    from eqmail.cli.dkim import expected_key_owner, store_owners
     from eqmail.dkim import keys
 
-    inst = instance(tmp_path)
+    inst = instance(open_dir)
     uid, gid = expected_key_owner()
-    owners = keys.Owners(uid, gid if gid is not None else os.getgid(), os.getuid(), os.getgid())
+    owners = store_owners() or keys.Owners(uid, os.getgid(), os.getuid(), os.getgid())
     ed = keys.generate(keys.KeyType.ED25519)
     good = keys.write_key(inst.control, "example.com", "good", ed, owners)
     report = check_report(inst)

@@ -46,9 +46,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "inject": FOUNDATION,                                # qmail-inject's header rules
     "smtp": FOUNDATION | {"ipc"},                        # the SMTP protocol, both sides
     "queue": FOUNDATION | {"ipc"},                       # the on-disk queue, qmail-send
-    "delivery": FOUNDATION | {"ipc", "queue", "smtp"},   # qmail-local, the remote conversation
+    "delivery": FOUNDATION | {"ipc", "queue", "smtp", "dkim"},  # qmail-local, the remote conversation (signs)
     "spp": FOUNDATION | {"ipc", "smtp", "delivery"},     # the plugin sandbox and its clients
-    "workers": FOUNDATION | _LIBRARIES,                  # one process each; never supervisor
+    "workers": FOUNDATION | _LIBRARIES | {"dkim"},       # one process each; never supervisor
     "supervisor": FOUNDATION | {"ipc", "queue", "privsep", "workers"},
     "migrate": FOUNDATION | {"ipc", "queue", "delivery", "privsep", "setup"},
     "setup": FOUNDATION | {"queue", "privsep"},

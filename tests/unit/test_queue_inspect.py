@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eqmail.queue.inspect import NoSuchMessage, format_qstat, qread, qstat, show
+from eqmail.queue.inspect import NoSuchMessage, format_qstat, message, qread, qstat, show
 from eqmail.queue.layout import QueuePaths, create_queue
 
 T0 = 1700000000  # 14 Nov 2023 22:13:20 GMT
@@ -70,6 +70,7 @@ def test_show_preprocessed(tmp_path: Path, q: QueuePaths) -> None:
     assert show(tmp_path, 24) == (
         "14 Nov 2023 22:13:20 GMT  #24  56  <joe@x.org> \n"
         "\tremote\tr@y.org\n"
+        "origin: network\n"
         "\n"
         "Received: (qmail 1 invoked by uid 0)\n"
         "Subject: \tx_\n"
@@ -84,6 +85,7 @@ def test_show_from_todo(tmp_path: Path, q: QueuePaths) -> None:
         "14 Nov 2023 22:13:20 GMT  #30  11  <s@x.org>  not yet preprocessed\n"
         "\ttodo\ta@b.org\n"
         "\ttodo\tc@d.org\n"
+        "origin: network\n"
         "\n"
         "Subject: s\n"
     )
@@ -115,7 +117,7 @@ def test_json_records_match_the_listing(tmp_path: Path, q: QueuePaths) -> None:
          "recipients": [{"channel": "local", "address": "l@x.org", "done": False},
                         {"channel": "local", "address": "d@x.org", "done": True},
                         {"channel": "remote", "address": "r\\xff@y.org", "done": False}],
-         "warnings": []},
+         "warnings": [], "origin": "network"},
         {"id": 9, "error": "No such file or directory"},
     ]
     assert show_json(tmp_path, 24) == {**listing[0], "header": "Subject: hi\n", "header_truncated": False}
@@ -124,3 +126,22 @@ def test_json_records_match_the_listing(tmp_path: Path, q: QueuePaths) -> None:
     shown = show_json(tmp_path, 30)
     assert shown["preprocessed"] is False and shown["bouncing"] is False
     assert shown["recipients"] == [{"channel": "todo", "address": "a@b.org", "done": False}]
+
+
+def test_show_gives_the_origin_of_todo_and_info(tmp_path: Path, q: QueuePaths) -> None:
+    """queue show: the Xorigin= record after the T records of todo/ and after the F
+    record of info/ (docs/queue-format.md); the qmail-qread listing stays qmail's."""
+    from eqmail.queue.inspect import messages, show_json
+
+    put(q.mess(30), b"Subject: s\n")
+    put(q.todo(30), b"u1000\0p77\0Fs@x.org\0Ta@b.org\0Xorigin=auth\0")
+    assert show(tmp_path, 30).split("\n")[2] == "origin: auth"
+    assert show_json(tmp_path, 30)["origin"] == "auth"
+    assert [r.address for r in message(tmp_path, 30).recipients] == [b"a@b.org"]
+    put(q.mess(24), b"Subject: hi\n")
+    put(q.info(24), b"Fjoe@x.org\0Xorigin=bounce\0")
+    put(q.remote(24), b"Tr@y.org\0")
+    assert show(tmp_path, 24).split("\n")[:3] == [
+        "14 Nov 2023 22:13:20 GMT  #24  12  <joe@x.org> ", "\tremote\tr@y.org", "origin: bounce"]
+    assert qread(tmp_path) == "14 Nov 2023 22:13:20 GMT  #24  12  <joe@x.org> \n\tremote\tr@y.org\n"
+    assert [m.origin for m in messages(tmp_path)] == ["bounce"]
