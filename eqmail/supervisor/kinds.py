@@ -101,7 +101,7 @@ _ROWS = (
              reload_controls=("me", "helohost", "smtproutes", "timeoutconnect", "timeoutremote",
                               "dnsservers", "concurrencyremote", "locals", "beforemote",
                               "tlsclientciphers", "clientcert", "tlshosts", "tlshosts_exhaustive",
-                              "notlshosts")),
+                              "notlshosts", "dkimsign")),
     KindSpec(WorkerKind.SANDBOX, "sandbox", SandboxSettings, "plugin sandbox", Role.PLUGIN,
              Restart.BACKOFF, READY_TIMEOUT, StartFailure.FATAL, OnReload.REPLACE, stop_phase=3,
              reload_controls=("spptimeout",)),
