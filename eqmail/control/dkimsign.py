@@ -92,6 +92,8 @@ def parse_dkimsign(r: Reader) -> tuple[DkimSignRule, ...]:
     out: list[DkimSignRule] = []
     seen: set[str] = set()
     for n, line in r.lines(FILE) or []:
+        if not line.split():
+            continue  # blanks only (a form feed, say): as an empty line
         rule, problem = parse_line(line)
         if problem:
             r.error(FILE, n, problem)
