@@ -337,7 +337,8 @@ def test_queue_tools_on_a_deferred_message(inst: Instance) -> None:
     assert m, listing
     msgid = m.group(1)
     shown = inst.ctl("queue", "show", msgid).stdout
-    assert shown.startswith(listing.splitlines()[0] + "\n\tlocal\ttestuser+defer@mx.test.example\n\n")
+    assert shown.startswith(listing.splitlines()[0] + "\n\tlocal\ttestuser+defer@mx.test.example\n"
+                            "origin: local\n\n")  # sendmail: local injection
     assert "Subject: deferred one\n" in shown and "body" not in shown
     deferrals = inst.log().count("deferral")
     assert "queue flush requested" in inst.ctl("queue", "flush").stdout
