@@ -37,7 +37,7 @@ from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.delivery.nexthop import connect
 from eqmail.dkim.sign import MessageError
-from eqmail.dkim.signer import KeyFileError, OutboundSigner
+from eqmail.dkim.signer import HEADER_MAX, KeyFileError, OutboundSigner
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.instance import Instance
 from eqmail.ipc.delivery import Outcome, Verdict
@@ -203,10 +203,14 @@ def _dkim_signed(job: RemoteJob, msgid: int, body: BinaryIO,
     per transaction body, so recipients sharing a transaction share its signatures."""
     if job.signer is None or origin is None or not Origin(origin).signed:
         return body
-    body.seek(0)
-    data = body.read()
     try:
-        fields = job.signer.signatures(data, origin, job.controls.dkimsign)
+        body.seek(0)
+        domain = job.signer.domain_for(body.read(HEADER_MAX), origin)
+        if domain is None:
+            return body  # no key for its From: domain: read no further
+        body.seek(0)
+        data = body.read()
+        fields = job.signer.signatures(data, origin, job.controls.dkimsign, domain)
     except KeyFileError as e:
         log(f"warning: DKIM key {e.path}: {e.why}: delivery of msg {msgid} deferred")
         return TEMP_DKIM_KEY

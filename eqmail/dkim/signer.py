@@ -208,13 +208,21 @@ class OutboundSigner:
     def __init__(self, control: Path) -> None:
         self.store = KeyStore(control)
 
-    def signatures(self, message: bytes, origin: Origin | None,
-                   rules: tuple[DkimSignRule, ...]) -> bytes:
-        """The DKIM-Signature fields to put in front of ``message`` (b"" when it is not
-        signed).  KeyFileError / MessageError as the module says."""
+    def domain_for(self, head: bytes, origin: Origin | None) -> str | None:
+        """The signing domain of a message that starts with ``head`` (its header section
+        is enough), or None when it is not signed.  KeyFileError when control/dkim/
+        cannot be listed."""
         if origin is None or not Origin(origin).signed:
-            return b""  # no look at control/dkim for an outsider's mail
-        domain = signing_plan(origin, from_domain(message), self.store.domains())
+            return None  # no look at control/dkim for an outsider's mail
+        return signing_plan(origin, from_domain(head), self.store.domains())
+
+    def signatures(self, message: bytes, origin: Origin | None,
+                   rules: tuple[DkimSignRule, ...], domain: str | None = None) -> bytes:
+        """The DKIM-Signature fields to put in front of ``message`` (b"" when it is not
+        signed); ``domain``: :meth:`domain_for`'s answer when the caller has it.
+        KeyFileError / MessageError as the module says."""
+        if domain is None:
+            domain = self.domain_for(message, origin)
         if domain is None:
             return b""
         keys = self.store.keys(domain)

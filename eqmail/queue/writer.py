@@ -14,7 +14,7 @@ qmail's states (INTERNALS, qmail-core §1.3):
 Order per message, as qmail-queue: create ``pid/<qp>.<time>.<seq>`` O_EXCL, fstat for
 the inode, link it to ``mess/<id%23>/<id>``, unlink the pid name, write the Received
 line and the body; create ``intd/<id%23>/<id>`` O_EXCL with ``u``/``p``/``F``/``T``
-records; make mess and intd durable; link intd to ``todo/<id%23>/<id>``; make that link
+records (then eqmail's ``Xorigin=``, docs/queue-format.md); make mess and intd durable; link intd to ``todo/<id%23>/<id>``; make that link
 durable (eqmail is stricter than qmail-queue, which never fsyncs todo/); only then answer.
 
 eqmail names the mess file without the pid/ detour: a recycled file from
