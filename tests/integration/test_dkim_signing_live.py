@@ -325,6 +325,34 @@ def test_replaced_key_is_used_without_restart(world: World) -> None:
     assert sorted(worker_pids(inst, "eqmail: remote")) == pids
 
 
+def test_signed_after_the_before_remote_hook(world: World) -> None:
+    """A before-remote hook that changes the body per recipient: each recipient's copy
+    is its own transaction, signed over what the hook made (a signature made before the
+    hook would fail the body hash)."""
+    inst = world.inst
+    before = set(worker_pids(inst, "eqmail: remote"))
+    inst.write_control("beforemote", "cat; printf 'footer for %s\\n' \"$3\"\n")
+    try:
+        inst.ctl("reload")
+        poll(lambda: set(worker_pids(inst, "eqmail: remote")) - before, 30,
+             "a new remote delivery worker", inst)
+        submit("::1", world.submission, "ada@example.com",
+               ["someone@remote.example", "other@remote.example"], message("hooked one"),
+               login=True)
+        want = b"Subject: hooked one\r\n"
+        poll(lambda: len([t for t in world.sink.transactions if want in t.data]) == 2, 30,
+             "two hooked copies", inst)
+        for t in [t for t in world.sink.transactions if want in t.data]:
+            [rcpt] = t.rcpts
+            data = unstuffed(t.data)
+            assert data.endswith(f"footer for {rcpt}\r\n".encode())
+            assert signatures(data) == ["example.com ed ed25519-sha256", "example.com rsa rsa-sha256"]
+            assert mail_dkim(world, data)[1] == "example.com rsa rsa-sha256 pass"
+    finally:
+        (inst.root / "control" / "beforemote").unlink(missing_ok=True)
+        inst.ctl("reload")
+
+
 def test_dkimsign_settings_apply_on_reload(world: World) -> None:
     """control/dkimsign (eqmailctl reload) chooses the canonicalisation, the fields,
     over-signing and x=; ``*`` gives what a domain's line leaves out."""
