@@ -34,7 +34,11 @@ from harness import ME, Instance, bin_path, free_port, poll, worker_pids
 from smtpsink import Script, SmtpSink, Transaction
 from test_dkim_interop import VERIFY_PL
 
-DNS_HOST, DNS_PORT = "127.53.16.9", 53  # not test_dkim_interop's: both may run at once
+DNS_PORT = 53  # OpenDKIM's Nameservers option takes an address, no port
+# Not test_dkim_interop's address (both may run at once), nor one another run of this
+# module holds: the first of these that binds (the world fixture sets it).
+DNS_HOSTS = [f"127.53.{n}.9" for n in range(17, 33)]
+DNS_HOST = DNS_HOSTS[0]
 PASSWORD = "s3cret pass"
 FORWARDER = "testuser+fwd"  # its .qmail forwards to a remote address
 
@@ -62,11 +66,17 @@ def keygen(inst: Instance, domain: str, selector: str, *args: str) -> tuple[str,
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    dns = DnsServer({}, host=DNS_HOST, port=DNS_PORT)
-    try:
-        dns.start()
-    except OSError as e:
-        pytest.skip(f"cannot serve DNS on {DNS_HOST}:{DNS_PORT}: {e}")
+    global DNS_HOST
+    for host in DNS_HOSTS:
+        dns = DnsServer({}, host=host, port=DNS_PORT)
+        try:
+            dns.start()
+            DNS_HOST = host
+            break
+        except OSError as e:
+            why = e
+    else:
+        pytest.skip(f"cannot serve DNS on port {DNS_PORT} of {DNS_HOSTS[0]}..: {why}")
     sink = SmtpSink(Script())
     sink_port = sink.listen("::1")
     ports = {name: free_port() for name in ("smtp", "submission", "relay")}
@@ -248,6 +258,37 @@ def test_origin_in_the_queue_files(world: World) -> None:
     assert "origin: auth\n" in inst.ctl("queue", "show", ids["joe"]).stdout
     for msgid in ids.values():
         inst.ctl("queue", "delete", msgid)
+
+
+CLAIM = """
+import sys
+from pathlib import Path
+from eqmail.ipc.queue import Origin, QueueRole
+from eqmail.queue.client import submit
+res = submit(Path(sys.argv[1]), "liar@example.com", [sys.argv[2]], b"Subject: liar\\n\\nhi\\n",
+             role=QueueRole.NETWORK, origin=Origin(sys.argv[3]))
+print(res.msgid)
+"""
+
+
+@pytest.mark.parametrize("claim", ["auth", "relay", "bounce"])
+def test_a_local_user_cannot_claim_what_its_role_does_not_allow(world: World, claim: str) -> None:
+    """A local user (not the listener's uid) says hello as the network role and claims
+    an origin: the queue writer records ``local``, what its injection is worth."""
+    import sys
+
+    inst = world.inst
+    done = subprocess.run(["runuser", "-u", "eqmtest", "--", sys.executable, "-c", CLAIM,
+                           str(inst.root), f"testuser+defer@{ME}", claim],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr
+    msgid = done.stdout.strip()
+    shown = inst.ctl("queue", "show", msgid).stdout
+    assert "origin: local\n" in shown and f"origin: {claim}" not in shown, shown
+    # preprocessed (the origin copied into info/), then removed
+    poll(lambda: "\tlocal\t" in inst.ctl("queue", "show", msgid).stdout, 30, "preprocessing", inst)
+    assert "origin: local\n" in inst.ctl("queue", "show", msgid).stdout
+    inst.ctl("queue", "delete", msgid)
 
 
 def test_bounce_for_mes_domain_is_signed(world: World, tmp_path: Path) -> None:
