@@ -111,6 +111,11 @@ FILES: tuple[FileRow, ...] = (
     Number("smtperrorhardlimit", 20, 0, 1_000_000, "error replies after which the session gets 421; 0 = never"),
     Number("smtperrorsleep", 1, 0, 60, "seconds of that wait"),
     Number("smtpjunklimit", 100, 0, 1_000_000, "NOOP/RSET/VRFY/HELP without a delivered message; 0 = no limit"),
+    # SRS for forwarded mail (issue 16, eqmail.srs): postsrsd's job, built in
+    Number("srs", 1, 0, 1, "1: forwarded mail gets an SRS sender when srssecrets exists; 0: off"),
+    Text("srsdomain", "", "domain of the SRS senders of forwarded mail (default: me)", from_me=True),
+    Parsed("srssecrets", "(none: no SRS)",
+           "SRS secrets, one per line: the first signs, all verify (eqmailctl setup makes one)"),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}

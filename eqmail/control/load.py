@@ -98,6 +98,9 @@ def load_controls(root: Path) -> Controls:
         authlimit=p.parse_authlimit(r, warnings),
         tlsclients=p.parse_tlsclients(r),
         tlsfiles=p.stamp_tlsfiles(r),
+        srs=r.number("srs"),
+        srsdomain=r.text("srsdomain", me),
+        srssecrets=p.parse_srssecrets(r, warnings),
         warnings=tuple(warnings),
         sources=dict(r.sources),
     )

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from eqmail import srs
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.delivery.nexthop import connect
 from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
 from eqmail.instance import Instance
 from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.ipc.queue import Origin
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
 from eqmail.queue.layout import QueuePaths
@@ -55,6 +57,8 @@ TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
                       "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
 TEMP_READ = Outcome(Verdict.DEFERRAL, "Unable to read message. (#4.3.0)\n")
 TEMP_CONTROL = Outcome(Verdict.DEFERRAL, "Unable to read control files. (#4.3.0)\n")
+ORIGIN_OPTION = "origin"  # the DeliveryRequest option the scanner gives the origin in
+Options = tuple[tuple[str, str], ...]  # a DeliveryRequest's options
 PERM_PARTIAL = Outcome(Verdict.FAILURE,
                        "SMTP cannot transfer messages with partial final lines. (#5.6.2)\n")
 
@@ -126,10 +130,47 @@ class RemoteJob:
 
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-                  recipients: list[str]) -> list[Outcome]:
+                  recipients: list[str], options: Options = ()) -> list[Outcome]:
     """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
-    its text cut to what a report carries."""
+    its text cut to what a report carries.  ``options``: the request's (one message:
+    the same for all), of which the origin counts here."""
+    sender = envelope_sender(job.controls, sender, options)
     return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients)]
+
+
+def envelope_sender(c: Controls, sender: str, options: Options, now: float | None = None) -> str:
+    """The MAIL FROM of a remote delivery (issue 16, SRS): for a message eqmail
+    forwarded (origin FORWARD: a .qmail ``&address``, an alias, a forward-only
+    virtual domain) the SRS0 address at the SRS domain (SRS1 when the sender is an
+    SRS address already), so that the receiver's SPF check sees our domain and its
+    bounce comes back to us to be reversed.  Unchanged: SRS off or without a secret
+    (qmail's behaviour, byte for byte), another origin, the null sender and qmail's
+    ``#@[]``, a sender without a domain, and a sender at one of our own domains
+    (:func:`own_domain`), whose SPF record is ours to make cover us."""
+    keys = c.srs_keys
+    if keys is None or (ORIGIN_OPTION, Origin.FORWARD.value) not in options:
+        return sender
+    user, at, domain = sender.rpartition("@")
+    if not at or not user or not domain or sender == "#@[]" or own_domain(c, domain):
+        return sender
+    return srs.forward(sender, keys, now)
+
+
+def own_domain(c: Controls, domain: str) -> bool:
+    """A domain this instance hosts: me, the SRS domain, locals, or a virtualdomains
+    domain (``domain`` or ``.suffix`` entries with a prepend; not the empty catch-all
+    key, nor address entries).  Not rcpthosts: a domain we only relay for (a backup MX)
+    has an SPF record that need not name us."""
+    d = domain.lower()
+    keys = c.srs_keys
+    if d == c.me.lower() or d in c.locals or (keys is not None and d == keys.domain.lower()):
+        return True
+    for key, prepend in c.virtualdomains:
+        if not prepend or not key or "@" in key:
+            continue
+        if d == key or (key.startswith(".") and d.endswith(key)):
+            return True
+    return False
 
 
 def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
