@@ -419,7 +419,7 @@ class Session(SessionPlumbing):
         keys = self.cfg.srs
         if keys is None or not keys.ours(addr):
             return False
-        refusal = srs.check(addr, keys, self.cfg.clock())
+        refusal = srs.check(addr, keys, self.clock())
         if refusal is None:
             self._add_recipient(addr)
         else:

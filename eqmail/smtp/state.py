@@ -9,7 +9,6 @@ Pure data; no failure modes.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,7 +51,6 @@ class SessionConfig:
     # SRS (eqmail.srs): forged or expired bounce addresses of forwarded mail are refused
     # at RCPT, valid ones taken without a mailbox check; None: SRS is off
     srs: SrsKeys | None = None
-    clock: Callable[[], float] = time.time
 
 
 class Phase(Enum):
