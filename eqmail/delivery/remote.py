@@ -57,8 +57,6 @@ TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
                       "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
 TEMP_READ = Outcome(Verdict.DEFERRAL, "Unable to read message. (#4.3.0)\n")
 TEMP_CONTROL = Outcome(Verdict.DEFERRAL, "Unable to read control files. (#4.3.0)\n")
-ORIGIN_OPTION = "origin"  # the DeliveryRequest option the scanner gives the origin in
-Options = tuple[tuple[str, str], ...]  # a DeliveryRequest's options
 PERM_PARTIAL = Outcome(Verdict.FAILURE,
                        "SMTP cannot transfer messages with partial final lines. (#5.6.2)\n")
 
@@ -130,15 +128,16 @@ class RemoteJob:
 
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-                  recipients: list[str], options: Options = ()) -> list[Outcome]:
+                  recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
     """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
-    its text cut to what a report carries.  ``options``: the request's (one message:
-    the same for all), of which the origin counts here."""
-    sender = envelope_sender(job.controls, sender, options)
+    its text cut to what a report carries.  ``origin``: the message's, from the queue
+    (the request's ``origin`` option); forwarded mail gets an SRS sender here."""
+    sender = envelope_sender(job.controls, sender, origin)
     return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients)]
 
 
-def envelope_sender(c: Controls, sender: str, options: Options, now: float | None = None) -> str:
+def envelope_sender(c: Controls, sender: str, origin: Origin | None,
+                    now: float | None = None) -> str:
     """The MAIL FROM of a remote delivery (issue 16, SRS): for a message eqmail
     forwarded (origin FORWARD: a .qmail ``&address``, an alias, a forward-only
     virtual domain) the SRS0 address at the SRS domain (SRS1 when the sender is an
@@ -148,7 +147,7 @@ def envelope_sender(c: Controls, sender: str, options: Options, now: float | Non
     ``#@[]``, a sender without a domain, and a sender at one of our own domains
     (:func:`own_domain`), whose SPF record is ours to make cover us."""
     keys = c.srs_keys
-    if keys is None or (ORIGIN_OPTION, Origin.FORWARD.value) not in options:
+    if keys is None or origin is not Origin.FORWARD:
         return sender
     user, at, domain = sender.rpartition("@")
     if not at or not user or not domain or sender == "#@[]" or own_domain(c, domain):

@@ -114,7 +114,7 @@ class RemoteWorker:
             job = RemoteJob(self.controls, self.me, self.tcpto, self.cache, self.tls,
                             bfrmtclient.run_chain)
             return deliver_batch(job, self.ctx.instance, requests[0].msgid, requests[0].sender,
-                                 [r.recipient for r in requests], requests[0].options)
+                                 [r.recipient for r in requests])
         except Exception as e:  # our bug must never bounce mail: defer, and say so
             log(f"warning: remote delivery of message {requests[0].msgid} raised {e!r}")
             return [BUG] * len(requests)

@@ -19,7 +19,7 @@ from eqmail.control import Controls, load_controls
 from eqmail.delivery.remote import envelope_sender
 from eqmail.errors import ControlErrors
 from eqmail.ipc.config import ConfigReader, ConfigUpdate
-from eqmail.ipc.queue import CleanAnswer, CleanKind, CleanRequest
+from eqmail.ipc.queue import CleanAnswer, CleanKind, CleanRequest, Origin
 from eqmail.queue.layout import create_queue
 from eqmail.queue.manager import QueueManager
 from eqmail.setup import setup_instance
@@ -236,7 +236,7 @@ def test_the_listener_gets_the_keys_through_its_configuration_update(tmp_path: P
 
 
 # ---------------------------------------------------------------- remote delivery's MAIL FROM
-FORWARD = (("origin", "forward"),)
+FORWARD = Origin.FORWARD
 
 
 def srs_controls(tmp_path: Path, **files: str) -> Controls:
@@ -262,8 +262,8 @@ def test_what_keeps_its_sender(tmp_path: Path) -> None:
         assert envelope_sender(c, sender, FORWARD, T315) == sender, sender
     # an empty prepend is "not virtual": such a domain is not ours
     assert envelope_sender(c, "u@alias.example", FORWARD, T315).startswith("SRS0=")
-    for options in ((), (("origin", "network"),), (("origin", "auth"),), (("origin", "local"),)):
-        assert envelope_sender(c, "alice@outside.example", options, T315) == "alice@outside.example"
+    for origin in (None, Origin.NETWORK, Origin.AUTH, Origin.RELAY, Origin.LOCAL, Origin.BOUNCE):
+        assert envelope_sender(c, "alice@outside.example", origin, T315) == "alice@outside.example"
     (tmp_path / "control" / "srs").write_text("0\n")
     assert envelope_sender(load_controls(tmp_path), "alice@outside.example", FORWARD, T315) == \
         "alice@outside.example"
