@@ -10,8 +10,9 @@ to the original sender, whose domain is routed to a second sink.  A tampered SRS
 address is refused at RCPT; with control/srs 0 the MAIL FROM is the sender's own.
 Over IPv4 and IPv6: the listener, both sinks and the routes on 127.0.0.1 or ::1.
 
-Needs both halves of issue 16's origin contract: the queue carrying the origin to
-remote delivery and the .qmail forward claiming FORWARD (branch i16h1).
+The forward test needs both halves of issue 16's origin contract: the queue carrying
+the origin to remote delivery and the .qmail forward claiming FORWARD (branch i16h1);
+the way back is tested on its own as well.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 import pytest
 from harness import ME, Instance, dotqmail, free_port
 from smtpsink import SmtpSink, Transaction
+
+from eqmail import srs
+from eqmail.control import load_controls
 
 FAMILIES = ["127.0.0.1", "::1"]
 SENDER = "alice@origin.example"
@@ -124,6 +128,39 @@ def test_forward_gets_srs_and_its_bounce_returns_to_the_sender(world: World) -> 
         assert s.mail("")[0] == 250
         assert s.rcpt(tampered) == (550, b"sorry, that SRS address has an invalid signature (#5.1.1)")
         assert s.rcpt(f"SRS0=nonsense@{ME}") == (550, b"sorry, that SRS address is malformed (#5.1.1)")
+    w.inst.wait_queue_empty()
+    assert len(w.origin_sink.transactions) == 1
+
+
+def test_bounces_to_srs_addresses_reversed_refused_or_bounced(world: World) -> None:
+    """The way back alone (no forward needed): an SRS address made with the instance's
+    secret, as eqmail.srs makes it, is taken and reversed; forged ones are refused at
+    RCPT, and one injected locally bounces to its sender with the reason."""
+    w = world
+    w.inst.start()
+    keys = load_controls(w.inst.root).srs_keys
+    assert keys is not None and keys.domain == ME  # eqmailctl setup made the secret
+    good = srs.forward("bob@origin.example", keys)
+    with smtp(w) as s:
+        assert s.sendmail("", [good], "Subject: bounce\r\n\r\nyour mail bounced\r\n") == {}
+    (back,) = wait_for(w.origin_sink, 1, w.inst)
+    assert mail_from(back) == "" and back.rcpts == ["bob@origin.example"]
+    assert b"your mail bounced" in back.data
+    forged = f"SRS0=AAAA={good.split('=')[2]}=origin.example=bob@{ME}"
+    with smtp(w) as s:
+        s.ehlo("bouncer.example")
+        assert s.mail("")[0] == 250
+        assert s.rcpt(forged) == (550, b"sorry, that SRS address has an invalid signature (#5.1.1)")
+    # injected locally, the forged address bounces to the sender with the reason (the
+    # sender's .qmail forwards the bounce on to remote.example; a bounce keeps <>)
+    proc = w.inst.sendmail(["-f", f"testuser@{ME}", forged], b"Subject: local\n\nto a forged SRS\n")
+    assert proc.returncode == 0, proc.stderr
+    (fwd,) = wait_for(w.forward_sink, 1, w.inst)
+    assert mail_from(fwd) == "" and fwd.rcpts == ["friend@remote.example"]
+    bounce = fwd.data.decode().replace("\r\n", "\n")
+    assert f"<{forged}>:\nSorry, this SRS address has an invalid signature: it was not made " \
+        "here, or it was altered. (#5.1.1)\n" in bounce
+    assert "to a forged SRS" in bounce
     w.inst.wait_queue_empty()
     assert len(w.origin_sink.transactions) == 1
 
