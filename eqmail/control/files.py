@@ -116,6 +116,8 @@ FILES: tuple[FileRow, ...] = (
     Text("srsdomain", "", "domain of the SRS senders of forwarded mail (default: me)", from_me=True),
     Parsed("srssecrets", "(none: no SRS)",
            "SRS secrets, one per line: the first signs, all verify (eqmailctl setup makes one)"),
+    Parsed("srsexclude", "(none)",
+           "sender domains whose forwarded mail keeps its sender (.domain: its subdomains)"),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}

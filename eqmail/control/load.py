@@ -101,6 +101,7 @@ def load_controls(root: Path) -> Controls:
         srs=r.number("srs"),
         srsdomain=r.text("srsdomain", me),
         srssecrets=p.parse_srssecrets(r, warnings),
+        srsexclude=r.hostlist("srsexclude") or (),
         warnings=tuple(warnings),
         sources=dict(r.sources),
     )

@@ -134,6 +134,7 @@ class Controls:
     srs: int
     srsdomain: str
     srssecrets: tuple[bytes, ...] = field(repr=False)
+    srsexclude: tuple[str, ...]  # lower case; ".suffix" entries match subdomains
     # problems that do not refuse the configuration (the file's default is used):
     # logged by the worker that uses the file, shown by eqmailctl check
     warnings: tuple[str, ...]

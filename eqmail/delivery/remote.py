@@ -144,15 +144,24 @@ def envelope_sender(c: Controls, sender: str, origin: Origin | None,
     SRS address already), so that the receiver's SPF check sees our domain and its
     bounce comes back to us to be reversed.  Unchanged: SRS off or without a secret
     (qmail's behaviour, byte for byte), another origin, the null sender and qmail's
-    ``#@[]``, a sender without a domain, and a sender at one of our own domains
-    (:func:`own_domain`), whose SPF record is ours to make cover us."""
+    ``#@[]``, a sender without a domain, a sender at one of our own domains
+    (:func:`own_domain`), whose SPF record is ours to make cover us, and one at a
+    domain of control/srsexclude (postsrsd's SRS_EXCLUDE_DOMAINS)."""
     keys = c.srs_keys
     if keys is None or origin is not Origin.FORWARD:
         return sender
     user, at, domain = sender.rpartition("@")
-    if not at or not user or not domain or sender == "#@[]" or own_domain(c, domain):
+    if (not at or not user or not domain or sender == "#@[]" or own_domain(c, domain)
+            or excluded(c.srsexclude, domain)):
         return sender
     return srs.forward(sender, keys, now)
+
+
+def excluded(patterns: tuple[str, ...], domain: str) -> bool:
+    """control/srsexclude: ``domain`` itself, or ``.domain`` for every subdomain of it
+    (postsrsd's leading-dot form)."""
+    d = domain.lower()
+    return any(d == p or (p.startswith(".") and d.endswith(p)) for p in patterns)
 
 
 def own_domain(c: Controls, domain: str) -> bool:

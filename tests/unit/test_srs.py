@@ -262,6 +262,13 @@ def test_what_keeps_its_sender(tmp_path: Path) -> None:
         assert envelope_sender(c, sender, FORWARD, T315) == sender, sender
     # an empty prepend is "not virtual": such a domain is not ours
     assert envelope_sender(c, "u@alias.example", FORWARD, T315).startswith("SRS0=")
+    # control/srsexclude: a domain, or a leading dot for its subdomains (postsrsd's form)
+    (tmp_path / "control" / "srsexclude").write_text("Partner.example\n.customers.example\n")
+    c = load_controls(tmp_path)
+    for sender in ("u@partner.example", "u@a.customers.example"):
+        assert envelope_sender(c, sender, FORWARD, T315) == sender, sender
+    for sender in ("u@sub.partner.example", "u@customers.example"):
+        assert envelope_sender(c, sender, FORWARD, T315).startswith("SRS0="), sender
     for origin in (None, Origin.NETWORK, Origin.AUTH, Origin.RELAY, Origin.LOCAL, Origin.BOUNCE):
         assert envelope_sender(c, "alice@outside.example", origin, T315) == "alice@outside.example"
     (tmp_path / "control" / "srs").write_text("0\n")
