@@ -387,3 +387,46 @@ def test_rcpt_without_srs_treats_srs_addresses_as_any_other() -> None:
               asked, logs)
     assert got[1] == b"550 sorry, no mailbox here by that name (#5.1.1)"
     assert asked == ["SRS0=AAAA=J3=victim.example=x@mx.example.org"]
+
+
+def test_an_interrupted_preprocessing_does_not_double_the_srs_bounce(tmp_path: Path) -> None:
+    # the clean request fails (queue writer restarting): todo/ stays, and so do info/
+    # and bounce/ from step 1; the next try starts again from scratch — one note, not two
+    c = srs_controls(tmp_path)
+    paths = create_queue(tmp_path / "queue")
+    answer = [CleanAnswer.REFUSED]
+
+    def cleaner(requests: list[CleanRequest]) -> list[CleanAnswer]:
+        return answer * len(requests)
+
+    m = QueueManager(c, paths, cleaner, lambda *_: (True, "1"), clock=lambda: T315)
+    forged = "SRS0=AAAA=J3=victim.example=x@mx.example.org"
+    paths.mess(61).write_bytes(b"x\n")
+    paths.todo(61).write_bytes(f"u0\0p1\0Fs@outside.example\0T{forged}\0Tu@far.example\0\0".encode())
+    assert m.process_todo() == 0 and paths.info(61).exists() and paths.bounce(61).exists()
+    once = paths.bounce(61).read_text()
+    assert once.count(f"<{forged}>:") == 1
+    answer[0] = CleanAnswer.DONE
+    assert m.process_todo() == 1
+    assert paths.bounce(61).read_text() == once
+    assert paths.remote(61).read_bytes() == b"Tu@far.example\0"
+
+
+def test_a_leftover_srs_bounce_goes_when_the_redo_refuses_nothing(tmp_path: Path) -> None:
+    # as above, but SRS is turned off (a reload) before the redo: the recipient is an
+    # ordinary local address now, and the leftover bounce/ must not go out
+    c = srs_controls(tmp_path)
+    paths = create_queue(tmp_path / "queue")
+    answer = [CleanAnswer.REFUSED]
+    m = QueueManager(c, paths, lambda reqs: answer * len(reqs), lambda *_: (True, "1"),
+                     clock=lambda: T315)
+    forged = "SRS0=AAAA=J3=victim.example=x@mx.example.org"
+    paths.mess(62).write_bytes(b"x\n")
+    paths.todo(62).write_bytes(f"u0\0p1\0Fs@outside.example\0T{forged}\0\0".encode())
+    assert m.process_todo() == 0 and paths.bounce(62).exists()
+    (tmp_path / "control" / "srs").write_text("0\n")
+    m.configure(load_controls(tmp_path))
+    answer[0] = CleanAnswer.DONE
+    assert m.process_todo() == 1
+    assert not paths.bounce(62).exists()
+    assert paths.local(62).read_bytes() == f"T{forged}\0".encode()
