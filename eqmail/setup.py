@@ -1,7 +1,7 @@
 """``eqmailctl setup``: make an instance (qmail's config-fast, hier.c and INSTALL.alias).
 
 Creates control/ (me, locals, rcpthosts, defaultdomain, plusdomain, databytes, a
-self-signed servercert.pem and dh2048.pem),
+self-signed servercert.pem and dh2048.pem, srssecrets — the SRS secret, root 0600),
 queue/ with qmail's layout including big-todo, users/, alias/ with the postmaster,
 mailer-daemon and root aliases, run/ and log/ — and, when run as root, the system users
 and groups of the privilege model, with qmail's ownerships and modes.  An existing
@@ -12,6 +12,7 @@ skip existing files too).  Idempotent: running it twice changes nothing.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
     # A self-signed servercert.pem and dh2048.pem, as eQmail's ``make cert`` and
     # ``make tmprsadh`` (eqmail.certs); existing ones are kept unless --force.
     ensure_tls_files(inst.control, me, force, report)
+    _make_srs_secret(inst.control / "srssecrets", report)
     owners = None
     if is_root:
         q, s = ids["queue"], ids["send"]
@@ -84,6 +86,28 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
         os.chown(inst.log, ids["log"].uid, ids["log"].gid)
     report.append(f"instance ready at {inst.root}")
     return report
+
+
+def _make_srs_secret(path: Path, report: list[str]) -> None:
+    """control/srssecrets with one random secret (256 bits), readable by the instance's
+    owner alone — root for a system instance: the supervisor reads it and hands the
+    parsed value to the workers that forward, reverse and check (eqmail.srs).  Never
+    replaced, not even with --force: a new secret would make every bounce to mail
+    forwarded so far undeliverable; rotating is putting a new line first (the old one
+    keeps verifying), which the admin does on purpose."""
+    if path.exists():
+        report.append(f"kept {path}")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask, and whatever a leftover tmp had
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    report.append(f"wrote {path}")
 
 
 def _parent_domain(me: str) -> str:

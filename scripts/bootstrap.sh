@@ -3,7 +3,8 @@
 #   - Debian packages (as root): python3-venv, swaks, openssl, iproute2, man-db and
 #     groff-base (the tests render the man pages with man -l), daemontools (tai64nlocal)
 #     and logrotate for the log tests, libmail-dkim-perl, opendkim and opendkim-tools
-#     (the DKIM interop tests: implementations nobody here wrote)
+#     (the DKIM interop tests: implementations nobody here wrote), srs (Mail::SRS's
+#     command, by the author of SRS: the SRS interop test)
 #   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
 #     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
 #     or ./.venv otherwise, with eqmail and its test dependencies installed.
@@ -16,7 +17,7 @@ if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
   for pkg in python3-venv swaks openssl iproute2 procps util-linux man-db groff-base daemontools logrotate \
-             libmail-dkim-perl opendkim opendkim-tools; do
+             libmail-dkim-perl opendkim opendkim-tools srs; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

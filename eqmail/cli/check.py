@@ -7,7 +7,8 @@ will not do what they seem to (no rcpthosts; a listener that requires AUTH it ca
 offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port;
 the problems the load itself reports as warnings, such as a control/authlimit that does
 not parse; DKIM keys under control/dkim/ that are unreadable, wrongly owned or moded, or
-do not parse).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
+do not parse; an SRS domain outside rcpthosts, a readable SRS secret; the secrets
+themselves are never shown).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
 
 Privilege: read access to control/.  Read-only.
 Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
@@ -37,6 +38,7 @@ from eqmail.delivery.hookcheck import line_problem
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
 from eqmail.smtp.state import submission_port
+from eqmail.smtp.tcpenv import rcpt_matcher
 
 # qmail-showctl's compiled-in values (conf-*), shown as eqmail has them.
 BUILT_IN = (("user-ext delimiter", "+"), ("subdirectory split", "23"),
@@ -130,7 +132,24 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += auth_warnings(c)
     report["warnings"] += beforemote_warnings(c)
     report["warnings"] += key_warnings(inst.control)
+    report["warnings"] += srs_warnings(c)
     return report
+
+
+def srs_warnings(c: Controls) -> list[str]:
+    """SRS settings that load but will not work: an SRS domain this instance does not
+    accept mail for (every bounce to forwarded mail would get 553), or control/srs
+    asking for SRS without a secret to sign with."""
+    keys = c.srs_keys
+    if keys is None:
+        if c.srs and "srs" in c.sources and not c.srssecrets:
+            return ["warning: control/srs is 1 but there is no control/srssecrets: forwarded "
+                    "mail keeps its sender (run 'eqmailctl setup' to make a secret)"]
+        return []
+    if not rcpt_matcher(c).allows(f"postmaster@{keys.domain}"):
+        return [f"warning: control/srsdomain: {keys.domain} is not in control/rcpthosts: "
+                "bounces to forwarded mail (SRS addresses) will be refused with 553"]
+    return []
 
 
 def beforemote_warnings(c: Controls) -> list[str]:

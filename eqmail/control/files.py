@@ -113,6 +113,13 @@ FILES: tuple[FileRow, ...] = (
     Number("smtpjunklimit", 100, 0, 1_000_000, "NOOP/RSET/VRFY/HELP without a delivered message; 0 = no limit"),
     Parsed("dkimsign", "(relaxed/relaxed, the usual fields, From over-signed)",
            "DKIM signing per domain: DOMAIN|* canon= headers= oversign= expire="),
+    # SRS for forwarded mail (issue 16, eqmail.srs): postsrsd's job, built in
+    Number("srs", 1, 0, 1, "1: forwarded mail gets an SRS sender when srssecrets exists; 0: off"),
+    Text("srsdomain", "", "domain of the SRS senders of forwarded mail (default: me)", from_me=True),
+    Parsed("srssecrets", "(none: no SRS)",
+           "SRS secrets, one per line: the first signs, all verify (eqmailctl setup makes one)"),
+    Parsed("srsexclude", "(none)",
+           "sender domains whose forwarded mail keeps its sender (.domain: its subdomains)"),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}

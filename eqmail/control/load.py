@@ -100,6 +100,10 @@ def load_controls(root: Path) -> Controls:
         tlsclients=p.parse_tlsclients(r),
         tlsfiles=p.stamp_tlsfiles(r),
         dkimsign=parse_dkimsign(r),
+        srs=r.number("srs"),
+        srsdomain=r.text("srsdomain", me),
+        srssecrets=p.parse_srssecrets(r, warnings),
+        srsexclude=r.hostlist("srsexclude") or (),
         warnings=tuple(warnings),
         sources=dict(r.sources),
     )

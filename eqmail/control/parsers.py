@@ -1,6 +1,6 @@
 """The control files with a syntax of their own, each parsed into its value here.
 
-Owns: virtualdomains, smtproutes, dnsservers, logformat, the cipher lists, the outbound
+Owns: virtualdomains, smtproutes, dnsservers, logformat, srssecrets, the cipher lists, the outbound
 TLS directories, the tcprules files the listeners name (eqmail.tcprules), users/assign
 (eqmail.control.assign), control/authlimit (eqmail.authlimit), control/tlsclients and
 the stamps of the server TLS files.  Each function takes the :class:`Reader` (errors
@@ -16,6 +16,7 @@ import ipaddress
 import os
 from collections.abc import Callable
 
+from eqmail import srs
 from eqmail.authlimit import AuthLimit, read_authlimit
 from eqmail.control.assign import Assign
 from eqmail.control.ciphers import TLS_INTERMEDIATE_CIPHERS
@@ -201,4 +202,38 @@ def stamp_tlsfiles(r: Reader) -> tuple[FileStamp, ...]:
         out.append(FileStamp(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     if (r.root / "control" / "tlsclients").exists():
         out.append(FileStamp("tlsclients", 0, 0, 0, 0, 0))
+    return tuple(out)
+
+
+def parse_srssecrets(r: Reader, warnings: list[str]) -> tuple[bytes, ...]:
+    """control/srssecrets (eqmail.srs): one secret per line, the first signs and every
+    one verifies, so a new secret goes first and an old one stays until its addresses
+    expired (21 days).  Absent: () — no SRS.  Only root reads the file (eqmailctl setup
+    makes it root 0600): a process that cannot (``sendmail -bs`` as a user, eqmailctl
+    check as a user) gets () and a warning instead of refusing the whole configuration,
+    since it does not forward mail.  A secret shorter than eqmail.srs.SECRET_MIN
+    characters is an error (a guessable secret lets anyone reverse us into an open
+    relay); a file others may read is a warning."""
+    path = r.root / "control" / "srssecrets"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    except OSError as e:
+        r.error("srssecrets", 0, f"unreadable: {e.strerror}")
+        return ()
+    if not os.access(path, os.R_OK):
+        warnings.append("control/srssecrets: not readable by this user: no SRS here "
+                        "(the daemon reads it as root)")
+        return ()
+    if st.st_mode & 0o077:
+        warnings.append(f"control/srssecrets: mode {st.st_mode & 0o777:04o} lets others read "
+                        "the SRS secret (anyone who has it can forge bounces): chmod 600")
+    out: list[bytes] = []
+    for n, ln in r.lines("srssecrets") or []:
+        secret = ln.strip()
+        if len(secret) < srs.SECRET_MIN:
+            r.error("srssecrets", n, f"secret shorter than {srs.SECRET_MIN} characters")
+            continue
+        out.append(secret.encode("utf-8", "surrogateescape"))
     return tuple(out)

@@ -12,7 +12,11 @@ from eqmail.control.values import Controls
 
 def value_of(c: Controls, name: str) -> object:
     """The value of the row ``name`` (a file in KNOWN_FILES): the Controls attribute
-    of that name, '.' written '_'."""
+    of that name, '.' written '_' — except the SRS secrets, never shown (whoever has
+    them can forge bounce addresses that we deliver anywhere)."""
+    if name == "srssecrets":
+        n = len(c.srssecrets)
+        return f"{n} secret{'' if n == 1 else 's'} (not shown)" if n else None
     return getattr(c, name.replace(".", "_"))
 
 

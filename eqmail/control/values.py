@@ -19,6 +19,7 @@ from eqmail.control.assign import Assign
 from eqmail.control.dkimsign import DkimSignRule
 from eqmail.control.listen import ListenerSpec
 from eqmail.logformat import LogFormat
+from eqmail.srs import SrsKeys
 from eqmail.tcprules import Rules
 
 V = TypeVar("V")
@@ -132,6 +133,11 @@ class Controls:
     smtpjunklimit: int
     # DKIM signing of outgoing mail (issue 16; eqmail.control.dkimsign)
     dkimsign: tuple[DkimSignRule, ...]
+    # SRS (eqmail.srs): control/srs, control/srsdomain, control/srssecrets (never in repr)
+    srs: int
+    srsdomain: str
+    srssecrets: tuple[bytes, ...] = field(repr=False)
+    srsexclude: tuple[str, ...]  # lower case; ".suffix" entries match subdomains
     # problems that do not refuse the configuration (the file's default is used):
     # logged by the worker that uses the file, shown by eqmailctl check
     warnings: tuple[str, ...]
@@ -144,6 +150,15 @@ class Controls:
     @functools.cached_property
     def _routes(self) -> dict[str, Route]:
         return dict(self.smtproutes)  # once per configuration, not per delivery
+
+    @functools.cached_property
+    def srs_keys(self) -> SrsKeys | None:
+        """What forwarding and reversing need; None when SRS is off (control/srs 0) or
+        there is no secret — then remote delivery sends the queue's sender unchanged
+        and nothing is reversed or refused, as in qmail."""
+        if not self.srs or not self.srssecrets:
+            return None
+        return SrsKeys(self.srssecrets, self.srsdomain or self.me)
 
     def rules_for(self, fn: str) -> Rules | None:
         """The parsed tcprules file control/``fn`` (a listener's ``rules=``); None when

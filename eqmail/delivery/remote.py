@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from eqmail import srs
 from eqmail.control import Controls
 from eqmail.delivery import bfrmt
 from eqmail.delivery.nexthop import connect
@@ -139,9 +140,56 @@ class RemoteJob:
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
                   recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
     """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
-    its text cut to what a report carries.  ``origin``: the message's, from the
-    queue (the request's ``origin`` option), which decides whether it is signed."""
+    its text cut to what a report carries.  ``origin``: the message's, from the queue
+    (the request's ``origin`` option), which decides whether it is signed; forwarded
+    mail gets an SRS sender here."""
+    sender = envelope_sender(job.controls, sender, origin)
     return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients, origin)]
+
+
+def envelope_sender(c: Controls, sender: str, origin: Origin | None,
+                    now: float | None = None) -> str:
+    """The MAIL FROM of a remote delivery (issue 16, SRS): for a message eqmail
+    forwarded (origin FORWARD: a .qmail ``&address``, an alias, a forward-only
+    virtual domain) the SRS0 address at the SRS domain (SRS1 when the sender is an
+    SRS address already), so that the receiver's SPF check sees our domain and its
+    bounce comes back to us to be reversed.  Unchanged: SRS off or without a secret
+    (qmail's behaviour, byte for byte), another origin, the null sender and qmail's
+    ``#@[]``, a sender without a domain, a sender at one of our own domains
+    (:func:`own_domain`), whose SPF record is ours to make cover us, and one at a
+    domain of control/srsexclude (postsrsd's SRS_EXCLUDE_DOMAINS)."""
+    keys = c.srs_keys
+    if keys is None or origin is not Origin.FORWARD:
+        return sender
+    user, at, domain = sender.rpartition("@")
+    if (not at or not user or not domain or sender == "#@[]" or own_domain(c, domain)
+            or excluded(c.srsexclude, domain)):
+        return sender
+    return srs.forward(sender, keys, now)
+
+
+def excluded(patterns: tuple[str, ...], domain: str) -> bool:
+    """control/srsexclude: ``domain`` itself, or ``.domain`` for every subdomain of it
+    (postsrsd's leading-dot form)."""
+    d = domain.lower()
+    return any(d == p or (p.startswith(".") and d.endswith(p)) for p in patterns)
+
+
+def own_domain(c: Controls, domain: str) -> bool:
+    """A domain this instance hosts: me, the SRS domain, locals, or a virtualdomains
+    domain (``domain`` or ``.suffix`` entries with a prepend; not the empty catch-all
+    key, nor address entries).  Not rcpthosts: a domain we only relay for (a backup MX)
+    has an SPF record that need not name us."""
+    d = domain.lower()
+    keys = c.srs_keys
+    if d == c.me.lower() or d in c.locals or (keys is not None and d == keys.domain.lower()):
+        return True
+    for key, prepend in c.virtualdomains:
+        if not prepend or not key or "@" in key:
+            continue
+        if d == key or (key.startswith(".") and d.endswith(key)):
+            return True
+    return False
 
 
 def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,

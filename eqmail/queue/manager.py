@@ -132,6 +132,7 @@ class QueueManager:
         self.controls = controls
         self.rules = RewriteRules.from_controls(controls)
         self.vmap = self.rules.vmap()
+        self.preprocessor.srs = controls.srs_keys  # SRS reversal of recipients (issue 16)
         self.bounce_rate.limit = controls.bouncelimit
         self.channels[Channel.LOCAL].concurrency = controls.concurrencylocal
         self.channels[Channel.REMOTE].concurrency = controls.concurrencyremote

@@ -29,14 +29,17 @@ import os
 import time
 from collections.abc import Callable
 
+from eqmail import srs
 from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, log_lines, sanitize
+from eqmail.queue.bounce import bounce_note
 from eqmail.queue.envelope import ChannelRecord, info_bytes, origin_of, parse_records
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.recycle import InodePool
 from eqmail.queue.schedule import Channel
 from eqmail.queue.writer import syncfs
+from eqmail.srs import SrsKeys
 from eqmail.textio import encode
 
 FRESH_MAX = 20000  # messages whose split is remembered for their first pass
@@ -64,6 +67,8 @@ class Preprocessor:
         # set when a todo/ entry could not be preprocessed (disk full, I/O error): the
         # scanner tries again soon instead of at its next periodic rescan
         self.trouble = False
+        # SRS reversal of recipients (eqmail.srs); set by the manager's configure()
+        self.srs: SrsKeys | None = None
         # what preprocessing wrote, for the first pass: (channel, id) -> (sender, birth, records)
         self.fresh: dict[tuple[Channel, int], Fresh] = {}
 
@@ -147,6 +152,7 @@ class Preprocessor:
         if os.path.exists(p.info(msgid)):
             for name in ("local", "remote", "info"):
                 unlink_quiet(p.split_file(name, msgid))
+            unlink_quiet(p.bounce(msgid))  # only _srs_bounce writes it before todo/ goes
         try:
             return self._write_split(msgid, data, size)
         except OSError as e:
@@ -172,6 +178,7 @@ class Preprocessor:
         lines = [f"new msg {msgid}"]
         records = parse_records(data)
         origin = origin_of(records)  # after the T records in todo/, but info/ wants it now
+        refused: list[tuple[str, srs.Refusal]] = []  # forged or expired SRS recipients
         try:
             for rec in records:
                 if rec.kind == "u":
@@ -184,7 +191,11 @@ class Preprocessor:
                     lines.append(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> "
                                  f"qp {pid} uid {uid}")
                 elif rec.kind == "T":
-                    ch, addr = self.rewrite(rec.value)
+                    target = self._srs_reverse(msgid, rec.value, lines)
+                    if isinstance(target, srs.Refusal):
+                        refused.append((rec.value, target))
+                        continue
+                    ch, addr = self.rewrite(target)
                     buffers[ch].append(b"T" + encode(addr) + b"\0")
                     addrs[ch].append(addr)
                 elif rec.kind != "X":  # X: eqmail's extension records, read above
@@ -194,6 +205,8 @@ class Preprocessor:
                     fd = self._create(p.split_file(ch.dirname, msgid))
                     fds.append(fd)
                     write_all(fd, b"".join(recs))
+            if refused:
+                fds.append(self._srs_bounce(msgid, refused))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -201,6 +214,38 @@ class Preprocessor:
         log_lines(lines)
         self._remember(msgid, sender, buffers, addrs, origin)
         return fds, [ch for ch, recs in buffers.items() if recs]
+
+    # ------------------------------------------------------------ SRS reversal
+    def _srs_reverse(self, msgid: int, addr: str, lines: list[str]) -> str | srs.Refusal:
+        """The SRS step, before qmail-send's rewriting: a recipient that is an SRS
+        address at our SRS domain becomes the address it stands for (SRS0: the original
+        sender, SRS1: the first forwarder's SRS0 address), which is then rewritten and
+        delivered like any address — so a bounce to a forwarded message goes back to
+        its sender.  A forged, altered or expired SRS address gives the refusal (the
+        recipient bounces with its reason); anything else is returned unchanged."""
+        keys = self.srs
+        if keys is None or not keys.ours(addr):
+            return addr
+        result = srs.reverse(addr, keys, self.clock())
+        if isinstance(result, srs.Refusal):
+            lines.append(f"info msg {msgid}: SRS: refused <{sanitize(addr)}>: {result.value}")
+            return result
+        lines.append(f"info msg {msgid}: SRS: <{sanitize(addr)}> reversed to <{sanitize(result)}>")
+        return result
+
+    def _srs_bounce(self, msgid: int, refused: list[tuple[str, srs.Refusal]]) -> int:
+        """bounce/<id> with a note for each refused SRS recipient, written with the other
+        files of step 1 (made durable with them, before todo/ is cleaned): the bounce
+        goes out when the message is done, as for any failed recipient.  A leftover of
+        an interrupted preprocessing is truncated, so no note is doubled."""
+        notes = "".join(bounce_note(addr, srs.bounce_text(why)) for addr, why in refused)
+        fd = os.open(self.paths.bounce(msgid), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, encode(notes))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # ------------------------------------------------------------ first-pass memory
     def take_fresh(self, channel: Channel, msgid: int) -> Fresh | None:

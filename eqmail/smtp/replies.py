@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from eqmail.srs import Refusal
 from eqmail.textio import encode
 
 
@@ -98,6 +99,21 @@ BADMAILFROM = Reply(553, "sorry, your envelope sender is in my badmailfrom list 
 NO_RCPTHOSTS = Reply(553, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
 # eqmail (control/rcptchecklocal): qmail-local's bounce text, given at RCPT, as chkuser does.
 NO_MAILBOX = Reply(550, "sorry, no mailbox here by that name (#5.1.1)")
+# eqmail (issue 16): a bounce address of forwarded mail (SRS) that does not reverse.
+SRS_MALFORMED = Reply(550, "sorry, that SRS address is malformed (#5.1.1)")
+SRS_BAD_HASH = Reply(550, "sorry, that SRS address has an invalid signature (#5.1.1)")
+SRS_EXPIRED = Reply(550, "sorry, that SRS address has expired (#5.1.1)")
+
+
+def srs_refused(refusal: Refusal) -> Reply:
+    """The RCPT reply for an SRS address at our SRS domain that does not reverse."""
+    if refusal is Refusal.EXPIRED:
+        return SRS_EXPIRED
+    if refusal is Refusal.BAD_HASH:
+        return SRS_BAD_HASH
+    return SRS_MALFORMED
+
+
 # Note the trailing space before CRLF: eQmail (AUTH 0.59) sends it that way.
 AUTH_REQUIRED = Reply(530, "Authorization required (#5.7.1) ")
 # eqmail: qmail-smtpd accepted RCPT TO:<> (and the message was thrown away), and had

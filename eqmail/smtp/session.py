@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from eqmail import srs
 from eqmail.smtp import replies
 from eqmail.smtp.actions import (
     AbortMessage,
@@ -401,10 +402,30 @@ class Session(SessionPlumbing):
         """eqmail: a local recipient without a mailbox is refused now instead of being
         bounced later (backscatter), whether relaying is allowed or not; a plugin's O
         verdict skips it like qmail's other checks."""
+        if self._srs_recipient(addr):
+            return
         if not (check and self.cfg.check_mailbox):
             self._add_recipient(addr)
             return
         self._wait(CheckMailbox(addr), lambda found: self._mailbox_done(found, addr))
+
+    def _srs_recipient(self, addr: str) -> bool:
+        """eqmail (issue 16): an SRS address at our SRS domain — a bounce to mail we
+        forwarded — is taken when it reverses (the scanner rewrites it to the original
+        sender; no mailbox has its name, so the mailbox check is skipped) and refused
+        when it is forged, altered or expired, so that nobody can use it to relay.
+        Before a plugin's O verdict too: that is about the client, this about the
+        address.  True when the recipient was answered here."""
+        keys = self.cfg.srs
+        if keys is None or not keys.ours(addr):
+            return False
+        refusal = srs.check(addr, keys, self.clock())
+        if refusal is None:
+            self._add_recipient(addr)
+        else:
+            self._log(f"SRS recipient refused ({refusal.value})")
+            self._send(replies.srs_refused(refusal))
+        return True
 
     def _mailbox_done(self, found: bool, addr: str) -> None:
         if found:

@@ -15,6 +15,7 @@ from enum import Enum
 
 from eqmail.smtp.actions import HookStage, HookVerdict
 from eqmail.smtp.policy import BadMailFrom, RcptHosts
+from eqmail.srs import SrsKeys
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class SessionConfig:
     error_sleep: float = 1.0
     junk_limit: int = 100
     utcoffset: int | None = None    # Received date offset; None = local zone
+    # SRS (eqmail.srs): forged or expired bounce addresses of forwarded mail are refused
+    # at RCPT, valid ones taken without a mailbox check; None: SRS is off
+    srs: SrsKeys | None = None
 
 
 class Phase(Enum):

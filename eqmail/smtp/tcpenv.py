@@ -87,4 +87,5 @@ def session_config(c: Controls, env: dict[str, str], *, rcpthosts: RcptHosts,
         error_hard_limit=c.smtperrorhardlimit,
         error_sleep=float(c.smtperrorsleep),
         junk_limit=c.smtpjunklimit,
+        srs=c.srs_keys,
     )

@@ -36,6 +36,7 @@ SOURCE = Path(eqmail.__file__).parent
 FOUNDATION = frozenset({
     "eqmail", "textio", "errors", "dates", "cdb", "log", "logformat", "instance", "netif",
     "tcprules", "authlimit", "connlimit", "dns", "tlslib", "tls", "certs", "control",
+    "srs",  # SRS addresses (issue 16): pure, needed by control, smtp, queue and delivery
 })
 _LIBRARIES = frozenset({"ipc", "smtp", "queue", "delivery", "spp", "privsep"})
 
