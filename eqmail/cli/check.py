@@ -7,7 +7,7 @@ will not do what they seem to (no rcpthosts; a listener that requires AUTH it ca
 offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission port;
 the problems the load itself reports as warnings, such as a control/authlimit that does
 not parse; DKIM keys under control/dkim/ that are unreadable, wrongly owned or moded, or
-do not parse).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
+do not parse) and a note suggesting control/authcheck while inbound verification is off.  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
 
 Privilege: read access to control/.  Read-only.
 Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
@@ -100,7 +100,7 @@ def check_report(inst: Instance) -> dict[str, Any]:
     built_in = {**dict(BUILT_IN), "shipped plugins": str(SHIPPED_DIR)}
     report: dict[str, Any] = {"root": str(inst.root), "ok": True, "errors": [],
                               "built_in": built_in, "controls": [], "plugin_controls": [],
-                              "unknown": [], "warnings": []}
+                              "unknown": [], "warnings": [], "notes": []}
     try:
         c = load_controls(inst.root)
     except ControlErrors as e:
@@ -130,7 +130,20 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += auth_warnings(c)
     report["warnings"] += beforemote_warnings(c)
     report["warnings"] += key_warnings(inst.control)
+    report["notes"] = authcheck_notes(c)
     return report
+
+
+def authcheck_notes(c: Controls) -> list[str]:
+    """Inbound verification is off until the admin asks (as in Postfix): say how to
+    turn it on, and what the DMARC setting then does."""
+    if c.authcheck:
+        return []
+    out = ["note: control/authcheck is off: inbound mail gets no SPF/DKIM/DMARC checks and no "
+           "Authentication-Results header; 'echo 1 > control/authcheck' turns them on"]
+    if "dmarcreject" in c.sources:
+        out.append("note: control/dmarcreject has no effect while control/authcheck is off")
+    return out
 
 
 def beforemote_warnings(c: Controls) -> list[str]:
@@ -157,5 +170,6 @@ def format_check(report: dict[str, Any]) -> str:
         lines.append(f"{r['file']}: {r['text']}    [{r['source']}; read by plugin {r['plugin']}]")
     lines += [f"{fn}: I have no idea what this file does." for fn in report["unknown"]]
     lines += report["warnings"]
+    lines += report.get("notes", [])
     return "".join(ln + "\n" for ln in lines)
 
