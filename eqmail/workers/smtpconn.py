@@ -1,7 +1,9 @@
 """One SMTP connection of the listener: the pure session's actions performed on a socket.
 
 Owns: :class:`Connection` — reading (bounded by timeoutsmtpd and control/mindatarate),
-writing, STARTTLS, streaming DATA to the queue writer, checkpassword and qmail-spp hooks
+writing, STARTTLS, streaming DATA to the queue writer (with control/authcheck through the
+checks of eqmail.workers.inbound, whose Authentication-Results field goes to the writer
+as a QueuePrepend, or whose DMARC refusal replaces the queueing), checkpassword and qmail-spp hooks
 through the plugin sandbox, the RCPT-time mailbox check — for one client, with the
 :class:`~eqmail.workers.listenerconfig.ListenerConfig` its session was accepted with.
 The accept loop, the limits and the configuration are the listener's
@@ -37,6 +39,7 @@ from eqmail.tls import (
     client_cert_email,
     freeze_plaintext,
 )
+from eqmail.workers.inbound import InboundMessage
 from eqmail.workers.listenerconfig import ListenerConfig
 
 if TYPE_CHECKING:
@@ -81,6 +84,7 @@ class Connection:
         self.env = env
         self.queue: AsyncQueueClient | None = None
         self.message: A.BeginMessage | None = None
+        self.inbound: InboundMessage | None = None  # the message's checks (control/authcheck)
         self.closed = False
         tls = listener.tls
         self.spp_error = False
@@ -168,12 +172,14 @@ class Connection:
             return []
         if isinstance(action, A.MessageData):
             assert self.queue is not None
-            await self.queue.write(action.data)
+            data = action.data if self.inbound is None else self.inbound.feed(action.data)
+            await self.queue.write(data)
             return []
         if isinstance(action, A.BeginMessage):
             if self.queue is None:
                 self.queue = AsyncQueueClient(self.l.root)
             self.message = action
+            self.inbound = self._inbound_check(action)
             await self.queue.write(action.header_prefix)
             return []
         if isinstance(action, A.EndMessage):
@@ -182,6 +188,7 @@ class Connection:
             if self.queue is not None and self.message is not None:
                 await self.queue.abandon()
             self.message = None
+            self._drop_inbound()
             return []
         if isinstance(action, A.Log):
             log(action.line)
@@ -229,8 +236,36 @@ class Connection:
         assert self.queue is not None and self.message is not None
         msg, self.message = self.message, None
         await self._drain()  # replies before the 250 go out first
+        if self.inbound is not None:
+            inbound, self.inbound = self.inbound, None
+            tail = inbound.end()
+            if tail:
+                await self.queue.write(tail)
+            verdict = await inbound.finish()
+            ip = self.env.get("TCPREMOTEIP", "unknown")
+            log(f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip}")
+            if verdict.refuse is not None:  # DMARC p=reject with control/dmarcreject reject
+                await self.queue.abandon()
+                return self.session.queue_result(
+                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse))
+            self.queue.prepend(verdict.fields)
         result = await self.queue.finish(msg.sender, list(msg.recipients))
         return self.session.queue_result(A.QueueOutcome.of(result))
+
+    def _inbound_check(self, begin: A.BeginMessage) -> InboundMessage | None:
+        """control/authcheck: the checks of a message from a client that is neither a
+        relay client nor authenticated; relay clients' and users' mail is left alone."""
+        checker = self.cfg.inbound
+        session = self.session
+        if checker is None or session.authenticated or "RELAYCLIENT" in session.env:
+            return None
+        return checker.begin(self.env.get("TCPREMOTEIP", ""), session.helo, begin.sender,
+                             session.databytes)
+
+    def _drop_inbound(self) -> None:
+        if self.inbound is not None:
+            self.inbound.close()
+            self.inbound = None
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
         ip = self.env["TCPREMOTEIP"]
@@ -275,6 +310,7 @@ class Connection:
         return True
 
     async def cleanup(self) -> None:
+        self._drop_inbound()
         if self.queue is not None:
             if self.message is not None:
                 await self.queue.abandon()  # the writer removes the half-written message
