@@ -38,7 +38,7 @@ MAX_RECORDS = 64                # records used from one answer (SPF's MX/A limit
 _R = TypeVar("_R")
 PER_LOOKUP = 5.0                # seconds one lookup may take at most, within the budget
 
-__all__ = ["MAX_RECORDS", "Budget", "DnsTempError", "Lookups", "make_lookups"]
+__all__ = ["MAX_RECORDS", "Budget", "DnsTempError", "Lookups", "lookups_on", "make_lookups"]
 
 
 class Lookups(Protocol):
@@ -67,8 +67,8 @@ class _DnspythonLookups:
     """:class:`Lookups` on dnspython, with eqmail.dns's resolver set-up (the servers of
     control/dnsservers, EDNS with 1232-byte UDP answers, TCP on truncation)."""
 
-    def __init__(self, resolver: Resolver) -> None:
-        self.res = resolver.res
+    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+        self.res = resolver
 
     def _answer(self, name: str, rdtype: dns.rdatatype.RdataType,
                 timeout: float) -> list[object]:
@@ -107,7 +107,14 @@ def make_lookups(servers: tuple[tuple[str, int], ...]) -> Lookups:
     """The real :class:`Lookups`: ``servers`` is ``Controls.dnsservers`` (empty: the
     system's /etc/resolv.conf, as for remote delivery).  Safe to share between threads
     (dnspython's resolver keeps no per-query state; no cache is configured)."""
-    return _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP))
+    return _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP).res)
+
+
+def lookups_on(resolver: dns.resolver.Resolver) -> Lookups:
+    """A :class:`Lookups` on a dnspython resolver configured elsewhere: the qmail-spp
+    plugin plugins/spf has its own (sppkit's, from control/dnsservers, re-read when the
+    file changes) and shares everything else with :func:`eqmail.auth.authenticate`."""
+    return _DnspythonLookups(resolver)
 
 
 class Budget:
