@@ -6,6 +6,7 @@ writes always parses, and the filter removes exactly the fields claiming our id.
 from __future__ import annotations
 
 import re
+import time
 
 import authres
 from hypothesis import HealthCheck, given, settings
@@ -161,6 +162,19 @@ def test_filter_holds_a_field_until_its_id_is_known() -> None:
 def test_filter_on_a_message_ending_in_its_header() -> None:
     assert run(b"Subject: x\nAuthentication-Results: mx.test") == b"Subject: x\n"
     assert run(b"Authentication-Results: other") == b"Authentication-Results: other"
+
+
+def test_filter_drops_a_field_whose_id_never_comes() -> None:
+    """An endless comment before the id (many lines, or one huge line) is dropped within
+    bounded work: it might name us after the comment."""
+    endless = b"Authentication-Results: (\n" + b" x\n" * 5000 + b" ) mx.test; spf=pass\n"
+    t0 = time.monotonic()
+    assert run(endless + b"Subject: s\n\nbody\n") == b"Subject: s\n\nbody\n"
+    huge = b"Authentication-Results: (" + b"x" * 5_000_000 + b") mx.test; spf=pass\n"
+    assert run(huge + b"\n") == b"\n"
+    long_id = b"Authentication-Results: " + b"a" * 9000 + b"; spf=pass\n"
+    assert run(long_id) == long_id
+    assert time.monotonic() - t0 < 2
 
 
 def test_authserv_id_parsing() -> None:
