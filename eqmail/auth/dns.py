@@ -13,9 +13,9 @@ Outcomes of a lookup, the same for every record type:
 - ``[]`` for NXDOMAIN and for NODATA (a name without a record of the type): the RFCs
   this package implements treat the two alike (RFC 7208 §4.3/§5 "void lookup",
   RFC 7489 §6.6.3 "no record", RFC 6376 §6.1.2 "no key");
+  A name that cannot exist (a label over 63 bytes, a name over 255) is ``[]`` too.
 - :class:`DnsTempError` for everything else: a timeout, SERVFAIL, an answer that does
-  not parse, an impossible name, and any lookup asked for once the message's budget is
-  spent.  Callers turn it into ``temperror``; it never becomes a 5xx.
+  not parse, and any lookup asked for once the message's budget is spent.  Callers turn it into ``temperror``; it never becomes a 5xx.
 
 Privilege: none beyond UDP/TCP to the configured resolvers.
 """
@@ -79,8 +79,8 @@ class _DnspythonLookups:
                                       lifetime=min(timeout, PER_LOOKUP))
         except dns.resolver.NXDOMAIN:
             return []
-        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel) as e:
-            raise DnsTempError(f"{name}: impossible name ({type(e).__name__})") from None
+        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel):
+            return []  # a name that cannot exist has no records (as eqmail.dns says)
         except (dns.exception.DNSException, OSError, ValueError, UnicodeError) as e:
             raise DnsTempError(f"{name}: {type(e).__name__}: {e}") from None
         if answer.rrset is None or answer.rrset.rdtype != rdtype:
