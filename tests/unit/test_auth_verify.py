@@ -300,3 +300,22 @@ def test_arc_tampered_message_fails(lookups: Lookups) -> None:
 def test_no_arc_fields_no_arc_entry(lookups: Lookups) -> None:
     r = check(lookups, message())
     assert r.arc is None and [m for m, _, _ in results(r)] == ["spf", "dkim", "dmarc"]
+
+
+def test_an_incomplete_arc_set_fails(lookups: Lookups) -> None:
+    """RFC 8617 §5.2 step 2: a set without its seal is a broken chain, not "none"."""
+    r = check(lookups, message(extra=b"ARC-Authentication-Results: i=1; x.example; spf=pass\n"))
+    assert r.arc == "fail" and b"arc=fail (Incomplete ARC set for instance 1)" in r.header
+
+
+def test_arc_key_lookup_timeout_is_a_temporary_fail(server: DnsServer) -> None:
+    msg = sealed(message())
+    hang = DnsServer({**ZONE, "arc._domainkey.sealer.example": "TIMEOUT"})
+    hang.start()
+    try:
+        r = check(make_lookups((("127.0.0.1", hang.port),)), msg, deadline=1.5)
+    finally:
+        hang.stop()
+    assert r.arc == "fail" and r.arc_detail is not None
+    assert r.arc_detail.reason.startswith("temporary: ")
+    assert r.elapsed < 1.5 + 2
