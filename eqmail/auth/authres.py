@@ -26,6 +26,7 @@ FIELD = b"Authentication-Results"
 LINE = 78
 _TSPECIALS = set('()<>@,;:\\"/[]?=')
 _MAX_HOLD = 8192     # bytes of one A-R field held back before its authserv-id is known
+_MAX_HOLD_LINES = 32  # ... and lines (each line re-reads the held text: keep that bounded)
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -167,9 +168,8 @@ class ForgedResultsFilter:
 
     :meth:`feed` takes one line with its line end (LF or CRLF; the last line may lack
     it) and returns the bytes to keep now — an Authentication-Results field is held
-    back until its authserv-id is known (at most :data:`_MAX_HOLD` bytes, then it is
-    decided on what arrived), so a field's lines may come out together with a later
-    call.  The empty line ending the header section ends the filtering: it and all
+    back until its authserv-id is known (see :meth:`_decide` for the bound), so a
+    field's lines may come out together with a later call.  The empty line ending the header section ends the filtering: it and all
     lines after it pass through.  :meth:`finish` returns what is still held (a message
     that ended inside its header section)."""
 
@@ -180,10 +180,21 @@ class ForgedResultsFilter:
         self.in_body = False
 
     def _decide(self, complete: bool) -> bytes:
-        """Release or drop the held field once its id is known."""
-        ident = authserv_id(self.held, complete or len(self.held) > _MAX_HOLD)
+        """Release or drop the held field once its id is known.  A field whose id is
+        still unknown after :data:`_MAX_HOLD` bytes or :data:`_MAX_HOLD_LINES` lines
+        (an endless comment before it) is dropped: it might name us further on, and no
+        honest host writes one."""
+        head = self.held[:_MAX_HOLD]
+        ident = authserv_id(head, complete and len(self.held) <= _MAX_HOLD)
         if ident is None:
-            return b""
+            if len(self.held) <= _MAX_HOLD and self.held.count(b"\n") <= _MAX_HOLD_LINES:
+                return b""
+            m = _NAME.match(head)
+            start = _skip_cfws(head, m.end()) if m else None
+            # an id that began early enough to have ended by now if it were ours (even
+            # written as a quoted-string of quoted-pairs) is not ours
+            long_id = start is not None and start + 2 * len(self.ours) + 4 < len(head)
+            ident = b"" if long_id else self.ours
         held, self.held = self.held, b""
         if ident.lower() == self.ours:
             self.dropping = True

@@ -13,9 +13,9 @@ Outcomes of a lookup, the same for every record type:
 - ``[]`` for NXDOMAIN and for NODATA (a name without a record of the type): the RFCs
   this package implements treat the two alike (RFC 7208 §4.3/§5 "void lookup",
   RFC 7489 §6.6.3 "no record", RFC 6376 §6.1.2 "no key");
+  A name that cannot exist (a label over 63 bytes, a name over 255) is ``[]`` too.
 - :class:`DnsTempError` for everything else: a timeout, SERVFAIL, an answer that does
-  not parse, an impossible name, and any lookup asked for once the message's budget is
-  spent.  Callers turn it into ``temperror``; it never becomes a 5xx.
+  not parse, and any lookup asked for once the message's budget is spent.  Callers turn it into ``temperror``; it never becomes a 5xx.
 
 Privilege: none beyond UDP/TCP to the configured resolvers.
 """
@@ -38,7 +38,7 @@ MAX_RECORDS = 64                # records used from one answer (SPF's MX/A limit
 _R = TypeVar("_R")
 PER_LOOKUP = 5.0                # seconds one lookup may take at most, within the budget
 
-__all__ = ["MAX_RECORDS", "Budget", "DnsTempError", "Lookups", "make_lookups"]
+__all__ = ["MAX_RECORDS", "Budget", "DnsTempError", "Lookups", "lookups_on", "make_lookups"]
 
 
 class Lookups(Protocol):
@@ -67,8 +67,8 @@ class _DnspythonLookups:
     """:class:`Lookups` on dnspython, with eqmail.dns's resolver set-up (the servers of
     control/dnsservers, EDNS with 1232-byte UDP answers, TCP on truncation)."""
 
-    def __init__(self, resolver: Resolver) -> None:
-        self.res = resolver.res
+    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+        self.res = resolver
 
     def _answer(self, name: str, rdtype: dns.rdatatype.RdataType,
                 timeout: float) -> list[object]:
@@ -79,8 +79,8 @@ class _DnspythonLookups:
                                       lifetime=min(timeout, PER_LOOKUP))
         except dns.resolver.NXDOMAIN:
             return []
-        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel) as e:
-            raise DnsTempError(f"{name}: impossible name ({type(e).__name__})") from None
+        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel):
+            return []  # a name that cannot exist has no records (as eqmail.dns says)
         except (dns.exception.DNSException, OSError, ValueError, UnicodeError) as e:
             raise DnsTempError(f"{name}: {type(e).__name__}: {e}") from None
         if answer.rrset is None or answer.rrset.rdtype != rdtype:
@@ -107,7 +107,14 @@ def make_lookups(servers: tuple[tuple[str, int], ...]) -> Lookups:
     """The real :class:`Lookups`: ``servers`` is ``Controls.dnsservers`` (empty: the
     system's /etc/resolv.conf, as for remote delivery).  Safe to share between threads
     (dnspython's resolver keeps no per-query state; no cache is configured)."""
-    return _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP))
+    return _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP).res)
+
+
+def lookups_on(resolver: dns.resolver.Resolver) -> Lookups:
+    """A :class:`Lookups` on a dnspython resolver configured elsewhere: the qmail-spp
+    plugin plugins/spf has its own (sppkit's, from control/dnsservers, re-read when the
+    file changes) and shares everything else with :func:`eqmail.auth.authenticate`."""
+    return _DnspythonLookups(resolver)
 
 
 class Budget:

@@ -13,7 +13,9 @@ different threads each use their own budget, and a pyspf call made outside
 
 The identity (RFC 7208 §2.4): the MAIL FROM domain, or for the null sender
 ``postmaster@<HELO>`` (pyspf's ``ident == "helo"``; Authentication-Results then says
-``smtp.helo=``).  A null sender with no usable HELO name has no identity: ``none``.
+``smtp.helo=``).  A null sender without a HELO name has no identity: ``none``; any
+other odd name (an address literal, no dot) is pyspf's to judge, as it always was for
+the plugin.
 
 Used by :func:`eqmail.auth.authenticate` and by the qmail-spp plugin plugins/spf, so
 the SMTP-time check and the Authentication-Results field never disagree.
@@ -111,7 +113,7 @@ def check_host(budget: Budget, ip: str, sender: str, helo: str,
     domain = _domain(sender) if sender else helo.lower().rstrip(".")
     if not _usable_ip(ip):
         return SpfResult(Spf.NONE, identity, value, domain, "no client IP address")
-    if not domain or ("." not in domain) or domain.startswith("["):
+    if not domain:
         return SpfResult(Spf.NONE, identity, value, domain, "no domain to check")
     token = _budget.set(budget)
     try:
