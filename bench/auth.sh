@@ -127,7 +127,14 @@ send() {  # variant n label -> one JSON line on stdout (select_variant first)
   "$EQ_PY" "$BENCH_HERE/smtp_load.py" --target "$target" --sender "$sender" --to "$to" \
       --message "$msg" -n "$n" -s "$SESSIONS" --poll-dir "$poll" --timeout "$TIMEOUT" --label "$label"
 }
-newest() { ls -t "$1" | head -n1; }
+cpu_snapshot() {  # "pid ticks title" of every eqmail process (utime + stime)
+  local p
+  for p in $(eq_pids); do
+    [ -r "/proc/$p/stat" ] || continue
+    echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat") $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-60)"
+  done
+}
+newest() { ls -t "$1" | sed -n 1p; }  # sed reads on: no SIGPIPE for ls under pipefail
 check_variant() {  # the first measured run of a checked variant must show the feature working
   local v="$1" f
   case "$v" in
@@ -172,7 +179,25 @@ for run in $(seq "$RUNS"); do
   for i in $(seq 0 $(( ${#VARIANTS[@]} - 1 ))); do
     v="${VARIANTS[$(( (i + k) % ${#VARIANTS[@]} ))]}"
     select_variant "$v"
+    cpu_snapshot > "$OUT/cpu-before"
     line=$(send "$v" "$N" "$v")
+    cpu_snapshot > "$OUT/cpu-after"
+    "$EQ_PY" - "$OUT/cpu-before" "$OUT/cpu-after" "$N" "$v" "$run" >> "$OUT/cpu.jsonl" <<'PYEOF'
+import json, os, sys
+hz = os.sysconf("SC_CLK_TCK")
+def read(p):
+    out = {}
+    for line in open(p):
+        pid, ticks, title = line.rstrip("\n").split(" ", 2)
+        out[(pid, title)] = int(ticks)
+    return out
+a, b, n = read(sys.argv[1]), read(sys.argv[2]), int(sys.argv[3])
+per = {}
+for k, t in b.items():
+    name = k[1].strip()
+    per[name] = per.get(name, 0) + (t - a.get(k, t)) * 1000 / hz / n
+print(json.dumps({"variant": sys.argv[4], "run": int(sys.argv[5]), "cpu_ms_per_msg": {k: round(v, 3) for k, v in sorted(per.items())}}))
+PYEOF
     echo "$line" | "$EQ_PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); j["run"]=int(sys.argv[1]); print(json.dumps(j))' "$run" >> "$OUT/raw-runs.jsonl"
     echo "$line" | "$EQ_PY" -c 'import json,sys; j=json.loads(sys.stdin.read()); print("%-8s %3s %9s %10s %9s %10s %6s %6s" % (j["label"], sys.argv[1], j["accept_s"], j["accept_mps"], j["e2e_s"], j["e2e_mps"], j["errors"], j["delivered"]))' "$run"
     if [ "$run" = 1 ]; then check_variant "$v" > "$OUT/check-$v.txt"; cat "$OUT/check-$v.txt" | tee -a "$OUT/env.txt"; fi
@@ -215,5 +240,14 @@ for lab, s in stat.items():
     print(f"| {desc.get(lab, lab)} | {f(s['accept_mps'])} ({runs_txt}) | **{f(ra, 2)}×** | {f(s['e2e_mps'])} "
           f"| {f(re_, 2)}× | {s['ok']}/{len(s['runs'])} |")
 print("\nTarget (issue 16): verify and sign each >= 0.85x of their base (plain, relay).")
+cpu = [json.loads(l) for l in open(os.path.join(d, "cpu.jsonl")) if l.strip()]
+names = sorted({k for c in cpu for k in c["cpu_ms_per_msg"]})
+if cpu:
+    print("\nCPU ms per message of each eqmail process (median over runs):\n")
+    print("| process | " + " | ".join(stat) + " |")
+    print("|---|" + "---:|" * len(stat))
+    for nm in names:
+        vals = [f(med([c["cpu_ms_per_msg"].get(nm, 0) for c in cpu if c["variant"] == lab]), 2) for lab in stat]
+        print(f"| {nm} | " + " | ".join(vals) + " |")
 json.dump({"tool": "eqmail-bench-auth", "variants": rows}, open(os.path.join(d, "summary.json"), "w"), indent=1)
 EOF

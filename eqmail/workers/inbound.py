@@ -58,6 +58,7 @@ HEADER_LINE_MAX = 1 << 20     # a longer header line ends the forged-field filte
 UNLIMITED_CAP = 64 << 20      # bytes kept when databytes is 0 (unlimited)
 GRACE = 2.0                   # seconds the listener waits past the library's own deadline
 AUTH_THREADS = 4              # checks running at once per listener process
+DNS_CACHE_ENTRIES = 10_000    # answers kept per configuration (dnspython's LRU)
 _DOMAIN_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_]")
 MARK = b"X-Eqmail-DMARC"
 
@@ -85,6 +86,7 @@ class InboundChecker:
         # (about 17 MB and 0.1 s per listener process).
         from eqmail.auth import make_lookups
         self.lookups = make_lookups(c.dnsservers)
+        _cache_answers(self.lookups)
         self.pool = pool  # the listener's, shared by every configuration
         self.big = big    # likewise: one spooled (large) message checked at a time
 
@@ -124,6 +126,21 @@ class InboundChecker:
             log(f"warning: inbound check gave a field the queue refuses ({e}): temperror")
             fields = self.fallback("result not writable")
         return Verdict(fields, None, summary)
+
+
+def _cache_answers(lookups: object) -> None:
+    """Give the lookups' dnspython resolver a cache (dnspython's LRUCache: each answer
+    kept for its TTL, NXDOMAIN and NODATA included; thread-safe), as the caching
+    resolver every Postfix + OpenDKIM/OpenDMARC site runs does: mail from one domain
+    asks the same three or four names again and again, and without it the lookups cost
+    more CPU than the checks (bench/auth.sh).  One cache per configuration, i.e. per
+    control/dnsservers.  eqmail.auth.make_lookups configures no cache; until it offers
+    one, its resolver is reached here, and a Lookups without one is left as it is."""
+    import dns.resolver
+
+    res = getattr(lookups, "res", None)
+    if isinstance(res, dns.resolver.Resolver) and res.cache is None:
+        res.cache = dns.resolver.LRUCache(DNS_CACHE_ENTRIES)
 
 
 class InboundMessage:

@@ -241,9 +241,11 @@ class Connection:
             tail = inbound.end()
             if tail:
                 await self.queue.write(tail)
+            began = time.monotonic()
             verdict = await inbound.finish()
+            took = (time.monotonic() - began) * 1000
             ip = self.env.get("TCPREMOTEIP", "unknown")
-            log(f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip}")
+            log(f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} ({took:.0f} ms)")
             if verdict.refuse is not None:  # DMARC p=reject with control/dmarcreject reject
                 await self.queue.abandon()
                 return self.session.queue_result(

@@ -149,3 +149,14 @@ def test_checks_that_raise_give_temperror(monkeypatch: pytest.MonkeyPatch) -> No
     msg.feed(b"Subject: x\n\nbody\n")
     verdict = asyncio.run(msg.finish())
     assert b"spf=temperror (checks failed)" in verdict.fields and verdict.refuse is None
+
+
+def test_answers_are_cached_per_configuration() -> None:
+    """A site's caching resolver, in process: one LRU cache per configuration's lookups
+    (TTLs honoured by dnspython); a new configuration starts with its own."""
+    import dns.resolver
+
+    a, b = checker(), checker()
+    cache = a.lookups.res.cache  # type: ignore[attr-defined]
+    assert isinstance(cache, dns.resolver.LRUCache)
+    assert b.lookups.res.cache is not cache  # type: ignore[attr-defined]
