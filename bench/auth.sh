@@ -131,7 +131,9 @@ cpu_snapshot() {  # "pid ticks title" of every eqmail process (utime + stime)
   local p
   for p in $(eq_pids); do
     [ -r "/proc/$p/stat" ] || continue
-    echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat") $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-60)"
+    # utime + stime: fields 14 and 15, counted after the ")" that ends the command name
+    # (a process title such as "eqmail: queue writer" puts blanks in that name)
+    echo "$p $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}') $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-60)"
   done
 }
 newest() { ls -t "$1" | sed -n 1p; }  # sed reads on: no SIGPIPE for ls under pipefail

@@ -2,8 +2,9 @@
 
 Owns: :class:`Connection` — reading (bounded by timeoutsmtpd and control/mindatarate),
 writing, STARTTLS, streaming DATA to the queue writer (with control/authcheck through the
-checks of eqmail.workers.inbound, whose Authentication-Results field goes to the writer
-as a QueuePrepend, or whose DMARC refusal replaces the queueing), checkpassword and qmail-spp hooks
+checks of eqmail.workers.inbound, which hold a message that fits in memory back and
+write it behind its Authentication-Results field, send the field of a larger, streamed
+one as a QueuePrepend, or refuse it for DMARC), checkpassword and qmail-spp hooks
 through the plugin sandbox, the RCPT-time mailbox check — for one client, with the
 :class:`~eqmail.workers.listenerconfig.ListenerConfig` its session was accepted with.
 The accept loop, the limits and the configuration are the listener's
@@ -173,14 +174,16 @@ class Connection:
         if isinstance(action, A.MessageData):
             assert self.queue is not None
             data = action.data if self.inbound is None else self.inbound.feed(action.data)
-            await self.queue.write(data)
+            if data:
+                await self.queue.write(data)
             return []
         if isinstance(action, A.BeginMessage):
             if self.queue is None:
                 self.queue = AsyncQueueClient(self.l.root)
             self.message = action
             self.inbound = self._inbound_check(action)
-            await self.queue.write(action.header_prefix)
+            if self.inbound is None:  # else it holds the prefix back with the message
+                await self.queue.write(action.header_prefix)
             return []
         if isinstance(action, A.EndMessage):
             return await self._end_message()
@@ -250,7 +253,11 @@ class Connection:
                 await self.queue.abandon()
                 return self.session.queue_result(
                     A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse))
-            self.queue.prepend(verdict.fields)
+            now, prepend = inbound.commit(verdict)
+            if now:
+                await self.queue.write(now)
+            if prepend is not None:
+                self.queue.prepend(prepend)
         result = await self.queue.finish(msg.sender, list(msg.recipients))
         return self.session.queue_result(A.QueueOutcome.of(result))
 
@@ -262,7 +269,7 @@ class Connection:
         if checker is None or session.authenticated or "RELAYCLIENT" in session.env:
             return None
         return checker.begin(self.env.get("TCPREMOTEIP", ""), session.helo, begin.sender,
-                             session.databytes)
+                             session.databytes, begin.header_prefix)
 
     def _drop_inbound(self) -> None:
         if self.inbound is not None:

@@ -223,6 +223,21 @@ def test_a_lookup_that_never_answers_is_temperror_not_a_refusal(live: Live) -> N
     assert r["spf"][0].startswith("temperror smtp.mailfrom=x@slow.example")
 
 
+def test_a_message_too_big_to_hold_gets_its_field_through_the_writers_prepend(live: Live) -> None:
+    """Over the listener's 1 MiB in memory the message is streamed to the queue writer
+    as it arrives, and the field goes as a QueuePrepend: same place, same result."""
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\n"
+    msg = message()[:-len(b"the body.\n")] + line * ((3 << 20) // len(line))
+    before = count(live)
+    code, _ = send(live, "bounces@example.com", signed(msg))
+    assert code == 250
+    data = delivered(live, before)
+    r = results(our_results(data))
+    assert r["spf"] == ["pass smtp.mailfrom=bounces@example.com"]
+    assert [d.split()[0] for d in r["dkim"]] == ["pass", "pass"]
+    assert data.endswith(line * 10)
+
+
 def test_opendkim_signature_verifies(live: Live, tmp_path: Path) -> None:
     if not shutil.which("opendkim"):
         pytest.skip("opendkim not installed (scripts/bootstrap.sh)")

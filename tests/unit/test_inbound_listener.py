@@ -41,8 +41,19 @@ def checker(**changes: object) -> InboundChecker:
     return InboundChecker(c, POOL, asyncio.Semaphore(1))
 
 
+FIELD = b"Authentication-Results: mx.example.org; none\n"
+
+
 def run_through(msg: InboundMessage, chunks: list[bytes]) -> bytes:
-    return b"".join(msg.feed(c) for c in chunks) + msg.end()
+    """What reaches the queue writer, the field prepended where it says."""
+    streamed = b"".join(msg.feed(c) for c in chunks) + msg.end()
+    now, prepend = msg.commit(inbound_mod.Verdict(FIELD, None, ""))
+    if prepend is None:
+        assert streamed == b""  # held back whole
+        assert now.startswith(FIELD)
+        return now[len(FIELD):]
+    assert now == b"" and prepend == FIELD
+    return streamed
 
 
 @settings(max_examples=60)
@@ -68,6 +79,24 @@ def test_an_overlong_header_line_ends_the_filter(monkeypatch: pytest.MonkeyPatch
     msg = checker().begin("192.0.2.1", "h", "", 0)
     data = b"X-Long: " + b"y" * 200 + b"\nAuthentication-Results: mx.example.org; none\n\nb\n"
     assert run_through(msg, [data[:150], data[150:]]) == data
+
+
+def test_a_message_that_fits_in_memory_is_held_back_and_written_behind_its_field() -> None:
+    msg = checker().begin("192.0.2.1", "h", "a@example.com", 0, b"Received: from client\n")
+    assert [msg.feed(c) for c in (MESSAGE[:30], MESSAGE[30:])] == [b"", b""]
+    assert msg.end() == b""
+    assert msg.commit(inbound_mod.Verdict(FIELD, None, "")) == (
+        FIELD + b"Received: from client\n" + FILTERED, None)
+
+
+def test_a_larger_message_is_streamed_and_its_field_prepended() -> None:
+    msg = checker().begin("192.0.2.1", "h", "a@example.com", 0, b"Received: from client\n")
+    big = b"z" * MEMORY_MAX
+    assert msg.feed(MESSAGE) == b""
+    assert msg.feed(big) == b"Received: from client\n" + FILTERED + big  # from here: streamed
+    assert msg.feed(b"tail\n") == b"tail\n"
+    assert msg.end() == b""
+    assert msg.commit(inbound_mod.Verdict(FIELD, None, "")) == (b"", FIELD)
 
 
 def test_the_copy_is_bounded_by_databytes_and_spills_to_disk() -> None:
