@@ -192,6 +192,24 @@ def test_spf_dkim_dmarc_pass(live: Live, host: str) -> None:
     assert data.endswith(b"\nHello,\n\nthe body.\n")
 
 
+def test_swaks_over_ipv6(live: Live, tmp_path: Path) -> None:
+    """Another client: swaks sends a signed message over IPv6 (its own dialogue, CRLF)."""
+    if not shutil.which("swaks"):
+        pytest.skip("swaks not installed")
+    (tmp_path / "m.eml").write_bytes(crlf(signed(message(subject="swaks"))))
+    before = count(live)
+    done = subprocess.run(["swaks", "--server", "::1", "--port", str(live.port), "-6",
+                           "--helo", "client.example", "--from", "bounces@example.com",
+                           "--to", USER, "--data", "@" + str(tmp_path / "m.eml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^<-  250 ok \d+ qp \d+$", done.stdout, re.M), done.stdout
+    r = results(our_results(delivered(live, before)))
+    assert r["spf"] == ["pass smtp.mailfrom=bounces@example.com"]
+    assert [d.split()[0] for d in r["dkim"]] == ["pass", "pass"]
+    assert r["dmarc"][0].startswith("pass")
+
+
 def test_spf_fail_dkim_fail_dmarc_fail_gets_only_the_header_by_default(live: Live) -> None:
     before = count(live)
     msg = signed(message()).replace(b"the body.", b"the body, changed.")
