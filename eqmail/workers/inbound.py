@@ -9,9 +9,10 @@ DATA of a client that is neither a relay client nor authenticated —
 - the message as received (without our Received line, with any forged field: a DKIM
   signature may cover it) is kept for the checks: the first MEMORY_MAX bytes in
   memory, the rest in an unlinked temporary file, up to the session's databytes (or
-  UNLIMITED_CAP when databytes is 0).  So a session holds at most about two MiB of
-  it whatever the message's size, and spooled messages are checked one at a time per
-  listener process (a 50 MB DKIM body hash needs the message in memory once);
+  UNLIMITED_CAP when databytes is 0).  So a session holds at most about 3 MiB of it
+  whatever the message's size (this copy, the held-back bytes below, one header line),
+  and spooled messages are checked one at a time per listener process (a 50 MB DKIM
+  body hash needs the message in memory once);
 - at the end, eqmail.auth.authenticate runs in a thread of the listener's pool, the
   event loop and every other session going on meanwhile, bounded by control/authtimeout
   (the library's own deadline, plus GRACE for the thread to come back; past that the
