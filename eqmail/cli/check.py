@@ -8,7 +8,8 @@ offer; SUBMISSIONPORT / SUBMISSION that make an ``smtp`` listener a submission p
 the problems the load itself reports as warnings, such as a control/authlimit that does
 not parse; DKIM keys under control/dkim/ that are unreadable, wrongly owned or moded, or
 do not parse; an SRS domain outside rcpthosts, a readable SRS secret; the secrets
-themselves are never shown).  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
+themselves are never shown) and a note suggesting control/authcheck while inbound
+verification is off.  Everything comes from the one parse, :func:`eqmail.control.load_controls`.
 
 Privilege: read access to control/.  Read-only.
 Inputs: the instance.  Outputs: :func:`check_report` (the JSON object documented in
@@ -102,7 +103,7 @@ def check_report(inst: Instance) -> dict[str, Any]:
     built_in = {**dict(BUILT_IN), "shipped plugins": str(SHIPPED_DIR)}
     report: dict[str, Any] = {"root": str(inst.root), "ok": True, "errors": [],
                               "built_in": built_in, "controls": [], "plugin_controls": [],
-                              "unknown": [], "warnings": []}
+                              "unknown": [], "warnings": [], "notes": []}
     try:
         c = load_controls(inst.root)
     except ControlErrors as e:
@@ -133,6 +134,7 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += beforemote_warnings(c)
     report["warnings"] += key_warnings(inst.control)
     report["warnings"] += srs_warnings(c)
+    report["notes"] = authcheck_notes(c)
     return report
 
 
@@ -150,6 +152,18 @@ def srs_warnings(c: Controls) -> list[str]:
         return [f"warning: control/srsdomain: {keys.domain} is not in control/rcpthosts: "
                 "bounces to forwarded mail (SRS addresses) will be refused with 553"]
     return []
+
+
+def authcheck_notes(c: Controls) -> list[str]:
+    """Inbound verification is off until the admin asks (as in Postfix): say how to
+    turn it on, and what the DMARC setting then does."""
+    if c.authcheck:
+        return []
+    out = ["note: control/authcheck is off: inbound mail gets no SPF/DKIM/DMARC checks and no "
+           "Authentication-Results header; 'echo 1 > control/authcheck' turns them on"]
+    if "dmarcreject" in c.sources:
+        out.append("note: control/dmarcreject has no effect while control/authcheck is off")
+    return out
 
 
 def beforemote_warnings(c: Controls) -> list[str]:
@@ -176,5 +190,6 @@ def format_check(report: dict[str, Any]) -> str:
         lines.append(f"{r['file']}: {r['text']}    [{r['source']}; read by plugin {r['plugin']}]")
     lines += [f"{fn}: I have no idea what this file does." for fn in report["unknown"]]
     lines += report["warnings"]
+    lines += report.get("notes", [])
     return "".join(ln + "\n" for ln in lines)
 

@@ -42,11 +42,11 @@ from eqmail.control.load import InjectControls, load_controls, load_inject_contr
 from eqmail.control.parsers import parse_route_value
 from eqmail.control.reader import MAX_CONTROL_BYTES
 from eqmail.control.show import describe, referenced_files, value_of
-from eqmail.control.values import Controls, FileStamp, Route
+from eqmail.control.values import Controls, DmarcAction, FileStamp, Route
 
 __all__ = [
     "FILES", "KNOWN_FILES", "LISTEN_SERVICES", "MAX_CONTROL_BYTES", "OTHER_KNOWN_FILES",
-    "PLUGIN_FILES", "SPAWN_LIMIT", "TLS_INTERMEDIATE_CIPHERS", "Controls", "FileStamp",
+    "PLUGIN_FILES", "SPAWN_LIMIT", "TLS_INTERMEDIATE_CIPHERS", "Controls", "DmarcAction", "FileStamp",
     "InjectControls", "ListenerSpec", "Route", "default_listeners", "describe", "known_file",
     "load_controls", "load_inject_controls", "parse_listen_line", "parse_route_value",
     "referenced_files", "value_of",

@@ -120,6 +120,14 @@ FILES: tuple[FileRow, ...] = (
            "SRS secrets, one per line: the first signs, all verify (eqmailctl setup makes one)"),
     Parsed("srsexclude", "(none)",
            "sender domains whose forwarded mail keeps its sender (.domain: its subdomains)"),
+    # inbound verification (issue 16): off unless control/authcheck says 1, like Postfix
+    Number("authcheck", 0, 0, 1,
+           "1: SPF/DKIM/DMARC/ARC of mail from non-relay clients, Authentication-Results; 0: off"),
+    Text("authservid", "authservid", "authserv-id of Authentication-Results (default: me)",
+         from_me=True),
+    Parsed("dmarcreject", "header",
+           "a DMARC p=reject failure: header (only the result), reject (550) or quarantine (marked)"),
+    Number("authtimeout", 10, 1, 300, "seconds the checks of one message may take (DNS included)"),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 
 from eqmail import srs
@@ -22,7 +23,7 @@ from eqmail.control.assign import Assign
 from eqmail.control.ciphers import TLS_INTERMEDIATE_CIPHERS
 from eqmail.control.listen import ListenerSpec, split_hostport
 from eqmail.control.reader import Reader
-from eqmail.control.values import FileStamp, Route
+from eqmail.control.values import DmarcAction, FileStamp, Route
 from eqmail.errors import ControlFileError
 from eqmail.logformat import LogFormat
 from eqmail.tcprules import Rules
@@ -106,6 +107,34 @@ def parse_logformat(r: Reader) -> LogFormat:
         names = ", ".join(f.value for f in LogFormat)
         r.error("logformat", 1, f"unknown format {value!r} (one of {names})")
         return LogFormat.LOCAL
+
+
+# RFC 8601's authserv-id is a value (token or quoted-string); eqmail takes the form a
+# host name has, which is what every MTA writes and every filter matches on.
+_AUTHSERVID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", re.ASCII)
+
+
+def parse_authservid(r: Reader, me: str) -> str:
+    """control/authservid (default: me): the authserv-id of Authentication-Results."""
+    value = r.text("authservid", me).strip()
+    if not _AUTHSERVID.fullmatch(value):
+        line = 1 if "authservid" in r.sources else 0
+        where = "" if line else " (from control/me)"
+        r.error("authservid", line, f"not a host-name-like authserv-id{where}: {value!r}")
+    return value
+
+
+def parse_dmarcreject(r: Reader) -> DmarcAction:
+    """control/dmarcreject: header (default), reject or quarantine (DmarcAction)."""
+    value = (r.line("dmarcreject") or "").strip()
+    if not value:
+        return DmarcAction.HEADER
+    try:
+        return DmarcAction(value.lower())
+    except ValueError:
+        names = ", ".join(a.value for a in DmarcAction)
+        r.error("dmarcreject", 1, f"unknown action {value!r} (one of {names})")
+        return DmarcAction.HEADER
 
 
 def parse_defaultdelivery(r: Reader) -> str:

@@ -8,6 +8,7 @@ file names.  Pure data.
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,17 @@ class FileStamp:
     size: int
     mtime_ns: int
     ctime_ns: int
+
+
+class DmarcAction(enum.StrEnum):
+    """control/dmarcreject: what a message gets whose DMARC disposition is ``reject``
+    (a failing message of a domain with p=reject, after pct=).  A disposition of
+    ``quarantine`` is marked with every value but HEADER, as OpenDMARC with
+    RejectFailures quarantines p=quarantine failures instead of rejecting them."""
+
+    HEADER = "header"          # the Authentication-Results field only (default)
+    REJECT = "reject"          # 550 5.7.1 at end of DATA, nothing queued
+    QUARANTINE = "quarantine"  # delivered with an X-Eqmail-DMARC: quarantine field
 
 
 def domain_lookup(table: Mapping[str, V], host: str) -> V | None:
@@ -138,6 +150,11 @@ class Controls:
     srsdomain: str
     srssecrets: tuple[bytes, ...] = field(repr=False)
     srsexclude: tuple[str, ...]  # lower case; ".suffix" entries match subdomains
+    # inbound verification (issue 16; the listener, eqmail.workers.smtpconn)
+    authcheck: int  # 1: SPF/DKIM/DMARC/ARC + Authentication-Results for non-relay clients
+    authservid: str  # the authserv-id (default: me)
+    dmarcreject: DmarcAction
+    authtimeout: int  # seconds the checks of one message may take
     # problems that do not refuse the configuration (the file's default is used):
     # logged by the worker that uses the file, shown by eqmailctl check
     warnings: tuple[str, ...]

@@ -31,6 +31,7 @@ MAX_FRAME: dict[bytes, int] = {
     b"C": 128,
     b"R": 128,
     b"K": 1,
+    b"P": 64 << 10,  # QueuePrepend (issue 16): header fields the listener adds at commit
     # delivery sockets
     b"D": 64 << 10,
     b"r": 16 << 10,

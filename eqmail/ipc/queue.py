@@ -10,6 +10,11 @@ SO_PEERCRED, never from a message.  Frames (eqmail.ipc.framing):
                      ``F<s>\\0T<r>\\0...\\0``, then eqmail's extension records
                      ``X<key>=<value>\\0`` (:class:`Origin`); ends the message, the
                      writer commits and answers
+                     ``P`` :class:`QueuePrepend` (<= 64 KiB, before ``E``): header
+                     fields to put right after the writer's Received line (the
+                     listener's Authentication-Results), honoured only from the
+                     listener (``invoked from network``); from any other client a
+                     protocol error
                      ``C`` :class:`CleanRequest` (qmail-clean: ``foop/<id>``,
                      ``todo/<id % 23>/<id>``), only from the scanner's uid
   writer -> client   ``R`` :class:`QueueAnswer`: ASCII ``<exit code> <qp> <msgid>``
@@ -24,6 +29,7 @@ is qmail's text for that code.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from eqmail.ipc.framing import MAX_FRAME, ProtocolError, frame
@@ -429,3 +435,53 @@ class CleanAnswer(enum.Enum):
             return cls(payload)
         except ValueError:
             raise ProtocolError("malformed clean answer") from None
+
+
+# ------------------------------------------------------------------ prepend (issue 16)
+
+PREPEND = b"P"
+PREPEND_MAX = 64 * 1024  # as framing.MAX_FRAME[PREPEND]
+_LINE_MAX = 998  # RFC 5322 §2.1.1: characters of a line, without its end
+# Complete header fields, LF-terminated (the queue's stored form): a field name of
+# printable ASCII but ':' then ':'; continuation lines begin with a blank and hold more
+# than blanks (a blank-only line could end the header section for some readers).
+# No CR, no NUL anywhere: they would change what the fields mean to the next reader.
+_FIELDS = re.compile(
+    rb"(?:[!-9;-~]+:[^\r\n\0]*\n(?:[ \t]+[^ \t\r\n\0][^\r\n\0]*\n)*)+")
+
+
+@dataclass(frozen=True)
+class QueuePrepend:
+    """Header fields the listener puts at the top of a message it has streamed already
+    (the Authentication-Results field is known only once the whole message is in).  The
+    writer places them right after its own ``Received: (qmail N invoked from network)``
+    line, before the listener's Received line, where RFC 8601 §5 wants them: above
+    every field the receiving host did not add itself.
+
+    ``fields`` is one or more complete header fields, LF line ends, at most
+    PREPEND_MAX bytes, every line at most 998 bytes; anything else is refused on both
+    sides (ProtocolError), so a listener bug cannot end the header section early or
+    smuggle in a line the writer would store as is."""
+
+    fields: bytes
+
+    def encode(self) -> bytes:
+        _check_fields(self.fields)
+        return self.fields
+
+    def frame(self) -> bytes:
+        return frame(PREPEND, self.encode())
+
+    @classmethod
+    def decode(cls, payload: bytes) -> QueuePrepend:
+        _check_fields(payload)
+        return cls(payload)
+
+
+def _check_fields(data: bytes) -> None:
+    if not 0 < len(data) <= PREPEND_MAX:
+        raise ProtocolError("prepended fields empty or too long")
+    if not _FIELDS.fullmatch(data):
+        raise ProtocolError("prepended bytes are not complete header fields")
+    if any(len(line) > _LINE_MAX for line in data.split(b"\n")):
+        raise ProtocolError("prepended header line too long")

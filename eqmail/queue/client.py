@@ -28,6 +28,7 @@ from eqmail.ipc.queue import (
     QueueAnswer,
     QueueEnvelope,
     QueueHello,
+    QueuePrepend,
     QueueRole,
 )
 
@@ -201,6 +202,13 @@ class AsyncQueueClient:
                     await self.writer.drain()
         except OSError:
             self.broken = True
+
+    def prepend(self, fields: bytes) -> None:
+        """Header fields for the writer to put right after its Received line (issue 16:
+        the listener's Authentication-Results); after the last write, before finish,
+        with whose envelope they go out."""
+        if not self.broken:
+            self.pending += QueuePrepend(fields).frame()
 
     async def finish(self, sender: str, recipients: Sequence[str],
                      origin: Origin | None = None) -> SubmitResult:

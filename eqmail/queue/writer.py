@@ -208,6 +208,53 @@ class QueueStore:
             view = view[n:]
             msg.bytes_written += n
 
+    def prepend(self, msg: PendingMessage, fields: bytes) -> None:
+        """Put ``fields`` (complete header fields, checked by eqmail.ipc.queue's
+        QueuePrepend) right after this writer's Received line of ``msg``, whose body is
+        all written: issue 16's Authentication-Results, which the listener knows only
+        at the end of DATA, after it streamed the message here.
+
+        A file cannot grow at its front, so the message moves to a new mess file (S2,
+        like the old: no intd, no todo): the Received line and ``fields`` are written,
+        the rest is copied in the kernel (copy_file_range), and the new file, named by
+        its own inode, becomes the message (``msg.msgid`` changes); the old one is
+        retired.  The crash argument is start()'s: until the intd->todo link nothing
+        is queued, and a mess file without intd/todo is an orphan that the scanner's
+        sweep removes.  A failure removes both files (the message is gone, as after
+        any write error) and raises QueueFailure with qmail-queue's code."""
+        new: PendingMessage | None = None
+        try:
+            src = os.open(self.paths.mess(msg.msgid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.abort(msg)
+            raise QueueFailure(QQExit.MESS_DIR, str(e)) from e
+        try:
+            received = os.pread(src, 1024, 0)
+            end = received.find(b"\n") + 1
+            if not received.startswith(b"Received: ") or end <= 0:
+                raise QueueFailure(QQExit.BUG, "no Received line to prepend after")
+            fd, msgid = self._create_mess(msg.qp)
+            new = PendingMessage(msgid=msgid, qp=msg.qp, mess_fd=fd, uid=msg.uid)
+            self.inflight.add(msgid)
+            self.write(new, received[:end] + fields)
+            _copy_rest(src, new.mess_fd, end, msg.bytes_written - end)
+        except BaseException as e:
+            if new is not None:
+                self.abort(new)
+            self.abort(msg)
+            if isinstance(e, OSError):
+                raise QueueFailure(QQExit.WRITE_ERROR, str(e)) from e
+            raise
+        finally:
+            os.close(src)
+        assert new is not None
+        old_id, old_fd = msg.msgid, msg.mess_fd
+        msg.msgid, msg.mess_fd = new.msgid, new.mess_fd
+        msg.bytes_written += len(fields)
+        os.close(old_fd)
+        self.spares.give(self.paths.mess(old_id))  # or unlinked when the pool is full
+        self.inflight.discard(old_id)
+
     def abort(self, msg: PendingMessage) -> None:
         """Remove whatever this message created (qmail-queue's cleanup on error)."""
         for fd in (msg.intd_fd, msg.mess_fd):
@@ -357,6 +404,31 @@ class QueueStore:
             except OSError:
                 continue
         return removed
+
+
+def _copy_rest(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (at its position):
+    copy_file_range, which stays in the kernel (and may share extents); pread/write
+    where the filesystem or kernel cannot do it."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, offset + done)
+            if n == 0:
+                raise QueueFailure(QQExit.READ_ERROR, "message shorter than written")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while done < count:
+        data = os.pread(src, min(count - done, 1 << 20), offset + done)
+        if not data:
+            raise QueueFailure(QQExit.READ_ERROR, "message shorter than written")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+        done += len(data)
 
 
 def _unlink(path: Path, strict: bool = False) -> None:

@@ -151,13 +151,15 @@ class QueueStatus(Enum):
     ACCEPTED = "accepted"   # -> 250 ok <time> qp <qp>
     REJECTED = "rejected"   # qmail-queue ``D<text>`` -> 554 <text>
     DEFERRED = "deferred"   # qmail-queue ``Z<text>`` or any failure -> 451 <text>
+    REFUSED = "refused"     # the listener's check of the message (DMARC) -> 550 <text>
 
 
 @dataclass(frozen=True)
 class QueueOutcome:
     status: QueueStatus
     qp: int = 0             # shown as ``qp <qp>`` (qmail: the qmail-queue pid)
-    text: str = ""          # for REJECTED / DEFERRED, e.g. ``qqt failure (#4.3.0)``
+    text: str = ""          # for REJECTED / DEFERRED, e.g. ``qqt failure (#4.3.0)``;
+                            # for REFUSED the reply text, e.g. replies.dmarc_rejected's
 
     @classmethod
     def of(cls, result: QueueResult) -> QueueOutcome:

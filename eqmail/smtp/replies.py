@@ -155,6 +155,17 @@ def queue_temporary(text: str) -> Reply:
     return Reply(451, text)
 
 
+def refused(text: str) -> Reply:
+    """The listener's own check of the whole message refused it (issue 16)."""
+    return Reply(550, text)
+
+
+def dmarc_rejected(domain: str) -> str:
+    """The text of :func:`refused` for a DMARC p=reject failure with control/dmarcreject
+    ``reject``: OpenDMARC's, which Postfix admins and senders' bounce parsers know."""
+    return f"5.7.1 rejected by DMARC policy for {domain}"
+
+
 # --- STARTTLS ------------------------------------------------------------------------
 
 TLS_READY = Reply(220, "ready for tls")

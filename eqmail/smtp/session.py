@@ -522,6 +522,9 @@ class Session(SessionPlumbing):
         elif result.status is QueueStatus.REJECTED:
             self._log(f"message rejected ({result.text})")
             self._send(replies.queue_permanent(result.text))
+        elif result.status is QueueStatus.REFUSED:  # issue 16: nothing was queued
+            self._log(f"message refused ({result.text})")
+            self._send(replies.refused(result.text))
         else:
             self._log(f"message delayed ({result.text})")
             self._send(replies.queue_temporary(result.text))

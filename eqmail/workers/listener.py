@@ -69,6 +69,7 @@ from eqmail.tls import (
     ServerTLS,
 )
 from eqmail.workers.base import ListenerSettings, WorkerContext, stop_on_sigterm
+from eqmail.workers.inbound import AUTH_THREADS, InboundChecker
 from eqmail.workers.listenerconfig import LOOKUP_THREADS, ListenerConfig, RecipientCheck
 from eqmail.workers.smtpconn import Connection, server_streams
 
@@ -101,6 +102,9 @@ class Listener:
         # The RCPT check's threads and its "cannot tell" memory outlive a reconfigure.
         self.lookup_pool: ThreadPoolExecutor | None = None
         self.warned: set[str] = set()
+        # control/authcheck's threads, and its one-at-a-time gate for spooled messages
+        self.auth_pool: ThreadPoolExecutor | None = None
+        self.auth_big = asyncio.Semaphore(1)
         self.config = self._configure(ctx.controls)
 
     def reconfigure(self, controls: Controls) -> None:
@@ -128,7 +132,16 @@ class Listener:
             users = LocalUsers.build(c.assign, alias.uid, alias.gid, str(self.ctx.instance.alias))
             mailbox_check = RecipientCheck(c, users, self.lookup_pool, self.warned)
         return ListenerConfig.build(c, self.spec, client_ca=self.tls is not None and self.tls.client_ca,
-                                    mailbox_check=mailbox_check)
+                                    mailbox_check=mailbox_check, inbound=self._inbound(c))
+
+    def _inbound(self, c: Controls) -> InboundChecker | None:
+        """control/authcheck 1: the checks of eqmail.workers.inbound, with threads and a
+        large-message gate that outlive a reconfigure; 0: none, and no lookups at all."""
+        if not c.authcheck:
+            return None
+        if self.auth_pool is None:
+            self.auth_pool = ThreadPoolExecutor(AUTH_THREADS, thread_name_prefix="authcheck")
+        return InboundChecker(c, self.auth_pool, self.auth_big)
 
     def report_sessions(self) -> None:
         """Tell the supervisor how many sessions are open (for eqmailctl status), at

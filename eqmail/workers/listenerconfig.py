@@ -2,7 +2,8 @@
 
 Owns: :class:`ListenerConfig` — every per-session value (the listener's tcprules file,
 the rcpthosts matcher, badmailfrom, the greeting, timeoutsmtpd, tlsclients, authlimit,
-the local addresses, the RCPT check) built from one :class:`eqmail.control.Controls` —
+the local addresses, the RCPT check, the inbound checks of control/authcheck) built
+from one :class:`eqmail.control.Controls` —
 and :class:`RecipientCheck`, control/rcptchecklocal's lookup of local recipients run in
 threads.  eqmail.workers.listener holds one ListenerConfig and replaces it on
 ``reconfigure``; a session keeps the one it started with.
@@ -26,6 +27,7 @@ from eqmail.queue.rewrite import RewriteRules
 from eqmail.smtp.policy import BadMailFrom, RcptHosts
 from eqmail.smtp.tcpenv import rcpt_matcher
 from eqmail.tcprules import Rules
+from eqmail.workers.inbound import InboundChecker
 
 # The RCPT check's password-database and stat calls may block (NSS, NFS homes): they run
 # in these threads, and one that takes longer than LOOKUP_TIMEOUT counts as "accept".
@@ -53,10 +55,12 @@ class ListenerConfig:
     tlsclients: frozenset[str]  # empty unless client certificates are requested
     authlimit: AuthLimit  # applied by the sandbox, which keeps the counts
     mailbox_check: RecipientCheck | None  # control/rcptchecklocal
+    inbound: InboundChecker | None  # control/authcheck (eqmail.workers.inbound)
 
     @classmethod
     def build(cls, c: Controls, spec: ListenerSpec, *, client_ca: bool,
-              mailbox_check: RecipientCheck | None) -> ListenerConfig:
+              mailbox_check: RecipientCheck | None,
+              inbound: InboundChecker | None = None) -> ListenerConfig:
         """The configuration of a listener with ``spec`` under ``c``; ``client_ca``:
         its TLS context asks for client certificates (tlsclients matter only then)."""
         return cls(
@@ -70,6 +74,7 @@ class ListenerConfig:
             tlsclients=c.tlsclients if client_ca else frozenset(),
             authlimit=c.authlimit,
             mailbox_check=mailbox_check,
+            inbound=inbound,
         )
 
 

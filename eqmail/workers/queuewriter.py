@@ -32,6 +32,7 @@ from eqmail.ipc.queue import (
     CLEAN,
     ENVELOPE,
     HELLO,
+    PREPEND,
     BodyChunk,
     CleanAnswer,
     CleanRequest,
@@ -40,6 +41,7 @@ from eqmail.ipc.queue import (
     QueueAnswer,
     QueueEnvelope,
     QueueHello,
+    QueuePrepend,
     QueueRole,
 )
 from eqmail.log import log
@@ -217,6 +219,8 @@ class QueueProtocol(asyncio.Protocol):
             self._hello(payload)
         elif kind == CLEAN:
             self._clean(payload)
+        elif kind == PREPEND:
+            self._prepend(QueuePrepend.decode(payload))
         else:
             raise ProtocolError(f"unexpected frame {kind!r}")
 
@@ -250,6 +254,21 @@ class QueueProtocol(asyncio.Protocol):
             self.failed = e.code
             self.server.store.abort(msg)
             self.msg = None
+
+    def _prepend(self, prepend: QueuePrepend) -> None:
+        """The listener's Authentication-Results (issue 16), after the body: only from
+        the listener (its uid, or its role in a one-user instance); from anyone else a
+        protocol error.  A failure is answered at E, as a failed body write is."""
+        if self.who != QueueRole.NETWORK.invoked:
+            raise ProtocolError("prepended fields from a client that is not the listener")
+        msg = self._ensure_message()
+        if msg is None:
+            return
+        try:
+            self.server.store.prepend(msg, prepend.fields)
+        except QueueFailure as e:
+            self.failed = e.code
+            self.msg = None  # prepend removed its files
 
     def _envelope(self, payload: bytes) -> None:
         msg = self._ensure_message()

@@ -1,7 +1,10 @@
 """One SMTP connection of the listener: the pure session's actions performed on a socket.
 
 Owns: :class:`Connection` — reading (bounded by timeoutsmtpd and control/mindatarate),
-writing, STARTTLS, streaming DATA to the queue writer, checkpassword and qmail-spp hooks
+writing, STARTTLS, streaming DATA to the queue writer (with control/authcheck through the
+checks of eqmail.workers.inbound, which hold a message that fits in memory back and
+write it behind its Authentication-Results field, send the field of a larger, streamed
+one as a QueuePrepend, or refuse it for DMARC), checkpassword and qmail-spp hooks
 through the plugin sandbox, the RCPT-time mailbox check — for one client, with the
 :class:`~eqmail.workers.listenerconfig.ListenerConfig` its session was accepted with.
 The accept loop, the limits and the configuration are the listener's
@@ -38,6 +41,7 @@ from eqmail.tls import (
     client_cert_email,
     freeze_plaintext,
 )
+from eqmail.workers.inbound import InboundMessage
 from eqmail.workers.listenerconfig import ListenerConfig
 
 if TYPE_CHECKING:
@@ -82,6 +86,7 @@ class Connection:
         self.env = env
         self.queue: AsyncQueueClient | None = None
         self.message: A.BeginMessage | None = None
+        self.inbound: InboundMessage | None = None  # the message's checks (control/authcheck)
         self.closed = False
         tls = listener.tls
         self.spp_error = False
@@ -169,13 +174,17 @@ class Connection:
             return []
         if isinstance(action, A.MessageData):
             assert self.queue is not None
-            await self.queue.write(action.data)
+            data = action.data if self.inbound is None else self.inbound.feed(action.data)
+            if data:
+                await self.queue.write(data)
             return []
         if isinstance(action, A.BeginMessage):
             if self.queue is None:
                 self.queue = AsyncQueueClient(self.l.root)
             self.message = action
-            await self.queue.write(action.header_prefix)
+            self.inbound = self._inbound_check(action)
+            if self.inbound is None:  # else it holds the prefix back with the message
+                await self.queue.write(action.header_prefix)
             return []
         if isinstance(action, A.EndMessage):
             return await self._end_message()
@@ -183,6 +192,7 @@ class Connection:
             if self.queue is not None and self.message is not None:
                 await self.queue.abandon()
             self.message = None
+            self._drop_inbound()
             return []
         if isinstance(action, A.Log):
             log(action.line)
@@ -230,9 +240,43 @@ class Connection:
         assert self.queue is not None and self.message is not None
         msg, self.message = self.message, None
         await self._drain()  # replies before the 250 go out first
+        if self.inbound is not None:
+            inbound, self.inbound = self.inbound, None
+            tail = inbound.end()
+            if tail:
+                await self.queue.write(tail)
+            began = time.monotonic()
+            verdict = await inbound.finish()
+            took = (time.monotonic() - began) * 1000
+            ip = self.env.get("TCPREMOTEIP", "unknown")
+            log(f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} ({took:.0f} ms)")
+            if verdict.refuse is not None:  # DMARC p=reject with control/dmarcreject reject
+                await self.queue.abandon()
+                return self.session.queue_result(
+                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse))
+            now, prepend = inbound.commit(verdict)
+            if now:
+                await self.queue.write(now)
+            if prepend is not None:
+                self.queue.prepend(prepend)
         result = await self.queue.finish(msg.sender, list(msg.recipients), session_claim(
             self.session.authenticated, "RELAYCLIENT" in self.session.env))
         return self.session.queue_result(A.QueueOutcome.of(result))
+
+    def _inbound_check(self, begin: A.BeginMessage) -> InboundMessage | None:
+        """control/authcheck: the checks of a message from a client that is neither a
+        relay client nor authenticated; relay clients' and users' mail is left alone."""
+        checker = self.cfg.inbound
+        session = self.session
+        if checker is None or session.authenticated or "RELAYCLIENT" in session.env:
+            return None
+        return checker.begin(self.env.get("TCPREMOTEIP", ""), session.helo, begin.sender,
+                             session.databytes, begin.header_prefix)
+
+    def _drop_inbound(self) -> None:
+        if self.inbound is not None:
+            self.inbound.close()
+            self.inbound = None
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
         ip = self.env["TCPREMOTEIP"]
@@ -277,6 +321,7 @@ class Connection:
         return True
 
     async def cleanup(self) -> None:
+        self._drop_inbound()
         if self.queue is not None:
             if self.message is not None:
                 await self.queue.abandon()  # the writer removes the half-written message

@@ -49,12 +49,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     "queue": FOUNDATION | {"ipc"},                       # the on-disk queue, qmail-send
     "delivery": FOUNDATION | {"ipc", "queue", "smtp", "dkim"},  # qmail-local, the remote conversation (signs)
     "spp": FOUNDATION | {"ipc", "smtp", "delivery"},     # the plugin sandbox and its clients
-    "workers": FOUNDATION | _LIBRARIES | {"dkim"},       # one process each; never supervisor
+    "workers": FOUNDATION | _LIBRARIES | {"dkim", "auth"},       # one process each; never supervisor
     "supervisor": FOUNDATION | {"ipc", "queue", "privsep", "workers"},
     "migrate": FOUNDATION | {"ipc", "queue", "delivery", "privsep", "setup"},
     "setup": FOUNDATION | {"queue", "privsep"},
     "dkim": FOUNDATION | {"ipc"},                        # DKIM keys, signing, verification
-    "cli": FOUNDATION | _LIBRARIES | {"dkim", "inject", "supervisor", "migrate", "setup"},
+    "auth": FOUNDATION | {"dkim"},                       # SPF, DMARC, ARC, Authentication-Results
+    "cli": FOUNDATION | _LIBRARIES | {"dkim", "auth", "inject", "supervisor", "migrate", "setup"},
 }
 
 # (file, imported module): arrows that break ALLOWED, each with its reason (none today).
@@ -76,8 +77,9 @@ _RIGHTS: dict[str, frozenset[str]] = {
     "eqmail.spp.checkpwclient": frozenset({SOCKETS}),   # listener -> run/sandbox.sock
     "eqmail.spp.bfrmtclient": frozenset({SOCKETS}),     # remote -> run/sandbox-remote.sock
     "eqmail.dkim.dns": frozenset({SOCKETS}),            # the TXT lookup (dnspython)
+    "eqmail.auth.dns": frozenset({SOCKETS}),            # inbound checks' lookups (dnspython)
 }
-RESTRICTED = frozenset({"ipc", "smtp", "queue", "delivery", "spp", "dkim"})
+RESTRICTED = frozenset({"ipc", "smtp", "queue", "delivery", "spp", "dkim", "auth"})
 ALL_RIGHTS = frozenset({SOCKETS, PROCESSES})
 
 
