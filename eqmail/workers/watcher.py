@@ -31,8 +31,17 @@ def _interesting(path: str) -> bool:
 
 
 def run(ctx: WorkerContext[WatcherSettings]) -> int:
+    from watchdog import events
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
+
+    # Reads are not edits, and the kernel should not even report them: the remote
+    # worker opens its DKIM keys and lists control/dkim/ for every delivery, the
+    # supervisor reads every file at a reload.  Asking inotify for everything but
+    # "opened" and "closed without writing" keeps those off this process's CPU.
+    edits = [c for c in vars(events).values()
+             if isinstance(c, type) and issubclass(c, FileSystemEvent)
+             and getattr(c, "event_type", "") not in ("", "opened", "closed_no_write")]
 
     notify_fd = ctx.settings.notify_fd
     changed = threading.Event()
@@ -51,7 +60,7 @@ def run(ctx: WorkerContext[WatcherSettings]) -> int:
     observer = Observer()
     for d in (ctx.instance.control, ctx.instance.users):
         if d.is_dir():
-            observer.schedule(Handler(), str(d), recursive=True)
+            observer.schedule(Handler(), str(d), recursive=True, event_filter=edits)
     observer.daemon = True
     observer.start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -131,3 +131,30 @@ def test_signing_domain(from_domain: str, expected: str | None) -> None:
     available = ["example.com", "shop.example.com", "xn--bcher-kva.example", "com.invalid"]
     assert signing_domain(from_domain, available) == expected
     assert signing_domain("x.com", ["com"]) is None  # a top-level key never covers below
+
+
+def test_openssl_rsa_signature_is_dkimpys_byte_for_byte() -> None:
+    """The RSA step runs in OpenSSL for keys the signer loaded; PKCS#1 v1.5 is
+    deterministic, so its bytes must be exactly those of dkimpy's own arithmetic."""
+    import hashlib
+
+    import dkim
+    import dkim.crypto
+
+    from eqmail.dkim import sign as signmod
+
+    key = SigningKey("example.com", "rsa", KeyType.RSA, pem(rsa_key()))
+    parsed = dkim.crypto.parse_pem_private_key(signmod._dkimpy_key(key))
+    assert parsed["modulus"] in signmod._OPENSSL_RSA
+    for name in ("sha256", "sha1"):
+        digest = hashlib.new(name, b"the canonicalised header fields")
+        ours = signmod._rsa_sign(digest, parsed)
+        theirs = signmod._dkimpy_rsa_sign(digest, parsed)
+        assert ours == bytes(theirs)
+    assert dkim.RSASSA_PKCS1_v1_5_sign is signmod._rsa_sign
+    # a key dkimpy parsed itself (not loaded here) still signs, by dkimpy's code
+    other = dkim.crypto.parse_pem_private_key(signmod._dkimpy_key(
+        SigningKey("example.com", "other", KeyType.RSA, pem(rsa_key(1024)))))
+    signmod._OPENSSL_RSA.pop(other["modulus"])
+    digest = hashlib.sha256(b"x")
+    assert signmod._rsa_sign(digest, other) == bytes(signmod._dkimpy_rsa_sign(digest, other))
