@@ -275,6 +275,13 @@ class DnsServer:
             except (OSError, struct.error):
                 return
 
+    def __enter__(self) -> DnsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.stopping = True
         for s in (self.udp, self.tcp):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,16 @@ class Instance:
                 return
             time.sleep(0.05)
         raise AssertionError(f"queue not empty after {timeout}s\n--- log:\n{self.log()}")
+
+    def wait_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """The log once ``pattern`` (a regex) is in it: the scanner logs ``end msg``
+        after the mess file is gone, and every line passes the logger first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if re.search(pattern, log) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
 
     def log(self) -> str:
         try:

@@ -102,7 +102,7 @@ def test_sendmail_t_delivers_to_maildir_with_qmail_headers(running: Instance) ->
     assert set(by_dt) == {b"Delivered-To: testuser@mx.test.example",
                           b"Delivered-To: testuser+bcc@mx.test.example"}
     running.wait_queue_empty()
-    log = running.log()
+    log = running.wait_log(r"end msg \d+")
     assert re.search(r"new msg \d+", log) and re.search(r"end msg \d+", log)
     assert re.search(r"delivery \d+: success: did 1\+0\+0/", log)
 

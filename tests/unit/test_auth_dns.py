@@ -26,10 +26,8 @@ ZONE = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[DnsServer]:
-    srv = DnsServer(ZONE)
-    srv.start()
-    yield srv
-    srv.stop()
+    with DnsServer(ZONE) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

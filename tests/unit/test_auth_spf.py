@@ -47,10 +47,8 @@ ZONE = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[DnsServer]:
-    srv = DnsServer(ZONE)
-    srv.start()
-    yield srv
-    srv.stop()
+    with DnsServer(ZONE) as srv:
+        yield srv
 
 
 def spf(server: DnsServer, sender: str, ip: str = "192.0.2.10", helo: str = "mx.client.example",

@@ -28,10 +28,8 @@ ZONE = {
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[DnsServer]:
-    srv = DnsServer(ZONE)
-    srv.start()
-    yield srv
-    srv.stop()
+    with DnsServer(ZONE) as srv:
+        yield srv
 
 
 @pytest.fixture()

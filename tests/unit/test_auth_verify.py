@@ -70,10 +70,8 @@ ZONE: dict[str, object] = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[DnsServer]:
-    srv = DnsServer(ZONE)
-    srv.start()
-    yield srv
-    srv.stop()
+    with DnsServer(ZONE) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,8 @@ ZONE = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[DnsServer]:
-    srv = DnsServer(ZONE)
-    srv.start()
-    yield srv
-    srv.stop()
+    with DnsServer(ZONE) as srv:
+        yield srv
 
 
 def resolver(server: DnsServer, lifetime: float = 3.0, seed: int = 1) -> edns.Resolver:
