@@ -27,6 +27,7 @@ from eqmail.auth.arc import Arc, ArcResult
 from eqmail.auth.authres import ResInfo, format_field
 from eqmail.auth.dmarc import Dmarc, DmarcDisposition, DmarcResult
 from eqmail.auth.dns import Budget, Lookups, cache_only
+from eqmail.auth.message import header_fields
 from eqmail.auth.spfcheck import Spf, SpfResult, check_host
 from eqmail.dkim import verify as dkimverify
 from eqmail.dkim.verify import DkimResult
@@ -130,12 +131,13 @@ def _checks(inbound: Inbound, budget: Budget, policy: AuthPolicy
                                        deadline=budget.deadline, clock=budget.clock))
     except Exception as e:  # verify promises not to raise; a broken promise is ours
         dkim = (DkimResult(Dkim.TEMPERROR, reason=f"internal: {type(e).__name__}"),)
+    fields = header_fields(inbound.message)  # read once, for ARC and DMARC
     try:
-        arc = arcmod.verify(inbound.message, budget)
+        arc = arcmod.verify(inbound.message, budget, fields)
     except Exception as e:
         arc = ArcResult(Arc.FAIL, f"internal: {type(e).__name__}")
     try:
-        dmarc = dmarcmod.evaluate(inbound.message, budget, spf, dkim)
+        dmarc = dmarcmod.evaluate(inbound.message, budget, spf, dkim, fields)
     except Exception as e:
         dmarc = DmarcResult(Dmarc.TEMPERROR, reason=f"internal: {type(e).__name__}")
     return spf, dkim, arc, dmarc
