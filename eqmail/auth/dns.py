@@ -39,6 +39,7 @@ from eqmail.dns import Resolver
 MAX_RECORDS = 64                # records used from one answer (SPF's MX/A limits are 10)
 _R = TypeVar("_R")
 PER_LOOKUP = 5.0                # seconds one lookup may take at most, within the budget
+FOUND_MAX = 4096                # cached answers remembered by name (see _DnspythonLookups)
 
 __all__ = ["MAX_RECORDS", "Budget", "CacheOnly", "DnsTempError", "Lookups", "cache_only",
            "lookups_on", "make_lookups"]
@@ -72,6 +73,10 @@ class _DnspythonLookups:
 
     def __init__(self, resolver: dns.resolver.Resolver) -> None:
         self.res = resolver
+        # (name as asked, type) -> (expiry, records): what cached() found in the
+        # resolver's cache, valid until the answer's own expiry (its TTL), so the next
+        # ask skips dnspython's name parsing and hashing (most of a cached lookup's cost)
+        self._found: dict[tuple[str, int], tuple[float, list[object]]] = {}
 
     def _answer(self, name: str, rdtype: dns.rdatatype.RdataType,
                 timeout: float) -> list[object]:
@@ -95,6 +100,10 @@ class _DnspythonLookups:
         cache = self.res.cache
         if cache is None:
             return None
+        key = (name, int(rdtype))
+        found = self._found.get(key)
+        if found is not None and found[0] > time.time():  # LRUCache's expiry test
+            return found[1]
         try:
             qname = dns.name.from_text(name)
         except _IMPOSSIBLE:
@@ -103,11 +112,16 @@ class _DnspythonLookups:
             return None
         answer = cache.get((qname, rdtype, dns.rdataclass.IN))
         if answer is not None:
-            return _records(answer, rdtype)
-        answer = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
-        if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
-            return []
-        return None
+            records = _records(answer, rdtype)
+        else:
+            answer = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if answer is None or answer.response.rcode() != dns.rcode.NXDOMAIN:
+                return None
+            records = []
+        if len(self._found) >= FOUND_MAX:
+            self._found.clear()
+        self._found[key] = (answer.expiration, records)
+        return records
 
     def txt(self, name: str, timeout: float) -> list[tuple[bytes, ...]]:
         return [tuple(r.strings) for r in self._answer(name, dns.rdatatype.TXT, timeout)]  # type: ignore[attr-defined]
