@@ -123,3 +123,22 @@ def test_openssl_rsa_check_agrees_with_dkimpys() -> None:
         for hash_obj, signature in ((h, good), (h, bad), (other, good), (h, b"\0" + good[1:])):
             want = dkim.crypto.RSASSA_PKCS1_v1_5_verify(hash_obj, signature, public)
             assert dkimverify._rsa_verify(hash_obj, signature, public) is want
+
+
+def test_a_changed_key_record_is_judged_afresh() -> None:
+    """Parsed keys are kept per record bytes: when the record at a name changes (a key
+    rotation, or a revocation), the next message is verified against the new one."""
+    msg = b"From: a@example.com\nSubject: s\n\nbody\n"
+    signed = sign(msg, [SigningKey("example.com", "rsa", KeyType.RSA, pem(rsa_key()))]) + msg
+    published = {"rsa._domainkey.example.com": record(rsa_key())}
+
+    def lookup(name: str) -> list[bytes]:
+        return [published[name]]
+
+    assert [r.result for r in dkimverify.verify(signed, lookup)] == [dkimverify.Result.PASS]
+    published["rsa._domainkey.example.com"] = record(rsa_key(1024))  # another key
+    assert [r.result for r in dkimverify.verify(signed, lookup)] == [dkimverify.Result.FAIL]
+    published["rsa._domainkey.example.com"] = b"v=DKIM1; k=rsa; p="  # revoked
+    assert [r.result for r in dkimverify.verify(signed, lookup)] == [dkimverify.Result.PERMERROR]
+    published["rsa._domainkey.example.com"] = record(rsa_key())
+    assert [r.result for r in dkimverify.verify(signed, lookup)] == [dkimverify.Result.PASS]
