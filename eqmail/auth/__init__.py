@@ -11,7 +11,7 @@ Used by the listener (eqmail.workers) and by the qmail-spp plugin plugins/spf.
 
 from eqmail.auth.arc import Arc, ArcResult
 from eqmail.auth.authres import ForgedResultsFilter
-from eqmail.auth.core import AuthPolicy, AuthReport, Inbound, authenticate
+from eqmail.auth.core import AuthPolicy, AuthReport, Inbound, authenticate, authenticate_cached
 from eqmail.auth.dmarc import Dmarc, DmarcDisposition, DmarcResult
 from eqmail.auth.dns import Budget, DnsTempError, Lookups, make_lookups
 from eqmail.auth.spfcheck import Spf, SpfResult
@@ -20,5 +20,5 @@ from eqmail.dkim.verify import DkimResult
 __all__ = [
     "Arc", "ArcResult", "AuthPolicy", "AuthReport", "Budget", "DkimResult", "Dmarc",
     "DmarcDisposition", "DmarcResult", "DnsTempError", "ForgedResultsFilter", "Inbound",
-    "Lookups", "Spf", "SpfResult", "authenticate", "make_lookups",
+    "Lookups", "Spf", "SpfResult", "authenticate", "authenticate_cached", "make_lookups",
 ]

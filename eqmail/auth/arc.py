@@ -48,9 +48,12 @@ def has_arc(message: bytes) -> bool:
     return any(name in _ARC_FIELDS for name, _ in header_fields(message))
 
 
-def verify(message: bytes, budget: Budget) -> ArcResult | None:
-    """None when the message has no ARC fields; else the chain's validation result."""
-    fields = header_fields(message)
+def verify(message: bytes, budget: Budget,
+           fields: list[tuple[str, bytes]] | None = None) -> ArcResult | None:
+    """None when the message has no ARC fields; else the chain's validation result
+    (``fields``: ``header_fields(message)``, when the caller has them)."""
+    if fields is None:
+        fields = header_fields(message)
     if not any(name in _ARC_FIELDS for name, _ in fields):
         return None
     sets = sum(1 for name, _ in fields if name == "arc-seal")

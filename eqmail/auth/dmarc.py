@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from eqmail.dkim.verify import Result as DkimOutcome
 
 MAX_DOMAINS = 4
 MAX_RECORD = 2048
+FROM_CACHE = 1024          # From values whose domains are kept (see _value_domains)
+FROM_CACHE_VALUE = 1024    # bytes: a longer value is parsed every time
 _PSL = PublicSuffixList()
 _DOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}")
 
@@ -136,25 +139,43 @@ def _domain_of(address: str) -> str | None:
     return domain if len(domain) <= 253 and _DOMAIN.fullmatch(domain) else None
 
 
-def from_domains(message: bytes) -> tuple[list[str], str]:
-    """The distinct domains of the From: addresses in order, or ``([], why)``."""
-    values = [v for name, v in header_fields(message) if name == "from"]
+def from_domains(message: bytes, fields: list[tuple[str, bytes]] | None = None
+                 ) -> tuple[list[str], str]:
+    """The distinct domains of the From: addresses in order, or ``([], why)``.
+    ``fields``: ``header_fields(message)`` when the caller has them already."""
+    if fields is None:
+        fields = header_fields(message)
+    values = [v for name, v in fields if name == "from"]
     if not values:
         return [], "no From field"
     domains: list[str] = []
     for raw in values:
-        text = raw.decode("utf-8", "replace")
-        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
-        if not addresses:
-            return [], "From has no address"
-        for address in addresses:
-            domain = _domain_of(address)
-            if domain is None:
-                return [], "From address has no valid domain"
-            if domain not in domains:
-                domains.append(domain)
+        found = _value_domains(raw) if len(raw) <= FROM_CACHE_VALUE else _parse_from(raw)
+        if isinstance(found, str):
+            return [], found
+        domains += [d for d in found if d not in domains]
     why = f"{len(values)} From fields" if len(values) > 1 else ""
     return domains, why
+
+
+def _parse_from(raw: bytes) -> tuple[str, ...] | str:
+    """The domains of one From value's addresses in order (repeats kept), or why not."""
+    text = raw.decode("utf-8", "replace")
+    addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+    if not addresses:
+        return "From has no address"
+    domains = []
+    for address in addresses:
+        domain = _domain_of(address)
+        if domain is None:
+            return "From address has no valid domain"
+        domains.append(domain)
+    return tuple(domains)
+
+
+# email.utils.getaddresses is slow and mail from one sender repeats its From value
+# byte for byte: the outcome is kept per value (short ones only; the key is the bytes)
+_value_domains = functools.lru_cache(maxsize=FROM_CACHE)(_parse_from)
 
 
 def _disposition(text: str) -> DmarcDisposition | None:
@@ -244,9 +265,11 @@ def _one(message: bytes, budget: Budget, domain: str, spf: SpfResult,
 
 
 def evaluate(message: bytes, budget: Budget, spf: SpfResult,
-             dkim: list[DkimResult] | tuple[DkimResult, ...]) -> DmarcResult:
-    """The DMARC result of ``message`` given its SPF and DKIM results."""
-    domains, why = from_domains(message)
+             dkim: list[DkimResult] | tuple[DkimResult, ...],
+             fields: list[tuple[str, bytes]] | None = None) -> DmarcResult:
+    """The DMARC result of ``message`` given its SPF and DKIM results (``fields``: its
+    ``header_fields``, when the caller has them)."""
+    domains, why = from_domains(message, fields)
     if not domains:
         return DmarcResult(Dmarc.PERMERROR, None, reason=why)
     results = [_one(message, budget, d, spf, dkim) for d in domains[:MAX_DOMAINS]]

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import dns.exception
 import dns.name
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -37,8 +39,10 @@ from eqmail.dns import Resolver
 MAX_RECORDS = 64                # records used from one answer (SPF's MX/A limits are 10)
 _R = TypeVar("_R")
 PER_LOOKUP = 5.0                # seconds one lookup may take at most, within the budget
+FOUND_MAX = 4096                # cached answers remembered by name (see _DnspythonLookups)
 
-__all__ = ["MAX_RECORDS", "Budget", "DnsTempError", "Lookups", "lookups_on", "make_lookups"]
+__all__ = ["MAX_RECORDS", "Budget", "CacheOnly", "DnsTempError", "Lookups", "cache_only",
+           "lookups_on", "make_lookups"]
 
 
 class Lookups(Protocol):
@@ -69,6 +73,10 @@ class _DnspythonLookups:
 
     def __init__(self, resolver: dns.resolver.Resolver) -> None:
         self.res = resolver
+        # (name as asked, type) -> (expiry, records): what cached() found in the
+        # resolver's cache, valid until the answer's own expiry (its TTL), so the next
+        # ask skips dnspython's name parsing and hashing (most of a cached lookup's cost)
+        self._found: dict[tuple[str, int], tuple[float, list[object]]] = {}
 
     def _answer(self, name: str, rdtype: dns.rdatatype.RdataType,
                 timeout: float) -> list[object]:
@@ -79,13 +87,41 @@ class _DnspythonLookups:
                                       lifetime=min(timeout, PER_LOOKUP))
         except dns.resolver.NXDOMAIN:
             return []
-        except (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel):
+        except _IMPOSSIBLE:
             return []  # a name that cannot exist has no records (as eqmail.dns says)
         except (dns.exception.DNSException, OSError, ValueError, UnicodeError) as e:
             raise DnsTempError(f"{name}: {type(e).__name__}: {e}") from None
-        if answer.rrset is None or answer.rrset.rdtype != rdtype:
-            return []  # NODATA, or only a CNAME the server did not chase
-        return list(answer.rrset)[:MAX_RECORDS]
+        return _records(answer, rdtype)
+
+    def cached(self, name: str, rdtype: dns.rdatatype.RdataType) -> list[object] | None:
+        """What :meth:`_answer` would return now from the resolver's cache alone (the
+        same answers dnspython's resolve() takes from it: TTLs honoured, NXDOMAIN and
+        NODATA included), or None when it would have to ask."""
+        cache = self.res.cache
+        if cache is None:
+            return None
+        key = (name, int(rdtype))
+        found = self._found.get(key)
+        if found is not None and found[0] > time.time():  # LRUCache's expiry test
+            return found[1]
+        try:
+            qname = dns.name.from_text(name)
+        except _IMPOSSIBLE:
+            return []
+        except Exception:  # resolve() decides what such a name gives
+            return None
+        answer = cache.get((qname, rdtype, dns.rdataclass.IN))
+        if answer is not None:
+            records = _records(answer, rdtype)
+        else:
+            answer = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            if answer is None or answer.response.rcode() != dns.rcode.NXDOMAIN:
+                return None
+            records = []
+        if len(self._found) >= FOUND_MAX:
+            self._found.clear()
+        self._found[key] = (answer.expiration, records)
+        return records
 
     def txt(self, name: str, timeout: float) -> list[tuple[bytes, ...]]:
         return [tuple(r.strings) for r in self._answer(name, dns.rdatatype.TXT, timeout)]  # type: ignore[attr-defined]
@@ -103,11 +139,68 @@ class _DnspythonLookups:
                 for r in self._answer(name, dns.rdatatype.PTR, timeout)]
 
 
-def make_lookups(servers: tuple[tuple[str, int], ...]) -> Lookups:
+_IMPOSSIBLE = (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel)
+
+
+def _records(answer: dns.resolver.Answer, rdtype: dns.rdatatype.RdataType) -> list[object]:
+    if answer.rrset is None or answer.rrset.rdtype != rdtype:
+        return []  # NODATA, or only a CNAME the server did not chase
+    return list(answer.rrset)[:MAX_RECORDS]
+
+
+def make_lookups(servers: tuple[tuple[str, int], ...], cache: int = 0) -> Lookups:
     """The real :class:`Lookups`: ``servers`` is ``Controls.dnsservers`` (empty: the
     system's /etc/resolv.conf, as for remote delivery).  Safe to share between threads
-    (dnspython's resolver keeps no per-query state; no cache is configured)."""
-    return _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP).res)
+    (dnspython's resolver keeps no per-query state).  ``cache``: answers kept in
+    dnspython's LRUCache (each for its TTL; thread-safe), 0 for none."""
+    lookups = _DnspythonLookups(Resolver(servers, lifetime=PER_LOOKUP).res)
+    if cache > 0:
+        lookups.res.cache = dns.resolver.LRUCache(cache)
+    return lookups
+
+
+class CacheOnly:
+    """A :class:`Lookups` that answers from another one's cache and never waits: what
+    is not cached is a :class:`DnsTempError` and sets :attr:`missed`, after which
+    :meth:`clock` says the time is up, so the checks ask nothing more.  With it the
+    checks can run where blocking is not allowed (the listener's event loop): a run
+    that did not miss gave exactly the results the real lookups would have given; one
+    that missed is thrown away.  Made by :func:`cache_only`."""
+
+    def __init__(self, real: _DnspythonLookups) -> None:
+        self.real = real
+        self.missed = False
+
+    def clock(self) -> float:
+        return float("inf") if self.missed else time.monotonic()
+
+    def _get(self, name: str, rdtype: dns.rdatatype.RdataType) -> list[Any]:
+        records = None if self.missed else self.real.cached(name, rdtype)
+        if records is None:
+            self.missed = True
+            raise DnsTempError(f"{name}: not cached")
+        return records
+
+    def txt(self, name: str, timeout: float) -> list[tuple[bytes, ...]]:
+        return [tuple(r.strings) for r in self._get(name, dns.rdatatype.TXT)]
+
+    def addresses(self, name: str, rdtype: str, timeout: float) -> list[str]:
+        kind = dns.rdatatype.AAAA if rdtype == "AAAA" else dns.rdatatype.A
+        return [str(r.address) for r in self._get(name, kind)]
+
+    def mx(self, name: str, timeout: float) -> list[tuple[int, str]]:
+        return [(int(r.preference), r.exchange.to_text(omit_final_dot=True))
+                for r in self._get(name, dns.rdatatype.MX)]
+
+    def ptr(self, name: str, timeout: float) -> list[str]:
+        return [r.target.to_text(omit_final_dot=True) for r in self._get(name, dns.rdatatype.PTR)]
+
+
+def cache_only(lookups: Lookups) -> CacheOnly | None:
+    """A :class:`CacheOnly` on ``lookups``, or None when they have no cache."""
+    if isinstance(lookups, _DnspythonLookups) and lookups.res.cache is not None:
+        return CacheOnly(lookups)
+    return None
 
 
 def lookups_on(resolver: dns.resolver.Resolver) -> Lookups:
