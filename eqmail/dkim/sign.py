@@ -170,6 +170,18 @@ def _rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
 dkim.RSASSA_PKCS1_v1_5_sign = _rsa_sign
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed_pem(data: bytes) -> dict[str, int]:
+    """dkimpy's parse of a PEM private key, once per key: dkimpy parses the PEM again
+    (pure-Python ASN.1) for every signature, 0.1 ms of a 0.6 ms signature.  The dict is
+    shared between calls; dkimpy only reads it."""
+    return dict(_dkimpy_parse_pem(data))
+
+
+_dkimpy_parse_pem = dkim.parse_pem_private_key
+dkim.parse_pem_private_key = _parsed_pem
+
+
 def _register_rsa(loaded: rsa.RSAPrivateKey) -> None:
     modulus = loaded.private_numbers().public_numbers.n
     if modulus in _OPENSSL_RSA:

@@ -132,11 +132,30 @@ class KeyStore:
         self.base = Path(control) / "dkim"
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[_Stamp, SigningKey]] = {}
+        # Directory listings by the directory's own stamp: an entry added, removed or
+        # renamed changes its mtime/ctime, so a delivery costs a stat per directory
+        # instead of a listdir (and its sorting and checking) per directory.
+        self._listings: dict[Path, tuple[_Stamp, list[str]]] = {}
+
+    def _listing(self, path: Path) -> list[str]:
+        """``os.listdir(path)``, sorted, re-read only when the directory changed; the
+        OSErrors are listdir's."""
+        stamp = _Stamp.of(os.stat(path))
+        with self._lock:
+            cached = self._listings.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        names = sorted(os.listdir(path))
+        with self._lock:
+            if len(self._listings) > LISTINGS_MAX:
+                self._listings.clear()
+            self._listings[path] = (stamp, names)
+        return names
 
     def domains(self) -> list[str]:
         """The domains with at least one key file (names as the store writes them)."""
         try:
-            names = sorted(os.listdir(self.base))
+            names = self._listing(self.base)
         except FileNotFoundError:
             return []
         except OSError as e:
@@ -155,7 +174,7 @@ class KeyStore:
     def _selectors(self, domain: str) -> list[str]:
         path = self.base / domain
         try:
-            names = os.listdir(path)
+            names = self._listing(path)
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as e:
@@ -200,6 +219,9 @@ class KeyStore:
         with self._lock:
             self._cache[path] = (stamp, signing)
         return signing
+
+
+LISTINGS_MAX = 4096  # directories whose listing is kept (control/dkim and its domains)
 
 
 class OutboundSigner:

@@ -158,3 +158,16 @@ def test_openssl_rsa_signature_is_dkimpys_byte_for_byte() -> None:
     signmod._OPENSSL_RSA.pop(other["modulus"])
     digest = hashlib.sha256(b"x")
     assert signmod._rsa_sign(digest, other) == bytes(signmod._dkimpy_rsa_sign(digest, other))
+
+
+def test_dkimpy_parses_each_pem_once_and_still_refuses_garbage() -> None:
+    import dkim
+
+    from eqmail.dkim import sign as signmod
+
+    data = signmod._dkimpy_key(SigningKey("example.com", "rsa", KeyType.RSA, pem(rsa_key())))
+    assert dkim.parse_pem_private_key is signmod._parsed_pem
+    assert signmod._parsed_pem(data) is signmod._parsed_pem(data)
+    assert signmod._parsed_pem(data) == signmod._dkimpy_parse_pem(data)
+    with pytest.raises(dkim.UnparsableKeyError):
+        signmod._parsed_pem(b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n")

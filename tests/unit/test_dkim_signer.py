@@ -165,6 +165,23 @@ def test_keys_are_read_again_when_they_change(tmp_path: Path) -> None:
     assert store.keys("example.com")[1].private_key == pem(other)
 
 
+def test_listings_follow_the_directories(tmp_path: Path) -> None:
+    """The store lists control/dkim/ and a domain's directory again only when the
+    directory changed; a key or domain added or removed is seen at once."""
+    store = KeyStore(tmp_path)
+    store_key(tmp_path, "example.com", "rsa", pem(rsa_key()))
+    assert store.domains() == ["example.com"]
+    assert [k.selector for k in store.keys("example.com")] == ["rsa"]
+    store_key(tmp_path, "example.com", "ed", pem(ed_key()))
+    store_key(tmp_path, "example.org", "s1", pem(rsa_key()))
+    assert store.domains() == ["example.com", "example.org"]
+    assert [k.selector for k in store.keys("example.com")] == ["ed", "rsa"]
+    (tmp_path / "dkim" / "example.com" / "rsa.key").unlink()
+    assert [k.selector for k in store.keys("example.com")] == ["ed"]
+    (tmp_path / "dkim" / "example.org" / "s1.key").unlink()
+    assert store.domains() == ["example.com"]
+
+
 def test_unloadable_keys_name_the_file(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     path = store_key(tmp_path, "example.com", "rsa", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
