@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from eqmail.cli.dkim import key_warnings
+from eqmail.cli.dkim import dkimsign_warnings, key_warnings
 from eqmail.control import (
     KNOWN_FILES,
     PLUGIN_FILES,
@@ -133,6 +133,7 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += auth_warnings(c)
     report["warnings"] += beforemote_warnings(c)
     report["warnings"] += key_warnings(inst.control)
+    report["warnings"] += dkimsign_warnings(inst.control, c.dkimsign)
     report["warnings"] += srs_warnings(c)
     report["notes"] = authcheck_notes(c)
     return report

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from eqmail.control import load_controls
+from eqmail.control.dkimsign import DkimSignRule
 from eqmail.dkim.dns import DnsPermError, DnsTempError, TxtLookup, dnspython_txt_lookup
 from eqmail.dkim.keys import (
     RSA_DEFAULT_BITS,
@@ -103,6 +104,24 @@ def key_warnings(control: Path) -> list[str]:
             if why:
                 out.append(f"warning: {rel}: the remote delivery user cannot read it ({why}): "
                            "signed mail of its domain will be deferred")
+    return out
+
+
+def dkimsign_warnings(control: Path, rules: tuple[DkimSignRule, ...]) -> list[str]:
+    """control/dkimsign lines that do nothing: a line applies to the domain that signs
+    (the d= of the signature), so a domain without key files never uses its line."""
+    out = []
+    for rule in rules:
+        if rule.domain == "*":
+            continue
+        try:
+            keyed = bool(selectors(control, rule.domain))
+        except DkimError:
+            keyed = True  # unreadable: key_warnings and file_problems speak for it
+        if not keyed:
+            out.append(f"warning: control/dkimsign: {rule.domain} has no key under "
+                       f"control/dkim/{rule.domain}/: its line is never used "
+                       f"(eqmailctl dkim keygen {rule.domain})")
     return out
 
 

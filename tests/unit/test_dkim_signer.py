@@ -288,3 +288,16 @@ def test_unreadable_by_the_signer() -> None:
         assert unreadable_by(path, signer, frozenset({signer, group})) is None
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_check_warns_about_dkimsign_lines_without_keys(tmp_path: Path) -> None:
+    from eqmail.cli.dkim import dkimsign_warnings
+    from eqmail.control.dkimsign import DkimSignRule
+
+    store_key(tmp_path, "example.com", "rsa", pem(rsa_key()))
+    (tmp_path / "dkim" / "empty.example").mkdir()
+    rules = (DkimSignRule("*", "relaxed", "simple"), DkimSignRule("example.com"),
+             DkimSignRule("empty.example"), DkimSignRule("nokeys.example"))
+    assert dkimsign_warnings(tmp_path, rules) == [
+        f"warning: control/dkimsign: {d} has no key under control/dkim/{d}/: its line is "
+        f"never used (eqmailctl dkim keygen {d})" for d in ("empty.example", "nokeys.example")]
