@@ -80,9 +80,23 @@ class Reloader:
 
     def on_control_change(self, watch_r: int) -> None:
         drain_wake_pipe(watch_r)
-        if not self.stopping():
-            log("status: control files changed")
-            self.reload()
+        if self.stopping() or self._nothing_new():
+            return
+        log("status: control files changed")
+        self.reload()
+
+    def _nothing_new(self) -> bool:
+        """The watcher's notice comes a debounce after the last edit: an admin's
+        ``eqmailctl reload`` in that second has already taken the edits, and another
+        reload would only start a new generation of the same configuration.  Only when
+        the last reload was accepted: after a refused one, a file edited back to what
+        runs must still clear the refusal that status shows."""
+        if not self.state.last.get("ok", True):
+            return False
+        try:
+            return load_controls(self.instance.root) == self.config.controls
+        except (ControlErrors, ControlFileError):
+            return False  # the reload says why
 
     def reload(self) -> None:
         if self.stopping():  # a HUP racing a stop: new workers now would never be stopped

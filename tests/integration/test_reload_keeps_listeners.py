@@ -157,3 +157,20 @@ def test_changed_listener_or_tls_files_are_replaced(inst: Instance, port: int) -
     # and an unchanged reload after all that keeps them
     reload(inst)
     assert set(worker_pids(inst, LISTENER)) == renewed
+
+
+def test_watcher_after_an_explicit_reload_starts_no_new_generation(inst: Instance) -> None:
+    """The watcher notices an edit a second after it; an `eqmailctl reload` within that
+    second has taken the edit already, so the notice starts no second generation; an
+    edit after that one is taken by the watcher alone."""
+    import time
+
+    inst.write_control("databytes", "2000")
+    generation = reload(inst)
+    time.sleep(2.5)  # the watcher's debounce (1 s) and its notice have passed
+    assert status(inst)["generation"] == generation
+    assert inst.log().count("status: control files changed") == 0
+    inst.write_control("databytes", "3000")
+    poll(lambda: status(inst)["generation"] == generation + 1,
+         what="the watcher's reload of the next edit", inst=inst)
+    assert inst.log().count("status: control files changed") == 1
