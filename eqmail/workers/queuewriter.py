@@ -168,7 +168,7 @@ class QueueProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.uid = -1
         self.who = ""
-        self.hello: QueueRole | None = None  # the role a trusted client said it has
+        self.role: QueueRole | None = None  # the client's role: its uid's, or a trusted hello's
         self.msg: PendingMessage | None = None
         self.failed: QQExit | None = None  # a write failed: swallow the rest, answer at E
         self.waiting = False
@@ -181,6 +181,7 @@ class QueueProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self.uid = peer_uid(sock) if sock is not None else -1
         self.who = self.server.ids.who_for_uid(self.uid)
+        self.role = peer_role(None, self.uid, os.getuid(), self.server.role_uids)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.msg is not None and not self.waiting:
@@ -232,7 +233,7 @@ class QueueProtocol(asyncio.Protocol):
         except ProtocolError:
             return  # a role this writer does not know: labelled by uid, as without hello
         self.who = hello.role.invoked
-        self.hello = hello.role
+        self.role = hello.role
 
     def _ensure_message(self) -> PendingMessage | None:
         if self.msg is None and self.failed is None:
@@ -259,7 +260,7 @@ class QueueProtocol(asyncio.Protocol):
         """The listener's Authentication-Results (issue 16), after the body: only from
         the listener (its uid, or its role in a one-user instance); from anyone else a
         protocol error.  A failure is answered at E, as a failed body write is."""
-        if self.who != QueueRole.NETWORK.invoked:
+        if self.role is not QueueRole.NETWORK:
             raise ProtocolError("prepended fields from a client that is not the listener")
         msg = self._ensure_message()
         if msg is None:
@@ -282,8 +283,7 @@ class QueueProtocol(asyncio.Protocol):
             self.msg = None
             self._answer(QueueAnswer(e.code, msg.qp, 0))
             return
-        role = peer_role(self.hello, self.uid, os.getuid(), self.server.role_uids)
-        msg.envelope = Envelope(env.sender, env.recipients, believed_origin(role, env.origin))
+        msg.envelope = Envelope(env.sender, env.recipients, believed_origin(self.role, env.origin))
         self.waiting = True
         self.server.committer.submit(msg, self._committed)
 

@@ -6,38 +6,21 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_queue_writer import all_files
 
 from eqmail.ipc.framing import ProtocolError, next_frame
 from eqmail.ipc.queue import PREPEND, PREPEND_MAX, QQExit, QueuePrepend
 from eqmail.queue.envelope import Envelope
-from eqmail.queue.layout import QueuePaths, create_queue
 from eqmail.queue.writer import QueueFailure, QueueStore, received_line
 
 AR = (b"Authentication-Results: mx.example.org;\n\tspf=pass smtp.mailfrom=a@example.com;\n"
       b"\tdkim=pass header.d=example.com header.s=sel\n")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[QueueStore]:
-    create_queue(tmp_path / "queue")
-    s = QueueStore(tmp_path / "queue")
-    yield s
-    os.close(s.root_fd)
-
-
-def all_files(paths: QueuePaths) -> list[str]:
-    out = []
-    for dirpath, _dirs, files in os.walk(paths.root):
-        rel = os.path.relpath(dirpath, paths.root)
-        if not rel.startswith("spare-"):
-            out += [os.path.relpath(os.path.join(dirpath, f), paths.root) for f in files]
-    return sorted(out)
 
 
 # ------------------------------------------------------------------ the frame

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from eqmail.ipc.queue import (
 from eqmail.queue.envelope import Envelope, todo_bytes
 from eqmail.queue.layout import SPLIT, SPLIT_DIRS, QueuePaths, create_queue
 from eqmail.queue.writer import OSSIFIED, PendingMessage, QueueFailure, QueueStore, received_line
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[QueueStore]:
-    create_queue(tmp_path / "queue")
-    s = QueueStore(tmp_path / "queue")
-    yield s
-    os.close(s.root_fd)
 
 
 def all_files(paths: QueuePaths) -> list[str]:
