@@ -93,6 +93,32 @@ class MxAddress:
     ip: str  # RFC 5952 / dotted quad text
     pref: int
     host: str  # the MX or relay name as looked up ("" for an address literal)
+    # issue 17 (DANE): the MX RRset (when there was one) and this host's address RRset
+    # were DNSSEC-authenticated -- only ever True when the resolver trusts the AD bit
+    secure: bool = False
+
+
+@dataclass(frozen=True)
+class Tlsa:
+    """One TLSA record (RFC 6698): certificate usage, selector, matching type, data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def text(self) -> str:
+        """Presentation form, as in a zone file and in TLS-RPT policy-strings."""
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+
+@dataclass(frozen=True)
+class TlsaAnswer:
+    """The TLSA RRset of ``_<port>._tcp.<host>`` (issue 17): ``records`` (empty: none
+    exist), ``secure``: the answer, or the denial, was DNSSEC-authenticated."""
+
+    records: tuple[Tlsa, ...]
+    secure: bool
 
 
 def literal_ip(host: str) -> str | None:
@@ -134,7 +160,9 @@ class Resolver:
     """dnspython with qmail's error classes, bounded in time and size."""
 
     def __init__(self, servers: tuple[tuple[str, int], ...] = (), lifetime: float = 30.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, dnssec: bool = False) -> None:
+        # dnssec (control/dnssec 1): ask with DO and believe the servers' AD bit
+        self.dnssec = dnssec
         self.res = dns.resolver.Resolver(configure=not servers)
         if servers:
             self.res.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
@@ -253,6 +281,14 @@ class Resolver:
         if not out:
             raise DnsFailure(TEMP_DNS if soft else PERM_NOMX)
         return out[:MAX_TOTAL]
+
+    def tlsa(self, host: str, port: int = 25) -> TlsaAnswer:
+        """The TLSA records for ``host``'s SMTP port (RFC 7672 §2.2.2: at the end of
+        the host's CNAME chain first, then at the name itself).  Raises
+        :class:`LookupSoft` when the answer may change (timeout, SERVFAIL -- which a
+        validating resolver gives for bogus data) -- the caller must not deliver to
+        that host then."""
+        raise NotImplementedError("issue 17 contract: the DANE work fills this in")
 
     def canonical(self, domain: str) -> str:
         """The end of the domain's CNAME chain (qmail-remote's addrmangle); ``domain``

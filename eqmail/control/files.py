@@ -128,6 +128,10 @@ FILES: tuple[FileRow, ...] = (
     Parsed("dmarcreject", "header",
            "a DMARC p=reject failure: header (only the result), reject (550) or quarantine (marked)"),
     Number("authtimeout", 10, 1, 300, "seconds the checks of one message may take (DNS included)"),
+    # outbound TLS policy (issue 17, eqmail.delivery.tlspolicy)
+    Number("dnssec", 0, 0, 1,
+           "1: trust the AD bit of control/dnsservers (a local validating resolver): DANE on"),
+    Number("mtasts", 1, 0, 1, "1: honour receiving domains' MTA-STS policies; 0: off"),
 )
 KNOWN_FILES: tuple[str, ...] = tuple(row.name for row in FILES)
 NUMBERS: Mapping[str, Number] = {row.name: row for row in FILES if isinstance(row, Number)}
@@ -140,7 +144,7 @@ OTHER_KNOWN_FILES = (
     "rsa2048.pem", "tlsclients", "tlshosts",
     "notlshosts", "smtpplugins", "beforemote", "morercpthosts.cdb", "qmqpservers",
     "authlimit", "servercert.csr", "servercert.key.pending", "dnsbl", "greylist",
-    "passwords", "passwords.lock",
+    "passwords", "passwords.lock", "tlsca.pem",
 )
 # Files the shipped plugins (plugins/) read for themselves: (file, plugin, default).
 # ``eqmailctl check`` shows those present; tests/unit/test_control.py holds this list

@@ -155,6 +155,10 @@ class Controls:
     authservid: str  # the authserv-id (default: me)
     dmarcreject: DmarcAction
     authtimeout: int  # seconds the checks of one message may take
+    # outbound TLS policy (issue 17; remote delivery, the MTA-STS policy worker)
+    dnssec: int  # 1: the AD bit of control/dnsservers' answers counts (DANE)
+    mtasts: int  # 1: MTA-STS policies are fetched and honoured
+    tlsca: bool  # control/tlsca.pem exists: CAs added to the system's for MTA-STS
     # problems that do not refuse the configuration (the file's default is used):
     # logged by the worker that uses the file, shown by eqmailctl check
     warnings: tuple[str, ...]
