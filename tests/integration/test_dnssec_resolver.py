@@ -1,0 +1,159 @@
+"""eqmail.dns with DNSSEC against a real validating resolver: unbound trusting a private
+signed root, nsd serving signed, bogus and unsigned zones (tests/dnssec.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from dnssec import DnssecWorld, Signing, available
+
+from eqmail import dns as edns
+from eqmail.dns import DnsFailure, LookupSoft, MxAddress, Tlsa, TlsaAnswer
+
+pytestmark = pytest.mark.skipif(not available(), reason="needs nsd, unbound and ldnsutils")
+
+EE = "3 1 1 " + "11" * 32
+EE2 = "3 1 1 " + "22" * 32
+TA = "2 0 1 " + "33" * 32
+
+RECORDS = {
+    "sec.test": {"MX": [(10, "mx.sec.test")]},
+    "mx.sec.test": {"A": ["10.99.0.2"], "AAAA": ["fd99::2"]},
+    "_25._tcp.mx.sec.test": {"TLSA": [EE, TA]},
+    "nodane.sec.test": {"MX": [(10, "plainmx.sec.test")]},
+    "plainmx.sec.test": {"A": ["10.99.0.3"]},
+    "nomx.sec.test": {"A": ["10.99.0.4"]},
+    "mixed.sec.test": {"MX": [(10, "mx.ins.test")]},
+    # CNAME'd MX hosts (RFC 7672 §2.2.2)
+    "mxa.sec.test": {"CNAME": "real.sec.test"},
+    "real.sec.test": {"A": ["10.99.0.5"]},
+    "_25._tcp.real.sec.test": {"TLSA": [EE2]},
+    "_25._tcp.mxa.sec.test": {"TLSA": [EE]},
+    "mxb.sec.test": {"CNAME": "real2.sec.test"},
+    "real2.sec.test": {"A": ["10.99.0.6"]},
+    "_25._tcp.mxb.sec.test": {"TLSA": [EE]},
+    "mxc.sec.test": {"CNAME": "host.ins.test"},
+    "_25._tcp.mxc.sec.test": {"TLSA": [EE]},
+    "mxd.sec.test": {"CNAME": "real3.sec.test"},
+    "real3.sec.test": {"A": ["10.99.0.7"]},
+    "_25._tcp.real3.sec.test": {"TLSA": [EE2]},
+    "_25._tcp.mxd.sec.test": {"TLSA": [EE]},
+    "tlsacname.sec.test": {"A": ["10.99.0.8"]},
+    "_25._tcp.tlsacname.sec.test": {"CNAME": "_dane.sec.test"},
+    "_dane.sec.test": {"TLSA": [EE2]},
+    "ins.test": {"MX": [(10, "mx.ins.test")]},
+    "mx.ins.test": {"A": ["10.99.0.9"]},
+    "_25._tcp.mx.ins.test": {"TLSA": [EE]},
+    "host.ins.test": {"A": ["10.99.0.10"]},
+    "bog.test": {"MX": [(10, "mx.bog.test")]},
+    "mx.bog.test": {"A": ["10.99.0.11"]},
+    "_25._tcp.mx.bog.test": {"TLSA": [EE]},
+    "bogusmx.sec.test": {"MX": [(10, "mx.bog.test")]},
+}
+TAMPER = {("_25._tcp.real3.sec.test", "TLSA"): ["3 1 1 " + "44" * 32]}
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[DnssecWorld]:
+    with DnssecWorld(RECORDS, {"sec.test": Signing.SECURE, "ins.test": Signing.INSECURE,
+                               "bog.test": Signing.BOGUS}, tamper=TAMPER) as w:
+        yield w
+
+
+def resolver(world: DnssecWorld, dnssec: bool = True) -> edns.Resolver:
+    return edns.Resolver((("127.0.0.1", world.port),), 3.0, random.Random(1), dnssec=dnssec)
+
+
+def rec(text: str) -> Tlsa:
+    u, s, m, data = text.split()
+    return Tlsa(int(u), int(s), int(m), bytes.fromhex(data))
+
+
+def test_signed_zone_is_secure_for_mx_a_aaaa_and_tlsa(world: DnssecWorld) -> None:
+    r = resolver(world)
+    assert r.mx_addresses("sec.test") == [MxAddress("fd99::2", 10, "mx.sec.test", True),
+                                          MxAddress("10.99.0.2", 10, "mx.sec.test", True)]
+    answer = r.tlsa("mx.sec.test")
+    assert answer.secure and set(answer.records) == {rec(EE), rec(TA)}
+    assert r.host_addresses("mx.sec.test")[0].secure
+
+
+def test_authenticated_denial_of_tlsa(world: DnssecWorld) -> None:
+    r = resolver(world)
+    assert [a.secure for a in r.mx_addresses("nodane.sec.test")] == [True]
+    assert r.tlsa("plainmx.sec.test") == TlsaAnswer((), True)
+
+
+def test_no_mx_the_domain_itself_secure(world: DnssecWorld) -> None:
+    assert resolver(world).mx_addresses("nomx.sec.test") == [
+        MxAddress("10.99.0.4", 0, "nomx.sec.test", True)]
+
+
+def test_insecure_zone(world: DnssecWorld) -> None:
+    r = resolver(world)
+    assert r.mx_addresses("ins.test") == [MxAddress("10.99.0.9", 10, "mx.ins.test", False)]
+    # records exist but are not authenticated: never handed out
+    assert r.tlsa("mx.ins.test") == TlsaAnswer((), False)
+    # a signed MX naming a host in an unsigned zone: the host is not secure
+    assert r.mx_addresses("mixed.sec.test") == [MxAddress("10.99.0.9", 10, "mx.ins.test", False)]
+
+
+def test_bogus_zone_is_a_soft_failure(world: DnssecWorld) -> None:
+    r = resolver(world)
+    with pytest.raises(DnsFailure) as e:
+        r.mx_addresses("bog.test")
+    assert e.value.problem == edns.TEMP_DNS  # deferred, as qmail defers a DNS failure
+    with pytest.raises(LookupSoft):
+        r.tlsa("mx.bog.test")
+    # a good MX RRset naming a bogus host: no address, deferred
+    with pytest.raises(DnsFailure) as e:
+        r.mx_addresses("bogusmx.sec.test")
+    assert e.value.problem == edns.TEMP_DNS
+
+
+def test_tampered_tlsa_rrset_is_a_soft_failure(world: DnssecWorld) -> None:
+    r = resolver(world)
+    assert r.host_addresses("real3.sec.test")[0].secure  # the rest of the zone is fine
+    with pytest.raises(LookupSoft):
+        r.tlsa("real3.sec.test")
+    # reached through a CNAME, the bogus RRset at the expanded name is not passed over
+    # for the initial name's good one
+    with pytest.raises(LookupSoft):
+        r.tlsa("mxd.sec.test")
+
+
+def test_without_dnssec_nothing_is_secure_even_from_a_validating_resolver(world: DnssecWorld) -> None:
+    r = resolver(world, dnssec=False)
+    assert [a.secure for a in r.mx_addresses("sec.test")] == [False, False]
+    assert [a.secure for a in r.mx_addresses("nomx.sec.test")] == [False]
+    assert r.tlsa("mx.sec.test") == TlsaAnswer((), False)
+    assert not r.host_addresses("mx.sec.test")[0].secure
+
+
+def test_cname_mx_host_tlsa_at_the_expanded_name_first(world: DnssecWorld) -> None:
+    r = resolver(world)
+    assert r.tlsa("mxa.sec.test") == TlsaAnswer((rec(EE2),), True)
+
+
+def test_cname_mx_host_falls_back_to_the_initial_name(world: DnssecWorld) -> None:
+    assert resolver(world).tlsa("mxb.sec.test") == TlsaAnswer((rec(EE),), True)
+
+
+def test_cname_into_an_insecure_zone_has_no_dane(world: DnssecWorld) -> None:
+    # the expansion is not secure: the initial name's TLSA records are not used either
+    assert resolver(world).tlsa("mxc.sec.test") == TlsaAnswer((), False)
+
+
+def test_tlsa_owner_may_be_a_cname(world: DnssecWorld) -> None:
+    assert resolver(world).tlsa("tlsacname.sec.test") == TlsaAnswer((rec(EE2),), True)
+
+
+def test_other_lookups_still_work_through_the_validating_resolver(world: DnssecWorld) -> None:
+    r = resolver(world)
+    with pytest.raises(DnsFailure) as e:
+        r.mx_addresses("nowhere.sec.test")
+    assert e.value.problem == edns.perm_dns("nowhere.sec.test")
+    assert r.tlsa("[10.99.0.2]") == TlsaAnswer((), False)
+    assert r.canonical("mxa.sec.test") == "real.sec.test"
