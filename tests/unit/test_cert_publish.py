@@ -42,7 +42,7 @@ def test_a_pending_key_is_announced_before_it_is_installed(tmp_path: Path) -> No
     certs.make_servercert(tmp_path, "mx.example.test")
     certs.make_request(tmp_path, "mx.example.test")
     lines = publish.tlsa_lines(tmp_path, "mx.example.test")
-    assert len(lines) == 2 and lines[1].split()[7] != lines[0].split()[7]
+    assert len(lines) == 2 and lines[1].split()[6] != lines[0].split()[6]
     assert "pending key" in lines[1]
 
 
