@@ -664,9 +664,10 @@ def _record_session(job: RemoteJob, plan: Plan, dest: Destination, local: str,
         _record(job, plan, PolicyKind(dest.demand.kind), dest.host, dest.ip, local, *result)
         return
     mode, _ = job.tls.mode_for(dest.host)
-    kind = {TlsMode.MANDATORY: PolicyKind.PIN, TlsMode.OFF: PolicyKind.NONE}.get(
-        mode, PolicyKind.OPPORTUNISTIC)
-    _record(job, plan, kind, dest.host, dest.ip, local, None, "")
+    if mode is TlsMode.MANDATORY:
+        # a pin's session (its failures end in Quit, with eQmail's texts, unrecorded);
+        # opportunistic sessions are not recorded: nothing to report, nothing to write
+        _record(job, plan, PolicyKind.PIN, dest.host, dest.ip, local, None, "")
 
 
 def _local_ip(sock: socket.socket) -> str:
