@@ -363,6 +363,24 @@ class Resolver:
                 return TlsaAnswer(records, True)
         return TlsaAnswer((), secure)
 
+    def validates(self) -> bool:
+        """Whether the resolvers authenticate DNSSEC: the root zone's DNSKEY RRset, which
+        every validating resolver can check with its trust anchor, comes back with AD
+        (asked with DO and AD whatever ``dnssec`` says).  Raises :class:`LookupSoft`
+        when they do not answer.  For ``eqmailctl check``."""
+        saved = (self.dnssec, self.res.flags, self.res.ednsflags)
+        self.dnssec = True
+        self.res.use_edns(0, dns.flags.DO, 1232)
+        self.res.flags = dns.flags.RD | dns.flags.AD
+        self._begin()
+        try:
+            return self._secure(self._query(".", dns.rdatatype.DNSKEY).response)
+        except LookupHard as e:
+            return e.secure
+        finally:
+            self.dnssec, self.res.flags = saved[0], saved[1]
+            self.res.use_edns(0, saved[2], 1232)
+
     def _tlsa_at(self, owner: str) -> tuple[tuple[Tlsa, ...], bool]:
         """The authenticated TLSA records at ``owner`` (CNAMEs chased by the resolver)
         and whether the answer or denial was authenticated."""

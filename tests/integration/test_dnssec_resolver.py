@@ -1,16 +1,21 @@
 """eqmail.dns with DNSSEC against a real validating resolver: unbound trusting a private
-signed root, nsd serving signed, bogus and unsigned zones (tests/dnssec.py)."""
+signed root, nsd serving signed, bogus and unsigned zones (tests/dnssec.py); and ``eqmailctl check``'s lines for
+control/dnssec, which ask the resolver whether it validates."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from dnssec import DnssecWorld, Signing, available
+from dnsserver import Behaviour, DnsServer
 
 from eqmail import dns as edns
+from eqmail.cli.check import check_report, format_check
 from eqmail.dns import DnsFailure, LookupSoft, MxAddress, Tlsa, TlsaAnswer
+from eqmail.instance import Instance
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs nsd, unbound and ldnsutils")
 
@@ -157,3 +162,49 @@ def test_other_lookups_still_work_through_the_validating_resolver(world: DnssecW
     assert e.value.problem == edns.perm_dns("nowhere.sec.test")
     assert r.tlsa("[10.99.0.2]") == TlsaAnswer((), False)
     assert r.canonical("mxa.sec.test") == "real.sec.test"
+
+
+def _instance(tmp_path: Path, **files: str) -> Instance:
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "me").write_text("mx.example.org\n")
+    for name, text in files.items():
+        (tmp_path / "control" / name).write_text(text)
+    return Instance(tmp_path)
+
+
+def test_check_shows_a_validating_resolver(world: DnssecWorld, tmp_path: Path) -> None:
+    report = check_report(_instance(tmp_path, dnssec="1\n", dnsservers=f"{world.dnsservers}\n"))
+    assert (f"note: control/dnssec is 1: DANE on; control/dnsservers ({world.dnsservers}) "
+            "validate DNSSEC (AD on the root zone's DNSKEY)") in report["notes"]
+    assert not [w for w in report["warnings"] if "dnssec" in w]
+    assert resolver(world, dnssec=False).validates()  # whatever the resolver's setting
+
+
+def test_check_warns_about_a_resolver_that_does_not_validate(tmp_path: Path) -> None:
+    with DnsServer({".": {"DNSKEY": ["257 3 13 " + "A" * 88]}}) as plain:  # no AD ever
+        report = check_report(_instance(tmp_path, dnssec="1\n",
+                                        dnsservers=f"127.0.0.1:{plain.port}\n"))
+    assert (f"warning: control/dnssec is 1 but control/dnsservers (127.0.0.1:{plain.port}) do "
+            "not validate (no AD bit on the root zone's DNSKEY): DANE never applies"
+            ) in report["warnings"]
+    assert "control/dnssec is 1" in format_check(report)
+
+
+def test_check_warns_about_a_remote_or_silent_resolver(tmp_path: Path) -> None:
+    with DnsServer({}) as silent:
+        silent.behaviour = Behaviour.SILENT
+        report = check_report(_instance(tmp_path, dnssec="1\n",
+                                        dnsservers=f"127.0.0.1:{silent.port}\n192.0.2.53\n"))
+    warnings = [w for w in report["warnings"] if "dnssec" in w]
+    assert warnings[0] == ("warning: control/dnssec is 1 and control/dnsservers names "
+                           "192.0.2.53, not on this host: their AD bit crosses the network "
+                           "unprotected")
+    assert warnings[1].startswith(f"warning: control/dnssec is 1 but control/dnsservers "
+                                  f"(127.0.0.1:{silent.port}, 192.0.2.53:53) did not answer a "
+                                  "DNSSEC query (")
+    assert warnings[1].endswith("): DANE lookups will defer")
+
+
+def test_check_says_nothing_with_dnssec_off(tmp_path: Path) -> None:
+    report = check_report(_instance(tmp_path))
+    assert not [ln for ln in report["warnings"] + report["notes"] if "dnssec" in ln]
