@@ -40,6 +40,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
@@ -135,6 +136,29 @@ class TlsaAnswer:
 
     records: tuple[Tlsa, ...]
     secure: bool
+    # the TLSA base domain the records were found at (RFC 7672 §2.2.2: the MX host's
+    # CNAME-expanded name or the name itself): DANE-TA's reference identifiers are the
+    # MX host name and this name; "" without records
+    base: str = ""
+
+
+def _ede(e: Exception) -> str:
+    """The resolver's RFC 8914 Extended DNS Error of a SERVFAIL (unbound names DNSSEC
+    failures this way: "DNSSEC Bogus", "Signature Expired"), for the log; "" if none."""
+    if not isinstance(e, dns.resolver.NoNameservers):
+        return ""
+    for err in e.kwargs.get("errors") or []:
+        message = err[4] if isinstance(err, tuple) and len(err) > 4 else None
+        if not isinstance(message, dns.message.Message):
+            continue
+        for ede in message.extended_errors():
+            try:
+                name = dns.edns.EDECode(ede.code).name.replace("_", " ").lower()
+            except ValueError:
+                name = "code"
+            text = f": {safe(ede.text)}" if ede.text else ""
+            return f" (EDE {ede.code} {name}{text})"[:200]
+    return ""
 
 
 def literal_ip(host: str) -> str | None:
@@ -211,7 +235,7 @@ class Resolver:
             # as qmail's dns.c treats everything but NXDOMAIN.
             if isinstance(e, (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel)):
                 raise LookupHard(str(e)) from None
-            raise LookupSoft(str(e)) from None
+            raise LookupSoft(str(e) + _ede(e)) from None
 
     def _secure(self, response: dns.message.Message | None) -> bool:
         """The resolver authenticated this reply (AD), and we trust it to (dnssec)."""
@@ -360,7 +384,7 @@ class Resolver:
             # one: the host is indeterminate (Postfix's tls_dane_resolve does the same)
             records, secure = self._tlsa_at(f"_{port}._tcp.{name}")
             if records:
-                return TlsaAnswer(records, True)
+                return TlsaAnswer(records, True, name)
         return TlsaAnswer((), secure)
 
     def validates(self) -> bool:

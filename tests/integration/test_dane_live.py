@@ -284,6 +284,7 @@ def test_bogus_tlsa_rrset_skips_the_host(start_worker, sinks, certs: Certs) -> N
     assert report.text.startswith(
         "Sorry, no MX host of badtlsa.dane.test meets its TLS policy (dane): "
         "mx.badtlsa.dane.test: dnssec-invalid: TLSA lookup failed"), report.text
+    assert "answered SERVFAIL (EDE 6 dnssec bogus: validation failure" in report.text
     assert sink.connections == 0
 
 

@@ -82,6 +82,7 @@ def test_signed_zone_is_secure_for_mx_a_aaaa_and_tlsa(world: DnssecWorld) -> Non
                                           MxAddress("10.99.0.2", 10, "mx.sec.test", True)]
     answer = r.tlsa("mx.sec.test")
     assert answer.secure and set(answer.records) == {rec(EE), rec(TA)}
+    assert answer.base == "mx.sec.test"
     assert r.host_addresses("mx.sec.test")[0].secure
 
 
@@ -110,8 +111,10 @@ def test_bogus_zone_is_a_soft_failure(world: DnssecWorld) -> None:
     with pytest.raises(DnsFailure) as e:
         r.mx_addresses("bog.test")
     assert e.value.problem == edns.TEMP_DNS  # deferred, as qmail defers a DNS failure
-    with pytest.raises(LookupSoft):
+    with pytest.raises(LookupSoft) as soft:
         r.tlsa("mx.bog.test")
+    # unbound's Extended DNS Error says why, for the log and the deferral's detail
+    assert "answered SERVFAIL (EDE 7 signature expired: validation failure" in str(soft.value)
     # a good MX RRset naming a bogus host: no address, deferred
     with pytest.raises(DnsFailure) as e:
         r.mx_addresses("bogusmx.sec.test")
@@ -121,8 +124,9 @@ def test_bogus_zone_is_a_soft_failure(world: DnssecWorld) -> None:
 def test_tampered_tlsa_rrset_is_a_soft_failure(world: DnssecWorld) -> None:
     r = resolver(world)
     assert r.host_addresses("real3.sec.test")[0].secure  # the rest of the zone is fine
-    with pytest.raises(LookupSoft):
+    with pytest.raises(LookupSoft) as soft:
         r.tlsa("real3.sec.test")
+    assert "(EDE 6 dnssec bogus: validation failure" in str(soft.value)
     # reached through a CNAME, the bogus RRset at the expanded name is not passed over
     # for the initial name's good one
     with pytest.raises(LookupSoft):
@@ -139,11 +143,11 @@ def test_without_dnssec_nothing_is_secure_even_from_a_validating_resolver(world:
 
 def test_cname_mx_host_tlsa_at_the_expanded_name_first(world: DnssecWorld) -> None:
     r = resolver(world)
-    assert r.tlsa("mxa.sec.test") == TlsaAnswer((rec(EE2),), True)
+    assert r.tlsa("mxa.sec.test") == TlsaAnswer((rec(EE2),), True, "real.sec.test")
 
 
 def test_cname_mx_host_falls_back_to_the_initial_name(world: DnssecWorld) -> None:
-    assert resolver(world).tlsa("mxb.sec.test") == TlsaAnswer((rec(EE),), True)
+    assert resolver(world).tlsa("mxb.sec.test") == TlsaAnswer((rec(EE),), True, "mxb.sec.test")
 
 
 def test_cname_into_an_insecure_zone_has_no_dane(world: DnssecWorld) -> None:
@@ -152,7 +156,8 @@ def test_cname_into_an_insecure_zone_has_no_dane(world: DnssecWorld) -> None:
 
 
 def test_tlsa_owner_may_be_a_cname(world: DnssecWorld) -> None:
-    assert resolver(world).tlsa("tlsacname.sec.test") == TlsaAnswer((rec(EE2),), True)
+    assert resolver(world).tlsa("tlsacname.sec.test") == TlsaAnswer((rec(EE2),), True,
+                                                                  "tlsacname.sec.test")
 
 
 def test_other_lookups_still_work_through_the_validating_resolver(world: DnssecWorld) -> None:
