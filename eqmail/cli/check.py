@@ -159,6 +159,21 @@ def srs_warnings(c: Controls) -> list[str]:
     return []
 
 
+def dnssec_placement(c: Controls) -> list[str]:
+    """control/dnssec 1 with resolvers whose AD bit cannot be trusted by where they are."""
+    if not c.dnssec:
+        return []
+    if not c.dnsservers:
+        return ["warning: control/dnssec is 1 without control/dnsservers: the AD bit of "
+                "/etc/resolv.conf's resolvers is trusted; name a validating resolver on "
+                "this host (e.g. unbound on 127.0.0.1) in control/dnsservers"]
+    far = [ip for ip, _ in c.dnsservers if not ipaddress.ip_address(ip).is_loopback]
+    if far:
+        return [f"warning: control/dnssec is 1 and control/dnsservers names {', '.join(far)}, "
+                "not on this host: their AD bit crosses the network unprotected"]
+    return []
+
+
 def dnssec_lines(c: Controls) -> list[str]:
     """control/dnssec 1 (DANE) trusts the AD bit of control/dnsservers: say whether they
     set it (one DNSKEY query to them, bounded) and warn when they are not on this host
@@ -166,15 +181,7 @@ def dnssec_lines(c: Controls) -> list[str]:
     if not c.dnssec:
         return []
     where = ", ".join(f"{ip}:{port}" for ip, port in c.dnsservers) or "/etc/resolv.conf"
-    out = []
-    far = [ip for ip, _ in c.dnsservers if not ipaddress.ip_address(ip).is_loopback]
-    if not c.dnsservers:
-        out.append("warning: control/dnssec is 1 without control/dnsservers: the AD bit of "
-                   "/etc/resolv.conf's resolvers is trusted; name a validating resolver on "
-                   "this host (e.g. unbound on 127.0.0.1) in control/dnsservers")
-    elif far:
-        out.append(f"warning: control/dnssec is 1 and control/dnsservers names {', '.join(far)}, "
-                   "not on this host: their AD bit crosses the network unprotected")
+    out = dnssec_placement(c)
     try:
         validating = Resolver(c.dnsservers, lifetime=2.0).validates()
     except LookupSoft as e:

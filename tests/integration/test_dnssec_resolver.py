@@ -13,7 +13,8 @@ from dnssec import DnssecWorld, Signing, available
 from dnsserver import Behaviour, DnsServer
 
 from eqmail import dns as edns
-from eqmail.cli.check import check_report, format_check
+from eqmail.cli.check import check_report, dnssec_placement, format_check
+from eqmail.control import load_controls
 from eqmail.dns import DnsFailure, LookupSoft, MxAddress, Tlsa, TlsaAnswer
 from eqmail.instance import Instance
 
@@ -170,7 +171,7 @@ def test_other_lookups_still_work_through_the_validating_resolver(world: DnssecW
 
 
 def _instance(tmp_path: Path, **files: str) -> Instance:
-    (tmp_path / "control").mkdir()
+    (tmp_path / "control").mkdir(parents=True)
     (tmp_path / "control" / "me").write_text("mx.example.org\n")
     for name, text in files.items():
         (tmp_path / "control" / name).write_text(text)
@@ -195,19 +196,29 @@ def test_check_warns_about_a_resolver_that_does_not_validate(tmp_path: Path) -> 
     assert "control/dnssec is 1" in format_check(report)
 
 
-def test_check_warns_about_a_remote_or_silent_resolver(tmp_path: Path) -> None:
+def test_check_warns_about_a_silent_resolver(tmp_path: Path) -> None:
     with DnsServer({}) as silent:
         silent.behaviour = Behaviour.SILENT
         report = check_report(_instance(tmp_path, dnssec="1\n",
-                                        dnsservers=f"127.0.0.1:{silent.port}\n192.0.2.53\n"))
-    warnings = [w for w in report["warnings"] if "dnssec" in w]
-    assert warnings[0] == ("warning: control/dnssec is 1 and control/dnsservers names "
-                           "192.0.2.53, not on this host: their AD bit crosses the network "
-                           "unprotected")
-    assert warnings[1].startswith(f"warning: control/dnssec is 1 but control/dnsservers "
-                                  f"(127.0.0.1:{silent.port}, 192.0.2.53:53) did not answer a "
-                                  "DNSSEC query (")
-    assert warnings[1].endswith("): DANE lookups will defer")
+                                        dnsservers=f"127.0.0.1:{silent.port}\n"))
+    (warning,) = [w for w in report["warnings"] if "dnssec" in w]
+    assert warning.startswith(f"warning: control/dnssec is 1 but control/dnsservers "
+                              f"(127.0.0.1:{silent.port}) did not answer a DNSSEC query (")
+    assert warning.endswith("): DANE lookups will defer")
+
+
+def test_check_warns_about_resolvers_elsewhere(tmp_path: Path) -> None:
+    # (the placement rule alone: asking 192.0.2.53 would leave the machine)
+    far = load_controls(_instance(tmp_path / "a", dnssec="1\n",
+                                  dnsservers="127.0.0.1\n192.0.2.53\n").root)
+    assert dnssec_placement(far) == [
+        "warning: control/dnssec is 1 and control/dnsservers names 192.0.2.53, not on this "
+        "host: their AD bit crosses the network unprotected"]
+    (none,) = dnssec_placement(load_controls(_instance(tmp_path / "b", dnssec="1\n").root))
+    assert none.startswith("warning: control/dnssec is 1 without control/dnsservers: the AD "
+                           "bit of /etc/resolv.conf's resolvers is trusted")
+    assert dnssec_placement(load_controls(_instance(tmp_path / "c", dnssec="1\n",
+                                                    dnsservers="::1\n").root)) == []
 
 
 def test_check_says_nothing_with_dnssec_off(tmp_path: Path) -> None:
