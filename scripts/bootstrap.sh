@@ -32,10 +32,11 @@ if [ "$(id -u)" = 0 ]; then
     if [[ " ${need[*]} " == *" opendkim "* ]] && command -v systemctl >/dev/null; then
       systemctl disable --now opendkim.service >/dev/null 2>&1 || true
     fi
-    # Likewise the DNSSEC tests start their own unbound and nsd on private ports.
-    for svc in unbound nsd; do
-      if [[ " ${need[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null; then
-        systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+    # Likewise the DNSSEC tests start their own unbound and nsd on private ports: the
+    # daemons (and unbound's hook that would make it this machine's resolver) stay off.
+    for unit in unbound:unbound unbound:unbound-resolvconf nsd:nsd; do
+      if [[ " ${need[*]} " == *" ${unit%%:*} "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now "${unit#*:}.service" >/dev/null 2>&1 || true
       fi
     done
   fi
