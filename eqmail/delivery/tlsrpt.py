@@ -60,8 +60,8 @@ FILE_MODE = 0o644
 POLICY_TYPES = {PolicyKind.DANE: "tlsa", PolicyKind.STS_ENFORCE: "sts",
                 PolicyKind.STS_TESTING: "sts"}
 NO_POLICY_FOUND = "no-policy-found"
-# A session under no DANE/STS policy still belongs in a report when the domain's MTA-STS
-# policy could not be had (RFC 8460 §4.3.2.2): counted as "no-policy-found".
+# A failed MTA-STS policy lookup (RFC 8460 §4.3.2.2) belongs in the domain's report even
+# though no policy applied: counted as "no-policy-found" (unless a cached policy applied).
 STS_LOOKUP_FAILURES = frozenset({ResultType.STS_POLICY_FETCH_ERROR, ResultType.STS_POLICY_INVALID,
                                  ResultType.STS_WEBPKI_INVALID})
 
@@ -300,7 +300,9 @@ def _policy_type(r: SessionResult) -> str | None:
     if not norm_domain(r.domain):
         return None  # nothing to report to
     kind = POLICY_TYPES.get(r.policy)
-    if kind is None and r.result in STS_LOOKUP_FAILURES:
+    if r.result in STS_LOOKUP_FAILURES and (kind is None or not r.policy_strings):
+        # the domain's MTA-STS policy could not be had (remote delivery records this
+        # under mta-sts testing, with no policy text): nothing was applied
         return NO_POLICY_FOUND
     return kind
 

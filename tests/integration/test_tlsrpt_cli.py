@@ -14,7 +14,9 @@ import email.policy
 import gzip
 import json
 import pwd
+import random
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -25,11 +27,20 @@ import jsonschema
 import pytest
 from dnsserver import DnsServer, txt
 from harness import IS_ROOT, ME, VENV_BIN, Instance, poll
+from smtpsink import Script, SmtpSink, mint
 
 from eqmail.control import load_controls
 from eqmail.delivery import tlsrpt
-from eqmail.delivery.tlspolicy import PolicyKind, ResultType, SessionResult
+from eqmail.delivery.tlspolicy import (
+    PolicyKind,
+    ResultType,
+    SessionResult,
+    StsLookup,
+    StsMode,
+    StsPolicy,
+)
 from eqmail.instance import Instance as EqInstance
+from eqmail.ipc.delivery import Verdict
 from eqmail.workers.tlsrptsend import marker_dir, send_due
 
 pytestmark = pytest.mark.timeout(240)
@@ -218,3 +229,85 @@ def test_daily_reports_are_mailed_once(instance: Instance, capfd: pytest.Capture
         assert "tlsrpt: _smtp._tls.broken.example: temporary DNS failure" in logged
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- end to end (issue 17)
+
+
+class PolicySource:
+    """The MTA-STS policy a domain publishes, as the policy worker would answer it."""
+
+    def __init__(self, policy: StsPolicy) -> None:
+        self.policy = policy
+
+    def lookup(self, domain: str) -> StsLookup:
+        return StsLookup(self.policy if domain == "sts.test" else None)
+
+
+def _port25_sinks(tmp_path: Path) -> tuple[list[SmtpSink], list[str], Path]:
+    """Two STARTTLS peers on port 25 of a random 127.x.y.1/.2 pair: mx1 with a
+    certificate for another name, mx2 with one for its own; the test CA's file."""
+    good, good_key, ca = mint(tmp_path, ["mx2.sts.test"])
+    ca_key = next(tmp_path.glob("ca-*.key"))
+    bad, bad_key, _ = mint(tmp_path, ["other.test"], ca=(ca, ca_key))
+    rng = random.Random()
+    for _ in range(20):
+        net = f"127.{rng.randint(100, 250)}.{rng.randint(0, 255)}"
+        sinks = [SmtpSink(Script(starttls=True), bad, bad_key), SmtpSink(Script(starttls=True), good, good_key)]
+        try:
+            for i, s in enumerate(sinks, 1):
+                s.listen(f"{net}.{i}", 25)
+            return sinks, [f"{net}.1", f"{net}.2"], ca
+        except OSError:
+            for s in sinks:
+                s.stop()
+    raise AssertionError("no free 127.x.y.1-2:25")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="MX delivery is to port 25: binding it needs root")
+def test_a_delivery_under_mta_sts_shows_in_tlsrpt_at_once(instance: Instance, tmp_path: Path) -> None:
+    """Remote delivery to a domain with an MTA-STS enforce policy (*.sts.test): its first
+    MX presents a certificate for another name (certificate-host-mismatch, never sent
+    to), the second a valid one (delivered over TLS); ``eqmailctl tlsrpt --json`` shows
+    both sessions at once, in a report that validates against RFC 8460's schema."""
+    from eqmail.delivery import remote
+    from eqmail.queue import tcpto
+    from eqmail.queue.layout import QueuePaths
+    from eqmail.smtp.transport import TlsConfig
+    from eqmail.spp.bfrmtclient import run_chain
+
+    inst = instance
+    sinks, ips, ca = _port25_sinks(tmp_path)
+    server = DnsServer({"sts.test": {"MX": [(10, "mx1.sts.test"), (20, "mx2.sts.test")]},
+                        "mx1.sts.test": {"A": [ips[0]]}, "mx2.sts.test": {"A": [ips[1]]}})
+    try:
+        inst.write_control("dnsservers", f"127.0.0.1:{server.start()}")
+        shutil.copy(ca, inst.root / "control" / "tlsca.pem")
+        text = "version: STSv1\nmode: enforce\nmx: *.sts.test\nmax_age: 86400\n"
+        policy = StsPolicy(StsMode.ENFORCE, ("*.sts.test",), 86400, "id1", text, time.time())
+        root = inst.root
+        job = remote.RemoteJob(load_controls(root), frozenset(), tcpto.Tcpto(root / "queue" / "lock" / "tcpto"),
+                               remote.ConnectionCache(1), TlsConfig(root / "control"), run_chain, None,
+                               PolicySource(policy), root)
+        msgid = 4242
+        QueuePaths(root / "queue").mess(msgid).write_bytes(b"Subject: sts\n\nhello\n")
+        [outcome] = remote.deliver_batch(job, EqInstance(root), msgid, f"testuser@{ME}", ["rcpt@sts.test"])
+        assert outcome.verdict is Verdict.SUCCESS, outcome
+        assert not sinks[0].transactions or not sinks[0].transactions[0].mail  # nothing to mx1
+        assert sinks[1].transactions[0].tls and sinks[1].transactions[0].rcpts
+
+        [report] = json.loads(inst.ctl("tlsrpt", "--json").stdout)
+        validate([report])
+        [p] = report["policies"]
+        assert p["policy"] == {"policy-type": "sts", "policy-string": text.splitlines(),
+                               "policy-domain": "sts.test", "mx-host": ["*.sts.test"]}
+        assert p["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 1}
+        [fail] = p["failure-details"]
+        assert (fail["result-type"], fail["receiving-mx-hostname"], fail["receiving-ip"],
+                fail["failed-session-count"]) == ("certificate-host-mismatch", "mx1.sts.test", ips[0], 1)
+        assert "other.test" in fail.get("failure-reason-code", "")
+        assert "\nsts.test: 1 successful, 1 failed\n" in inst.ctl("tlsrpt").stdout
+    finally:
+        server.stop()
+        for s in sinks:
+            s.stop()

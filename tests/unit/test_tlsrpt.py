@@ -177,7 +177,7 @@ def test_report_of_a_day_exactly(root: Path) -> None:
                           "10.99.0.1", None, policy_strings=TLSA),
             SessionResult(T0, "plain.example", PolicyKind.OPPORTUNISTIC, "mx.plain.example",
                           "10.99.2.2", "10.99.0.1", None),
-            SessionResult(T0, "nofetch.example", PolicyKind.OPPORTUNISTIC, "", "", "",
+            SessionResult(T0, "nofetch.example", PolicyKind.STS_TESTING, "", "", "",
                           ResultType.STS_POLICY_FETCH_ERROR, detail="timed out"),
             sts(T0 + 86400)]  # the next day
     for r in rows:
