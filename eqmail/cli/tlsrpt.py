@@ -28,6 +28,10 @@ from eqmail.delivery.tlspolicy import SessionResult
 from eqmail.instance import Instance
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# Remote delivery records sessions under DANE, MTA-STS and tlshosts pins only: a pending
+# domain without a record went out (or tries to) with opportunistic TLS, or not yet at all.
+NOT_RECORDED = ("opportunistic (no DANE, MTA-STS or tlshosts pin session recorded today "
+                "or yesterday)")
 
 
 def _date(text: str) -> dt.date:
@@ -141,7 +145,7 @@ def queue_tls(root: Path, domains: list[str], now: float | None = None) -> list[
 
 def queue_lines(root: Path, domains: list[str]) -> list[str]:
     """``queue show``'s ``tls:`` lines."""
-    return [f"tls: {d}: {_describe(r) if r else 'no TLS session recorded'}"
+    return [f"tls: {d}: {_describe(r) if r else NOT_RECORDED}"
             for d, r in queue_tls(root, domains)]
 
 

@@ -309,7 +309,8 @@ def test_queue_show_names_the_policy_of_pending_remote_domains(root: Path) -> No
     assert lines[at + 1].startswith("tls: example.net: mta-sts enforce, last attempt ")
     assert lines[at + 1].endswith(" UTC: certificate-host-mismatch at mx.example.net [10.99.0.2]: "
                                   "received certificate for x.test")
-    assert lines[at + 2] == "tls: none.example: no TLS session recorded"
+    assert lines[at + 2] == ("tls: none.example: opportunistic (no DANE, MTA-STS or tlshosts pin "
+                             "session recorded today or yesterday)")
     assert lines[at + 3] == "" and lines[at + 4] == "Subject: hi"
     assert inspect.show(root, 30).split("\n")[at + 1] == ""  # without the callback: as before
     shown = inspect.show_json(root, 30, lambda d: cli.queue_json(root, d))
