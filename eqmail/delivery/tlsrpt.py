@@ -134,6 +134,9 @@ def record(root: Path, result: SessionResult) -> None:
             fd = os.open(path, flags)
             created = False
         except FileNotFoundError:
+            if not path.parent.is_dir():
+                _warn(f"no directory {path.parent} (made by 'eqmailctl setup'): sessions not recorded")
+                return
             fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
             created = True
         try:
@@ -142,10 +145,14 @@ def record(root: Path, result: SessionResult) -> None:
             os.write(fd, line)
         finally:
             os.close(fd)
-        if created:
-            prune(root, day_of(result.when))
     except Exception as e:  # noqa: BLE001 -- a statistics store must never fail a delivery
         _warn(f"cannot record the session with {result.mx_host or result.domain}: {e}")
+        return
+    if created:
+        try:
+            prune(root, day_of(result.when))
+        except OSError as e:
+            _warn(f"cannot remove old records: {e}")
 
 
 def prune(root: Path, today: dt.date, keep: int = KEEP_DAYS) -> None:

@@ -42,13 +42,16 @@ from eqmail.delivery import tlsrpt
 from eqmail.delivery.tlsrptmail import RecordError, choose_record, is_hostname, report_message
 from eqmail.dns import LookupHard, LookupSoft, Resolver
 from eqmail.instance import Instance
+from eqmail.ipc.framing import ProtocolError
+from eqmail.ipc.queue import QQExit
 from eqmail.log import log, sanitize
-from eqmail.queue.client import submit
+from eqmail.queue.client import QueueConnection, SubmitResult
 
 LOOKBACK_DAYS = 3
 GRACE = 15 * 60
 LOOKUP_TIMEOUT = 5.0
 BUDGET = 60.0
+SUBMIT_TIMEOUT = 60.0
 MARKERS = ("sts", "tlsrpt-sent")
 COMPLETE = "."
 MAX_MARKER = 1 << 20
@@ -145,13 +148,28 @@ def _send_one(instance: Instance, me: str, res: Resolver, report: dict[str, Any]
         return "none"
     sender = f"postmaster@{me}"
     message = report_message(report, me, sender, record.mailto, now, me)
-    result = submit(instance.root, sender, list(record.mailto), message)
+    result = _submit(instance.root, sender, list(record.mailto), message)
     rcpts = ", ".join(record.mailto)
     if result.ok:
         log(f"tlsrpt: report {report['report-id']} mailed to {rcpts}: qp {result.qp}")
         return "sent"
     log(f"tlsrpt: report {report['report-id']} to {rcpts}: queue said: {result.text}")
     return "failed" if result.permanent else None
+
+
+def _submit(root: Path, sender: str, recipients: list[str], message: bytes) -> SubmitResult:
+    """eqmail.queue.client.submit with a shorter bound: a stuck queue writer must not
+    hold the policy worker for the client's default ten minutes."""
+    try:
+        conn = QueueConnection(root, None, timeout=SUBMIT_TIMEOUT)
+    except OSError:
+        return SubmitResult.from_code(QQExit.CANNOT_EXEC)
+    try:
+        return conn.submit(sender, recipients, message)
+    except (OSError, ProtocolError):
+        return SubmitResult.from_code(QQExit.BUG)
+    finally:
+        conn.close()
 
 
 def _prune(marks: Path, today: dt.date) -> None:

@@ -87,7 +87,14 @@ def test_record_never_raises(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     tlsrpt.record(tmp_path / "missing", sts())  # no tlsrpt/ directory
     tlsrpt.record(tmp_path / "missing", sts())
     err = capfd.readouterr().err
-    assert err.count("warning: tlsrpt: cannot record the session with mx.example.net") == 1  # once a minute
+    assert err.count("warning: tlsrpt: no directory ") == 1  # once a minute
+    assert "(made by 'eqmailctl setup'): sessions not recorded" in err
+    tlsrpt._warned = 0.0
+    (tmp_path / "missing" / "tlsrpt").mkdir(parents=True)
+    os.chmod(tmp_path / "missing" / "tlsrpt", 0o555)
+    tlsrpt.record(tmp_path / "missing", sts())
+    if os.geteuid() != 0:  # root writes anyway
+        assert "warning: tlsrpt: cannot record the session with mx.example.net" in capfd.readouterr().err
 
 
 def test_new_day_file_prunes_old_ones(root: Path) -> None:
