@@ -123,6 +123,18 @@ def test_decode_of_any_bytes_never_raises(data: bytes) -> None:
     assert found is None or isinstance(found, SessionResult)
 
 
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=200).filter(lambda b: b"\n" not in b), max_size=8))
+def test_garbage_between_records_loses_nothing_else(root: Path, junk: list[bytes]) -> None:
+    good = [sts(T0 + i) for i in range(len(junk) + 1)]
+    lines = [tlsrpt.encode(good[0])]
+    for j, r in zip(junk, good[1:], strict=True):
+        lines += [j + b"\n", tlsrpt.encode(r)]
+    (root / "tlsrpt" / "2026-12-07").write_bytes(b"".join(lines))
+    found = list(tlsrpt.read_day(root, DAY))
+    assert [r for r in found if r in good] == good  # a junk line that decodes is a record too
+
+
 texts = st.text(max_size=60)
 results = st.builds(
     SessionResult,
