@@ -46,7 +46,7 @@ _eqmailctl() {
             COMPREPLY=($(compgen -W "--date --json --help" -- "$cur")) ;;
         cert)
             if ((arg == 1)); then
-                COMPREPLY=($(compgen -W "renew request install show dh --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "renew request install show dh publish --help" -- "$cur"))
             elif [[ $prev == --me || $prev == --days ]]; then
                 return 0
             elif [[ ${COMP_WORDS[at+1]} == install && $cur != -* ]]; then
