@@ -112,6 +112,10 @@ class MailParams:
 
     size: int | None = None  # SIZE=n, None if absent
     auth: str | None = None  # AUTH= value after xtext decoding; "unknown" for <>
+    # RFC 8689 (issue 17): REQUIRETLS present; requiretls_value: a REQUIRETLS=... form
+    # was given (the parameter takes no value: a syntax error)
+    requiretls: bool = False
+    requiretls_value: bool = False
 
 
 def parse_mail_params(arg: bytes) -> MailParams:
@@ -122,12 +126,15 @@ def parse_mail_params(arg: bytes) -> MailParams:
     space-separated token of the whole argument (so ``AUTH=<>`` works).  Keywords are
     case-insensitive; unknown keywords are ignored, as eQmail does.  ``SIZE=`` takes
     the leading digits (qmail's scan_ulong: ``SIZE=12x`` is 12, ``SIZE=x`` is 0).
+    eqmail adds ``REQUIRETLS`` (RFC 8689, no value; ``REQUIRETLS=...`` is noted so
+    that the session can refuse it).
     """
     gt = arg.rfind(b">")
     if gt <= 4:
         return MailParams()
     size: int | None = None
     auth: str | None = None
+    requiretls = requiretls_value = False
     for token in arg.split(b" "):
         key = token[:5].upper()
         if key == b"SIZE=":
@@ -135,7 +142,12 @@ def parse_mail_params(arg: bytes) -> MailParams:
             size = int(digits) if digits else 0
         elif key == b"AUTH=":
             auth = _xtext_auth(token[5:])
-    return MailParams(size=size, auth=auth)
+        elif token.upper() == b"REQUIRETLS":
+            requiretls = True
+        elif token[:11].upper() == b"REQUIRETLS=":
+            requiretls_value = True
+    return MailParams(size=size, auth=auth, requiretls=requiretls,
+                      requiretls_value=requiretls_value)
 
 
 def _leading_digits(data: bytes) -> bytes:
