@@ -1,5 +1,5 @@
-"""The MTA-STS policy worker's client: contract placeholder of issue 17; the MTA-STS
-work replaces this module."""
+"""The MTA-STS policy worker's client: the lead's interim version until the MTA-STS work
+lands (no worker yet: no policy)."""
 
 from __future__ import annotations
 
@@ -16,4 +16,4 @@ class StsClient:
         self.timeout = timeout
 
     def lookup(self, domain: str) -> StsLookup:
-        raise NotImplementedError("issue 17 contract")
+        return StsLookup(None)
