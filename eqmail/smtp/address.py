@@ -127,27 +127,33 @@ def parse_mail_params(arg: bytes) -> MailParams:
     case-insensitive; unknown keywords are ignored, as eQmail does.  ``SIZE=`` takes
     the leading digits (qmail's scan_ulong: ``SIZE=12x`` is 12, ``SIZE=x`` is 0).
     eqmail adds ``REQUIRETLS`` (RFC 8689, no value; ``REQUIRETLS=...`` is noted so
-    that the session can refuse it).
+    that the session can refuse it), looked for even without a ``>`` (in every token
+    after the first, ``FROM:...``): a demand for protection is never dropped silently
+    because the address lacked its brackets.
     """
+    tokens = arg.split(b" ")
     gt = arg.rfind(b">")
     if gt <= 4:
-        return MailParams()
+        requiretls, requiretls_value = _requiretls(tokens[1:])
+        return MailParams(requiretls=requiretls, requiretls_value=requiretls_value)
     size: int | None = None
     auth: str | None = None
-    requiretls = requiretls_value = False
-    for token in arg.split(b" "):
+    for token in tokens:
         key = token[:5].upper()
         if key == b"SIZE=":
             digits = _leading_digits(token[5:])
             size = int(digits) if digits else 0
         elif key == b"AUTH=":
             auth = _xtext_auth(token[5:])
-        elif token.upper() == b"REQUIRETLS":
-            requiretls = True
-        elif token[:11].upper() == b"REQUIRETLS=":
-            requiretls_value = True
+    requiretls, requiretls_value = _requiretls(tokens)
     return MailParams(size=size, auth=auth, requiretls=requiretls,
                       requiretls_value=requiretls_value)
+
+
+def _requiretls(tokens: list[bytes]) -> tuple[bool, bool]:
+    """(a ``REQUIRETLS`` token, a ``REQUIRETLS=...`` token) among ``tokens``."""
+    upper = [t.upper() for t in tokens]
+    return (b"REQUIRETLS" in upper, any(t.startswith(b"REQUIRETLS=") for t in upper))
 
 
 def _leading_digits(data: bytes) -> bytes:

@@ -370,3 +370,20 @@ def test_manager_bounces_a_requiretls_message_header_only_as_requiretls(tmp_path
     assert len(plain) == 5 and b"--- Below this line is a copy of the message.\n" in plain[2]
     # the double bounce of a REQUIRETLS message (null sender) keeps both rules
     assert double[0] == "#@[]" and double[5] is True and b"header of the original bounce" in double[2]
+
+
+def test_requiretls_is_seen_without_angle_brackets_too() -> None:
+    """qmail takes ``MAIL FROM:a@b`` without brackets and then reads no parameters; a
+    REQUIRETLS demand there is still honoured, never dropped silently."""
+    from eqmail.smtp.address import parse_mail_params
+
+    assert parse_mail_params(b"FROM:a@b.example REQUIRETLS").requiretls
+    assert parse_mail_params(b"FROM:a@b.example REQUIRETLS=1").requiretls_value
+    assert not parse_mail_params(b"FROM:REQUIRETLS").requiretls  # that is the address
+    assert parse_mail_params(b"FROM:a@b.example SIZE=5").size is None  # eQmail's rule stays
+    s, _ = _session()
+    sent, begun = _transaction(s, b"MAIL FROM:a@sender.example REQUIRETLS")
+    assert sent.startswith(b"530 ")
+    s, _ = _session(tls=True, smtps=True)
+    sent, begun = _transaction(s, b"MAIL FROM:a@sender.example REQUIRETLS")
+    assert sent.startswith(b"250 ok\r\n") and [m.requiretls for m in begun] == [True]
