@@ -74,12 +74,14 @@ TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of
 def delivery_options(item: Delivery) -> tuple[tuple[str, str], ...]:
     """The request's options: the message's origin for a remote delivery, which the
     remote worker signs by (issue 16; none for a message with no Xorigin= record:
-    an outsider's, never signed), and ``("requiretls", "1")`` for a remote delivery of
-    a REQUIRETLS message (issue 17, RFC 8689), which the remote worker enforces."""
+    an outsider's, never signed), and ``("requiretls", "1")`` for any delivery of a
+    REQUIRETLS message (issue 17, RFC 8689): the remote worker enforces it, the local
+    one passes it on to what a .qmail file forwards (§4.1)."""
+    requiretls = (("requiretls", "1"),) if item.requiretls else ()
     if item.channel is not Channel.REMOTE:
-        return ()
+        return requiretls
     origin = (("origin", item.origin.value),) if item.origin is not None else ()
-    return origin + ((("requiretls", "1"),) if item.requiretls else ())
+    return origin + requiretls
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from certs import CA
-from harness import IS_ROOT, ME, Instance, free_port, poll
+from harness import IS_ROOT, ME, Instance, dotqmail, free_port, poll
 from smtpsink import Script, SmtpSink
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root (privilege split, eqmaild)")
@@ -231,7 +231,7 @@ def test_a_pinned_peer_offering_requiretls_gets_it_on_mail_from(world: World) ->
     _send(world, "u@pinned.example", "pinned")
     word, text = _result(world.relay, "u@pinned.example")
     assert word == "success", text
-    (tr,) = sink.transactions
+    (tr,) = [t for t in sink.transactions if t.rcpts == ["u@pinned.example"]]
     assert tr.tls and tr.mail.endswith(" REQUIRETLS"), tr.mail
     assert tr.mail.startswith(f"FROM:<{SENDER}>")
     assert SECRET.encode() in tr.data
@@ -274,3 +274,18 @@ def test_tls_required_no_does_not_lift_a_tlshosts_pin(world: World) -> None:
     assert text.startswith("TLS unable to verify server with control/tlshosts/127.0.0.6.pem: "), text
     assert sink.transactions == []
     assert not any(c.upper().startswith(b"MAIL") for c in sink.commands)
+
+
+def test_a_forwarded_copy_keeps_the_demand(world: World) -> None:
+    """RFC 8689 §4.1: a message redirected by a .qmail file keeps REQUIRETLS: its copy
+    to the pinned peer carries it on MAIL FROM, its copy to a domain without validated
+    TLS is bounced with 5.7.10 instead of going out."""
+    dotqmail(world.relay, ".qmail-fwd", "&x@pinned.example\n&x@nopolicy.example\n")
+    _send(world, f"testuser+fwd@{ME}", "forwarded")
+    word, text = _result(world.relay, "x@pinned.example")
+    assert word == "success", text
+    (tr,) = [t for t in world.sinks["pinned.example"].transactions if t.rcpts == ["x@pinned.example"]]
+    assert tr.mail.endswith(" REQUIRETLS") and b"Subject: forwarded" in tr.data
+    word, text = _result(world.relay, "x@nopolicy.example")
+    assert word == "failure" and "(#5.7.10)" in text, text
+    assert not any(t.rcpts == ["x@nopolicy.example"] for t in world.sinks["nopolicy.example"].transactions)

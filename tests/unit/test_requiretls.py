@@ -214,7 +214,10 @@ def test_scanner_gives_remote_delivery_the_option() -> None:
     assert delivery_options(rt) == (("requiretls", "1"),)
     both = Delivery(1, Channel.REMOTE, 0, "s@x", "r@y", Origin.AUTH, True)
     assert delivery_options(both) == (("origin", "auth"), ("requiretls", "1"))
-    assert delivery_options(Delivery(1, Channel.LOCAL, 0, "s@x", "r@y", None, True)) == ()
+    # local delivery passes it on to what a .qmail forwards (RFC 8689 §4.1)
+    assert delivery_options(Delivery(1, Channel.LOCAL, 0, "s@x", "r@y", Origin.AUTH, True)) == (
+        ("requiretls", "1"),)
+    assert delivery_options(Delivery(1, Channel.LOCAL, 0, "s@x", "r@y", Origin.AUTH)) == ()
     assert delivery_options(Delivery(1, Channel.REMOTE, 0, "s@x", "r@y")) == ()
 
 
@@ -273,7 +276,7 @@ def test_writer_to_todo_to_info_to_delivery_options(tmp_path: Path) -> None:
            for d in mgr.next_requests(Channel.REMOTE)]
     assert got == [("r@remote.example", True, (("origin", "auth"), ("requiretls", "1")))]
     local = [(d.recipient, delivery_options(d)) for d in mgr.next_requests(Channel.LOCAL)]
-    assert local == [("l@local", ())]
+    assert local == [("l@local", (("requiretls", "1"),))]
 
 
 def test_queue_show_names_it(tmp_path: Path) -> None:
@@ -387,3 +390,21 @@ def test_requiretls_is_seen_without_angle_brackets_too() -> None:
     s, _ = _session(tls=True, smtps=True)
     sent, begun = _transaction(s, b"MAIL FROM:a@sender.example REQUIRETLS")
     assert sent.startswith(b"250 ok\r\n") and [m.requiretls for m in begun] == [True]
+
+
+def test_the_local_child_job_carries_it() -> None:
+    """The local worker tells its per-user child; the job of any other message keeps
+    qmail-local's nine arguments exactly."""
+    from eqmail.ipc.delivery import LocalChildJob
+    from eqmail.ipc.framing import ProtocolError
+
+    args = ("u", "/home/u", "u-fwd", "-", "fwd", "y.test", "s@x.test", "./Maildir/", "me")
+    plain = LocalChildJob(*args)
+    assert plain.encode() == b"".join(a.encode() + b"\0" for a in args)
+    rt = LocalChildJob(*args, requiretls=True)
+    assert rt.encode() == plain.encode() + b"R\0"
+    assert LocalChildJob.decode(rt.encode()) == rt
+    assert LocalChildJob.decode(plain.encode()) == plain
+    for bad in (plain.encode() + b"X\0", plain.encode() + b"R\0R\0", plain.encode() + b"R"):
+        with pytest.raises(ProtocolError):
+            LocalChildJob.decode(bad)
