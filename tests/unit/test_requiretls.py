@@ -408,3 +408,17 @@ def test_the_local_child_job_carries_it() -> None:
     for bad in (plain.encode() + b"X\0", plain.encode() + b"R\0R\0", plain.encode() + b"R"):
         with pytest.raises(ProtocolError):
             LocalChildJob.decode(bad)
+
+
+def test_queue_show_before_preprocessing(tmp_path: Path) -> None:
+    """queue show reads the record from todo/ too (after the T and Xorigin= records)."""
+    from eqmail.queue.inspect import show, show_json
+    from eqmail.queue.layout import create_queue
+
+    q = create_queue(tmp_path / "queue")
+    q.mess(30).write_bytes(b"Subject: s\n\nbody\n")
+    q.todo(30).write_bytes(b"u1000\0p77\0Fs@x.org\0Ta@b.org\0Xorigin=auth\0Xrequiretls=1\0")
+    assert show(tmp_path, 30).split("\n")[2:4] == ["origin: auth", "requiretls: yes"]
+    assert show_json(tmp_path, 30)["requiretls"] is True
+    q.todo(30).write_bytes(b"u1000\0p77\0Fs@x.org\0Ta@b.org\0Xrequiretls=1")  # still being written
+    assert show_json(tmp_path, 30)["requiretls"] is False
