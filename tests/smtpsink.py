@@ -56,6 +56,7 @@ class Script:
     data: str = "354 go ahead"
     final: str = "250 ok 1234 qp 5"
     size: int | None = 10000000  # the EHLO SIZE keyword's value (None: no SIZE keyword)
+    tls_keywords: tuple[str, ...] = ()  # EHLO keywords offered only inside TLS (REQUIRETLS)
     hang_at: str = ""  # "banner", "mail", "final": stop answering there
     drop_in_data: bool = False
     # Drop the connection after the final dot without answering it: the message was
@@ -200,6 +201,8 @@ class SmtpSink:
             lines.append("250-STARTTLS")
         if self.script.auth is not None:
             lines.append("250-AUTH PLAIN LOGIN")
+        if io.tls:
+            lines += [f"250-{k}" for k in self.script.tls_keywords]
         lines.append("250 HELP" if self.script.size is None else f"250 SIZE {self.script.size}")
         return "\r\n".join(lines)
 

@@ -334,7 +334,8 @@ MAX_CHILD_JOB = 64 * 1024
 @dataclass(frozen=True)
 class LocalChildJob:
     """qmail-local's arguments: ``user home local dash ext domain sender
-    defaultdelivery me``, each NUL-terminated."""
+    defaultdelivery me``, each NUL-terminated; then, for a REQUIRETLS message (RFC
+    8689), ``R``: the copies its .qmail forwards keep the demand (§4.1)."""
 
     user: str
     home: str
@@ -345,6 +346,7 @@ class LocalChildJob:
     sender: str
     default_delivery: str
     me: str
+    requiretls: bool = False
 
     FIELDS: ClassVar[int] = 9
 
@@ -352,6 +354,8 @@ class LocalChildJob:
         values = (self.user, self.home, self.local, self.dash, self.ext, self.domain,
                   self.sender, self.default_delivery, self.me)
         payload = b"".join(_field(encode(v), "job field") + b"\0" for v in values)
+        if self.requiretls:
+            payload += b"R\0"
         if len(payload) > MAX_CHILD_JOB:
             raise ProtocolError("local job too long")
         return payload
@@ -359,7 +363,10 @@ class LocalChildJob:
     @classmethod
     def decode(cls, payload: bytes) -> LocalChildJob:
         parts = payload.split(b"\0")
-        if len(payload) > MAX_CHILD_JOB or len(parts) != cls.FIELDS + 1 or parts[-1]:
+        requiretls = len(parts) == cls.FIELDS + 2 and parts[cls.FIELDS] == b"R"
+        if (len(payload) > MAX_CHILD_JOB or len(parts) != cls.FIELDS + 1 + requiretls
+                or parts[-1]):
             raise ProtocolError("malformed local job")
-        user, home, local, dash, ext, domain, sender, default, me = (decode(p) for p in parts[:-1])
-        return cls(user, home, local, dash, ext, domain, sender, default, me)
+        user, home, local, dash, ext, domain, sender, default, me = (
+            decode(p) for p in parts[:cls.FIELDS])
+        return cls(user, home, local, dash, ext, domain, sender, default, me, requiretls)

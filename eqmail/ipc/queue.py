@@ -8,8 +8,8 @@ SO_PEERCRED, never from a message.  Frames (eqmail.ipc.framing):
                      ``B`` :class:`BodyChunk` (<= 1 MiB): the message, streamed
                      ``E`` :class:`QueueEnvelope`: qmail-queue's fd-1 format
                      ``F<s>\\0T<r>\\0...\\0``, then eqmail's extension records
-                     ``X<key>=<value>\\0`` (:class:`Origin`); ends the message, the
-                     writer commits and answers
+                     ``X<key>=<value>\\0`` (:class:`Origin`, ``Xrequiretls=1``);
+                     ends the message, the writer commits and answers
                      ``P`` :class:`QueuePrepend` (<= 64 KiB, before ``E``): header
                      fields to put right after the writer's Received line (the
                      listener's Authentication-Results), honoured only from the
@@ -226,11 +226,16 @@ class QueueEnvelope:
 
     ``origin`` is what the client claims (None: nothing, i.e. qmail-queue's format
     exactly); it travels as an ``Xorigin=<value>`` record after the terminating NUL,
-    where qmail-queue stops reading, so the bytes before it stay qmail-queue's."""
+    where qmail-queue stops reading, so the bytes before it stay qmail-queue's.
+    ``requiretls``: the sender demanded REQUIRETLS (RFC 8689: ``MAIL FROM:<..>
+    REQUIRETLS`` on a TLS session, or a bounce of such a message), an
+    ``Xrequiretls=1`` record there too.  Any client may ask for it: it only makes
+    the message's delivery stricter."""
 
     sender: str
     recipients: tuple[str, ...]
     origin: Origin | None = None
+    requiretls: bool = False
 
     def encode(self) -> bytes:
         """The bytes a client sends to the queue writer (qmail-queue's fd 1).  An
@@ -244,6 +249,8 @@ class QueueEnvelope:
         parts.append(b"\0")
         if self.origin is not None:
             parts.append(f"Xorigin={Origin(self.origin).value}\0".encode("ascii"))
+        if self.requiretls:
+            parts.append(REQUIRETLS_RECORD)
         data = b"".join(parts)
         if len(data) > MAX_FRAME[ENVELOPE]:
             raise ProtocolError("envelope too long")
@@ -261,7 +268,8 @@ class QueueEnvelope:
         data ending before the terminating extra NUL: 54 (qmail-queue's die_read).
         After the terminating NUL come eqmail's extension records (``X<key>=<value>``
         each with its NUL; qmail-queue never reads them): ``origin`` is taken when its
-        value is an :class:`Origin`; an unknown key or value, too many records or a
+        value is an :class:`Origin`, ``requiretls`` when its value is ``1``; an
+        unknown key or value, too many records or a
         record without its NUL is ignored, never a refusal, so an older client's bytes
         and a newer client's unknown records both queue.  Every refusal is an
         :class:`EnvelopeRefused` carrying its code.
@@ -296,23 +304,32 @@ class QueueEnvelope:
             if tag != b"T":
                 raise EnvelopeRefused(QQExit.BAD_ENVELOPE, "recipient record does not start with T")
             recips.append(address())
-        return cls(sender, tuple(recips), _extensions(data, pos).get("origin"))
+        origin, requiretls = _extensions(data, pos)
+        return cls(sender, tuple(recips), origin, requiretls)
 
 
-def _extensions(data: bytes, pos: int) -> dict[str, Origin]:
-    found: dict[str, Origin] = {}
+# The REQUIRETLS record (RFC 8689), in the envelope as in todo/ and info/; a value
+# other than 1 is not one this eqmail knows and is ignored.
+REQUIRETLS_RECORD = b"Xrequiretls=1\0"
+
+
+def _extensions(data: bytes, pos: int) -> tuple[Origin | None, bool]:
+    origin: Origin | None = None
+    requiretls = False
     for _ in range(_EXT_MAX):
         end = data.find(b"\0", pos, pos + _EXT_LEN)
         if end < 0 or data[pos:pos + 1] != b"X":
             break
         key, sep, value = data[pos + 1:end].partition(b"=")
         pos = end + 1
-        if key == b"origin" and sep:
+        if key == b"requiretls" and sep and value == b"1":
+            requiretls = True
+        elif key == b"origin" and sep:
             try:
-                found["origin"] = Origin(value.decode("ascii"))
+                origin = Origin(value.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 continue
-    return found
+    return origin, requiretls
 
 
 class CleanKind(enum.Enum):

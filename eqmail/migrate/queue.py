@@ -35,7 +35,7 @@ from pathlib import Path
 from eqmail.instance import Instance
 from eqmail.ipc.queue import QQExit
 from eqmail.migrate.plan import ImportReport, Owners, write_file
-from eqmail.queue.envelope import Envelope, origin_of, parse_records
+from eqmail.queue.envelope import Envelope, origin_of, parse_records, requiretls_of
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.writer import PendingMessage, QueueStore, fsync_dir, syncfs
 
@@ -186,7 +186,7 @@ class QueueImporter:
         qp = int(fields["p"]) if fields.get("p", "").isdigit() else os.getpid()
         pending = self._new_mess(mess, qp, uid)
         msgid = pending.msgid
-        pending.envelope = Envelope(fields["F"], rcpts, origin_of(recs))
+        pending.envelope = Envelope(fields["F"], rcpts, origin_of(recs), requiretls_of(recs))
         self.store.commit([pending])  # QueueStore removes what it created if this fails
         if pending.result != QQExit.OK:
             raise OSError(f"cannot queue a copy of {mess}: {pending.result!r}")

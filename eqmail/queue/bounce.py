@@ -9,6 +9,18 @@ eqmail's backscatter limits (qmail has neither): a bounce carries at most
 :func:`bounded_copy`; the break paragraph says so), and :class:`BounceRate` lets at most
 ``control/bouncelimit`` bounces per hour go to one address.  BounceRate is the only
 state here: a plain table in the scanner's memory, see its docstring for a restart.
+
+REQUIRETLS (RFC 8689 §5, "Non-delivery Message Handling"): a bounce's copy of the
+original message must be protected as the message was, so for a message sent with
+REQUIRETLS eqmail does both things the RFC asks — the bounce carries the original's
+header only, never its body (the RFC: behave as if DSN ``RET=HDRS`` had been asked,
+whatever else was; :func:`header_copy`, and the break paragraph says so), and the
+bounce itself is queued as a REQUIRETLS message (the scanner's injection sets the
+envelope's ``requiretls``), so it too is relayed only over validated TLS to a server
+that offers REQUIRETLS, or not at all (it then double-bounces to the postmaster, with
+the same header-only rule; the RFC warns that such a sender may lose its bounces).
+The same holds for any failure of such a message, not only REQUIRETLS ones.  A bounce
+delivered locally (the sender is ours) is not affected.
 """
 
 from __future__ import annotations
@@ -97,6 +109,36 @@ class Excerpt:
         return self.limit > 0 and self.size > self.limit
 
 
+HEADER_MAX = 1 << 20  # header bytes a REQUIRETLS bounce carries when bouncemaxbytes is 0
+
+
+def header_copy(message: BinaryIO, limit: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The header section of ``message`` (from its current position up to, not
+    including, the empty line that ends it; all of it when there is none), for a
+    REQUIRETLS message's bounce (RFC 8689 §5).  At most ``limit`` bytes (``HEADER_MAX``
+    when ``limit`` is 0), cut at a line end as :func:`bounded_copy` cuts; reads are
+    bounded by ``chunk``."""
+    left = limit if limit > 0 else HEADER_MAX
+    at_line_start = True  # the previous byte copied (if any) was an LF
+    while left > 0:
+        data = message.read(min(chunk, left))
+        if not data:
+            return
+        if at_line_start and data[:1] == b"\n":
+            return  # the empty line fell on a chunk boundary
+        end = data.find(b"\n\n")
+        if end >= 0:
+            yield data[:end + 1]
+            return
+        left -= len(data)
+        at_line_start = data.endswith(b"\n")
+        if left == 0 and not at_line_start and message.read(1):
+            cut = data.rfind(b"\n")
+            yield data[:cut + 1] if cut >= 0 else data + b"\n"
+            return
+        yield data
+
+
 def bounded_copy(message: BinaryIO, limit: int, chunk: int = CHUNK) -> Iterator[bytes]:
     """At most ``limit`` bytes (> 0) of ``message`` from its current position.
 
@@ -171,10 +213,13 @@ def compose_bounce(
     bouncehost: str,
     now: float | None = None,
     excerpt: Excerpt | None = None,
+    header_only: bool = False,
 ) -> bytes:
     """The bounce message up to (and including) the Return-Path line; the caller appends
     the mess file's bytes after it -- all of them, or :func:`bounded_copy` when
-    ``excerpt`` is truncated, which the break paragraph then says."""
+    ``excerpt`` is truncated, which the break paragraph then says; with
+    ``header_only`` (a REQUIRETLS message, RFC 8689 §5) :func:`header_copy`, and the
+    break paragraph says that the body is left out and why."""
     lines = [
         f"Date: {date822(now)}",
         f"From: {quote_address(f'{bouncefrom}@{bouncehost}')}",
@@ -195,7 +240,11 @@ def compose_bounce(
     brk = "--- Below this line is the original bounce." if target.double else (
         "--- Below this line is a copy of the message."
     )
-    if excerpt is not None and excerpt.truncated:
+    if header_only:
+        what = "the original bounce" if target.double else "the message"
+        brk = (f"--- Below this line is the header of {what}, without its body:\n"
+               "--- it was sent with REQUIRETLS, whose bounces carry no content (RFC 8689).")
+    elif excerpt is not None and excerpt.truncated:
         what = "the original bounce" if target.double else "a copy of the message"
         # Still one break paragraph (QSBMF: it begins with '-'), now two lines.
         brk = (f"--- Below this line is the beginning of {what}, cut to at most "

@@ -92,13 +92,14 @@ class QueueConnection:
         self.sock.close()
 
     def submit(self, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
-               prefix: bytes = b"", origin: Origin | None = None) -> SubmitResult:
+               prefix: bytes = b"", origin: Origin | None = None,
+               requiretls: bool = False) -> SubmitResult:
         if prefix:
             self.sock.sendall(BodyChunk(prefix).frame())
         for chunk in _chunks(message):
             if chunk:
                 self.sock.sendall(BodyChunk(chunk).frame())
-        self.sock.sendall(QueueEnvelope(sender, tuple(recipients), origin).frame())
+        self.sock.sendall(QueueEnvelope(sender, tuple(recipients), origin, requiretls).frame())
         kind, payload = recv_frame(self.sock)
         expect(ANSWER, kind)
         return SubmitResult.from_answer(QueueAnswer.decode(payload))
@@ -119,7 +120,7 @@ class QueueConnection:
 
 def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | BinaryIO | Iterable[bytes],
            *, prefix: bytes = b"", role: QueueRole | None = None,
-           origin: Origin | None = None) -> SubmitResult:
+           origin: Origin | None = None, requiretls: bool = False) -> SubmitResult:
     """Queue one message.  Returns code 120 ("unable to exec qq") when no queue writer
     answers, code 53/54/... as qmail-queue would otherwise."""
     try:
@@ -127,7 +128,7 @@ def submit(root: Path, sender: str, recipients: Sequence[str], message: bytes | 
     except OSError:
         return SubmitResult.from_code(QQExit.CANNOT_EXEC)
     try:
-        return conn.submit(sender, recipients, message, prefix, origin)
+        return conn.submit(sender, recipients, message, prefix, origin, requiretls)
     except (OSError, ProtocolError):
         return SubmitResult.from_code(QQExit.BUG)
     finally:
@@ -211,7 +212,7 @@ class AsyncQueueClient:
             self.pending += QueuePrepend(fields).frame()
 
     async def finish(self, sender: str, recipients: Sequence[str],
-                     origin: Origin | None = None) -> SubmitResult:
+                     origin: Origin | None = None, requiretls: bool = False) -> SubmitResult:
         if self.broken:
             await self.abandon()
             return SubmitResult.from_code(QQExit.CANNOT_EXEC)
@@ -219,7 +220,7 @@ class AsyncQueueClient:
             if self.writer is None:
                 await self._connect()
             assert self.writer is not None and self.reader is not None
-            self.pending += QueueEnvelope(sender, tuple(recipients), origin).frame()
+            self.pending += QueueEnvelope(sender, tuple(recipients), origin, requiretls).frame()
             self.writer.write(bytes(self.pending))
             self.pending.clear()
             kind, payload = await read_frame_async(self.reader)

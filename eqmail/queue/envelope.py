@@ -3,8 +3,9 @@
 - qmail-queue input (fd 1): a frame payload of run/queue.sock, so its reader and writer
   are eqmail.ipc.queue.QueueEnvelope's.
 - todo/intd files: ``u<uid>\\0p<pid>\\0F<sender>\\0T<rcpt>\\0...`` (no final extra NUL),
-  then ``Xorigin=<origin>\\0`` for every origin but NETWORK (docs/queue-format.md).
-- info files: ``F<sender>\\0``, then the same ``Xorigin=<origin>\\0`` when the todo had it.
+  then ``Xorigin=<origin>\\0`` for every origin but NETWORK, then ``Xrequiretls=1\\0``
+  for a message sent with REQUIRETLS (RFC 8689) (docs/queue-format.md).
+- info files: ``F<sender>\\0``, then the same ``X`` records when the todo had them.
 - local/remote channel files: ``T<addr>\\0`` (to do) or ``D<addr>\\0`` (done).
 
 Pure functions on bytes; addresses are returned as ``str`` via eqmail.textio so that any
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from eqmail.ipc.queue import Origin
+from eqmail.ipc.queue import REQUIRETLS_RECORD, Origin
 from eqmail.textio import decode, encode
 
 ORIGIN_KEY = "origin"  # the key of the X record: ``Xorigin=<value>``
@@ -25,11 +26,13 @@ ORIGIN_KEY = "origin"  # the key of the X record: ``Xorigin=<value>``
 @dataclass(frozen=True)
 class Envelope:
     """A message's envelope as the queue stores it; ``origin`` is what the queue writer
-    believed (eqmail.queue.origin), None for a message that has no record of it."""
+    believed (eqmail.queue.origin), None for a message that has no record of it;
+    ``requiretls``: its delivery must meet RFC 8689 (an ``Xrequiretls=1`` record)."""
 
     sender: str
     recipients: tuple[str, ...]
     origin: Origin | None = None
+    requiretls: bool = False
 
 
 def origin_record(origin: Origin | None) -> bytes:
@@ -45,13 +48,26 @@ def todo_bytes(uid: int, qp: int, env: Envelope) -> bytes:
     for r in env.recipients:
         parts += [b"T", encode(r), b"\0"]
     parts.append(origin_record(env.origin))  # after the T records: qmail's bytes come first
+    parts.append(requiretls_record(env.requiretls))
     return b"".join(parts)
 
 
-def info_bytes(sender: str, origin: Origin | None) -> bytes:
-    """An info/ file: ``F<sender>\\0`` and the origin's X record (qmail-qread and
-    qmail-send read only the first record of info/)."""
-    return b"F" + encode(sender) + b"\0" + origin_record(origin)
+def requiretls_record(requiretls: bool) -> bytes:
+    """``Xrequiretls=1\\0`` for a REQUIRETLS message; nothing for any other, whose
+    files stay qmail's (or issue 16's) bytes."""
+    return REQUIRETLS_RECORD if requiretls else b""
+
+
+def info_bytes(sender: str, origin: Origin | None, requiretls: bool = False) -> bytes:
+    """An info/ file: ``F<sender>\\0`` and the X records (qmail-qread and qmail-send
+    read only the first record of info/)."""
+    return b"F" + encode(sender) + b"\0" + origin_record(origin) + requiretls_record(requiretls)
+
+
+def requiretls_of(records: Iterable[TodoRecord]) -> bool:
+    """Whether a todo/ or info/ file has the ``Xrequiretls=1`` record (another value is
+    a newer eqmail's that this one does not know: not REQUIRETLS)."""
+    return any(rec.kind == "X" and rec.value == "requiretls=1" for rec in records)
 
 
 def origin_of(records: Iterable[TodoRecord]) -> Origin | None:

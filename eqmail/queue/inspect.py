@@ -9,7 +9,8 @@ Inputs: the instance root (the queue is ``<root>/queue``), laid out as in qmail-
 with big-todo (todo/ split).  Records are NUL-terminated: info ``F<sender>``; local/remote
 ``T<addr>``/``D<addr>``; todo ``u<uid>``, ``p<pid>``, ``F<sender>``, ``T<rcpt>``...; todo and
 info may end with eqmail's ``Xorigin=<origin>`` (docs/queue-format.md), which ``show`` and
-the JSON objects give as ``origin`` (``network`` when there is none).
+the JSON objects give as ``origin`` (``network`` when there is none), and
+``Xrequiretls=1``: ``show`` prints ``requiretls: yes``, the JSON has ``requiretls``.
 Outputs: text, or (``--json``) the objects documented in eqmailctl(8).  Non-printable
 bytes of envelope data are shown as ``_`` in text (qmail-qread) and as ``\\xNN`` in JSON
 when they are not UTF-8.
@@ -101,15 +102,16 @@ def _channel_recipients(q: QueuePaths, msgid: int) -> tuple[list[Recipient], str
     return found, warning
 
 
-def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes, str]:
-    """(mess size, info mtime, sender, origin) of a preprocessed message; OSError if
-    unreadable."""
+def _info(q: QueuePaths, msgid: int) -> tuple[int, float, bytes, str, bool]:
+    """(mess size, info mtime, sender, origin, requiretls) of a preprocessed message;
+    OSError if unreadable."""
     size = q.mess(msgid).stat().st_size
     with open(q.info(msgid), "rb") as f:
         data = f.read(4096)
         mtime = os.fstat(f.fileno()).st_mtime
     first = data.split(b"\0", 1)[0]
-    return size, mtime, first[1:], _origin(records(data))
+    recs = records(data)
+    return size, mtime, first[1:], _origin(recs), b"Xrequiretls=1" in recs
 
 
 def _origin(recs: list[bytes]) -> str:
@@ -143,6 +145,7 @@ class QueuedMessage:
     warnings: tuple[str, ...] = ()
     error: str | None = None
     origin: str = "network"  # the Xorigin= record (eqmail.queue.origin)
+    requiretls: bool = False  # the Xrequiretls=1 record (RFC 8689)
 
     def text_lines(self) -> list[str]:
         """qmail-qread's lines for this message."""
@@ -172,6 +175,7 @@ class QueuedMessage:
                            for r in self.recipients],
             "warnings": list(self.warnings),
             "origin": self.origin,
+            "requiretls": self.requiretls,
         }
 
 
@@ -186,13 +190,14 @@ def messages(root: Path) -> list[QueuedMessage]:
     out: list[QueuedMessage] = []
     for msgid in _ids(q, "info"):
         try:
-            size, mtime, sender, origin = _info(q, msgid)
+            size, mtime, sender, origin, rtls = _info(q, msgid)
         except OSError as e:
             out.append(QueuedMessage(msgid, error=e.strerror or str(e)))
             continue
         rcpts, warning = _channel_recipients(q, msgid)
         out.append(QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True,
-                                 tuple(rcpts), (warning,) if warning else (), origin=origin))
+                                 tuple(rcpts), (warning,) if warning else (), origin=origin,
+                                 requiretls=rtls))
     return out
 
 
@@ -237,14 +242,15 @@ def message(root: Path, msgid: int) -> QueuedMessage:
         recs = records(data)
         sender = next((r[1:] for r in recs if r[:1] == b"F"), b"")
         rcpts = tuple(Recipient("todo", r[1:], False) for r in recs if r[:1] == b"T")
-        return QueuedMessage(msgid, mtime, size, sender, False, False, rcpts, origin=_origin(recs))
+        return QueuedMessage(msgid, mtime, size, sender, False, False, rcpts, origin=_origin(recs),
+                             requiretls=b"Xrequiretls=1" in recs)
     try:
-        size, mtime, sender, origin = _info(q, msgid)
+        size, mtime, sender, origin, rtls = _info(q, msgid)
     except FileNotFoundError:
         raise NoSuchMessage(f"message #{msgid} is not completely queued") from None
     found, warning = _channel_recipients(q, msgid)
     return QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True, tuple(found),
-                         (warning,) if warning else (), origin=origin)
+                         (warning,) if warning else (), origin=origin, requiretls=rtls)
 
 
 def pending_domains(m: QueuedMessage) -> list[str]:
@@ -266,6 +272,8 @@ def show(root: Path, msgid: int, tls: Callable[[list[str]], list[str]] | None = 
     if m.preprocessed:  # the unreadable-channel warning goes after the recipients here
         lines = [lines[0], *lines[1 + len(m.warnings):], *m.warnings]
     lines.append(f"origin: {m.origin}")
+    if m.requiretls:  # RFC 8689: only validated TLS to a REQUIRETLS server, else a bounce
+        lines.append("requiretls: yes")
     lines += tls(pending_domains(m)) if tls else []
     return "".join(ln + "\n" for ln in lines) + "\n" + header + ("[header truncated]\n" if truncated else "")
 

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from eqmail.control import Controls
 from eqmail.ipc.admin import Delivery as AdminDelivery
@@ -29,7 +30,13 @@ from eqmail.ipc.delivery import Verdict
 from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, sanitize
 from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
-from eqmail.queue.envelope import ChannelRecord, origin_of, parse_channel, parse_records
+from eqmail.queue.envelope import (
+    ChannelRecord,
+    origin_of,
+    parse_channel,
+    parse_records,
+    requiretls_of,
+)
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.preprocess import Cleaner, Preprocessor
@@ -54,6 +61,7 @@ class Pass:
     dying: bool
     todo: list[ChannelRecord]
     origin: Origin | None = None  # info/'s Xorigin= record (eqmail.queue.origin)
+    requiretls: bool = False  # info/'s Xrequiretls=1 record (RFC 8689)
     outstanding: int = 0
     deferred: bool = False  # some recipient got a temporary failure
     fd: int = -1  # the channel file, opened at the first done marker, closed at the end
@@ -73,6 +81,7 @@ class Delivery:
     sender: str  # VERP-expanded
     recipient: str
     origin: Origin | None = None  # where the message came from: whether it is signed
+    requiretls: bool = False  # the sender demanded REQUIRETLS: validated TLS or a bounce
 
 
 @dataclass
@@ -99,9 +108,15 @@ class ChannelState:
         return None
 
 
-#: (envelope sender, recipients, bounce head, msgid, bouncemaxbytes) -> (ok, qp or error):
-#: queues head + the mess file of msgid, or at most bouncemaxbytes of it (0 = all).
-Injector = Callable[[str, list[str], bytes, int, int], tuple[bool, str]]
+class Injector(Protocol):
+    """(envelope sender, recipients, bounce head, msgid, bouncemaxbytes[, requiretls])
+    -> (ok, qp or error): queues head + the mess file of msgid, or at most
+    bouncemaxbytes of it (0 = all).  ``requiretls`` (passed only when True): the
+    bounce of a REQUIRETLS message — only the header of the mess file, and the bounce
+    queued as a REQUIRETLS message itself (RFC 8689 §5, eqmail.queue.bounce)."""
+
+    def __call__(self, sender: str, recipients: list[str], head: bytes, msgid: int,
+                 limit: int, requiretls: bool = ..., /) -> tuple[bool, str]: ...
 
 
 class QueueManager:
@@ -217,7 +232,8 @@ class QueueManager:
             state.active += 1
             free -= 1
             out.append(Delivery(ps.msgid, channel, rec.offset,
-                                verp_sender(ps.sender, rec.address), rec.address, ps.origin))
+                                verp_sender(ps.sender, rec.address), rec.address, ps.origin,
+                                ps.requiretls))
         return out
 
     def adopt(self, channel: Channel, msgid: int, offset: int) -> Delivery | None:
@@ -243,7 +259,7 @@ class QueueManager:
         ps.outstanding += 1
         state.active += 1
         return Delivery(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
-                        rec.address, ps.origin)
+                        rec.address, ps.origin, ps.requiretls)
 
     def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
         while True:
@@ -262,9 +278,10 @@ class QueueManager:
     def _open_pass(self, channel: Channel, msgid: int, now: float) -> Pass | None:
         fresh = self.preprocessor.take_fresh(channel, msgid)
         if fresh is not None and os.path.exists(self._chan_path(channel, msgid)):
-            sender, birth, todo, origin = fresh
+            sender, birth, todo, origin, requiretls = fresh
             return Pass(msgid, channel, sender, birth, now,
-                        is_dying(birth, now, self.controls.queuelifetime), todo, origin)
+                        is_dying(birth, now, self.controls.queuelifetime), todo, origin,
+                        requiretls)
         try:
             with open(self.paths.info(msgid), "rb") as f:
                 info = f.read(4096)
@@ -280,7 +297,7 @@ class QueueManager:
         sender = recs[0].value if recs and recs[0].kind == "F" else ""
         todo = [r for r in records if not r.done]
         return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime),
-                    todo, origin_of(recs))
+                    todo, origin_of(recs), requiretls_of(recs))
 
     def report(self, req: Delivery, verdict: Verdict, text: str) -> None:
         """A delivery finished: a success or failure is done (a failure bounces), a
@@ -391,6 +408,7 @@ class QueueManager:
         except FileNotFoundError:
             recs = []
         sender = recs[0].value if recs and recs[0].kind == "F" else ""
+        requiretls = requiretls_of(recs)
         c = self.controls
         target = bounce_target(sender, c.doublebounceto, c.doublebouncehost)
         if target is None:
@@ -408,9 +426,10 @@ class QueueManager:
         except OSError:
             excerpt = None  # the injector meets the same problem and reports it
         head = compose_bounce(target=target, original_sender=sender, notes=notes,
-                              bouncefrom=c.bouncefrom, bouncehost=c.bouncehost, excerpt=excerpt)
-        ok, text = self.inject(target.envelope_sender, [target.recipient], head, msgid,
-                               c.bouncemaxbytes)
+                              bouncefrom=c.bouncefrom, bouncehost=c.bouncehost, excerpt=excerpt,
+                              header_only=requiretls)
+        args = (target.envelope_sender, [target.recipient], head, msgid, c.bouncemaxbytes)
+        ok, text = self.inject(*args, True) if requiretls else self.inject(*args)
         if not ok:
             log(f"warning: trouble injecting bounce message, will try later ({text})")
             return False

@@ -4,7 +4,7 @@ Runs inside the scanner worker as eqmails; the QueueManager (eqmail.queue.manage
 owns one Preprocessor and delegates ``process_todo``, ``preprocess`` and
 ``preprocess_batch`` to it.  Input: todo/ entries (envelope records,
 eqmail.queue.envelope) and the size of their mess/ file.  Output: info/ (the sender, and
-the origin the queue writer recorded, docs/queue-format.md)
+the origin the queue writer recorded and the REQUIRETLS record, docs/queue-format.md)
 and a local/ and/or remote/ channel file (recipients rewritten by eqmail.queue.rewrite),
 then a clean request that removes todo/ (and intd/) through the queue writer, because
 the scanner cannot write there; the manager's ``schedule`` callback then schedules the
@@ -33,7 +33,13 @@ from eqmail import srs
 from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, log_lines, sanitize
 from eqmail.queue.bounce import bounce_note
-from eqmail.queue.envelope import ChannelRecord, info_bytes, origin_of, parse_records
+from eqmail.queue.envelope import (
+    ChannelRecord,
+    info_bytes,
+    origin_of,
+    parse_records,
+    requiretls_of,
+)
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.recycle import InodePool
@@ -47,7 +53,8 @@ FRESH_MAX = 20000  # messages whose split is remembered for their first pass
 Cleaner = Callable[[list[CleanRequest]], list[CleanAnswer]]  # pipelined qmail-clean requests
 Rewriter = Callable[[str], tuple[Channel, str]]  # a recipient -> its channel and address
 Scheduler = Callable[[int, list[Channel], float], None]  # (msgid, channels with a file, now)
-Fresh = tuple[str, float, list[ChannelRecord], Origin | None]  # (sender, birth, records, origin)
+# (sender, birth, records, origin, requiretls)
+Fresh = tuple[str, float, list[ChannelRecord], Origin | None, bool]
 
 
 class Preprocessor:
@@ -178,6 +185,7 @@ class Preprocessor:
         lines = [f"new msg {msgid}"]
         records = parse_records(data)
         origin = origin_of(records)  # after the T records in todo/, but info/ wants it now
+        requiretls = requiretls_of(records)
         refused: list[tuple[str, srs.Refusal]] = []  # forged or expired SRS recipients
         try:
             for rec in records:
@@ -187,7 +195,7 @@ class Preprocessor:
                     pid = rec.value
                 elif rec.kind == "F":
                     sender = rec.value
-                    write_all(info_fd, info_bytes(rec.value, origin))
+                    write_all(info_fd, info_bytes(rec.value, origin, requiretls))
                     lines.append(f"info msg {msgid}: bytes {size} from <{sanitize(rec.value)}> "
                                  f"qp {pid} uid {uid}")
                 elif rec.kind == "T":
@@ -212,7 +220,7 @@ class Preprocessor:
                 os.close(fd)
             raise
         log_lines(lines)
-        self._remember(msgid, sender, buffers, addrs, origin)
+        self._remember(msgid, sender, buffers, addrs, origin, requiretls)
         return fds, [ch for ch, recs in buffers.items() if recs]
 
     # ------------------------------------------------------------ SRS reversal
@@ -257,7 +265,8 @@ class Preprocessor:
             self.fresh.pop((ch, msgid), None)
 
     def _remember(self, msgid: int, sender: str, buffers: dict[Channel, list[bytes]],
-                  addrs: dict[Channel, list[str]], origin: Origin | None) -> None:
+                  addrs: dict[Channel, list[str]], origin: Origin | None,
+                  requiretls: bool) -> None:
         """Keep what was just written for the first pass, which then reads no file
         back (info/ and the channel files are still the truth for every later pass and
         after a restart).  Bounded: beyond FRESH_MAX messages the files are read."""
@@ -270,4 +279,4 @@ class Preprocessor:
                 for rec in recs[:-1]:
                     offsets.append(offsets[-1] + len(rec))
                 records = [ChannelRecord(off, False, addr) for off, addr in zip(offsets, addrs[ch], strict=True)]
-                self.fresh[(ch, msgid)] = (sender, birth, records, origin)
+                self.fresh[(ch, msgid)] = (sender, birth, records, origin, requiretls)

@@ -58,6 +58,7 @@ class BeginMessage:
     sender: str
     recipients: tuple[str, ...]
     header_prefix: bytes
+    requiretls: bool = False  # MAIL had REQUIRETLS (RFC 8689): the queue records it
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,10 @@ class MailParams:
 
     size: int | None = None  # SIZE=n, None if absent
     auth: str | None = None  # AUTH= value after xtext decoding; "unknown" for <>
+    # RFC 8689 (issue 17): REQUIRETLS present; requiretls_value: a REQUIRETLS=... form
+    # was given (the parameter takes no value: a syntax error)
+    requiretls: bool = False
+    requiretls_value: bool = False
 
 
 def parse_mail_params(arg: bytes) -> MailParams:
@@ -122,20 +126,34 @@ def parse_mail_params(arg: bytes) -> MailParams:
     space-separated token of the whole argument (so ``AUTH=<>`` works).  Keywords are
     case-insensitive; unknown keywords are ignored, as eQmail does.  ``SIZE=`` takes
     the leading digits (qmail's scan_ulong: ``SIZE=12x`` is 12, ``SIZE=x`` is 0).
+    eqmail adds ``REQUIRETLS`` (RFC 8689, no value; ``REQUIRETLS=...`` is noted so
+    that the session can refuse it), looked for even without a ``>`` (in every token
+    after the first, ``FROM:...``): a demand for protection is never dropped silently
+    because the address lacked its brackets.
     """
+    tokens = arg.split(b" ")
     gt = arg.rfind(b">")
     if gt <= 4:
-        return MailParams()
+        requiretls, requiretls_value = _requiretls(tokens[1:])
+        return MailParams(requiretls=requiretls, requiretls_value=requiretls_value)
     size: int | None = None
     auth: str | None = None
-    for token in arg.split(b" "):
+    for token in tokens:
         key = token[:5].upper()
         if key == b"SIZE=":
             digits = _leading_digits(token[5:])
             size = int(digits) if digits else 0
         elif key == b"AUTH=":
             auth = _xtext_auth(token[5:])
-    return MailParams(size=size, auth=auth)
+    requiretls, requiretls_value = _requiretls(tokens)
+    return MailParams(size=size, auth=auth, requiretls=requiretls,
+                      requiretls_value=requiretls_value)
+
+
+def _requiretls(tokens: list[bytes]) -> tuple[bool, bool]:
+    """(a ``REQUIRETLS`` token, a ``REQUIRETLS=...`` token) among ``tokens``."""
+    upper = [t.upper() for t in tokens]
+    return (b"REQUIRETLS" in upper, any(t.startswith(b"REQUIRETLS=") for t in upper))
 
 
 def _leading_digits(data: bytes) -> bytes:

@@ -114,6 +114,13 @@ def srs_refused(refusal: Refusal) -> Reply:
     return SRS_MALFORMED
 
 
+# eqmail (issue 17, RFC 8689): the REQUIRETLS MAIL parameter.  It is advertised only
+# inside TLS; a client that asks for it in clear text is told that TLS is needed
+# (RFC 5248's X.7.10 "Encryption Needed", which RFC 8689 uses for REQUIRETLS);
+# the parameter takes no value (RFC 8689 §2), a value is a syntax error (RFC 5321 501).
+REQUIRETLS_NEEDS_TLS = Reply(530, "REQUIRETLS needs a TLS session, use STARTTLS first (#5.7.10)")
+REQUIRETLS_SYNTAX = Reply(501, "syntax error, REQUIRETLS takes no value (#5.5.4)")
+
 # Note the trailing space before CRLF: eQmail (AUTH 0.59) sends it that way.
 AUTH_REQUIRED = Reply(530, "Authorization required (#5.7.1) ")
 # eqmail: qmail-smtpd accepted RCPT TO:<> (and the message was thrown away), and had

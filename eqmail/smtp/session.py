@@ -7,7 +7,7 @@ stricter rules (DESIGN.md): 12,288-byte command lines, AUTH= believed only after
 no PLAIN/LOGIN advertised before TLS with TLSREQUIRED=1, the CRAM-MD5 exemption from
 TLSREQUIRED compared case-insensitively, no open relay without rcpthosts, [rcpt]
 plugins that really run, unknown local recipients refused at RCPT (``CheckMailbox``,
-control/rcptchecklocal).  Buffering, line framing, the action list and waiting for
+control/rcptchecklocal), and REQUIRETLS (RFC 8689, issue 17; below).  Buffering, line framing, the action list and waiting for
 results are the base class's (eqmail.smtp.plumbing.SessionPlumbing).
 
 Privilege: none needed; no sockets, files, clock or process access.  Time comes from
@@ -31,6 +31,20 @@ What one client may take (Postfix's limits, cfg.max_rcpt / error_* / junk_limit)
 HELO/EHLO without a name gets 501, RCPT TO:<> 553, a recipient over max_rcpt 452;
 more than junk_limit NOOP/RSET/VRFY/HELP without a delivered message, or
 error_hard_limit error replies (the plumbing counts them), end the session with 421.
+
+REQUIRETLS (RFC 8689): the EHLO keyword is offered only on a TLS-protected session
+(after STARTTLS, or SMTPS: ``tls_started`` before ``start``), as the RFC's extension
+is meaningful only there; a session in clear text never shows it, so qmail's
+transcripts are unchanged there.  ``MAIL FROM:<a> REQUIRETLS`` (the keyword in any
+case, no value) is accepted only under TLS and tags the transaction: the message's
+``BeginMessage.requiretls`` is True and the queue records it (``Xrequiretls=1``,
+docs/queue-format.md) for remote delivery to honour (RFC 8689 §4.1: "MUST tag that
+message").  In clear text it is refused with ``530 ... (#5.7.10)``;
+``REQUIRETLS=<anything>`` with ``501 ... (#5.5.4)`` (the parameter has no value).
+Other unknown MAIL parameters are still ignored, as qmail-smtpd ignores them.  The
+``TLS-Required:`` header field (RFC 8689 §3, §4.1) needs nothing at reception: when
+REQUIRETLS was given it is to be ignored, otherwise it travels in the message and
+remote delivery reads it there; the session never looks at message headers for it.
 """
 
 from __future__ import annotations
@@ -101,6 +115,7 @@ class Session(SessionPlumbing):
         self.sender: str | None = None
         self.recipients: list[str] = []
         self._barf = False
+        self._requiretls = False             # MAIL had REQUIRETLS (RFC 8689)
         self._mailfrom: str | None = None    # last accepted MAIL, for log lines
         self._last_addr: str | None = None   # last parsed address, for log lines
         self._reader: DataReader | None = None
@@ -228,6 +243,7 @@ class Session(SessionPlumbing):
     def _reset_transaction(self) -> None:
         self.sender = None
         self.recipients = []
+        self._requiretls = False
 
     def _cmd_helo(self, arg: bytes) -> None:
         self._helo(arg, replies.helo(self.cfg.greeting))
@@ -242,6 +258,8 @@ class Session(SessionPlumbing):
                 keywords.append("AUTH CRAM-MD5")
             else:
                 keywords.append("AUTH LOGIN PLAIN CRAM-MD5")
+        if self.in_tls:  # RFC 8689: only a TLS-protected session offers REQUIRETLS
+            keywords.append("REQUIRETLS")
         self._helo(arg, replies.ehlo(self.cfg.greeting, keywords))
 
     def _helo(self, arg: bytes, reply: Reply) -> None:
@@ -322,6 +340,12 @@ class Session(SessionPlumbing):
         if addr is None:
             return
         params = parse_mail_params(arg)
+        if params.requiretls_value:
+            self._send(replies.REQUIRETLS_SYNTAX)
+            return
+        if params.requiretls and not self.in_tls:
+            self._send(replies.REQUIRETLS_NEEDS_TLS)
+            return
         if params.size is not None and self.databytes and params.size > self.databytes:
             self._send(replies.TOO_BIG)
             return
@@ -332,9 +356,10 @@ class Session(SessionPlumbing):
             return
         if self.spp.enabled:
             self.env["SMTPMAILFROM"] = addr
-        self._hook(HookStage.MAIL, addr, lambda outcome: self._mail_accept(outcome, addr))
+        self._hook(HookStage.MAIL, addr,
+                   lambda outcome: self._mail_accept(outcome, addr, params.requiretls))
 
-    def _mail_accept(self, outcome: HookOutcome, addr: str) -> None:
+    def _mail_accept(self, outcome: HookOutcome, addr: str, requiretls: bool = False) -> None:
         if outcome.address is not None:
             addr = self.env["SMTPMAILFROM"] = outcome.address
         normal = outcome.verdict is HookVerdict.NORMAL
@@ -344,6 +369,7 @@ class Session(SessionPlumbing):
         self.spp.rcpt_count = self.spp.rcpt_count_all = 0
         self.sender = self._mailfrom = addr
         self.recipients = []
+        self._requiretls = requiretls
         self._send(replies.OK)
 
     def _relay_allowed(self, addr: str) -> bool:
@@ -470,6 +496,7 @@ class Session(SessionPlumbing):
 
     def _data_begin(self) -> None:
         sender, recipients = self.sender or "", tuple(self.recipients)
+        requiretls = self._requiretls
         self._reset_transaction()
         header = received_line(
             protocol=self.protocol, local=self.cfg.local_host,
@@ -479,7 +506,7 @@ class Session(SessionPlumbing):
             when=self.clock(), utcoffset=self.cfg.utcoffset)
         header += "".join(h + "\n" for h in self.spp.headers)
         self.spp.reset()
-        self._out.append(BeginMessage(sender, recipients, encode(header)))
+        self._out.append(BeginMessage(sender, recipients, encode(header), requiretls))
         self._send(replies.GO_AHEAD)
         self._reader = DataReader(self.databytes)
         self.phase = Phase.DATA

@@ -113,7 +113,8 @@ class Spawner:
             try:
                 job = LocalChildJob(user.user, user.home, local, user.dash, user.ext, domain,
                                     request.sender, self.controls.defaultdelivery,
-                                    self.controls.me).encode()
+                                    self.controls.me,
+                                    dict(request.options).get("requiretls") == "1").encode()
             except ProtocolError as e:  # a NUL in a home directory, an absurd length
                 log(f"warning: local delivery job for {local!r}: {e}")
                 return CANNOT_RUN
@@ -247,7 +248,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSet
         setproctitle(f"eqmail: local delivery for uid {user.uid}")
     except ImportError:  # pragma: no cover
         pass
-    forwarder = make_forwarder(ctx)
+    forwarders = {rt: make_forwarder(ctx, rt) for rt in (False, True)}
     sock.settimeout(CHILD_IDLE + 5)
     while True:
         try:
@@ -265,7 +266,7 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSet
             continue
         with os.fdopen(fds[0], "rb") as message:
             try:
-                report = deliver(job, message, forwarder, hostname=None,
+                report = deliver(job, message, forwarders[request.requiretls], hostname=None,
                                  program_limit=ctx.controls.timeoutprogram)
                 outcome = Outcome(report.kind, report.text)
             except Exception as e:  # our bug must never bounce mail: defer
@@ -274,13 +275,16 @@ def child_main(sock: socket.socket, user: UserEntry, ctx: WorkerContext[LocalSet
         sock.send(outcome.cut().encode())
 
 
-def make_forwarder(ctx: WorkerContext[LocalSettings]):  # type: ignore[no-untyped-def]
+def make_forwarder(ctx: WorkerContext[LocalSettings],  # type: ignore[no-untyped-def]
+                   requiretls: bool = False):
+    """The .qmail forward's injection; ``requiretls``: the message demanded REQUIRETLS,
+    and so does each forwarded copy (RFC 8689 §4.1: a redirected message keeps it)."""
     from eqmail.ipc.queue import Origin
     from eqmail.queue.client import submit
 
     def forward(sender, recipients, prefix, message):  # type: ignore[no-untyped-def]
         res = submit(ctx.instance.root, sender, list(recipients), message, prefix=prefix,
-                     origin=Origin.FORWARD)
+                     origin=Origin.FORWARD, requiretls=requiretls)
         if res.ok:
             return Verdict.SUCCESS, "", res.qp
         kind = Verdict.FAILURE if res.permanent else Verdict.DEFERRAL

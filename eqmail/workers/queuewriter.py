@@ -283,7 +283,8 @@ class QueueProtocol(asyncio.Protocol):
             self.msg = None
             self._answer(QueueAnswer(e.code, msg.qp, 0))
             return
-        msg.envelope = Envelope(env.sender, env.recipients, believed_origin(self.role, env.origin))
+        msg.envelope = Envelope(env.sender, env.recipients, believed_origin(self.role, env.origin),
+                                env.requiretls)
         self.waiting = True
         self.server.committer.submit(msg, self._committed)
 

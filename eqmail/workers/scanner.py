@@ -56,7 +56,7 @@ from eqmail.ipc.delivery import (
 )
 from eqmail.ipc.queue import CleanAnswer, CleanRequest, QueueRole
 from eqmail.log import flush_log, hold_log, log, sanitize
-from eqmail.queue.bounce import bounded_copy
+from eqmail.queue.bounce import bounded_copy, header_copy
 from eqmail.queue.client import QueueConnection, submit
 from eqmail.queue.layout import QueuePaths
 from eqmail.queue.manager import Delivery, QueueManager
@@ -74,10 +74,14 @@ TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of
 def delivery_options(item: Delivery) -> tuple[tuple[str, str], ...]:
     """The request's options: the message's origin for a remote delivery, which the
     remote worker signs by (issue 16; none for a message with no Xorigin= record:
-    an outsider's, never signed)."""
-    if item.channel is Channel.REMOTE and item.origin is not None:
-        return (("origin", item.origin.value),)
-    return ()
+    an outsider's, never signed), and ``("requiretls", "1")`` for any delivery of a
+    REQUIRETLS message (issue 17, RFC 8689): the remote worker enforces it, the local
+    one passes it on to what a .qmail file forwards (§4.1)."""
+    requiretls = (("requiretls", "1"),) if item.requiretls else ()
+    if item.channel is not Channel.REMOTE:
+        return requiretls
+    origin = (("origin", item.origin.value),) if item.origin is not None else ()
+    return origin + requiretls
 
 
 @dataclass
@@ -271,12 +275,15 @@ class Scanner:
         return [CleanAnswer.REFUSED] * len(requests)
 
     def _inject(self, sender: str, recipients: list[str], head: bytes, msgid: int,
-                limit: int) -> tuple[bool, str]:
-        """Queue a bounce: ``head`` and the mess file, or at most ``limit`` bytes of it."""
+                limit: int, requiretls: bool = False) -> tuple[bool, str]:
+        """Queue a bounce: ``head`` and the mess file, or at most ``limit`` bytes of it;
+        for a REQUIRETLS message only its header, as a REQUIRETLS bounce (RFC 8689 §5)."""
         try:
             with open(self.paths.mess(msgid), "rb") as mess:
-                body = bounded_copy(mess, limit) if limit > 0 else mess
-                res = submit(self.root, sender, recipients, body, prefix=head, role=QueueRole.BOUNCE)
+                body = (header_copy(mess, limit) if requiretls
+                        else bounded_copy(mess, limit) if limit > 0 else mess)
+                res = submit(self.root, sender, recipients, body, prefix=head, role=QueueRole.BOUNCE,
+                             requiretls=requiretls)
         except OSError as e:
             return False, str(e)
         return (True, str(res.qp)) if res.ok else (False, res.text)

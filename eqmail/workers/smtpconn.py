@@ -260,7 +260,7 @@ class Connection:
             if prepend is not None:
                 self.queue.prepend(prepend)
         result = await self.queue.finish(msg.sender, list(msg.recipients), session_claim(
-            self.session.authenticated, "RELAYCLIENT" in self.session.env))
+            self.session.authenticated, "RELAYCLIENT" in self.session.env), msg.requiretls)
         return self.session.queue_result(A.QueueOutcome.of(result))
 
     def _inbound_check(self, begin: A.BeginMessage) -> InboundMessage | None:

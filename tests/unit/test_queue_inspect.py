@@ -117,7 +117,7 @@ def test_json_records_match_the_listing(tmp_path: Path, q: QueuePaths) -> None:
          "recipients": [{"channel": "local", "address": "l@x.org", "done": False},
                         {"channel": "local", "address": "d@x.org", "done": True},
                         {"channel": "remote", "address": "r\\xff@y.org", "done": False}],
-         "warnings": [], "origin": "network"},
+         "warnings": [], "origin": "network", "requiretls": False},
         {"id": 9, "error": "No such file or directory"},
     ]
     assert show_json(tmp_path, 24) == {**listing[0], "header": "Subject: hi\n", "header_truncated": False}
