@@ -84,8 +84,17 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
     _make_alias(inst, ids, is_root, force, report)
     if is_root:
         os.chown(inst.log, ids["log"].uid, ids["log"].gid)
+    _make_sts_dir(inst.root / "sts", ids, is_root)
     report.append(f"instance ready at {inst.root}")
     return report
+
+
+def _make_sts_dir(sts: Path, ids: SystemIds, is_root: bool) -> None:
+    """The MTA-STS policy cache: the policy worker's (eqmailt) alone."""
+    sts.mkdir(exist_ok=True)
+    os.chmod(sts, 0o700)
+    if is_root:
+        os.chown(sts, ids["policy"].uid, ids["policy"].gid)
 
 
 def _make_srs_secret(path: Path, report: list[str]) -> None:
