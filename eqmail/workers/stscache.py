@@ -46,7 +46,7 @@ from pathlib import Path
 from eqmail.delivery import mtasts
 from eqmail.delivery.mtasts import StsError, fetch_error
 from eqmail.delivery.tlspolicy import ResultType, StsMode, StsPolicy
-from eqmail.dns import LookupHard, LookupSoft, Resolver
+from eqmail.dns import DnsFailure, LookupHard, LookupSoft, Resolver
 from eqmail.ipc.policy import MAX_DETAIL, LookupAnswer, PolicyText, ProtocolError
 from eqmail.log import log
 
@@ -117,9 +117,9 @@ def fetch(domain: str, resolver: Resolver, tlsca: Path | None,
     deadline = time.monotonic() + seconds
     host = mtasts.policy_host(domain)
     try:
-        addresses = resolver.addresses(host)
-    except (LookupSoft, LookupHard) as e:
-        return fetch_error(f"{host}: address lookup failed: {e}")
+        addresses = [a.ip for a in resolver.host_addresses(host)]
+    except DnsFailure as e:
+        return fetch_error(f"{host}: address lookup failed: {e.problem.text.strip()}")
     if not addresses:
         return fetch_error(f"{host}: no address")
     ctx = tls_context(tlsca)
