@@ -121,6 +121,13 @@ def cmd_cert(inst: Instance, args: argparse.Namespace) -> int:
             print(f"wrote {certs.make_dhparams(control)}")
         elif args.action == "dh":
             print(f"wrote {certs.make_dhparams(control)}")
+        elif args.action == "publish":
+            from eqmail.cli import publish
+
+            domain = args.domain or (me.split(".", 1)[1] if me.count(".") >= 2 else me)
+            print(publish.publish_text(control, me, domain, args.mode, args.mx, args.max_age,
+                                       args.rua), end="")
+            return 0
         elif args.action == "request":
             csr, key = certs.make_request(control, me, rsa_key=args.rsa)
             print(f"wrote {csr} (send it to your CA) and {key} (the new key)")
@@ -142,7 +149,7 @@ def cmd_cert(inst: Instance, args: argparse.Namespace) -> int:
             if dh.exists():
                 print(f"dh2048.pem: {dh_prime_bits(dh.read_bytes())} bits")
             return 0
-    except (OSError, certs.CertError) as e:
+    except (OSError, certs.CertError, ValueError) as e:
         print(f"eqmailctl cert: {e}", file=sys.stderr)
         return 1
     if _pid_of(inst) is not None:
@@ -563,12 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("reopen-logs", help="reopen the log file (after logrotate has moved it)")
     s = sub.add_parser("check", help="show every control value and its source (qmail-showctl)")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object (eqmailctl(8))")
-    s = sub.add_parser("cert", help="server certificate: renew, request, install, show, dh")
-    s.add_argument("action", choices=["renew", "request", "install", "show", "dh"])
+    s = sub.add_parser("cert", help="server certificate: renew, request, install, show, dh, publish")
+    s.add_argument("action", choices=["renew", "request", "install", "show", "dh", "publish"])
     s.add_argument("file", nargs="?", help="install: the signed certificate (PEM, chain after it)")
     s.add_argument("--me", help="the certificate's name (default: control/me)")
     s.add_argument("--rsa", action="store_true", help="RSA 3072 instead of ECDSA P-256")
     s.add_argument("--days", type=int, default=366, help="renew: validity (default 366)")
+    s.add_argument("--domain", help="publish: the mail domain (default: control/me's parent)")
+    s.add_argument("--mode", choices=["enforce", "testing", "none"], default="testing",
+                   help="publish: the MTA-STS mode (default testing: start there)")
+    s.add_argument("--mx", action="append", default=[],
+                   help="publish: an MX name for the MTA-STS policy (repeat; default control/me)")
+    s.add_argument("--max-age", type=int, default=604800,
+                   help="publish: the MTA-STS max_age in seconds (default one week)")
+    s.add_argument("--rua", default="", help="publish: where TLS-RPT reports go (default tlsrpt@DOMAIN)")
     s = sub.add_parser("import-qmail", help="take over a stopped qmail's control files, users, aliases and queue")
     s.add_argument("qmailhome", help="the qmail installation, e.g. /var/qmail")
     s.add_argument("--force", action="store_true", help="replace control files eqmail already has")

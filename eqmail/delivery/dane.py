@@ -24,7 +24,10 @@ class DaneVerdict:
 def usable(records: Sequence[Tlsa]) -> tuple[Tlsa, ...]:
     """The records RFC 7672 §3.1 lets SMTP use: DANE-TA(2)/DANE-EE(3), selector 0/1,
     matching type 0/1/2, data of the right length."""
-    raise NotImplementedError("issue 17 contract")
+    lengths = {0: None, 1: 32, 2: 64}
+    return tuple(r for r in records
+                 if r.usage in (2, 3) and r.selector in (0, 1) and r.mtype in lengths
+                 and (lengths[r.mtype] is None or len(r.data) == lengths[r.mtype]))
 
 
 def verify(records: Sequence[Tlsa], chain: Sequence[x509.Certificate],

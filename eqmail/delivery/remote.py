@@ -12,8 +12,20 @@ qmail-remote's results for each recipient.
 Privilege: runs in the remote delivery worker (eqmailr), in its pool threads; reads
 queue/mess through the descriptor the caller opened, writes queue/lock/tcpto.
 
+Outbound TLS policy (issue 17): before connecting, each MX host of the domain gets the
+demand of the policy its domain publishes (:func:`_apply_policy`: a tlshosts/ pin, else
+DANE when control/dnssec trusts the resolver and the MX and TLSA answers are
+authenticated, else the MTA-STS policy the policy worker fetched; notlshosts/ and an
+exhaustive tlshosts/ are the admin's word over all of them); the SMTP client enforces it
+(eqmail.smtp.client.TlsDemand: mandatory TLS, the certificate checked, a failure moves
+to the next host, never the clear-text retry); when no host meets the policy the
+delivery is deferred with the last host's problem.  Every session's TLS result goes to
+eqmail.delivery.tlsrpt.  REQUIRETLS messages (RFC 8689) go only to a validated host
+that offers REQUIRETLS, else bounce with 5.7.10; ``TLS-Required: No`` lets a message
+through a policy failure.
+
 Inputs: a :class:`RemoteJob` (controls, our addresses, tcpto, the connection cache, TLS
-configuration, the DKIM signer), the open message file, the envelope and the message's
+configuration, the DKIM signer, the MTA-STS source), the open message file, the envelope and the message's
 origin.  DKIM: each body a transaction sends (the stored message, or what the
 before-remote hooks made of it) is signed once, after the hooks, by :func:`_dkim_signed`
 (eqmail.dkim.signer decides whether); a key that cannot be loaded defers.  Outputs: one
@@ -27,19 +39,45 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from cryptography import x509
+
 from eqmail import srs
 from eqmail.control import Controls
-from eqmail.delivery import bfrmt
+from eqmail.delivery import bfrmt, dane, tlsrpt
 from eqmail.delivery.nexthop import connect
+from eqmail.delivery.tlspolicy import (
+    PERM_REQUIRETLS_NOPOLICY,
+    PolicyKind,
+    ResultType,
+    SessionResult,
+    StsLookup,
+    StsMode,
+    StsPolicy,
+    StsSource,
+    perm_requiretls_unoffered,
+)
 from eqmail.dkim.sign import MessageError
 from eqmail.dkim.signer import HEADER_MAX, KeyFileError, OutboundSigner
-from eqmail.dns import PREF_CNAME, PREF_ROUTE, DnsFailure, Resolver, candidates, literal_ip
+from eqmail.dns import (
+    PREF_CNAME,
+    PREF_ROUTE,
+    DnsFailure,
+    LookupHard,
+    LookupSoft,
+    MxAddress,
+    Resolver,
+    Tlsa,
+    candidates,
+    literal_ip,
+)
 from eqmail.instance import Instance
 from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.ipc.queue import Origin
@@ -48,15 +86,17 @@ from eqmail.queue import tcpto
 from eqmail.queue.layout import QueuePaths
 from eqmail.smtp.client import (
     Destination,
+    PolicyFailure,
     Quit,
     RetryClear,
     SmtpSession,
+    TlsDemand,
     TryNext,
     dropped,
     quote_address,
     rspawn_outcome,
 )
-from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
+from eqmail.smtp.transport import Dropped, TlsConfig, TlsMode, Transport, counts_for_tcpto
 
 IDLE_SECONDS = 5.0  # how long an idle connection is kept for reuse
 TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
@@ -118,9 +158,10 @@ _local = threading.local()
 def _resolver(c: Controls) -> Resolver:
     """One resolver per thread (its deadline is per resolution)."""
     lifetime = float(min(c.timeoutconnect, 30))
-    key = (c.dnsservers, lifetime)
+    key = (c.dnsservers, lifetime, bool(c.dnssec))
     if getattr(_local, "key", None) != key:
-        _local.resolver, _local.key = Resolver(c.dnsservers, lifetime), key
+        _local.resolver = Resolver(c.dnsservers, lifetime, dnssec=bool(c.dnssec))
+        _local.key = key
     return _local.resolver  # type: ignore[no-any-return]
 
 
@@ -135,16 +176,30 @@ class RemoteJob:
     tls: TlsConfig
     run_hooks: bfrmt.RunChain  # eqmail.spp.bfrmtclient.run_chain in the worker
     signer: OutboundSigner | None = None  # DKIM (issue 16); None: nothing is signed
+    sts: StsSource | None = None  # MTA-STS policies (issue 17); None: not looked up
+    root: Path | None = None  # where TLS-RPT records go (issue 17); None: not recorded
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery's facts beyond the envelope: the message id (for log lines) and
+    RFC 8689 REQUIRETLS (the request's ``requiretls`` option, from the queue)."""
+
+    msgid: int
+    requiretls: bool = False
 
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
-                  recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
+                  recipients: list[str], origin: Origin | None = None,
+                  requiretls: bool = False) -> list[Outcome]:
     """qmail-rspawn's outcome for each recipient (all of one message, sender, domain),
     its text cut to what a report carries.  ``origin``: the message's, from the queue
     (the request's ``origin`` option), which decides whether it is signed; forwarded
-    mail gets an SRS sender here."""
+    mail gets an SRS sender here.  ``requiretls``: the message may only go over
+    validated TLS to a server offering REQUIRETLS (RFC 8689)."""
     sender = envelope_sender(job.controls, sender, origin)
-    return [o.cut() for o in _outcomes(job, instance, msgid, sender, recipients, origin)]
+    attempt = Attempt(msgid, requiretls)
+    return [o.cut() for o in _outcomes(job, instance, attempt, sender, recipients, origin)]
 
 
 def envelope_sender(c: Controls, sender: str, origin: Origin | None,
@@ -192,8 +247,9 @@ def own_domain(c: Controls, domain: str) -> bool:
     return False
 
 
-def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
+def _outcomes(job: RemoteJob, instance: Instance, attempt: Attempt, sender: str,
               recipients: list[str], origin: Origin | None = None) -> list[Outcome]:
+    msgid = attempt.msgid
     root = instance.root
     try:
         fd = os.open(QueuePaths(instance.queue).mess(msgid), os.O_RDONLY | os.O_NOFOLLOW)
@@ -209,7 +265,7 @@ def _outcomes(job: RemoteJob, instance: Instance, msgid: int, sender: str,
                 if not isinstance(body, Outcome):
                     sent = _dkim_signed(job, msgid, body, origin)
                 got = [sent] * len(idxs) if isinstance(sent, Outcome) else _send(
-                    job, domain, sender, [recipients[i] for i in idxs], sent)
+                    job, attempt, domain, sender, [recipients[i] for i in idxs], sent)
             finally:
                 for f in {id(x): x for x in (body, sent)}.values():
                     if not isinstance(f, Outcome) and f is not message:
@@ -294,8 +350,8 @@ def _partial_final_line(body: BinaryIO) -> bool:
     return last != b"\n"
 
 
-def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str],
-          body: BinaryIO) -> list[Outcome]:
+def _send(job: RemoteJob, attempt: Attempt, domain: str, sender: str,
+          recipients: list[str], body: BinaryIO) -> list[Outcome]:
     """Resolve, connect and run one transaction: outcomes for these recipients."""
     c = job.controls
     n = len(recipients)
@@ -324,13 +380,173 @@ def _send(job: RemoteJob, domain: str, sender: str, recipients: list[str],
     user = route.user if route is not None else None
     password = route.password if route is not None else None
     ip_relay = relay_tls_name(route.relay) if route is not None else ""
-    dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465)
-             for a in addrs]
-    rcpt_outcomes, message = _deliver(job, dests, quote_address(sender) if sender else "",
+    plan = Plan(domain, attempt)
+    if route is None:
+        opt_out = not attempt.requiretls and _tls_not_required(body)
+        addrs = _apply_policy(job, resolver, plan, addrs, opt_out)
+    dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465,
+                         plan.demands.get(a.host)) for a in addrs]
+    if attempt.requiretls:
+        dests = [d for d in dests if _validated(job, d)]
+        if not dests:
+            return [PERM_REQUIRETLS_NOPOLICY] * n
+    if not dests:
+        return [plan.deferral()] * n
+    rcpt_outcomes, message = _deliver(job, plan, dests, quote_address(sender) if sender else "",
                                       rcpts, body)
     if rcpt_outcomes is None:
         return [rspawn_outcome(None, message)] * n
     return [rspawn_outcome(r, message) for r in rcpt_outcomes]
+
+
+@dataclass
+class Plan:
+    """The TLS policy of one transaction's domain (issue 17): the demand on each MX
+    host (by name), the policy's lookups for TLS-RPT, and the last host's failure —
+    which becomes the deferral when no host meets the policy."""
+
+    domain: str
+    attempt: Attempt
+    demands: dict[str, TlsDemand] = field(default_factory=dict)
+    sts: StsLookup | None = None
+    tlsa_text: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    kind: PolicyKind | None = None  # the strictest policy met among the hosts
+    failure: str = ""  # "host [ip]: result-type: detail" of the last policy failure
+
+    def deferral(self) -> Outcome:
+        kind = self.kind.value if self.kind is not None else PolicyKind.OPPORTUNISTIC.value
+        text = (f"Sorry, no MX host of {self.domain} meets its TLS policy ({kind}): "
+                f"{self.failure or 'no host to try'}. (#4.7.5)\n")
+        verdict = Verdict.FAILURE if self.attempt.requiretls else Verdict.DEFERRAL
+        if self.attempt.requiretls:
+            text = text.replace("(#4.7.5)", "(#5.7.10)")
+        return Outcome(verdict, text)
+
+
+def _tls_not_required(body: BinaryIO) -> bool:
+    """RFC 8689 §5: a ``TLS-Required: No`` header field asks that TLS policy failures
+    not stop the message (the header section's first HEADER_MAX bytes are read)."""
+    body.seek(0)
+    head = body.read(HEADER_MAX)
+    body.seek(0)
+    end = head.find(b"\n\n")
+    for line in (head if end < 0 else head[:end]).split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
+
+
+def _apply_policy(job: RemoteJob, resolver: Resolver, plan: Plan, addrs: list[MxAddress],
+                  opt_out: bool) -> list[MxAddress]:
+    """Decide each MX host's demand (DANE over MTA-STS, a tlshosts/ pin over both,
+    notlshosts/ and an exhaustive tlshosts/ over all: the admin's word) and drop the
+    hosts an enforced policy forbids.  ``opt_out``: TLS-Required: No — demands are
+    checked and recorded, never enforced."""
+    c = job.controls
+    domain = plan.domain
+    if c.mtasts and job.sts is not None and literal_ip(domain) is None:
+        plan.sts = job.sts.lookup(domain)
+        if plan.sts.failure is not None:
+            _record(job, plan, PolicyKind.STS_TESTING, "", "", "", plan.sts.failure.value,
+                    plan.sts.detail)
+    sts = plan.sts.policy if plan.sts is not None else None
+    if sts is not None and sts.mode is StsMode.NONE:
+        sts = None
+    kept: list[MxAddress] = []
+    hosts: dict[str, bool] = {}  # host -> allowed
+    for a in addrs:
+        host = a.host
+        if host not in hosts:
+            hosts[host] = _decide(job, resolver, plan, a, sts, opt_out)
+        if hosts[host]:
+            kept.append(a)
+    return kept
+
+
+def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
+            sts: StsPolicy | None, opt_out: bool) -> bool:
+    """One MX host's demand into ``plan``; False when the host may not be used."""
+    host = a.host
+    mode, _ = job.tls.mode_for(host)
+    if not host or mode is not TlsMode.OPPORTUNISTIC:
+        if mode is TlsMode.MANDATORY:
+            plan.kind = PolicyKind.PIN
+        return True  # a pin is enforced by the session; notls/exhaustive: no TLS policy
+    if job.controls.dnssec and a.secure:
+        try:
+            answer = resolver.tlsa(host)
+        except (LookupSoft, LookupHard) as e:
+            # RFC 7672 §2.2: a TLSA lookup that fails (bogus, SERVFAIL) makes the host
+            # unusable: it may have records we could not see
+            plan.failure = f"{host}: {ResultType.DNSSEC_INVALID.value}: TLSA lookup failed ({e})"
+            plan.kind = plan.kind or PolicyKind.DANE
+            _record(job, plan, PolicyKind.DANE, host, "", "", ResultType.DNSSEC_INVALID.value,
+                    f"TLSA lookup failed: {e}")
+            return opt_out
+        if answer.secure and answer.records:
+            usable = dane.usable(answer.records)
+            plan.tlsa_text[host] = tuple(r.text() for r in answer.records)
+            plan.demands[host] = TlsDemand(PolicyKind.DANE.value, not opt_out, tlsa=usable,
+                                           names=(host, plan.domain))
+            if plan.kind is None or plan.kind is not PolicyKind.PIN:
+                plan.kind = PolicyKind.DANE
+            return True
+    if sts is not None:
+        enforce = sts.mode is StsMode.ENFORCE
+        kind = PolicyKind.STS_ENFORCE if enforce else PolicyKind.STS_TESTING
+        if plan.kind is None:
+            plan.kind = kind
+        if not sts.allows(host):
+            detail = f"MX host {host} is not in the policy's mx list"
+            _record(job, plan, kind, host, "", "", ResultType.VALIDATION_FAILURE.value, detail)
+            if enforce and not opt_out:
+                plan.failure = f"{host}: {ResultType.VALIDATION_FAILURE.value}: {detail}"
+                return False
+            return True
+        plan.demands[host] = TlsDemand(kind.value, enforce and not opt_out, webpki=True)
+    return True
+
+
+def _validated(job: RemoteJob, dest: Destination) -> bool:
+    """RFC 8689 §4.2.1: a host a REQUIRETLS message may go to — a tlshosts/ pin, or a
+    DANE (with usable records) or MTA-STS enforce demand."""
+    mode, _ = job.tls.mode_for(dest.host)
+    if mode is TlsMode.MANDATORY:
+        return True
+    d = dest.demand
+    if d is None or not d.enforce:
+        return False
+    return (d.kind == PolicyKind.DANE.value and bool(d.tlsa)) or d.kind == PolicyKind.STS_ENFORCE.value
+
+
+def _record(job: RemoteJob, plan: Plan, kind: PolicyKind, host: str, ip: str, local: str,
+            result: str | None, detail: str) -> None:
+    """One session's result for TLS-RPT and eqmailctl (eqmail.delivery.tlsrpt)."""
+    if job.root is None:
+        return
+    strings: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    if kind is PolicyKind.DANE:
+        strings = plan.tlsa_text.get(host, ())
+    elif kind in (PolicyKind.STS_ENFORCE, PolicyKind.STS_TESTING) and plan.sts is not None:
+        if plan.sts.policy is not None:
+            strings = tuple(ln for ln in plan.sts.policy.text.splitlines() if ln.strip())
+            patterns = plan.sts.policy.mx
+    ok = None if result is None else ResultType(result)
+    tlsrpt.record(job.root, SessionResult(
+        time.time(), plan.domain, kind, host, ip, local, ok,
+        detail=detail if ok is not None else "", matched=detail if ok is None else "",
+        policy_strings=strings, mx_patterns=patterns))
+
+
+def _dane_check(records: Sequence[Tlsa], chain: Sequence[x509.Certificate],
+                names: Sequence[str], now: float) -> tuple[str | None, str]:
+    """eqmail.delivery.dane.verify in the shape the SMTP client takes."""
+    v = dane.verify(records, chain, names, now)
+    if v.ok:
+        return None, v.detail
+    return (v.result or ResultType.VALIDATION_FAILURE).value, v.detail
 
 
 def relay_tls_name(relay: str) -> str:
@@ -347,35 +563,59 @@ def relay_tls_name(relay: str) -> str:
     return text.lower()
 
 
-def _deliver(job: RemoteJob, dests: list[Destination], sender: str, rcpts: list[str],
-             body: BinaryIO) -> tuple[list[Outcome] | None, Outcome]:
-    """qmail-remote's connection loop: the first address that answers gets the message."""
+def _deliver(job: RemoteJob, plan: Plan, dests: list[Destination], sender: str,
+             rcpts: list[str], body: BinaryIO) -> tuple[list[Outcome] | None, Outcome]:
+    """qmail-remote's connection loop: the first address that answers (and meets its
+    domain's TLS policy) gets the message."""
+    unoffered: Outcome | None = None
     for dest in dests:
         if job.tcpto.blocked(dest.ip):
             continue
         session = job.cache.take(dest)
         if session is None:
             try:
-                session = _open(job, dest)
+                session = _open(job, plan, dest)
             except Quit as q:
                 return None, q.outcome
             if session is None:
                 continue
+        if plan.attempt.requiretls and "REQUIRETLS" not in session.keywords:
+            unoffered = perm_requiretls_unoffered(dest.ip)  # RFC 8689 §4.2.1: try the next
+            job.cache.put(session)
+            continue
         body.seek(0)
         try:
-            rcpt_outcomes, message = session.transaction(sender, rcpts, body)
+            rcpt_outcomes, message = session.transaction(sender, rcpts, body,
+                                                         plan.attempt.requiretls)
         except BaseException:  # e.g. the message became unreadable: never leak the socket
             session.close(send_quit=False)
             raise
+        if message.verdict is Verdict.SUCCESS and dest.demand is not None:
+            _log_policy(plan, dest, session)
         if session.usable:
             job.cache.put(session)
         else:
             session.close(send_quit=False)
         return rcpt_outcomes, message
+    if unoffered is not None:
+        return None, unoffered
+    if plan.failure:
+        return None, plan.deferral()
     return None, TEMP_NOCONN
 
 
-def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
+def _log_policy(plan: Plan, dest: Destination, session: SmtpSession) -> None:
+    """The delivery log line naming the policy and what matched (issue 17 item 5)."""
+    assert dest.demand is not None
+    result = session.tls_result
+    what = result[1] if result is not None and result[0] is None else (
+        f"not met ({result[0]}: {result[1]}), delivered anyway" if result is not None
+        else "no TLS")
+    log(f"remote: msg {plan.attempt.msgid} to {plan.domain}: {dest.demand.kind} TLS to "
+        f"{dest.host} [{dest.ip}]: {sanitize(what)[:300]}")
+
+
+def _open(job: RemoteJob, plan: Plan, dest: Destination) -> SmtpSession | None:
     """Connect and greet; None = try the next address; Quit = a terminal outcome."""
     c = job.controls
     for allow_tls in (True, False):
@@ -386,13 +626,24 @@ def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
                 job.tcpto.record(dest.ip, failed=True)
             return None
         job.tcpto.record(dest.ip, failed=False)
-        session = SmtpSession(Transport(sock, c.timeoutremote), dest, c.helohost, job.tls)
+        local = _local_ip(sock)
+        session = SmtpSession(Transport(sock, c.timeoutremote), dest, c.helohost, job.tls,
+                              dane=_dane_check)
         try:
             session.open(allow_tls)
+            _record_session(job, plan, dest, local, session.tls_result)
             return session
         except TryNext:
             return None
+        except PolicyFailure as e:
+            detail = f"{dest.host} [{dest.ip}]: {e.result}: {e.detail}"
+            plan.failure = sanitize(detail)[:400]
+            _record_session(job, plan, dest, local, (e.result, e.detail))
+            log(f"remote: msg {plan.attempt.msgid} to {plan.domain}: {dest.demand.kind if dest.demand else ''}"
+                f" TLS policy not met by {sanitize(detail)[:300]}")
+            return None
         except RetryClear as e:
+            _record_session(job, plan, dest, local, session.tls_result)
             log(f"remote: TLS handshake with {dest.ip} failed ({sanitize(str(e))[:200]}); "
                 "retrying in clear text")
             continue
@@ -403,3 +654,24 @@ def _open(job: RemoteJob, dest: Destination) -> SmtpSession | None:
             session.close(send_quit=False)
             raise Quit(dropped(dest.ip, False)) from None
     return None
+
+
+def _record_session(job: RemoteJob, plan: Plan, dest: Destination, local: str,
+                    result: tuple[str | None, str] | None) -> None:
+    if dest.demand is not None:
+        if result is None:
+            result = (ResultType.STARTTLS_NOT_SUPPORTED.value, "no TLS")
+        _record(job, plan, PolicyKind(dest.demand.kind), dest.host, dest.ip, local, *result)
+        return
+    mode, _ = job.tls.mode_for(dest.host)
+    if mode is TlsMode.MANDATORY:
+        # a pin's session (its failures end in Quit, with eQmail's texts, unrecorded);
+        # opportunistic sessions are not recorded: nothing to report, nothing to write
+        _record(job, plan, PolicyKind.PIN, dest.host, dest.ip, local, None, "")
+
+
+def _local_ip(sock: socket.socket) -> str:
+    try:
+        return str(sock.getsockname()[0])
+    except OSError:
+        return ""

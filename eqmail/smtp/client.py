@@ -39,16 +39,27 @@ never fall back and are verified strictly (subjectAltName DNS names, else CN; no
 CN fallback; an IP relay's certificate must carry that address as an iPAddress
 subjectAltName).  A message larger than the server's advertised ``SIZE`` is not sent
 (a failure, #5.3.4).
+
+A host under its domain's published TLS policy (issue 17: :class:`TlsDemand`, decided by
+eqmail.delivery.remote) is opened by :meth:`SmtpSession._open_demanded`: STARTTLS and a
+certificate that passes the policy's check (MTA-STS: the CA store and the host name;
+DANE: the TLSA records, through the check handed in) are mandatory when the policy is
+enforced — a failure is :class:`PolicyFailure`, and nothing is sent in clear text —
+and only recorded in :attr:`SmtpSession.tls_result` when it is not.
 """
 
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from cryptography import x509
 from OpenSSL import SSL
 
+from eqmail.dns import Tlsa
 from eqmail.ipc.delivery import Outcome, Verdict
 from eqmail.smtp.dataout import DataEncoder, wire_size
 from eqmail.smtp.transport import (
@@ -86,6 +97,18 @@ class TryNext(Exception):
 
 class RetryClear(Exception):
     """Opportunistic TLS failed its handshake: retry this address without TLS."""
+
+
+class PolicyFailure(Exception):
+    """A host failed the TLS policy its domain publishes (issue 17: DANE, MTA-STS
+    enforce): the connection is closed and the caller tries the next host.
+    ``result``: RFC 8460's result type (eqmail.delivery.tlspolicy.ResultType's value:
+    smtp/ does not import delivery/), ``detail``: why, for logs and the deferral."""
+
+    def __init__(self, result: str, detail: str) -> None:
+        super().__init__(f"{result}: {detail}")
+        self.result = result
+        self.detail = detail
 
 
 class ProtocolViolation(Dropped):
@@ -269,6 +292,30 @@ def _refusal(code: int) -> Verdict:
 
 
 @dataclass(frozen=True)
+class TlsDemand:
+    """What a domain's published TLS policy asks of one of its MX hosts (issue 17),
+    decided by remote delivery: ``kind`` (eqmail.delivery.tlspolicy.PolicyKind's
+    value), ``enforce`` (a failure closes the connection with :class:`PolicyFailure`;
+    otherwise it is only recorded and the session goes on as opportunistic TLS:
+    MTA-STS testing, or a message with ``TLS-Required: No``), ``webpki`` (MTA-STS: the
+    certificate must verify against the CA store and name the host), ``tlsa`` (DANE:
+    the usable TLSA records the chain must match; empty under DANE = TLS mandatory
+    but unauthenticated, RFC 7672 §2.2), ``names``: DANE-TA's reference identifiers."""
+
+    kind: str
+    enforce: bool
+    webpki: bool = False
+    tlsa: tuple[Tlsa, ...] = ()
+    names: tuple[str, ...] = ()
+
+
+# DANE's chain check (eqmail.delivery.dane.verify, handed in by remote delivery):
+# (records, chain leaf first, reference identifiers, now) -> (result type or None, detail)
+DaneCheck = Callable[[Sequence[Tlsa], Sequence[x509.Certificate], Sequence[str], float],
+                     tuple[str | None, str]]
+
+
+@dataclass(frozen=True)
 class Destination:
     ip: str
     port: int = 25
@@ -276,6 +323,7 @@ class Destination:
     user: str | None = None
     password: str | None = None
     implicit_tls: bool = False  # TLS from the first byte (smtproutes port 465)
+    demand: TlsDemand | None = None  # the domain's TLS policy for this host (issue 17)
 
 
 @dataclass
@@ -295,6 +343,12 @@ class SmtpSession:
     tls_active: bool = False
     usable: bool = False
     size_limit: int | None = None  # the server's SIZE (0 = no limit); None: not offered
+    dane: DaneCheck | None = None  # how a DANE demand's chain is checked
+    keywords: frozenset[str] = frozenset()  # the last EHLO reply's keywords
+    # issue 17: how the TLS of this session measured up to the host's demand --
+    # (RFC 8460 result type or None for success, detail or what matched); None: no
+    # demand was checked (no policy, or a tlshosts/ pin)
+    tls_result: tuple[str | None, str] | None = None
 
     @property
     def ip(self) -> str:
@@ -347,6 +401,9 @@ class SmtpSession:
 
     def _open(self, allow_tls: bool) -> None:
         mode, pem = self.tls.mode_for(self.dest.host)
+        demand = self.dest.demand
+        if demand is not None and mode is not TlsMode.MANDATORY:
+            return self._open_demanded(demand, allow_tls)
         if self.dest.implicit_tls:
             self._handshake(mode, pem, implicit=True)
         greeting = self.reply("the greeting")
@@ -368,11 +425,99 @@ class SmtpSession:
         self.size_limit = size_offered(ehlo)
         self.usable = True
 
+    def _open_demanded(self, demand: TlsDemand, allow_tls: bool) -> None:
+        """:meth:`_open` for a host under a published TLS policy (DANE, MTA-STS): TLS
+        is mandatory when the policy is enforced — no STARTTLS, a refused one, a failed
+        handshake or a certificate that does not match end the session with
+        :class:`PolicyFailure`, never with the clear-text retry — and checked (and the
+        check recorded in :attr:`tls_result`) when it is not."""
+        greeting = self.reply("the greeting")
+        if 500 <= greeting.code < 600:
+            raise self.quit(Verdict.FAILURE, "Connected to ", " but greeting failed", greeting)
+        if 400 <= greeting.code < 500:
+            self.close(send_quit=False)
+            raise TryNext()
+        if greeting.code != 220:
+            raise self.quit(Verdict.DEFERRAL, "Connected to ", " but greeting failed", greeting)
+        ehlo = self._hello()
+        if allow_tls:
+            ehlo = self._starttls_demanded(ehlo, demand)
+        if self.dest.user is not None and self.dest.password is not None and ehlo is not None:
+            if auth_login_offered(ehlo):
+                self._auth_login()
+        self.size_limit = size_offered(ehlo)
+        self.usable = True
+
+    def _policy_miss(self, demand: TlsDemand, result: str, detail: str) -> None:
+        """A failed check: the end of this session when enforced, else recorded."""
+        self.tls_result = (result, detail)
+        if demand.enforce:
+            self.usable = False
+            self.close(send_quit=not self.tls_active)
+            raise PolicyFailure(result, detail)
+
+    def _starttls_demanded(self, ehlo: Reply | None, demand: TlsDemand) -> Reply | None:
+        if ehlo is None or "STARTTLS" not in ehlo_keywords(ehlo):
+            self._policy_miss(demand, "starttls-not-supported", "STARTTLS not offered")
+            return ehlo
+        r = self.command("STARTTLS", "the reply to STARTTLS")
+        if r.code != 220:
+            self._policy_miss(demand, "starttls-not-supported",
+                              f"STARTTLS refused ({r.code})")
+            return ehlo
+        self.expect_silence()  # CVE-2021-38371, as in _starttls
+        sni = self.dest.host if ip_literal(self.dest.host) is None else ""
+        try:
+            conn = self.transport.start_tls(self.tls.context("", webpki=demand.webpki), sni)
+        except (Dropped, SSL.Error) as e:
+            text = ssl_error_text(e)
+            self.tls_result = ("validation-failure", f"TLS handshake failed: {text}")
+            self.usable = False
+            self.close(send_quit=False)
+            if demand.enforce:
+                raise PolicyFailure(*self.tls_result) from None
+            raise RetryClear(text) from None
+        self.tls_active = True
+        result, detail = self._check_demand(conn, demand)
+        if result is not None:
+            self._policy_miss(demand, result, detail)
+        else:
+            self.tls_result = (None, detail)
+        self.parser = ReplyParser()
+        return self._hello()
+
+    def _check_demand(self, conn: SSL.Connection, demand: TlsDemand) -> tuple[str | None, str]:
+        """The peer's certificate against the demand: (None, what matched) or (RFC 8460
+        result type, why not)."""
+        peer = conn.get_peer_certificate()
+        if peer is None:
+            return "certificate-not-trusted", "no certificate provided"
+        if demand.webpki:
+            problem = conn.get_app_data()
+            if problem is not None:
+                kind = ("certificate-expired" if "expired" in str(problem)
+                        else "certificate-not-trusted")
+                return kind, str(problem)
+            leaf = peer.to_cryptography()
+            sans, cns, ips = certificate_names(leaf)
+            name_problem = peer_name_problem(self.dest.host, sans, cns, ips)
+            if name_problem is not None:
+                return "certificate-host-mismatch", name_problem
+            return None, f"certificate for {self.dest.host} issued by {leaf.issuer.rfc4514_string()[:200]}"
+        if demand.tlsa:
+            if self.dane is None:  # pragma: no cover - remote delivery always hands it in
+                return "validation-failure", "no DANE verifier"
+            chain = [c.to_cryptography() for c in conn.get_peer_cert_chain() or [peer]]
+            return self.dane(demand.tlsa, chain, demand.names, time.time())
+        return None, "TLS without authentication (no usable TLSA record)"
+
     def _hello(self) -> Reply | None:
         """EHLO, else HELO (qmail-core §4.3); the EHLO reply, or None after HELO."""
         ehlo = self.command(f"EHLO {self.helohost}", "the reply to EHLO")
         if ehlo.code == 250:
+            self.keywords = frozenset(ehlo_keywords(ehlo))
             return ehlo
+        self.keywords = frozenset()
         helo = self.command(f"HELO {self.helohost}", "the reply to HELO")
         if helo.code != 250:
             raise self.quit(Verdict.DEFERRAL, "Connected to ", " but my name was rejected", helo)
@@ -442,10 +587,12 @@ class SmtpSession:
         self.authed = True
 
     # ---------------------------------------------------------------- mail
-    def transaction(self, sender: str, recipients: list[str],
-                    body: BinaryIO) -> tuple[list[Outcome] | None, Outcome]:
+    def transaction(self, sender: str, recipients: list[str], body: BinaryIO,
+                    requiretls: bool = False) -> tuple[list[Outcome] | None, Outcome]:
         """One message: per-recipient outcomes (None if RCPT was never reached) and the
-        message's.  The body is the stored message (LF line ends, ending in LF)."""
+        message's.  The body is the stored message (LF line ends, ending in LF).
+        ``requiretls``: MAIL FROM carries RFC 8689's REQUIRETLS (the caller has made
+        sure the server offers it and the TLS is validated)."""
         size = wire_size(body)
         if self.size_limit and size > self.size_limit:
             return None, too_large(self.ip, size, self.size_limit)  # nothing sent: still usable
@@ -456,6 +603,8 @@ class SmtpSession:
             params = f" AUTH=<{sender}>" if self.authed else ""
             if self.size_limit is not None:
                 params += f" SIZE={size}"
+            if requiretls:
+                params += " REQUIRETLS"
             r = self.command(f"MAIL FROM:<{sender}>{params}", "the reply to MAIL")
             if r.code >= 400:
                 raise self.quit(_refusal(r.code), "Connected to ", " but sender was rejected", r)

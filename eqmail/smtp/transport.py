@@ -92,12 +92,31 @@ class TlsConfig:
             return TlsMode.OFF, ""
         return TlsMode.OPPORTUNISTIC, ""
 
-    def context(self, pem: str) -> SSL.Context:
-        return _context(self.control, self.ciphers, self.clientcert, pem)
+    def context(self, pem: str, webpki: bool = False) -> SSL.Context:
+        """The client context for a host: ``pem`` (a tlshosts/ pin) verifies against
+        that file; ``webpki`` (MTA-STS, issue 17) against the system's CA store plus
+        control/tlsca.pem; neither: no verification (opportunistic TLS, and DANE, which
+        checks the chain itself after the handshake)."""
+        stamp = _stamp(self.control / "tlsca.pem") if webpki else None
+        return _context(self.control, self.ciphers, self.clientcert, pem, stamp)
+
+
+SYSTEM_CA_FILE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime, size) of a CA file, (0, -1) when absent: a changed file gets a new
+    context (the cache below is keyed by it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, -1)
+    return (st.st_mtime_ns, st.st_size)
 
 
 @lru_cache(maxsize=64)
-def _context(control: Path, ciphers: str, clientcert: bool, pem: str) -> SSL.Context:
+def _context(control: Path, ciphers: str, clientcert: bool, pem: str,
+             webpki: tuple[int, int] | None = None) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     # Mozilla "intermediate" unless control/tlsclientciphers says otherwise (eqmail.control
     # refuses a string that selects no cipher, so the fallback is only for direct callers).
@@ -111,8 +130,16 @@ def _context(control: Path, ciphers: str, clientcert: bool, pem: str) -> SSL.Con
             ctx.use_privatekey_file(str(control / "clientcert.pem"))
         except SSL.Error:
             pass
-    if pem:
-        ctx.load_verify_locations(str(control.parent / pem))
+    if pem or webpki is not None:
+        if pem:
+            ctx.load_verify_locations(str(control.parent / pem))
+        else:
+            if SYSTEM_CA_FILE.is_file():
+                ctx.load_verify_locations(str(SYSTEM_CA_FILE))
+            else:
+                ctx.set_default_verify_paths()
+            if webpki is not None and webpki[1] >= 0:
+                ctx.load_verify_locations(str(control / "tlsca.pem"))
 
         def record(conn: SSL.Connection, _c: object, errnum: int, depth: int, ok: int) -> bool:
             if not ok and conn.get_app_data() is None:

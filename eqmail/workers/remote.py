@@ -19,6 +19,12 @@ holds the loaded keys for every pool thread, and each batch passes the message's
 origin (the request's ``origin`` option, from the queue) to the signing step of
 eqmail.delivery.remote.
 
+Outbound TLS policy (issue 17): MTA-STS policies are asked of the policy worker
+(run/policy.sock, :class:`eqmail.delivery.stsclient.StsClient`), DANE's TLSA records
+of control/dnsservers (trusted with control/dnssec); the request's ``requiretls``
+option (RFC 8689, from the queue) is passed on; each session's TLS result is recorded
+under the instance root for TLS-RPT (eqmail.delivery.tlsrpt).
+
 Failures: an unexpected exception while delivering is a deferral, logged (our bug
 must never bounce mail); a request that arrives while the worker stops is deferred.
 """
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 
 from eqmail.control import Controls
 from eqmail.delivery.remote import ConnectionCache, RemoteJob, deliver_batch
+from eqmail.delivery.stsclient import StsClient
 from eqmail.dkim.signer import OutboundSigner
 from eqmail.ipc.delivery import Channel, DeliveryRequest, Outcome, Verdict
 from eqmail.ipc.queue import Origin
@@ -43,6 +50,7 @@ from eqmail.spp import bfrmtclient
 from eqmail.workers.base import RemoteSettings, WorkerContext
 from eqmail.workers.deliveryserver import DeliveryServer
 
+STS_WAIT = 15  # seconds a first MTA-STS policy fetch may hold a delivery up (bounded)
 MAX_RCPTS = 100  # RFC 5321's minimum a server must accept in one transaction
 GATHER = 0.02  # a new batch waits this long for the scanner's other recipients of it
 ME_REFRESH = 60.0
@@ -93,6 +101,9 @@ class RemoteWorker:
         c = self.controls
         self.tls = TlsConfig(ctx.instance.control, c.tlsclientciphers, c.clientcert,
                              c.tlshosts, c.tlshosts_exhaustive, c.notlshosts)
+        # MTA-STS policies come from the policy worker (issue 17): this process, which
+        # holds the DKIM keys and reads the queue, makes no HTTPS request of its own
+        self.sts = StsClient(ctx.instance.run / "policy.sock", float(STS_WAIT))
 
     def begin(self) -> None:
         tcpto.clear(self.tcpto_path, create=True)  # qmail-rspawn's tcpto_clean at start
@@ -131,9 +142,11 @@ class RemoteWorker:
         never raises."""
         try:
             job = RemoteJob(self.controls, self.me, self.tcpto, self.cache, self.tls,
-                            bfrmtclient.run_chain, self.signer)
-            return deliver_batch(job, self.ctx.instance, requests[0].msgid, requests[0].sender,
-                                 [r.recipient for r in requests], request_origin(requests[0]))
+                            bfrmtclient.run_chain, self.signer, self.sts, self.ctx.instance.root)
+            first = requests[0]
+            return deliver_batch(job, self.ctx.instance, first.msgid, first.sender,
+                                 [r.recipient for r in requests], request_origin(first),
+                                 dict(first.options).get("requiretls") == "1")
         except Exception as e:  # our bug must never bounce mail: defer, and say so
             log(f"warning: remote delivery of message {requests[0].msgid} raised {e!r}")
             return [BUG] * len(requests)
