@@ -51,7 +51,7 @@ from eqmail.ipc.policy import MAX_DETAIL, LookupAnswer, PolicyText, ProtocolErro
 from eqmail.log import log
 
 FETCH_SECONDS = 10.0    # one policy fetch in all: DNS, connect, TLS, request, answer
-TXT_SECONDS = 5.0       # the TXT lookup
+TXT_SECONDS = 3.0       # the TXT lookup (with FETCH_SECONDS: within the remote worker's 15 s wait)
 RETRY_SECONDS = 60.0    # a failed fetch for the same TXT id is not retried sooner
 HTTPS_PORT = 443
 MAX_FILE = 8 * mtasts.MAX_BODY
