@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from eqmail.cli.dkim import dkimsign_warnings, key_warnings
+from eqmail.cli.stscheck import mtasts_notes, policy_worker_warnings, tlsca_warnings
 from eqmail.control import (
     KNOWN_FILES,
     PLUGIN_FILES,
@@ -136,6 +137,8 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += dkimsign_warnings(inst.control, c.dkimsign)
     report["warnings"] += srs_warnings(c)
     report["notes"] = authcheck_notes(c)
+    report["warnings"] += tlsca_warnings(inst, c) + policy_worker_warnings(inst, c)
+    report["notes"] += mtasts_notes(c)
     return report
 
 

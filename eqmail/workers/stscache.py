@@ -67,7 +67,10 @@ def tls_context(tlsca: Path | None) -> ssl.SSLContext:
     if os.path.exists(SYSTEM_CA):  # Debian's bundle; OpenSSL's default paths may differ
         ctx.load_verify_locations(cafile=SYSTEM_CA)
     if tlsca is not None and tlsca.is_file():
-        ctx.load_verify_locations(cafile=str(tlsca))
+        try:
+            ctx.load_verify_locations(cafile=str(tlsca))
+        except (ssl.SSLError, OSError) as e:  # eqmailctl check names it; the system's CAs go on
+            log(f"warning: policy: control/tlsca.pem not used: {e}")
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
