@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -300,6 +301,14 @@ def test_the_worker_in_a_started_instance() -> None:
             uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
         assert set(uids) == {str(_uid("eqmailt"))}
         assert "mta-sts policy" in inst.ctl("status").stdout
+        sock = inst.root / "run" / "policy.sock"
+        assert ask_as("eqmailr", sock, "example.test") == "none None \n"  # no TXT: no policy
+        assert ask_as("eqmaild", sock, "example.test").startswith(
+            "none sts-policy-fetch-error MTA-STS policy worker unavailable")  # mode 0600
+        os.kill(pid, signal.SIGKILL)  # restarted by the supervisor, serving the same socket
+        harness.poll(lambda: [p for p in harness.worker_pids(inst, "eqmail: mta-sts policy")
+                              if p != pid], 30, "a new policy worker")
+        assert ask_as("eqmailr", sock, "example.test") == "none None \n"
     finally:
         inst.destroy()
 
