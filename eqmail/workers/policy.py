@@ -33,11 +33,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from eqmail.control import Controls
 from eqmail.delivery.mtasts import StsError
 from eqmail.delivery.tlspolicy import ResultType
 from eqmail.dns import Resolver
+from eqmail.instance import Instance
 from eqmail.ipc.framing import peer_uid
 from eqmail.ipc.policy import (
     ANSWER,
@@ -125,16 +128,24 @@ class PolicyServer:
                                 "MTA-STS policy lookup failed")
 
 
+SendDue = Callable[[Instance, Controls, float], int]
+
+
 def tlsrpt_loop(ctx: WorkerContext[PolicySettings], stop: threading.Event,
-                first: float = TLSRPT_FIRST, every: float = TLSRPT_EVERY) -> None:
-    """Mail the TLS-RPT reports that are due, about once an hour; never raises."""
+                first: float = TLSRPT_FIRST, every: float = TLSRPT_EVERY,
+                send_due: SendDue | None = None) -> None:
+    """Mail the TLS-RPT reports that are due (``send_due``: eqmail.workers.tlsrptsend's),
+    about once an hour, until ``stop``; never raises."""
     wait = first
     while not stop.wait(wait):
         wait = every
         try:
-            from eqmail.workers import tlsrptsend
+            send = send_due
+            if send is None:
+                from eqmail.workers import tlsrptsend
 
-            sent = tlsrptsend.send_due(ctx.instance, ctx.controls, time.time())
+                send = tlsrptsend.send_due
+            sent = send(ctx.instance, ctx.controls, time.time())
             if sent:
                 log(f"policy: mailed {sent} TLS-RPT report(s)")
         except Exception as e:  # reports wait for the next hour; lookups go on

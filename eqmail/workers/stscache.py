@@ -278,6 +278,8 @@ class Policies:
         if isinstance(got, StsError):
             log(f"policy: {domain}: no MTA-STS policy for id {policy_id}: "
                 f"{got.result.value}: {got.detail}")
+            if len(self.failed) > 4096:
+                self.failed.clear()  # only a time saver: forgetting costs a fetch
             self.failed[domain] = (policy_id, time.monotonic() + RETRY_SECONDS, got)
             return got
         self.failed.pop(domain, None)
