@@ -11,7 +11,7 @@ _eqmailctl_queue_ids() {
 _eqmailctl() {
     local cur=${COMP_WORDS[COMP_CWORD]}
     local prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="setup start stop status reload check cert import-qmail queue dkim"
+    local commands="setup start stop status reload check cert import-qmail queue dkim tlsrpt"
     local i cmd="" at=0
     local -a rootopt=()
     COMPREPLY=()
@@ -41,6 +41,9 @@ _eqmailctl() {
             COMPREPLY=($(compgen -W "--help" -- "$cur")) ;;
         status|check)
             COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
+        tlsrpt)
+            [[ $prev == --date ]] && return 0
+            COMPREPLY=($(compgen -W "--date --json --help" -- "$cur")) ;;
         cert)
             if ((arg == 1)); then
                 COMPREPLY=($(compgen -W "renew request install show dh --help" -- "$cur"))

@@ -22,6 +22,14 @@ Bounds: each query has ``lifetime`` seconds, one resolution ``3 * lifetime`` in 
 at most MAX_MX exchangers, MAX_ADDRS addresses per name and MAX_TOTAL in all are used;
 UDP answers are limited by EDNS to 1232 bytes (TCP on truncation, 64 KiB by protocol).
 
+DNSSEC (issue 17, RFC 7672 §2.1): with ``Resolver(dnssec=True)`` (control/dnssec 1)
+every query carries the DO and AD bits and an answer counts as authenticated when the
+resolver set AD in its reply -- the resolvers of control/dnsservers are trusted to
+validate, as Postfix's ``smtp_dns_support_level = dnssec`` trusts them.  Without it no
+answer is ever "secure", whatever the server says.  A validating resolver answers bogus
+data with SERVFAIL: that is :class:`LookupSoft`, so bogus data defers.
+:attr:`MxAddress.secure` and :meth:`Resolver.tlsa` carry the verdicts to DANE.
+
 This machine's own addresses (for "am I an MX") come from eqmail.netif.
 """
 
@@ -32,7 +40,10 @@ import random
 import time
 from dataclasses import dataclass
 
+import dns.edns
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -44,6 +55,7 @@ MAX_TOTAL = 64
 MAX_CNAME_HOPS = 10
 PREF_ROUTE = 300000  # qmail-remote: with a route every address is tried
 PREF_CNAME = 500000  # ... and when the recipient domain was an alias
+MAX_TLSA = 32  # records of one TLSA RRset that are looked at
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,12 @@ class LookupSoft(Exception):
 
 
 class LookupHard(Exception):
-    """A lookup that will not pass: NXDOMAIN, no record of the type, an impossible name."""
+    """A lookup that will not pass: NXDOMAIN, no record of the type, an impossible name.
+    ``secure``: the denial was DNSSEC-authenticated (only ever with ``dnssec``)."""
+
+    def __init__(self, *args: object, secure: bool = False) -> None:
+        super().__init__(*args)
+        self.secure = secure
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,29 @@ class TlsaAnswer:
 
     records: tuple[Tlsa, ...]
     secure: bool
+    # the TLSA base domain the records were found at (RFC 7672 §2.2.2: the MX host's
+    # CNAME-expanded name or the name itself): DANE-TA's reference identifiers are the
+    # MX host name and this name; "" without records
+    base: str = ""
+
+
+def _ede(e: Exception) -> str:
+    """The resolver's RFC 8914 Extended DNS Error of a SERVFAIL (unbound names DNSSEC
+    failures this way: "DNSSEC Bogus", "Signature Expired"), for the log; "" if none."""
+    if not isinstance(e, dns.resolver.NoNameservers):
+        return ""
+    for err in e.kwargs.get("errors") or []:
+        message = err[4] if isinstance(err, tuple) and len(err) > 4 else None
+        if not isinstance(message, dns.message.Message):
+            continue
+        for ede in message.extended_errors():
+            try:
+                name = dns.edns.EDECode(ede.code).name.replace("_", " ").lower()
+            except ValueError:
+                name = "code"
+            text = f": {safe(ede.text)}" if ede.text else ""
+            return f" (EDE {ede.code} {name}{text})"[:200]
+    return ""
 
 
 def literal_ip(host: str) -> str | None:
@@ -166,7 +206,13 @@ class Resolver:
         self.res = dns.resolver.Resolver(configure=not servers)
         if servers:
             self.res.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
-        self.res.use_edns(0, 0, 1232)
+        if dnssec:
+            # DO (RFC 4035 §3.2.1) makes a validating resolver validate and say so; AD in
+            # the query (RFC 6840 §5.7) asks for the AD bit in the reply
+            self.res.use_edns(0, dns.flags.DO, 1232)
+            self.res.flags = dns.flags.RD | dns.flags.AD
+        else:
+            self.res.use_edns(0, 0, 1232)
         self.res.timeout = min(2.0, lifetime)
         self.lifetime = lifetime
         self.rng = rng or random.Random()
@@ -183,25 +229,36 @@ class Resolver:
             return self.res.resolve(name, rdtype, raise_on_no_answer=False, search=False,
                                     lifetime=left)
         except dns.resolver.NXDOMAIN as e:
-            raise LookupHard(str(e)) from None
+            raise LookupHard(str(e), secure=self._denial_secure(e)) from None
         except (dns.exception.DNSException, OSError, ValueError) as e:
             # Timeouts, SERVFAIL from every server, malformed answers, bad names: soft,
             # as qmail's dns.c treats everything but NXDOMAIN.
             if isinstance(e, (dns.name.LabelTooLong, dns.name.NameTooLong, dns.name.EmptyLabel)):
                 raise LookupHard(str(e)) from None
-            raise LookupSoft(str(e)) from None
+            raise LookupSoft(str(e) + _ede(e)) from None
 
-    def _records(self, name: str, rdtype: dns.rdatatype.RdataType) -> list[str]:
-        """Addresses of one type for a name, following CNAMEs the server did not chase."""
+    def _secure(self, response: dns.message.Message | None) -> bool:
+        """The resolver authenticated this reply (AD), and we trust it to (dnssec)."""
+        return self.dnssec and response is not None and bool(response.flags & dns.flags.AD)
+
+    def _denial_secure(self, e: dns.resolver.NXDOMAIN) -> bool:
+        responses = list(e.responses().values())  # type: ignore[no-untyped-call]
+        return bool(responses) and all(self._secure(r) for r in responses)
+
+    def _records(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[list[str], bool]:
+        """Addresses of one type for a name, following CNAMEs the server did not chase,
+        and whether every answer on the way was authenticated."""
+        secure = self.dnssec
         for _ in range(MAX_CNAME_HOPS):
             answer = self._query(name, rdtype)
+            secure = secure and self._secure(answer.response)
             if answer.rrset is not None:
-                return [r.address for r in list(answer.rrset)[:MAX_ADDRS]]
+                return [r.address for r in list(answer.rrset)[:MAX_ADDRS]], secure
             target = answer.canonical_name.to_text()
             if dns.name.from_text(name) == answer.canonical_name:
-                return []
+                return [], secure
             name = target
-        return []
+        return [], False
 
     def txt(self, name: str) -> list[bytes]:
         """The TXT records at ``name``, each record's strings joined (CNAMEs the server
@@ -217,20 +274,32 @@ class Resolver:
     def addresses(self, name: str) -> list[str]:
         """All AAAA then all A addresses of ``name``.  Soft only when nothing was found
         and a lookup was soft; hard only when both were hard."""
+        return self._addresses(name)[0]
+
+    def _addresses(self, name: str) -> tuple[list[str], bool]:
+        """:meth:`addresses` and whether both lookups were authenticated (answers or
+        denials; RFC 7672 §2.2.2 wants the host's address records secure)."""
         found: list[str] = []
         errors: list[Exception] = []
+        secure = self.dnssec
         for rdtype in (dns.rdatatype.AAAA, dns.rdatatype.A):
             try:
-                found += self._records(name, rdtype)
-            except (LookupSoft, LookupHard) as e:
+                records, authenticated = self._records(name, rdtype)
+                found += records
+                secure = secure and authenticated
+            except LookupHard as e:
                 errors.append(e)
+                secure = secure and e.secure
+            except LookupSoft as e:
+                errors.append(e)
+                secure = False
         if found:
-            return [str(ipaddress.ip_address(a)) for a in found]
+            return [str(ipaddress.ip_address(a)) for a in found], secure
         if any(isinstance(e, LookupSoft) for e in errors):
             raise LookupSoft("address lookup failed")
         if len(errors) == 2:
             raise LookupHard("no such host")
-        return []
+        return [], secure
 
     def host_addresses(self, host: str, pref: int = 0) -> list[MxAddress]:
         """dns_ip for a relay or a host without MX; raises DnsFailure with its text."""
@@ -238,18 +307,20 @@ class Resolver:
         ip = literal_ip(host)
         if ip is not None:
             return [MxAddress(ip, 0, "")]
-        return self._host_or_fail(host, pref)
+        return self._host_or_fail(host, pref, self.dnssec)
 
-    def _host_or_fail(self, host: str, pref: int) -> list[MxAddress]:
+    def _host_or_fail(self, host: str, pref: int, mx_secure: bool) -> list[MxAddress]:
+        """``mx_secure``: the MX denial that led here (or none, for a relay) was
+        authenticated -- the implicit MX of RFC 7672 §2.2.1 is only as secure as it."""
         try:
-            found = self.addresses(host)
+            found, secure = self._addresses(host)
         except LookupSoft:
             raise DnsFailure(TEMP_DNS) from None
         except LookupHard:
             raise DnsFailure(perm_dns(host)) from None
         if not found:
             raise DnsFailure(PERM_NOMX)
-        return [MxAddress(a, pref, host) for a in found]
+        return [MxAddress(a, pref, host, mx_secure and secure) for a in found]
 
     def mx_addresses(self, host: str) -> list[MxAddress]:
         """dns_mxip: MX hosts in order, each host's addresses IPv6 first."""
@@ -261,17 +332,19 @@ class Resolver:
             answer = self._query(host, dns.rdatatype.MX)
         except LookupSoft:
             raise DnsFailure(TEMP_DNS) from None
-        except LookupHard:
-            return self._host_or_fail(host, 0)
+        except LookupHard as e:
+            return self._host_or_fail(host, 0, e.secure)
+        mx_secure = self._secure(answer.response)
         mxs = [(r.preference, r.exchange.to_text(omit_final_dot=True))
                for r in list(answer.rrset or [])[:MAX_MX]]
         if not mxs:
-            return self._host_or_fail(host, 0)
+            return self._host_or_fail(host, 0, mx_secure)
         out: list[MxAddress] = []
         soft = False
         for pref, name in order_mx(mxs, self.rng):
             try:
-                out += [MxAddress(a, pref, name.lower()) for a in self.addresses(name)]
+                found, secure = self._addresses(name)
+                out += [MxAddress(a, pref, name.lower(), mx_secure and secure) for a in found]
             except LookupSoft:
                 soft = True
             except LookupHard:
@@ -287,8 +360,64 @@ class Resolver:
         the host's CNAME chain first, then at the name itself).  Raises
         :class:`LookupSoft` when the answer may change (timeout, SERVFAIL -- which a
         validating resolver gives for bogus data) -- the caller must not deliver to
-        that host then."""
-        raise NotImplementedError("issue 17 contract: the DANE work fills this in")
+        that host then.
+
+        ``TlsaAnswer(records, True)``: an authenticated RRset (DANE applies; the
+        records may all be unusable).  ``TlsaAnswer((), True)``: authenticated denial
+        (opportunistic TLS).  ``TlsaAnswer((), False)``: nothing authenticated -- no
+        ``dnssec``, an address literal, an insecure host name or TLSA RRset -- so no
+        DANE (insecure records are never returned)."""
+        self._begin()
+        if not self.dnssec or literal_ip(host) is not None:
+            return TlsaAnswer((), False)
+        initial = host.lower().rstrip(".")
+        try:
+            answer = self._query(initial, dns.rdatatype.A)
+        except LookupHard:
+            return TlsaAnswer((), False)
+        if not self._secure(answer.response):
+            return TlsaAnswer((), False)  # §2.2.2: only a secure host name has TLSA
+        expanded = answer.canonical_name.to_text(omit_final_dot=True).lower()
+        secure = False
+        for name in ([expanded] if expanded != initial else []) + [initial]:
+            # a soft failure at the expanded name is not passed over for the initial
+            # one: the host is indeterminate (Postfix's tls_dane_resolve does the same)
+            records, secure = self._tlsa_at(f"_{port}._tcp.{name}")
+            if records:
+                return TlsaAnswer(records, True, name)
+        return TlsaAnswer((), secure)
+
+    def validates(self) -> bool:
+        """Whether the resolvers authenticate DNSSEC: the root zone's DNSKEY RRset, which
+        every validating resolver can check with its trust anchor, comes back with AD
+        (asked with DO and AD whatever ``dnssec`` says).  Raises :class:`LookupSoft`
+        when they do not answer.  For ``eqmailctl check``."""
+        saved = (self.dnssec, self.res.flags, self.res.ednsflags)
+        self.dnssec = True
+        self.res.use_edns(0, dns.flags.DO, 1232)
+        self.res.flags = dns.flags.RD | dns.flags.AD
+        self._begin()
+        try:
+            return self._secure(self._query(".", dns.rdatatype.DNSKEY).response)
+        except LookupHard as e:
+            return e.secure
+        finally:
+            self.dnssec, self.res.flags = saved[0], saved[1]
+            self.res.use_edns(0, saved[2], 1232)
+
+    def _tlsa_at(self, owner: str) -> tuple[tuple[Tlsa, ...], bool]:
+        """The authenticated TLSA records at ``owner`` (CNAMEs chased by the resolver)
+        and whether the answer or denial was authenticated."""
+        try:
+            answer = self._query(owner, dns.rdatatype.TLSA)
+        except LookupHard as e:
+            return (), e.secure
+        if not self._secure(answer.response):
+            return (), False
+        if answer.rrset is None or answer.rrset.rdtype != dns.rdatatype.TLSA:
+            return (), True
+        return tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
+                     for r in list(answer.rrset)[:MAX_TLSA]), True
 
     def canonical(self, domain: str) -> str:
         """The end of the domain's CNAME chain (qmail-remote's addrmangle); ``domain``

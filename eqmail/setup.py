@@ -84,6 +84,11 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
     _make_alias(inst, ids, is_root, force, report)
     if is_root:
         os.chown(inst.log, ids["log"].uid, ids["log"].gid)
+    # TLS-RPT day files (eqmail.delivery.tlsrpt): remote delivery writes, everyone reads
+    (inst.root / "tlsrpt").mkdir(exist_ok=True)
+    os.chmod(inst.root / "tlsrpt", 0o755)
+    if is_root:
+        os.chown(inst.root / "tlsrpt", ids["remote"].uid, ids["remote"].gid)
     _make_sts_dir(inst.root / "sts", ids, is_root)
     report.append(f"instance ready at {inst.root}")
     return report

@@ -4,7 +4,9 @@
 #     groff-base (the tests render the man pages with man -l), daemontools (tai64nlocal)
 #     and logrotate for the log tests, libmail-dkim-perl, opendkim and opendkim-tools
 #     (the DKIM interop tests: implementations nobody here wrote), srs (Mail::SRS's
-#     command, by the author of SRS: the SRS interop test)
+#     command, by the author of SRS: the SRS interop test), unbound (a validating
+#     resolver), nsd (an authoritative server) and ldnsutils (ldns-keygen,
+#     ldns-signzone): the DNSSEC/DANE tests sign their own zones and serve them
 #   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
 #     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
 #     or ./.venv otherwise, with eqmail and its test dependencies installed.
@@ -17,7 +19,7 @@ if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
   for pkg in python3-venv swaks openssl iproute2 procps util-linux man-db groff-base daemontools logrotate \
-             libmail-dkim-perl opendkim opendkim-tools srs; do
+             libmail-dkim-perl opendkim opendkim-tools srs unbound nsd ldnsutils; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -30,6 +32,13 @@ if [ "$(id -u)" = 0 ]; then
     if [[ " ${need[*]} " == *" opendkim "* ]] && command -v systemctl >/dev/null; then
       systemctl disable --now opendkim.service >/dev/null 2>&1 || true
     fi
+    # Likewise the DNSSEC tests start their own unbound and nsd on private ports: the
+    # daemons (and unbound's hook that would make it this machine's resolver) stay off.
+    for unit in unbound:unbound unbound:unbound-resolvconf nsd:nsd; do
+      if [[ " ${need[*]} " == *" ${unit%%:*} "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now "${unit#*:}.service" >/dev/null 2>&1 || true
+      fi
+    done
   fi
 else
   venv=${EQMAIL_VENV:-$here/.venv}

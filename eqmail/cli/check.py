@@ -19,6 +19,7 @@ not load gives ``ok: false`` and its file:line errors; nothing is raised.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -37,6 +38,7 @@ from eqmail.control import (
     value_of,
 )
 from eqmail.delivery.hookcheck import line_problem
+from eqmail.dns import LookupSoft, Resolver
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance
 from eqmail.smtp.state import submission_port
@@ -136,7 +138,9 @@ def check_report(inst: Instance) -> dict[str, Any]:
     report["warnings"] += key_warnings(inst.control)
     report["warnings"] += dkimsign_warnings(inst.control, c.dkimsign)
     report["warnings"] += srs_warnings(c)
-    report["notes"] = authcheck_notes(c)
+    dnssec = dnssec_lines(c)
+    report["warnings"] += [ln for ln in dnssec if ln.startswith("warning:")]
+    report["notes"] = authcheck_notes(c) + [ln for ln in dnssec if ln.startswith("note:")]
     report["warnings"] += tlsca_warnings(inst, c) + policy_worker_warnings(inst, c)
     report["notes"] += mtasts_notes(c)
     return report
@@ -156,6 +160,41 @@ def srs_warnings(c: Controls) -> list[str]:
         return [f"warning: control/srsdomain: {keys.domain} is not in control/rcpthosts: "
                 "bounces to forwarded mail (SRS addresses) will be refused with 553"]
     return []
+
+
+def dnssec_placement(c: Controls) -> list[str]:
+    """control/dnssec 1 with resolvers whose AD bit cannot be trusted by where they are."""
+    if not c.dnssec:
+        return []
+    if not c.dnsservers:
+        return ["warning: control/dnssec is 1 without control/dnsservers: the AD bit of "
+                "/etc/resolv.conf's resolvers is trusted; name a validating resolver on "
+                "this host (e.g. unbound on 127.0.0.1) in control/dnsservers"]
+    far = [ip for ip, _ in c.dnsservers if not ipaddress.ip_address(ip).is_loopback]
+    if far:
+        return [f"warning: control/dnssec is 1 and control/dnsservers names {', '.join(far)}, "
+                "not on this host: their AD bit crosses the network unprotected"]
+    return []
+
+
+def dnssec_lines(c: Controls) -> list[str]:
+    """control/dnssec 1 (DANE) trusts the AD bit of control/dnsservers: say whether they
+    set it (one DNSKEY query to them, bounded) and warn when they are not on this host
+    (the AD bit is believed as it arrives, unauthenticated, RFC 4035 §4.9.3)."""
+    if not c.dnssec:
+        return []
+    where = ", ".join(f"{ip}:{port}" for ip, port in c.dnsservers) or "/etc/resolv.conf"
+    out = dnssec_placement(c)
+    try:
+        validating = Resolver(c.dnsservers, lifetime=2.0).validates()
+    except LookupSoft as e:
+        return out + [f"warning: control/dnssec is 1 but control/dnsservers ({where}) did not "
+                      f"answer a DNSSEC query ({str(e)[:200]}): DANE lookups will defer"]
+    if not validating:
+        return out + [f"warning: control/dnssec is 1 but control/dnsservers ({where}) do not "
+                      "validate (no AD bit on the root zone's DNSKEY): DANE never applies"]
+    return out + [f"note: control/dnssec is 1: DANE on; control/dnsservers ({where}) validate "
+                  "DNSSEC (AD on the root zone's DNSKEY)"]
 
 
 def authcheck_notes(c: Controls) -> list[str]:

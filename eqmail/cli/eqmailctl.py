@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from eqmail import __version__
-from eqmail.cli import dkim
+from eqmail.cli import dkim, tlsrpt
 from eqmail.control import load_controls
 from eqmail.errors import ControlErrors
 from eqmail.instance import Instance, resolve_root
@@ -262,6 +262,9 @@ def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
         if isinstance(scanner, QueueActivity):
             status["deliveries"] = [d.as_dict() for d in scanner.deliveries]
             status["queue"].update(dict(scanner.counts))
+    tls_failures = tlsrpt.status_failures(inst.root)
+    if tls_failures:  # issue 17: today's failed sessions under DANE / MTA-STS, per domain
+        status["tls_failures"] = tls_failures
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -272,7 +275,8 @@ def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
 def format_status(s: dict[str, Any]) -> str:
     if not s.get("running"):
         q = s.get("queue", {})
-        return f"eqmail: not running; queue: {q.get('messages', 0)} messages"
+        tls_line = tlsrpt.status_line(s.get("tls_failures") or {})
+        return f"eqmail: not running; queue: {q.get('messages', 0)} messages" + (f"\n{tls_line}" if tls_line else "")
     lr = s.get("last_reload") or {}
     lines = [
         f"eqmail: running, pid {s['pid']}, up {_duration(s.get('uptime', 0))}, "
@@ -303,6 +307,8 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append(f"queue: {q.get('messages', 0)} messages, {q.get('todo', 0)} not yet preprocessed, "
                  f"{q.get('local', 0)} local / {q.get('remote', 0)} remote pending, "
                  f"{q.get('bouncing', 0)} bouncing")
+    tls_line = tlsrpt.status_line(s.get("tls_failures") or {})
+    lines += [tls_line] if tls_line else []
     return "\n".join(lines)
 
 
@@ -499,8 +505,9 @@ def _queue_read(inst: Instance, args: argparse.Namespace) -> int:
             if args.id is None:
                 print("usage: eqmailctl queue show ID", file=sys.stderr)
                 return 1
-            out = (json.dumps(inspect.show_json(inst.root, args.id), indent=2) + "\n" if args.json
-                   else inspect.show(inst.root, args.id))
+            out = (json.dumps(inspect.show_json(inst.root, args.id, lambda d: tlsrpt.queue_json(inst.root, d)),
+                              indent=2) + "\n" if args.json
+                   else inspect.show(inst.root, args.id, lambda d: tlsrpt.queue_lines(inst.root, d)))
     except inspect.NoSuchMessage as e:
         print(f"eqmailctl queue show: {e}", file=sys.stderr)
         return 1
@@ -593,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", nargs="?", type=int, help="show, delete, bounce: the message id")
     s.add_argument("--json", action="store_true", help="stat, list, show: JSON (eqmailctl(8))")
     dkim.add_parser(sub)
+    tlsrpt.add_parser(sub)
     return p
 
 
@@ -600,7 +608,7 @@ COMMANDS = {
     "setup": cmd_setup, "start": cmd_start, "stop": cmd_stop, "status": cmd_status,
     "import-qmail": cmd_import_qmail,
     "reload": cmd_reload, "reopen-logs": cmd_reopen_logs, "check": cmd_check, "queue": cmd_queue,
-    "cert": cmd_cert, "dkim": dkim.cmd_dkim,
+    "cert": cmd_cert, "dkim": dkim.cmd_dkim, "tlsrpt": tlsrpt.cmd_tlsrpt,
 }
 
 

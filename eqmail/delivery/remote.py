@@ -488,7 +488,7 @@ def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
             usable = dane.usable(answer.records)
             plan.tlsa_text[host] = tuple(r.text() for r in answer.records)
             plan.demands[host] = TlsDemand(PolicyKind.DANE.value, not opt_out, tlsa=usable,
-                                           names=(host, plan.domain))
+                                           names=_reference_ids(host, answer.base, plan.domain))
             if plan.kind is None or plan.kind is not PolicyKind.PIN:
                 plan.kind = PolicyKind.DANE
             return True
@@ -506,6 +506,17 @@ def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
             return True
         plan.demands[host] = TlsDemand(kind.value, enforce and not opt_out, webpki=True)
     return True
+
+
+def _reference_ids(host: str, base: str, domain: str) -> tuple[str, ...]:
+    """DANE-TA's names for a host's certificate (RFC 7672 §3.2.2): the TLSA base
+    domain (the CNAME-expanded host name when the records were found there), the MX
+    host name, and the next-hop domain."""
+    out: list[str] = []
+    for n in (base, host, domain):
+        if n and n.lower() not in out:
+            out.append(n.lower())
+    return tuple(out)
 
 
 def _validated(job: RemoteJob, dest: Destination) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,21 +247,34 @@ def message(root: Path, msgid: int) -> QueuedMessage:
                          (warning,) if warning else (), origin=origin)
 
 
-def show(root: Path, msgid: int) -> str:
+def pending_domains(m: QueuedMessage) -> list[str]:
+    """The domains of the remote recipients not delivered yet, each once (issue 17:
+    ``show`` names the TLS policy each is under)."""
+    found = [r.address.rpartition(b"@")[2].decode("utf-8", "backslashreplace").lower()
+             for r in m.recipients if r.channel == "remote" and not r.done]
+    return list(dict.fromkeys(d for d in found if d))
+
+
+def show(root: Path, msgid: int, tls: Callable[[list[str]], list[str]] | None = None) -> str:
     """One message: the qmail-qread entry (or, before preprocessing, its todo envelope
     with each recipient marked ``todo``), its ``origin:`` line, a blank line, then its
-    header from mess/."""
+    header from mess/.  ``tls``: the lines naming the TLS policy of pending remote
+    domains (eqmailctl gives them: the records are remote delivery's), after origin."""
     m = message(root, msgid)
     header, truncated = _header_block(_queue(root).mess(msgid))
     lines = m.text_lines()
     if m.preprocessed:  # the unreadable-channel warning goes after the recipients here
         lines = [lines[0], *lines[1 + len(m.warnings):], *m.warnings]
     lines.append(f"origin: {m.origin}")
+    lines += tls(pending_domains(m)) if tls else []
     return "".join(ln + "\n" for ln in lines) + "\n" + header + ("[header truncated]\n" if truncated else "")
 
 
-def show_json(root: Path, msgid: int) -> dict[str, Any]:
-    """``queue show --json``: the message's object plus ``header`` and ``header_truncated``."""
+def show_json(root: Path, msgid: int,
+              tls: Callable[[list[str]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``queue show --json``: the message's object plus ``header`` and ``header_truncated``
+    (and what ``tls`` gives for the pending remote domains)."""
     m = message(root, msgid)
     header, truncated = _header_block(_queue(root).mess(msgid))
-    return {**m.as_json(), "header": header, "header_truncated": truncated}
+    extra = tls(pending_domains(m)) if tls else {}
+    return {**m.as_json(), "header": header, "header_truncated": truncated, **extra}

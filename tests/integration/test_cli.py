@@ -39,7 +39,7 @@ MAN_PAGES = ("eqmailctl.8", "eqmail-inject.8", "eqmail-sendmail.8", "eqmail-chec
              "eqmail-control.5")
 PROGRAMS = ("eqmailctl", "eqmail-inject", "eqmail-sendmail", "eqmail-checkpassword")
 EQMAILCTL_COMMANDS = ("setup", "start", "stop", "status", "reload", "reopen-logs", "check", "cert",
-                      "import-qmail", "queue", "dkim")
+                      "import-qmail", "queue", "dkim", "tlsrpt")
 PASSWORD = "Secret-1"
 
 
@@ -143,7 +143,8 @@ def test_queue_json(live: Live) -> None:
         ("local", f"testuser+defer@{ME}", False), ("local", f"testuser@{ME}", True),
         ("remote", "someone@remote.example", False)]
     shown = json.loads(inst.ctl("queue", "show", str(msgid), "--json").stdout)
-    assert {k: v for k, v in shown.items() if k not in ("header", "header_truncated")} == m
+    assert {k: v for k, v in shown.items() if k not in ("header", "header_truncated", "tls")} == m
+    assert [t["domain"] for t in shown["tls"]] == ["remote.example"]  # the pending remote domain
     assert "Subject: json test\n" in shown["header"] and shown["header_truncated"] is False
     missing = inst.ctl("queue", "show", "1", "--json", check=False)
     assert missing.returncode == 1 and missing.stdout == ""
