@@ -15,7 +15,7 @@ a thread of its own (at most MAX_CONNECTIONS at once; more wait to be accepted),
 first fetch may take eqmail.workers.stscache.FETCH_SECONDS.  With control/mtasts 0 every
 answer is "no policy".
 
-TLS-RPT: about once an hour (the first time TLSRPT_FIRST seconds after the start) it
+TLS-RPT: about once an hour (the first time TLSRPT_FIRST seconds after its start) it
 calls eqmail.workers.tlsrptsend.send_due(instance, controls, now) in a thread of its
 own; an exception there is logged and the worker goes on.
 
@@ -58,7 +58,7 @@ from eqmail.workers.base import PolicySettings, WorkerContext
 
 MAX_CONNECTIONS = 32
 CLIENT_SECONDS = 5.0     # to read a request, and to write an answer
-TLSRPT_FIRST = 10.0
+TLSRPT_FIRST = 300.0    # not at once: a restart or reload is no reason to mail
 TLSRPT_EVERY = 3600.0
 STS_DIR = "sts"
 

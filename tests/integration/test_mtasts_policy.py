@@ -317,3 +317,46 @@ def _uid(name: str) -> int:
     import pwd
 
     return pwd.getpwnam(name).pw_uid
+
+
+SEND_DUE = """
+import sys, time
+from pathlib import Path
+from eqmail.control import load_controls
+from eqmail.instance import Instance
+from eqmail.workers.tlsrptsend import send_due
+root = Path(sys.argv[1])
+print(send_due(Instance(root), load_controls(root), time.time()))
+"""
+
+
+def test_the_policy_workers_user_can_mail_the_tls_reports() -> None:
+    """The hourly TLS-RPT call runs as eqmailt: it reads <root>/tlsrpt/ (eqmailr's),
+    keeps its marks in <root>/sts/ and injects through run/queue.sock."""
+    from eqmail.delivery import tlsrpt
+
+    rua = f"testuser@{harness.ME}"
+    dns = DnsServer({"_smtp._tls.report.test": {"TXT": [txt(f"v=TLSRPTv1; rua=mailto:{rua}")]}})
+    inst = harness.Instance.create(listen=None)
+    try:
+        inst.write_control("dnsservers", f"127.0.0.1:{dns.start()}")
+        inst.start()
+        when = time.time() - 2 * 86400  # a finished day
+        subprocess.run(["runuser", "-u", "eqmailr", "--", PY, "-c",
+                        "import sys, time; from pathlib import Path; from eqmail.delivery import tlsrpt; "
+                        "from eqmail.delivery.tlspolicy import PolicyKind, SessionResult; "
+                        "tlsrpt.record(Path(sys.argv[1]), SessionResult(float(sys.argv[2]), 'report.test', "
+                        "PolicyKind.STS_ENFORCE, 'mx.report.test', '10.99.0.2', '10.99.0.1', None, "
+                        "policy_strings=('version: STSv1',), mx_patterns=('mx.report.test',)))",
+                        str(inst.root), str(when)], check=True, timeout=60)
+        sent = subprocess.run(["runuser", "-u", "eqmailt", "--", PY, "-c", SEND_DUE, str(inst.root)],
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0 and sent.stdout == "1\n", sent.stderr
+        [path] = inst.wait_for_mail(1, timeout=60)
+        assert b"TLS-Report-Domain: report.test" in path.read_bytes()
+        marks = inst.root / "sts" / "tlsrpt-sent" / tlsrpt.day_of(when).isoformat()
+        assert marks.read_text().startswith("report.test sent\n")
+        assert marks.stat().st_uid == _uid("eqmailt")
+    finally:
+        inst.destroy()
+        dns.stop()
