@@ -309,6 +309,13 @@ def test_the_worker_in_a_started_instance() -> None:
         harness.poll(lambda: [p for p in harness.worker_pids(inst, "eqmail: mta-sts policy")
                               if p != pid], 30, "a new policy worker")
         assert ask_as("eqmailr", sock, "example.test") == "none None \n"
+        # a reload that changes control/mtasts replaces it
+        (pid2,) = harness.worker_pids(inst, "eqmail: mta-sts policy")
+        inst.write_control("mtasts", "0")
+        inst.ctl("reload")
+        harness.poll(lambda: [p for p in harness.worker_pids(inst, "eqmail: mta-sts policy")
+                              if p not in (pid, pid2)], 30, "the policy worker replaced")
+        assert ask_as("eqmailr", sock, "example.test") == "none None \n"
     finally:
         inst.destroy()
 
