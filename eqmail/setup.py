@@ -89,8 +89,17 @@ def setup_instance(root: Path, me: str | None = None, force: bool = False) -> li
     os.chmod(inst.root / "tlsrpt", 0o755)
     if is_root:
         os.chown(inst.root / "tlsrpt", ids["remote"].uid, ids["remote"].gid)
+    _make_sts_dir(inst.root / "sts", ids, is_root)
     report.append(f"instance ready at {inst.root}")
     return report
+
+
+def _make_sts_dir(sts: Path, ids: SystemIds, is_root: bool) -> None:
+    """The MTA-STS policy cache: the policy worker's (eqmailt) alone."""
+    sts.mkdir(exist_ok=True)
+    os.chmod(sts, 0o700)
+    if is_root:
+        os.chown(sts, ids["policy"].uid, ids["policy"].gid)
 
 
 def _make_srs_secret(path: Path, report: list[str]) -> None:

@@ -24,6 +24,7 @@ import os
 from typing import Any
 
 from eqmail.cli.dkim import dkimsign_warnings, key_warnings
+from eqmail.cli.stscheck import mtasts_notes, policy_worker_warnings, tlsca_warnings
 from eqmail.control import (
     KNOWN_FILES,
     PLUGIN_FILES,
@@ -140,6 +141,8 @@ def check_report(inst: Instance) -> dict[str, Any]:
     dnssec = dnssec_lines(c)
     report["warnings"] += [ln for ln in dnssec if ln.startswith("warning:")]
     report["notes"] = authcheck_notes(c) + [ln for ln in dnssec if ln.startswith("note:")]
+    report["warnings"] += tlsca_warnings(inst, c) + policy_worker_warnings(inst, c)
+    report["notes"] += mtasts_notes(c)
     return report
 
 

@@ -9,6 +9,7 @@
 | plugin  | eqmailp  | nofiles       | qmailp (sandbox)        |
 | log     | eqmaill  | nofiles       | qmaill (logger)         |
 | alias   | alias    | nofiles       | alias (catch-all user)  |
+| policy  | eqmailt  | nofiles       | (none: MTA-STS fetches) |
 
 When eqmail does not run as root every role is the invoking user: there is no
 privilege change and nothing else differs.  ``create_system_users`` (root, at set-up)
@@ -35,6 +36,7 @@ class Role(enum.StrEnum):
     PLUGIN = "plugin"
     LOG = "log"
     ALIAS = "alias"
+    POLICY = "policy"  # the MTA-STS policy worker: network only, owns <root>/sts/
 
 
 ROLE_USERS: dict[Role, tuple[str, str]] = {
@@ -45,6 +47,7 @@ ROLE_USERS: dict[Role, tuple[str, str]] = {
     Role.PLUGIN: ("eqmailp", "nofiles"),
     Role.LOG: ("eqmaill", "nofiles"),
     Role.ALIAS: ("alias", "nofiles"),
+    Role.POLICY: ("eqmailt", "nofiles"),
 }
 GROUPS = ("eqmail", "nofiles")
 

@@ -32,6 +32,7 @@ from eqmail.workers.base import (
     ListenerSettings,
     LocalSettings,
     LoggerSettings,
+    PolicySettings,
     QueueWriterSettings,
     RemoteSettings,
     SandboxSettings,
@@ -117,6 +118,10 @@ _ROWS = (
              handover=signal.SIGUSR1),
     KindSpec(WorkerKind.WATCHER, "watcher", WatcherSettings, "control watcher", Role.LOG,
              Restart.BACKOFF, READY_TIMEOUT, StartFailure.FATAL, OnReload.KEEP, stop_phase=0),
+    # MTA-STS policies for the remote worker (and the TLS-RPT mail): stops after it
+    KindSpec(WorkerKind.POLICY, "policy", PolicySettings, "mta-sts policy", Role.POLICY,
+             Restart.BACKOFF, READY_TIMEOUT, StartFailure.WAIT, OnReload.REPLACE, stop_phase=3,
+             reload_controls=("me", "dnsservers", "mtasts", "tlsca")),
     KindSpec(WorkerKind.LISTENER, "listener", ListenerSettings, "listener", Role.DAEMON,
              Restart.BACKOFF, READY_TIMEOUT, StartFailure.FATAL, OnReload.LISTENER_DIFF,
              stop_phase=0),

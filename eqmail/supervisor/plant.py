@@ -32,6 +32,7 @@ from eqmail.supervisor.worker import Worker
 from eqmail.workers.base import (
     LocalSettings,
     LoggerSettings,
+    PolicySettings,
     QueueWriterSettings,
     RemoteSettings,
     SandboxSettings,
@@ -54,6 +55,7 @@ class UnixSockets:
     sandbox_remote: socket.socket   # run/sandbox-remote.sock (the remote worker, eqmailr)
     scanner: socket.socket          # run/scanner.sock (eqmailctl, root)
     remote: socket.socket | None    # run/remote.sock; None without a remote worker
+    policy: socket.socket | None = None  # run/policy.sock (the remote worker, eqmailr)
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Plant:
             return Worker(kind, KINDS[kind].title, settings, keep_fds=fds)
 
         remote: list[Worker] = []
+        if u.policy is not None:  # before remote delivery, which asks it
+            remote.append(worker(WorkerKind.POLICY, PolicySettings(u.policy.fileno()), u.policy.fileno()))
         if u.remote is not None:
             remote.append(worker(WorkerKind.REMOTE, RemoteSettings(u.remote.fileno()), u.remote.fileno()))
         return [
@@ -138,6 +142,11 @@ def prepare(instance: Instance, foreground: bool) -> Plant:
     os.chmod(spp, 0o700)
     if ids.privileged:
         os.chown(spp, ids[Role.PLUGIN].uid, ids[Role.PLUGIN].gid)
+    sts = instance.root / "sts"  # the MTA-STS policy cache (eqmail.workers.stscache)
+    sts.mkdir(exist_ok=True)
+    os.chmod(sts, 0o700)
+    if ids.privileged:
+        os.chown(sts, ids[Role.POLICY].uid, ids[Role.POLICY].gid)
     return plant
 
 
@@ -161,6 +170,9 @@ def _bind_unix_sockets(instance: Instance, ids: SystemIds) -> UnixSockets:
         scanner=bind_unix(run / "scanner.sock", 0o600, None),
         remote=bind_unix(run / "remote.sock", 0o600, owner(Role.SEND))
         if has_worker(WorkerKind.REMOTE) else None,
+        # MTA-STS policies: only the remote delivery worker (eqmailr) may ask
+        policy=bind_unix(run / "policy.sock", 0o600, owner(Role.REMOTE))
+        if has_worker(WorkerKind.REMOTE) and has_worker(WorkerKind.POLICY) else None,
     )
 
 

@@ -45,6 +45,7 @@ class WorkerKind(enum.StrEnum):
     SCANNER = "scanner"
     WATCHER = "watcher"
     LISTENER = "listener"
+    POLICY = "policy"  # the MTA-STS policy worker (issue 17)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ class LocalSettings(SocketSettings):
 @dataclass(frozen=True)
 class RemoteSettings(SocketSettings):
     pass
+
+
+@dataclass(frozen=True)
+class PolicySettings(SocketSettings):
+    pass  # run/policy.sock: the remote worker's MTA-STS questions
 
 
 @dataclass(frozen=True)

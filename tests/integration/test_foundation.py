@@ -343,7 +343,7 @@ FOUNDATION_TITLES = {"logger": "eqmail: logger", "queuewriter": "eqmail: queue w
 # qmail-core §7 / DESIGN §1: who each worker runs as (user, primary group)
 WORKER_IDS = {"logger": ("eqmaill", "nofiles"), "queuewriter": ("eqmailq", "eqmail"),
               "scanner": ("eqmails", "eqmail"), "remote": ("eqmailr", "eqmail"),
-              "listener": ("eqmaild", "nofiles")}
+              "listener": ("eqmaild", "nofiles"), "policy": ("eqmailt", "nofiles")}
 
 
 def test_status_json(running: Instance) -> None:

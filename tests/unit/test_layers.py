@@ -76,6 +76,7 @@ _RIGHTS: dict[str, frozenset[str]] = {
     "eqmail.spp.client": frozenset({SOCKETS}),          # listener -> run/sandbox.sock
     "eqmail.spp.checkpwclient": frozenset({SOCKETS}),   # listener -> run/sandbox.sock
     "eqmail.spp.bfrmtclient": frozenset({SOCKETS}),     # remote -> run/sandbox-remote.sock
+    "eqmail.delivery.stsclient": frozenset({SOCKETS}),  # remote -> run/policy.sock
     "eqmail.dkim.dns": frozenset({SOCKETS}),            # the TXT lookup (dnspython)
     "eqmail.auth.dns": frozenset({SOCKETS}),            # inbound checks' lookups (dnspython)
 }

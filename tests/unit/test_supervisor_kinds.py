@@ -47,13 +47,14 @@ def test_who_runs_as_whom() -> None:
     assert {k: r.role for k, r in KINDS.items()} == {
         WorkerKind.LOGGER: Role.LOG, WorkerKind.QUEUEWRITER: Role.QUEUE, WorkerKind.LOCAL: None,
         WorkerKind.REMOTE: Role.REMOTE, WorkerKind.SANDBOX: Role.PLUGIN, WorkerKind.SCANNER: Role.SEND,
-        WorkerKind.WATCHER: Role.LOG, WorkerKind.LISTENER: Role.DAEMON}
+        WorkerKind.WATCHER: Role.LOG, WorkerKind.LISTENER: Role.DAEMON, WorkerKind.POLICY: Role.POLICY}
 
 
 def test_every_kind_is_restarted_and_only_remote_may_fail_to_start() -> None:
     assert all(r.restart is Restart.BACKOFF for r in ROWS)
     assert all(r.ready_timeout == 30.0 for r in ROWS)
-    assert {r.kind for r in ROWS if r.start_failure is StartFailure.WAIT} == {WorkerKind.REMOTE}
+    assert {r.kind for r in ROWS if r.start_failure is StartFailure.WAIT} == {
+        WorkerKind.REMOTE, WorkerKind.POLICY}
 
 
 def test_stop_order_and_delivery_niceness() -> None:
@@ -62,7 +63,7 @@ def test_stop_order_and_delivery_niceness() -> None:
         phases.setdefault(r.stop_phase, set()).add(r.kind)
     assert [phases[i] for i in sorted(phases)] == [
         {WorkerKind.LISTENER, WorkerKind.WATCHER}, {WorkerKind.SCANNER},
-        {WorkerKind.LOCAL, WorkerKind.REMOTE, WorkerKind.QUEUEWRITER}, {WorkerKind.SANDBOX},
+        {WorkerKind.LOCAL, WorkerKind.REMOTE, WorkerKind.QUEUEWRITER}, {WorkerKind.SANDBOX, WorkerKind.POLICY},
         {WorkerKind.LOGGER}]
     assert kinds.STOP_PHASES == 5
     assert {r.kind for r in ROWS if r.nice} == {WorkerKind.SCANNER, WorkerKind.LOCAL, WorkerKind.REMOTE}
@@ -70,7 +71,7 @@ def test_stop_order_and_delivery_niceness() -> None:
 
 def test_reload_rules() -> None:
     assert {r.kind for r in ROWS if r.on_reload is OnReload.REPLACE} == {
-        WorkerKind.SCANNER, WorkerKind.LOCAL, WorkerKind.REMOTE, WorkerKind.SANDBOX}
+        WorkerKind.SCANNER, WorkerKind.LOCAL, WorkerKind.REMOTE, WorkerKind.SANDBOX, WorkerKind.POLICY}
     assert KINDS[WorkerKind.LISTENER].on_reload is OnReload.LISTENER_DIFF
     assert KINDS[WorkerKind.SCANNER].handover is signal.SIGUSR1
     assert all(r.handover is signal.SIGTERM for r in ROWS if r.kind is not WorkerKind.SCANNER)
