@@ -6,19 +6,21 @@ Network as in test_remote.py: two network namespaces made by the test ("client",
 the two workers run, and "peer", where everything else listens) joined by a veth pair.
 In the peer: the DNS server (10.99.0.9, MX, A, ``_mta-sts`` TXT), the HTTPS server of
 the policies (tests/stsserver.py, 10.99.0.8 port 443) and the receivers (10.99.0.2-7,
-port 25).  Certificates come from one test CA, which control/tlsca.pem makes trusted
+10 and 11, port 25).  Certificates come from one test CA, which control/tlsca.pem makes trusted
 for the policy fetch and the MX certificate check alike.  Needs root.
 
 What is checked (issue 17 item 6, RFC 8461 §5): enforce + a good MX is delivered over
 TLS and the log names the policy and the certificate; an MX not in the policy, a
-certificate for another name and a stripped STARTTLS are deferred with the policy's
-text and nothing reaches the receiver in clear text; a policy fetch that times out with
+certificate for another name, an expired one, a self-signed one and a stripped
+STARTTLS are deferred with the policy's text and nothing reaches the receiver in clear
+text; a policy fetch that times out with
 nothing cached delivers as without a policy; testing mode delivers despite a mismatch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import shutil
 import socket
@@ -32,7 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from certs import CA
+from certs import CA, Issued
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from dnsserver import DnsServer, txt
 from smtpsink import Script, SmtpSink
 from stsserver import Site, StsServer, policy
@@ -72,6 +78,8 @@ DOMAINS: dict[str, tuple[str, bytes | None, dict[str, object]]] = {
     "stripped.test": ("10.99.0.5", policy("enforce", "mx.stripped.test"), {}),
     "slowpolicy.test": ("10.99.0.6", policy("enforce", "mx.nowhere.test"), {"hang": "answer"}),
     "testing.test": ("10.99.0.7", policy("testing", "mx.elsewhere.test"), {}),
+    "expired.test": ("10.99.0.10", policy("enforce", "mx.expired.test"), {}),
+    "selfsigned.test": ("10.99.0.11", policy("enforce", "mx.selfsigned.test"), {}),
 }
 
 
@@ -124,10 +132,13 @@ class Net:
     certs: Path
     sinks: list[SmtpSink] = field(default_factory=list)
 
-    def sink(self, addr: str, script: Script, cert_names: tuple[str, ...] | None) -> SmtpSink:
+    def sink(self, addr: str, script: Script, cert_names: tuple[str, ...] | None,
+             issued: Issued | None = None) -> SmtpSink:
         cert: tuple[Path | None, Path | None] = (None, None)
-        if cert_names is not None:
-            cert = self.ca.server(*cert_names).write(self.certs, f"{addr}-{len(self.sinks)}")
+        if issued is None and cert_names is not None:
+            issued = self.ca.server(*cert_names)
+        if issued is not None:
+            cert = issued.write(self.certs, f"{addr}-{len(self.sinks)}")
         s = SmtpSink(script, *cert)
         with in_netns(self.peer):
             s.listen(addr, 25)
@@ -152,7 +163,7 @@ def net() -> Iterator[Net]:
         _sh(client, f"ip link add v0 type veth peer name v1 netns {peer}", "ip link set lo up",
             "ip link set v0 up", "ip addr add 10.99.0.1/24 dev v0")
         _sh(peer, "ip link set lo up", "ip link set v1 up",
-            *(f"ip addr add 10.99.0.{i}/24 dev v1" for i in range(2, 10)))
+            *(f"ip addr add 10.99.0.{i}/24 dev v1" for i in range(2, 12)))
         ca = CA.create("eqmail MTA-STS live test CA")
         sites = {d: Site(body, **quirks) for d, (_ip, body, quirks) in DOMAINS.items()  # type: ignore[arg-type]
                  if body is not None}
@@ -308,3 +319,41 @@ def test_testing_mode_delivers_despite_a_mismatch(net: Net, workers: Workers) ->
     assert got.verdict is S and got.text.startswith("10.99.0.7 accepted message."), got
     (tr,) = sink.transactions
     assert tr.tls  # TLS as offered, the failures only recorded
+
+
+def _leaf(name: str, issuer: CA | None, days: tuple[int, int]) -> Issued:
+    """A server certificate for ``name`` valid from ``days[0]`` to ``days[1]`` days from
+    now, signed by ``issuer`` (None: by its own key, a self-signed certificate)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(issuer.name if issuer else subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + datetime.timedelta(days=days[0]))
+            .not_valid_after(now + datetime.timedelta(days=days[1]))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(issuer.key if issuer else key, hashes.SHA256()))
+    return Issued(cert, key)
+
+
+def test_an_expired_certificate_is_deferred(net: Net, workers: Workers) -> None:
+    sink = net.sink("10.99.0.10", Script(starttls=True), None,
+                    _leaf("mx.expired.test", net.ca, (-10, -1)))
+    got = workers.deliver(107, "u@expired.test")
+    assert got.verdict is Z, got
+    assert got.text.startswith("Sorry, no MX host of expired.test meets its TLS policy "
+                               "(mta-sts enforce): mx.expired.test [10.99.0.10]: "
+                               "certificate-expired: certificate has expired"), got
+    assert sink.transactions == [] and not any(c.startswith(b"MAIL") for c in sink.commands)
+
+
+def test_a_self_signed_certificate_is_deferred(net: Net, workers: Workers) -> None:
+    sink = net.sink("10.99.0.11", Script(starttls=True), None,
+                    _leaf("mx.selfsigned.test", None, (-1, 30)))
+    got = workers.deliver(108, "u@selfsigned.test")
+    assert got.verdict is Z, got
+    assert got.text.startswith("Sorry, no MX host of selfsigned.test meets its TLS policy "
+                               "(mta-sts enforce): mx.selfsigned.test [10.99.0.11]: "
+                               "certificate-not-trusted: self-signed certificate"), got
+    assert sink.transactions == [] and not any(c.startswith(b"MAIL") for c in sink.commands)
