@@ -52,6 +52,7 @@ MAX_DOMAINS = 4
 MAX_RECORD = 2048
 FROM_CACHE = 1024          # From values whose domains are kept (see _value_domains)
 FROM_CACHE_VALUE = 1024    # bytes: a longer value is parsed every time
+ORG_CACHE = 4096           # names whose organizational domain is kept
 _PSL = PublicSuffixList()
 _DOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}")
 
@@ -109,9 +110,11 @@ class DmarcResult:
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=ORG_CACHE)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2 on the public suffix list: the registered domain, or the domain
-    itself when it is a public suffix (or unknown to the list)."""
+    itself when it is a public suffix (or unknown to the list).  Kept per name: the
+    list is fixed for the process's life, and alignment asks it twice per message."""
     return _PSL.privatesuffix(domain) or domain
 
 
