@@ -19,6 +19,7 @@ is judged by arc_verify, not trusted.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ _MAX_HOLD = 8192     # bytes of one A-R field held back before its authserv-id i
 _MAX_HOLD_LINES = 32  # ... and lines (each line re-reads the held text: keep that bounded)
 
 
+# value() and comment() are pure and see the same few texts message after message (the
+# authserv-id, domains, selectors, reasons): their results are kept, bounded
+FORMAT_CACHE = 1024
 _UNPRINTABLE = re.compile(r"[^ -~]")
 _TOKEN = re.compile("[" + "".join(re.escape(chr(c)) for c in range(0x21, 0x7F)
                                   if chr(c) not in _TSPECIALS) + "]+")
@@ -46,6 +50,7 @@ def _is_token(text: str) -> bool:
     return _TOKEN.fullmatch(text) is not None
 
 
+@functools.lru_cache(maxsize=FORMAT_CACHE)
 def value(text: str) -> str:
     """An RFC 8601 pvalue: a token, ``local-part@domain`` when both halves are
     dot-atoms, else a quoted-string (RFC 5322 §3.2.4)."""
@@ -59,6 +64,7 @@ def value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=FORMAT_CACHE)
 def comment(text: str) -> str:
     """A comment: ``(text)`` with parentheses and backslashes quoted (RFC 5322 ctext)."""
     text = printable(text, 160)

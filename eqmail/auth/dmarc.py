@@ -52,6 +52,8 @@ MAX_DOMAINS = 4
 MAX_RECORD = 2048
 FROM_CACHE = 1024          # From values whose domains are kept (see _value_domains)
 FROM_CACHE_VALUE = 1024    # bytes: a longer value is parsed every time
+ORG_CACHE = 4096           # names whose organizational domain is kept
+RECORD_CACHE = 1024        # parsed policy records kept (keyed on the record's bytes)
 _PSL = PublicSuffixList()
 _DOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}")
 
@@ -109,9 +111,11 @@ class DmarcResult:
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=ORG_CACHE)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2 on the public suffix list: the registered domain, or the domain
-    itself when it is a public suffix (or unknown to the list)."""
+    itself when it is a public suffix (or unknown to the list).  Kept per name: the
+    list is fixed for the process's life, and alignment asks it twice per message."""
     return _PSL.privatesuffix(domain) or domain
 
 
@@ -214,6 +218,10 @@ def parse_record(text: bytes, domain: str = "", org: bool = False) -> DmarcRecor
     return DmarcRecord(p, sp, pct, adkim, aspf, domain, org)
 
 
+# a domain's record is the same bytes for every message from it (DmarcRecord is frozen)
+_record = functools.lru_cache(maxsize=RECORD_CACHE)(parse_record)
+
+
 def _fetch(budget: Budget, domain: str, org: bool) -> DmarcRecord | None:
     """The record at ``_dmarc.<domain>``; None when there is no single one (§6.6.3:
     records not starting with v=DMARC1 are discarded; several left = no policy)."""
@@ -221,7 +229,7 @@ def _fetch(budget: Budget, domain: str, org: bool) -> DmarcRecord | None:
     candidates = [t for t in texts if re.match(rb"\s*v\s*=\s*DMARC1\s*(;|$)", t)]
     if len(candidates) != 1:
         return None
-    return parse_record(candidates[0], domain, org)
+    return _record(candidates[0], domain, org)
 
 
 def discover(budget: Budget, from_domain: str) -> DmarcRecord | None:

@@ -22,7 +22,14 @@ def header_fields(message: bytes) -> list[tuple[str, bytes]]:
     fields: list[tuple[str, bytes]] = []
     current: list[bytes] | None = None
     name = ""
-    for raw in message[:MAX_HEADER].split(b"\n"):
+    # only the header section is split into lines (it ends at the first empty line; the
+    # loop below stops there too), not the body
+    end = message.find(b"\n\n", 0, MAX_HEADER)
+    end2 = message.find(b"\n\r\n", 0, MAX_HEADER)
+    if end2 >= 0 and (end < 0 or end2 < end):
+        end = end2
+    head = message[:end + 1] if end >= 0 else message[:MAX_HEADER]
+    for raw in head.split(b"\n"):
         line = raw[:-1] if raw.endswith(b"\r") else raw
         if line[:1] in (b" ", b"\t"):
             if current is not None:

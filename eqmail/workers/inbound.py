@@ -15,8 +15,9 @@ DATA of a client that is neither a relay client nor authenticated —
   body hash needs the message in memory once);
 - at the end, the checks run on the event loop itself when every DNS answer they need
   is in the configuration's cache and the message is at most ON_LOOP_MAX bytes
-  (eqmail.auth.authenticate_cached: no waiting, about half a millisecond of CPU for a
-  signed 5 KB message); otherwise eqmail.auth.authenticate runs in a thread of the
+  (eqmail.auth.authenticate_cached: no waiting, about 0.4 ms of CPU for a signed 5 KB
+  message, measured alone; two to three times that in a listener sharing two busy cores,
+  see bench/RESULTS.md); otherwise eqmail.auth.authenticate runs in a thread of the
   listener's pool, the event loop and every other session going on meanwhile, bounded
   by control/authtimeout (the library's own deadline, plus GRACE for the thread to
   come back; past that the message gets temperror results, never a refusal).  Why

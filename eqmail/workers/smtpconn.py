@@ -23,7 +23,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from eqmail.log import log, sanitize
+from eqmail.log import log, log_lines, sanitize
 from eqmail.queue.client import AsyncQueueClient
 from eqmail.queue.origin import session_claim
 from eqmail.smtp import actions as A
@@ -240,6 +240,7 @@ class Connection:
         assert self.queue is not None and self.message is not None
         msg, self.message = self.message, None
         await self._drain()  # replies before the 250 go out first
+        auth_line = None
         if self.inbound is not None:
             inbound, self.inbound = self.inbound, None
             tail = inbound.end()
@@ -249,11 +250,11 @@ class Connection:
             verdict = await inbound.finish()
             took = (time.monotonic() - began) * 1000
             ip = self.env.get("TCPREMOTEIP", "unknown")
-            log(f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} ({took:.0f} ms)")
+            auth_line = f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} ({took:.0f} ms)"
             if verdict.refuse is not None:  # DMARC p=reject with control/dmarcreject reject
                 await self.queue.abandon()
-                return self.session.queue_result(
-                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse))
+                return _with_line(auth_line, self.session.queue_result(
+                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse)))
             now, prepend = inbound.commit(verdict)
             if now:
                 await self.queue.write(now)
@@ -261,7 +262,8 @@ class Connection:
                 self.queue.prepend(prepend)
         result = await self.queue.finish(msg.sender, list(msg.recipients), session_claim(
             self.session.authenticated, "RELAYCLIENT" in self.session.env), msg.requiretls)
-        return self.session.queue_result(A.QueueOutcome.of(result))
+        actions = self.session.queue_result(A.QueueOutcome.of(result))
+        return actions if auth_line is None else _with_line(auth_line, actions)
 
     def _inbound_check(self, begin: A.BeginMessage) -> InboundMessage | None:
         """control/authcheck: the checks of a message from a client that is neither a
@@ -337,3 +339,14 @@ def _printable(name: bytes) -> str:
     """A user name for a log line: at most 64 characters, made safe by log.sanitize."""
     text = sanitize(name[:64].decode("utf-8", "replace")).replace(" ", "?")
     return text + ("..." if len(name) > 64 else "")
+
+
+def _with_line(line: str, actions: list[A.Action]) -> list[A.Action]:
+    """``line`` logged with the session's first line about the message (its outcome) in
+    one write: each write to the logger's pipe is a system call here and a wake-up of
+    the logger, per message (bench/auth.sh, control/authcheck on)."""
+    if actions and isinstance(actions[0], A.Log):
+        log_lines([line, actions[0].line])
+        return actions[1:]
+    log(line)
+    return actions

@@ -15,6 +15,8 @@ import dkim
 import pytest
 from dkimkeys import ed_key, pem, record, rsa_key
 from dnsserver import Behaviour, DnsServer, txt
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eqmail.auth import AuthPolicy, AuthReport, Inbound, authenticate, make_lookups
 from eqmail.dkim.sign import KeyType, SigningKey, _dkimpy_key, sign
@@ -142,3 +144,40 @@ def test_fifty_megabytes_signed_five_times(server: DnsServer) -> None:
     # Bound: the deadline, then at most the one signature already started (a lookup
     # and a body hash) and DMARC's lookups, which fail at once after the deadline.
     assert took < deadline + 2 * hash_time + 2
+
+
+def _header_fields_whole(message: bytes) -> list[tuple[str, bytes]]:
+    """eqmail.auth.message.header_fields as it was, splitting the whole message: the
+    reference for the header-only split."""
+    field = re.compile(rb"([!-9;-~]+)[ \t]*:(.*)", re.S)
+    fields: list[tuple[str, bytes]] = []
+    current: list[bytes] | None = None
+    name = ""
+    for raw in message[:1 << 20].split(b"\n"):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        if current is not None:
+            fields.append((name, b"".join(current)))
+            current = None
+            if len(fields) >= 1000:
+                return fields
+        if not line:
+            break
+        m = field.fullmatch(line)
+        if m is not None:
+            name, current = m.group(1).decode("ascii").lower(), [m.group(2)]
+    if current is not None:
+        fields.append((name, b"".join(current)))
+    return fields
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b":", b"\r", b"\n", b"\r\n", b"From: x",
+                                 b"\n\n", b"\n\r\n", b"\n \n", b"\xff"]),
+                max_size=30).map(b"".join))
+def test_header_fields_reads_only_the_header_section_alike(message: bytes) -> None:
+    from eqmail.auth.message import header_fields
+    assert header_fields(message) == _header_fields_whole(message)

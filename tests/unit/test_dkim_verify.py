@@ -360,3 +360,46 @@ def test_50_mb_message_with_forged_signatures_is_bounded() -> None:
     assert [r.result for r in got] == [Result.FAIL, Result.TEMPERROR]
     assert got[0].reason == "body hash did not verify"
     assert time.monotonic() - start < 60
+
+
+# ---- how dkimpy is fed (eqmail.dkim.verify._parse, _dkimpy_verify) ----------------------
+
+def _dkimpy_parse(message: bytes) -> tuple[list[list[bytes]], bytes] | str:
+    try:
+        return dkim.rfc822_parse(message)  # type: ignore[no-any-return]
+    except Exception as e:
+        return type(e).__name__
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b" ", b"\t", b":", b"\r", b"\n", b"\r\n", b"X-A: v",
+                                 b"From: x@y", b"\n\n", b"\r\n\r\n", b"\xff"]),
+                max_size=30).map(b"".join))
+def test_parse_is_dkimpys_parse(message: bytes) -> None:
+    """Fed differently, dkimpy holds the same header fields and CRLF body as when it
+    parses the whole message itself (or fails the same way)."""
+    from eqmail.dkim.verify import _parse
+    want = _dkimpy_parse(message)
+    try:
+        checker = _parse(message)
+    except Exception as e:
+        assert want == type(e).__name__
+        return
+    assert not isinstance(want, str)
+    if message:
+        assert (checker.headers, checker.body) == want
+
+
+def test_signature_over_some_fields_among_many_still_verifies() -> None:
+    """dkimpy is handed only the fields h= names: a signature over a few of many fields
+    (repeated names, unsigned Received fields between them) verifies as before, and a
+    change to a signed field that is not the last of its name still fails."""
+    base = (b"Received: from a\r\nX-Top: 1\r\nFrom: a@example.com\r\nReceived: from b\r\n"
+            b"Subject: hi\r\nX-Top: 2\r\nTo: b@example.net\r\n\r\nbody  text \r\n")
+    fields = sign(base, signing_keys())
+    zone = records()
+    assert results(fields + base, zone) == [Result.PASS, Result.PASS]
+    added = base.replace(b"Received: from b\r\n", b"Received: from b\r\nReceived: from c\r\n")
+    assert results(fields + added, zone) == [Result.PASS, Result.PASS]
+    changed = base.replace(b"Subject: hi", b"Subject: ho")
+    assert results(fields + changed, zone) == [Result.FAIL, Result.FAIL]

@@ -189,3 +189,21 @@ def test_answers_are_cached_per_configuration() -> None:
     cache = a.lookups.res.cache  # type: ignore[attr-defined]
     assert isinstance(cache, dns.resolver.LRUCache)
     assert b.lookups.res.cache is not cache  # type: ignore[attr-defined]
+
+
+def test_auth_line_goes_out_with_the_outcome_line_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener's auth: line and the session's "message accepted" line are one write
+    to the logger's pipe (eqmail.workers.smtpconn._with_line); without a log line first
+    the auth line is still written, on its own."""
+    from eqmail import log as logmod
+    from eqmail.smtp import actions as A
+    from eqmail.workers.smtpconn import _with_line
+    writes: list[bytes] = []
+    monkeypatch.setattr(logmod, "_write", writes.append)
+    rest = _with_line("qmail-smtpd: auth: spf=pass", [A.Log("qmail-smtpd: message accepted"),
+                                                      A.Send(b"250 ok\r\n")])
+    assert rest == [A.Send(b"250 ok\r\n")]
+    assert writes == [b"qmail-smtpd: auth: spf=pass\nqmail-smtpd: message accepted\n"]
+    writes.clear()
+    assert _with_line("qmail-smtpd: auth: x", [A.Send(b"550 no\r\n")]) == [A.Send(b"550 no\r\n")]
+    assert writes == [b"qmail-smtpd: auth: x\n"]
