@@ -288,7 +288,9 @@ def test_only_the_remote_workers_uid_is_served(world: World, start_worker) -> No
 def test_the_worker_in_a_started_instance() -> None:
     """Started by the supervisor: as eqmailt, its socket for eqmailr alone, its cache
     directory its own."""
-    inst = harness.Instance.create(listen=None)
+    # a listener of its own on a free port (without control/listen a root instance
+    # would bind port 25 on every address)
+    inst = harness.Instance.create(listen=f"smtp 127.0.0.1:{harness.free_port(('127.0.0.1',))}")
     try:
         inst.start()
         sts = inst.root / "sts"
@@ -344,7 +346,9 @@ def test_the_policy_workers_user_can_mail_the_tls_reports() -> None:
 
     rua = f"testuser@{harness.ME}"
     dns = DnsServer({"_smtp._tls.report.test": {"TXT": [txt(f"v=TLSRPTv1; rua=mailto:{rua}")]}})
-    inst = harness.Instance.create(listen=None)
+    # a listener of its own on a free port (without control/listen a root instance
+    # would bind port 25 on every address)
+    inst = harness.Instance.create(listen=f"smtp 127.0.0.1:{harness.free_port(('127.0.0.1',))}")
     try:
         inst.write_control("dnsservers", f"127.0.0.1:{dns.start()}")
         inst.start()

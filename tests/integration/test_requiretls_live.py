@@ -178,7 +178,8 @@ def test_queue_show_names_a_requiretls_message(world: World) -> None:
     ids = re.findall(r"#(\d+) +\d+ +<[^>]*> *\n\tremote\tu@held\.example\n", listing)
     assert ids, listing
     shown = world.relay.ctl("queue", "show", ids[-1]).stdout
-    assert "\tremote\tu@held.example\norigin: relay\nrequiretls: yes\n\n" in shown, shown
+    assert ("\tremote\tu@held.example\norigin: relay\nrequiretls: yes\n"
+            "tls: held.example: opportunistic (no DANE") in shown, shown
     assert "Subject: held\n" in shown
     data = json.loads(world.relay.ctl("queue", "show", ids[-1], "--json").stdout)
     assert data["requiretls"] is True
