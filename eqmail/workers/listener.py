@@ -15,6 +15,18 @@ process (control/concurrencyperclientrelay for RELAYCLIENT clients), counted in 
 supervisor's shared table (eqmail.connlimit); over it: ``421 ... (#4.7.0)``.  An SMTPS
 connection is refused by closing it (no TLS handshake is spent on it).
 
+A listener with ``proxy=`` (control/listen) serves only the load balancers it lists:
+each connection must begin with a PROXY protocol header (v1 or v2, the pure parser of
+eqmail.smtp.proxy), read before anything else -- peeked, then exactly the bytes the
+parser took are read, so a TLS ClientHello or early commands stay in the socket --
+within PROXY_TIMEOUT (or timeoutsmtpd if shorter).  The client it names replaces the
+socket's peer for everything above (tcprules, RELAYCLIENT, TCPREMOTEIP/PORT, the
+per-client and AUTH limits, the Received line); PROXYIP/PROXYPORT name the balancer
+and every log line of the session ends in `` via BALANCER:PORT``.  A peer not listed,
+or a header that is malformed, truncated, too long or too slow, gets the connection
+closed without a byte (logged at most once a second per reason); the balancer's own
+connections (``PROXY UNKNOWN``, v2 LOCAL: health checks) are served as the balancer.
+
 Every read and write is bounded by timeoutsmtpd (``451 timeout (#4.4.2)``); besides,
 a command line must be complete within timeoutsmtpd of its first byte and message data
 keep control/mindatarate (eqmail.smtp.pace, 451 and close).  The session's error delay
