@@ -253,3 +253,15 @@ def test_ipv4_mapped_addresses_and_the_environment() -> None:
                    "PROXYDESTIP": "192.0.2.9", "PROXYDESTPORT": "25"}
     assert balancer_environment(("127.0.0.1", 1), parse_header(b"PROXY UNKNOWN\r\n")) == {}
     assert via(("::1", 25)) == " via [::1]:25" and via(("::ffff:10.0.0.1", 7)) == " via 10.0.0.1:7"
+
+
+@given(st.binary(max_size=108), st.binary(max_size=108), tlvs, st.binary(max_size=16))
+def test_v2_unix_family_with_tlvs(src: bytes, dst: bytes, extra: tuple[tuple[int, bytes], ...],
+                                  tail: bytes) -> None:
+    # a client on a Unix socket of the balancer: no IP address, so served as the balancer
+    block = src.ljust(108, b"\0") + dst.ljust(108, b"\0")
+    body = block + b"".join(struct.pack("!BH", t, len(v)) + v for t, v in extra)
+    wire = V2_SIGNATURE + bytes([0x21, 0x31]) + struct.pack("!H", len(body)) + body
+    parser = ProxyParser()
+    assert parser.feed(wire + tail) == len(wire)
+    assert parser.header == ProxyHeader(2, Command.LOCAL, length=len(wire))
