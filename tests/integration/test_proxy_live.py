@@ -330,3 +330,26 @@ def test_a_listener_without_proxy_is_qmail(world: World) -> None:
     lines = got.split(b"\r\n")
     assert lines[0].startswith(b"220 ") and lines[1:] == [b"500 unrecognised (#5.5.2)",
                                                          f"221 {ME}".encode(), b""], got
+
+
+def test_a_reload_turns_proxy_on_and_keeps_it_across_an_unrelated_change() -> None:
+    port = free_port(("127.0.0.1",))
+    inst = Instance.create(listen=f"smtp 127.0.0.1:{port}\n")
+    header = encode_v2(("192.0.2.1", 4000), ("127.0.0.1", port))
+    try:
+        inst.start()
+        got, _ = raw(port, "127.0.0.1", b"QUIT\r\n")
+        assert got.startswith(b"220 ")
+        inst.write_control("listen", f"smtp 127.0.0.1:{port} proxy=127.0.0.1")
+        assert inst.ctl("reload").stdout.startswith("eqmail: reload complete")
+        assert raw(port, "127.0.0.1", b"QUIT\r\n")[0] == b""  # no header: nothing
+        got, _ = raw(port, "127.0.0.1", header + b"QUIT\r\n")
+        assert got.startswith(b"220 ") and got.endswith(f"221 {ME}\r\n".encode())
+        # the kept listener gets the new configuration pushed (its proxy= list with it)
+        inst.write_control("databytes", "1000")
+        assert inst.ctl("reload").stdout.startswith("eqmail: reload complete")
+        got, _ = raw(port, "127.0.0.1", header + b"EHLO x\r\nQUIT\r\n")
+        assert b"\r\n250-SIZE 1000\r\n" in got or b"\r\n250 SIZE 1000\r\n" in got, got
+        assert raw(port, "127.0.0.2", header + b"QUIT\r\n")[0] == b""
+    finally:
+        inst.destroy()
