@@ -6,7 +6,8 @@
 #     (the DKIM interop tests: implementations nobody here wrote), srs (Mail::SRS's
 #     command, by the author of SRS: the SRS interop test), unbound (a validating
 #     resolver), nsd (an authoritative server) and ldnsutils (ldns-keygen,
-#     ldns-signzone): the DNSSEC/DANE tests sign their own zones and serve them
+#     ldns-signzone): the DNSSEC/DANE tests sign their own zones and serve them;
+#     haproxy (the PROXY protocol tests put a private one in front of a listener)
 #   - a virtualenv built from Debian's /usr/bin/python3 (never pyenv's: the dropped
 #     worker users must be able to read the interpreter), at /opt/eqmail/venv as root
 #     or ./.venv otherwise, with eqmail and its test dependencies installed.
@@ -19,7 +20,7 @@ if [ "$(id -u)" = 0 ]; then
   venv=${EQMAIL_VENV:-/opt/eqmail/venv}
   need=()
   for pkg in python3-venv swaks openssl iproute2 procps util-linux man-db groff-base daemontools logrotate \
-             libmail-dkim-perl opendkim opendkim-tools srs unbound nsd ldnsutils; do
+             libmail-dkim-perl opendkim opendkim-tools srs unbound nsd ldnsutils haproxy; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -33,8 +34,9 @@ if [ "$(id -u)" = 0 ]; then
       systemctl disable --now opendkim.service >/dev/null 2>&1 || true
     fi
     # Likewise the DNSSEC tests start their own unbound and nsd on private ports: the
-    # daemons (and unbound's hook that would make it this machine's resolver) stay off.
-    for unit in unbound:unbound unbound:unbound-resolvconf nsd:nsd; do
+    # daemons (and unbound's hook that would make it this machine's resolver) stay off;
+    # so does haproxy's (the PROXY protocol tests start their own).
+    for unit in unbound:unbound unbound:unbound-resolvconf nsd:nsd haproxy:haproxy; do
       if [[ " ${need[*]} " == *" ${unit%%:*} "* ]] && command -v systemctl >/dev/null; then
         systemctl disable --now "${unit#*:}.service" >/dev/null 2>&1 || true
       fi

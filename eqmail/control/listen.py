@@ -3,9 +3,14 @@
 Syntax: ``SERVICE ADDRESS:PORT [OPTION ...]`` with shell quoting; SERVICE is smtp,
 submission or smtps; an IPv6 address is bracketed; an option is ``NAME=value`` — upper
 case names (and TCP*) are environment variables for the session, the lower case ones
-are concurrency, processes, checkpassword, clientcert and rules.  The option defaults
-are the ListenerSpec field defaults (written there only).  Without the file: smtp on
-0.0.0.0 and :: port 25 (root), or 127.0.0.1 and ::1 port 2525.
+are concurrency, processes, checkpassword, clientcert, rules and proxy.  The option
+defaults are the ListenerSpec field defaults (written there only).  Without the file:
+smtp on 0.0.0.0 and :: port 25 (root), or 127.0.0.1 and ::1 port 2525.
+
+``proxy=ADDR[,ADDR...]`` (each an IPv4 or IPv6 address or CIDR prefix, host bits zero)
+names the load balancers trusted to send a PROXY protocol header (v1 or v2) first on
+that listener; the listener then serves only them (eqmail.workers.listener).  It is
+parsed here into :class:`TrustedNet` values, the only form the listener sees.
 
 Pure apart from :func:`default_listeners` asking for the effective uid.
 """
@@ -24,6 +29,50 @@ LISTEN_SERVICES = ("smtp", "submission", "smtps")
 
 
 @dataclass(frozen=True)
+class TrustedNet:
+    """One ``proxy=`` entry: an IPv4 or IPv6 prefix as integers (a plain eqmail
+    dataclass, so a Controls pickled for a reload carries it; eqmail.ipc.config)."""
+
+    version: int  # 4 or 6
+    network: int  # the prefix's address as an integer, host bits zero
+    prefixlen: int
+
+    @classmethod
+    def parse(cls, text: str) -> TrustedNet:
+        """``ADDR`` or ``ADDR/LEN``; ValueError naming the entry otherwise."""
+        if "%" in text:
+            raise ValueError(f"proxy: {text!r} has a zone index")
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as e:
+            if "host bits set" in str(e):
+                raise ValueError(f"proxy: {text!r} has host bits set") from None
+            raise ValueError(f"proxy: {text!r} is not an IP address or prefix") from None
+        return cls(net.version, int(net.network_address), net.prefixlen)
+
+    def __contains__(self, ip: object) -> bool:
+        """Whether the peer address ``ip`` (text) is in this prefix; an IPv4-mapped
+        IPv6 peer (a dual-stack socket) counts as its IPv4 address."""
+        if not isinstance(ip, str):
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if addr.version != self.version:
+            return False
+        shift = addr.max_prefixlen - self.prefixlen
+        return int(addr) >> shift == self.network >> shift
+
+    def __str__(self) -> str:
+        kind = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+        net = kind((self.network, self.prefixlen))
+        return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+@dataclass(frozen=True)
 class ListenerSpec:
     """One line of control/listen (DESIGN §3)."""
 
@@ -36,6 +85,8 @@ class ListenerSpec:
     rules: str = "tcp.smtp"
     processes: int = 1
     clientcert: bool = True  # clientcert=0: never ask for a client certificate
+    # proxy=: the balancers whose PROXY header is read; () means no PROXY protocol
+    proxy: tuple[TrustedNet, ...] = ()
 
     @property
     def family_v6(self) -> bool:
@@ -47,6 +98,10 @@ class ListenerSpec:
         return f"{self.service} [{self.address}]:{self.port}" if self.family_v6 else (
             f"{self.service} {self.address}:{self.port}"
         )
+
+    def trusts(self, ip: str) -> bool:
+        """Whether a connection from ``ip`` may send a PROXY header here."""
+        return any(ip in net for net in self.proxy)
 
     @property
     def display_address(self) -> str:
@@ -119,6 +174,11 @@ def _option(spec: ListenerSpec, name: str, value: str) -> ListenerSpec:
         if "/" in value or value.startswith("."):
             raise ValueError("rules must name a file in control/")
         return replace(spec, rules=value)
+    if name == "proxy":
+        entries = value.split(",")
+        if not value or "" in entries:
+            raise ValueError("proxy= needs ADDR[,ADDR...] (addresses or prefixes of load balancers)")
+        return replace(spec, proxy=tuple(dict.fromkeys(TrustedNet.parse(e) for e in entries)))
     raise ValueError(f"unknown option {name!r}")
 
 

@@ -15,6 +15,18 @@ process (control/concurrencyperclientrelay for RELAYCLIENT clients), counted in 
 supervisor's shared table (eqmail.connlimit); over it: ``421 ... (#4.7.0)``.  An SMTPS
 connection is refused by closing it (no TLS handshake is spent on it).
 
+A listener with ``proxy=`` (control/listen) serves only the load balancers it lists:
+each connection must begin with a PROXY protocol header (v1 or v2, the pure parser of
+eqmail.smtp.proxy), read before anything else -- peeked, then exactly the bytes the
+parser took are read, so a TLS ClientHello or early commands stay in the socket --
+within PROXY_TIMEOUT (or timeoutsmtpd if shorter).  The client it names replaces the
+socket's peer for everything above (tcprules, RELAYCLIENT, TCPREMOTEIP/PORT, the
+per-client and AUTH limits, the Received line); PROXYIP/PROXYPORT name the balancer
+and every log line of the session ends in `` via BALANCER:PORT``.  A peer not listed,
+or a header that is malformed, truncated, too long or too slow, gets the connection
+closed without a byte (logged at most once a second per reason); the balancer's own
+connections (``PROXY UNKNOWN``, v2 LOCAL: health checks) are served as the balancer.
+
 Every read and write is bounded by timeoutsmtpd (``451 timeout (#4.4.2)``); besides,
 a command line must be complete within timeoutsmtpd of its first byte and message data
 keep control/mindatarate (eqmail.smtp.pace, 451 and close).  The session's error delay
@@ -61,7 +73,8 @@ from eqmail.ipc import ProtocolError
 from eqmail.ipc.config import ConfigApplied, ConfigReader, ConfigUpdate
 from eqmail.ipc.worker import Closed, SessionCount
 from eqmail.log import log
-from eqmail.smtp import replies
+from eqmail.smtp import proxy, replies
+from eqmail.smtp.proxy import ProxyError, ProxyHeader, ProxyParser
 from eqmail.smtp.replies import Reply
 from eqmail.smtp.tcpenv import tcp_environment
 from eqmail.spp.config import PluginTableCache
@@ -76,6 +89,7 @@ from eqmail.workers.smtpconn import Connection, server_streams
 REPORT_INTERVAL = 0.25  # seconds between session-count reports to the supervisor
 SIBLING_GRACE = 0.05  # a full process of a multi-process listener lets a sibling accept first
 REFUSE_BATCH = 64  # connections a full listener refuses per wake-up
+PROXY_TIMEOUT = 5.0  # seconds a balancer has for its PROXY header (at most timeoutsmtpd)
 
 
 class Listener:
@@ -171,10 +185,11 @@ class Listener:
             except OSError:
                 pass
 
-    def refuse(self, conn: socket.socket, reply: Reply, why: str, ip: str) -> None:
-        """Answer ``reply`` instead of a greeting and close (no TLS for SMTPS: just
-        close).  Logged at most once a second per reason, with a count."""
-        if "SMTPS" not in dict(self.spec.env) or self.tls is None:
+    def refuse(self, conn: socket.socket, reply: Reply | None, why: str, ip: str) -> None:
+        """Answer ``reply`` instead of a greeting and close (no TLS for SMTPS, and no
+        reply at all without ``reply``: just close).  Logged at most once a second per
+        reason (``why``, a fixed text), with a count."""
+        if reply is not None and ("SMTPS" not in dict(self.spec.env) or self.tls is None):
             try:
                 conn.send(reply.wire())  # a few bytes into an empty socket buffer
                 conn.shutdown(socket.SHUT_WR)
@@ -193,7 +208,21 @@ class Listener:
     async def serve(self, conn: socket.socket) -> None:
         cfg = self.config  # this session's configuration, whatever a reconfigure does later
         local, remote = conn.getsockname()[:2], conn.getpeername()[:2]
+        balancer: tuple[str, int] | None = None  # the peer, when it relays a client
+        header: ProxyHeader | None = None
+        if self.spec.proxy:
+            # proxy=: the header's client stands for the socket's peer everywhere after
+            # this (tcprules, RELAYCLIENT, the environment, limits, Received).
+            header = await self.proxy_header(conn, remote, cfg.timeout)
+            if header is None:
+                return
+            if header.source is not None:
+                balancer, remote = remote, header.source
         env = tcp_environment(dict(self.spec.env), local, remote, cfg.controls.me)
+        via = ""
+        if balancer is not None and header is not None:
+            env.update(proxy.balancer_environment(balancer, header))
+            via = proxy.via(balancer)
         if cfg.rules is not None:
             verdict = cfg.rules.match(env["TCPREMOTEIP"], env.get("TCPREMOTEHOST"))
             if not verdict.allow:
@@ -201,7 +230,7 @@ class Listener:
                 return
             env.update(verdict.env)
         if self.clients is None:
-            await self._serve(conn, env, cfg)
+            await self._serve(conn, env, cfg, via)
             return
         c = cfg.controls
         limit = c.concurrencyperclientrelay if "RELAYCLIENT" in env else c.concurrencyperclient
@@ -209,15 +238,39 @@ class Listener:
         admitted = self.clients.admit(key, limit, self.pid)
         if admitted is Verdict.OVER:
             self.refuse(conn, replies.too_many_from_client(cfg.greeting),
-                        "too many connections from one client", env["TCPREMOTEIP"])
+                        "too many connections from one client", env["TCPREMOTEIP"] + via)
             return
         try:
-            await self._serve(conn, env, cfg)
+            await self._serve(conn, env, cfg, via)
         finally:
             if admitted is Verdict.ADMITTED:
                 self.clients.release(key, self.pid)
 
-    async def _serve(self, conn: socket.socket, env: dict[str, str], cfg: ListenerConfig) -> None:
+    async def proxy_header(self, conn: socket.socket, peer: tuple[str, int],
+                           timeout: float) -> ProxyHeader | None:
+        """The PROXY header on a ``proxy=`` listener, read within PROXY_TIMEOUT (or
+        timeoutsmtpd if shorter) and not a byte further; None when the peer is not a
+        trusted balancer or sent no valid header in time -- then the connection is
+        closed without a reply and logged (no reply: a client that is not a balancer
+        learns nothing, and a balancer's client gets the balancer's own error)."""
+        ip = proxy.peer_text(peer[0])
+        if not self.spec.trusts(ip):
+            self.refuse(conn, None, "connection not from a proxy= balancer", ip)
+            return None
+        try:
+            async with asyncio.timeout(min(timeout, PROXY_TIMEOUT)):
+                return await read_proxy_header(conn)
+        except ProxyError as e:
+            why = e.reason.value
+        except TimeoutError:
+            why = "no PROXY header in time"
+        except OSError:
+            why = "connection failed before the PROXY header"
+        self.refuse(conn, None, why, ip)
+        return None
+
+    async def _serve(self, conn: socket.socket, env: dict[str, str], cfg: ListenerConfig,
+                     via: str = "") -> None:
         # SMTPS: TLS from the first byte.  The handshake must own the socket from the
         # start; a ClientHello read by a plain-text stream first would be lost.
         smtps = "SMTPS" in env and self.tls is not None and self.tls.available
@@ -225,17 +278,56 @@ class Listener:
             reader, writer = await server_streams(
                 conn, self.tls.context if smtps and self.tls else None, cfg.timeout)
         except (OSError, ssl.SSLError, TimeoutError) as e:
-            log(f"qmail-smtpd: TLS handshake failed from {env['TCPREMOTEIP']}: "
+            log(f"qmail-smtpd: TLS handshake failed from {env['TCPREMOTEIP']}{via}: "
                 f"{str(e) or e.__class__.__name__}")
             conn.close()
             return
-        conn_io = Connection(self, cfg, reader, writer, env)
+        conn_io = Connection(self, cfg, reader, writer, env, via=via)
         try:
             await conn_io.run()
         except Exception as e:  # one broken session must not hurt the others
-            log(f"warning: smtp session from {env['TCPREMOTEIP']}: {e!r}")
+            log(f"warning: smtp session from {env['TCPREMOTEIP']}{via}: {e!r}")
         finally:
             await conn_io.cleanup()
+
+
+async def read_proxy_header(conn: socket.socket) -> ProxyHeader:
+    """Read the PROXY header from the accepted, non-blocking ``conn``: peek, let the
+    pure parser say how many of the peeked bytes are header, take exactly those.  What
+    follows (a TLS ClientHello, early commands) stays in the socket for the session.
+    ProxyError for a bad or truncated header; OSError if the connection breaks."""
+    loop = asyncio.get_running_loop()
+    parser = ProxyParser()
+    while True:
+        await _readable(loop, conn)
+        try:
+            data = conn.recv(parser.want(), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not data:
+            parser.eof()  # raises: the connection ended inside (or before) the header
+        taken = parser.feed(data)  # raises ProxyError on a bad header
+        while taken:  # the peeked bytes are in the socket: recv returns them at once
+            got = conn.recv(taken)
+            if not got:
+                raise ConnectionResetError("connection lost in the PROXY header")
+            taken -= len(got)
+        if parser.header is not None:
+            return parser.header
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 def _refuse_backlog(listener: Listener, sock: socket.socket, conn: socket.socket, ip: str) -> None:
@@ -244,14 +336,23 @@ def _refuse_backlog(listener: Listener, sock: socket.socket, conn: socket.socket
     rate it arrives, not one connection per wake-up."""
     full = replies.too_many_connections(listener.config.greeting)
     for _ in range(REFUSE_BATCH):
-        listener.refuse(conn, full, "too many connections", ip)
+        _refuse_full(listener, conn, full, ip)
         try:
             conn, addr = sock.accept()
         except OSError:  # BlockingIOError: nothing more is waiting
             return
         conn.setblocking(False)
         ip = str(addr[0])
-    listener.refuse(conn, full, "too many connections", ip)
+    _refuse_full(listener, conn, full, ip)
+
+
+def _refuse_full(listener: Listener, conn: socket.socket, full: Reply, ip: str) -> None:
+    """The 421 of a full listener, except to a client a proxy= listener does not
+    trust, which gets no reply at all (as when the listener has room)."""
+    if listener.spec.proxy and not listener.spec.trusts(ip):
+        listener.refuse(conn, None, "connection not from a proxy= balancer", proxy.peer_text(ip))
+    else:
+        listener.refuse(conn, full, "too many connections", ip)
 
 
 async def _accept_loop(listener: Listener, sock: socket.socket, stop: asyncio.Event) -> None:

@@ -78,12 +78,15 @@ class Connection:
     """The I/O of one SMTP session."""
 
     def __init__(self, listener: Listener, cfg: ListenerConfig, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, env: dict[str, str]) -> None:
+                 writer: asyncio.StreamWriter, env: dict[str, str], via: str = "") -> None:
         self.l = listener
         self.cfg = cfg  # the configuration the session started with, to its end
         self.reader = reader
         self.writer = writer
         self.env = env
+        # " via BALANCER" when a proxy= balancer relays this client: every log line of
+        # the session names both (the session's own lines name only the client).
+        self.via = via
         self.queue: AsyncQueueClient | None = None
         self.message: A.BeginMessage | None = None
         self.inbound: InboundMessage | None = None  # the message's checks (control/authcheck)
@@ -109,7 +112,7 @@ class Connection:
 
     async def run(self) -> None:
         if self.spp_error:  # an unreadable smtplugins file: qmail-spp's 421
-            log(self.session.log_line("unable to read controls"))
+            self._log(self.session.log_line("unable to read controls"))
             self.writer.write(replies.UNABLE_TO_READ_CONTROLS.wire())
             await self._drain()
             return
@@ -131,7 +134,7 @@ class Connection:
                 await self._timeout(deadline.reply, deadline.event)
                 return
             except (ConnectionError, OSError):
-                log(self.session.log_line("read failed"))
+                self._log(self.session.log_line("read failed"))
                 await self._perform([A.AbortMessage()])
                 return
             waited = loop.time() - began
@@ -144,8 +147,11 @@ class Connection:
                                  line_done=self.session.lines != lines,
                                  in_data=self.session.in_data)
 
+    def _log(self, line: str) -> None:
+        log(line + self.via)
+
     async def _timeout(self, reply: Reply = replies.TIMEOUT, event: str = "timeout") -> None:
-        log(self.session.log_line(event))
+        self._log(self.session.log_line(event))
         await self._perform([A.AbortMessage()])
         try:
             self.writer.write(reply.wire())
@@ -195,7 +201,7 @@ class Connection:
             self._drop_inbound()
             return []
         if isinstance(action, A.Log):
-            log(action.line)
+            self._log(action.line)
             return []
         if isinstance(action, A.Delay):  # too many errors: this session waits, no other
             await asyncio.sleep(action.seconds)
@@ -250,11 +256,12 @@ class Connection:
             verdict = await inbound.finish()
             took = (time.monotonic() - began) * 1000
             ip = self.env.get("TCPREMOTEIP", "unknown")
-            auth_line = f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} ({took:.0f} ms)"
+            auth_line = (f"qmail-smtpd: auth: {sanitize(verdict.summary[:400])} from {ip} "
+                         f"({took:.0f} ms){self.via}")
             if verdict.refuse is not None:  # DMARC p=reject with control/dmarcreject reject
                 await self.queue.abandon()
                 return _with_line(auth_line, self.session.queue_result(
-                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse)))
+                    A.QueueOutcome(A.QueueStatus.REFUSED, text=verdict.refuse)), self.via)
             now, prepend = inbound.commit(verdict)
             if now:
                 await self.queue.write(now)
@@ -263,7 +270,7 @@ class Connection:
         result = await self.queue.finish(msg.sender, list(msg.recipients), session_claim(
             self.session.authenticated, "RELAYCLIENT" in self.session.env), msg.requiretls)
         actions = self.session.queue_result(A.QueueOutcome.of(result))
-        return actions if auth_line is None else _with_line(auth_line, actions)
+        return actions if auth_line is None else _with_line(auth_line, actions, self.via)
 
     def _inbound_check(self, begin: A.BeginMessage) -> InboundMessage | None:
         """control/authcheck: the checks of a message from a client that is neither a
@@ -282,7 +289,7 @@ class Connection:
 
     async def _check_password(self, action: A.CheckPassword) -> list[A.Action]:
         ip = self.env["TCPREMOTEIP"]
-        who = f"{action.method} {_printable(action.user)} from {ip}"
+        who = f"{action.method} {_printable(action.user)} from {ip}{self.via}"
         # The program runs in the plugin sandbox, which also keeps the failure counts
         # of every listener; a locked-out address is refused there without a check.
         check = await run_checkpassword(
@@ -310,7 +317,7 @@ class Connection:
             cipher = await tls.upgrade(self.writer, self.cfg.timeout)
         except Exception as e:  # the handshake failed (or stalled past timeoutsmtpd)
             why = str(e) or e.__class__.__name__
-            log(f"qmail-smtpd: TLS handshake failed from {self.env['TCPREMOTEIP']}: {why}")
+            log(f"qmail-smtpd: TLS handshake failed from {self.env['TCPREMOTEIP']}{self.via}: {why}")
             actions = self.session.tls_failed(why)
             if self.writer.transport.is_closing():
                 # The failed handshake took the connection with it: there is nobody to
@@ -341,12 +348,13 @@ def _printable(name: bytes) -> str:
     return text + ("..." if len(name) > 64 else "")
 
 
-def _with_line(line: str, actions: list[A.Action]) -> list[A.Action]:
+def _with_line(line: str, actions: list[A.Action], via: str = "") -> list[A.Action]:
     """``line`` logged with the session's first line about the message (its outcome) in
     one write: each write to the logger's pipe is a system call here and a wake-up of
-    the logger, per message (bench/auth.sh, control/authcheck on)."""
+    the logger, per message (bench/auth.sh, control/authcheck on).  ``via``: the
+    balancer a PROXY-protocol session came through, as every session line ends."""
     if actions and isinstance(actions[0], A.Log):
-        log_lines([line, actions[0].line])
+        log_lines([line, actions[0].line + via])
         return actions[1:]
     log(line)
     return actions

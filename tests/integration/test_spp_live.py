@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import Instance  # noqa: E402
 
-from eqmail.workers import listener  # noqa: E402
+from eqmail.workers import smtpconn  # noqa: E402
 
-pytestmark = pytest.mark.skipif("run_hook" not in inspect.getsource(listener),
+pytestmark = pytest.mark.skipif("run_hook" not in inspect.getsource(smtpconn),
                                 reason="listener does not call eqmail.spp.client.run_hook yet")
 
 
