@@ -125,6 +125,7 @@ install -m 0644 "$FIX/ca.pem" "$EQ_ROOT/control/tlsca.pem"
 echo 0 > "$EQ_ROOT/control/dnssec"
 echo 0 > "$EQ_ROOT/control/mtasts"
 { machine_info
+  [ -n "${PYTHONPATH:-}" ] && echo "PYTHONPATH (code measured first): $PYTHONPATH"
   echo "variants=${VARIANTS[*]} N=$N RUNS=$RUNS SESSIONS=$SESSIONS SIZE=$SIZE WARMUP=$WARMUP"
   echo "eqmail listen: $(tr '\n' ';' < "$EQ_ROOT/control/listen")"
   echo "dns: tests/dnssec.py DnssecWorld (nsd + validating unbound) at $(cat "$FIX/dnsservers"); relay.test SIGNED"
