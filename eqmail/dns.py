@@ -30,6 +30,14 @@ answer is ever "secure", whatever the server says.  A validating resolver answer
 data with SERVFAIL: that is :class:`LookupSoft`, so bogus data defers.
 :attr:`MxAddress.secure` and :meth:`Resolver.tlsa` carry the verdicts to DANE.
 
+Answer cache (opt-in, ``Resolver(cache=True)``): answers, NODATA and NXDOMAIN included,
+are kept for their TTL (dnspython's LRUCache, at most CACHE_SIZE of them, thread-safe)
+and shared by every cached Resolver of the same servers and ``dnssec`` setting -- the
+AD bit is part of what is kept, so an answer asked without DO never serves a DANE
+decision.  Failures (timeouts, SERVFAIL, i.e. bogus data) are never kept.  Without
+it every lookup asks the servers, as qmail did; a busy relay sending to one domain
+otherwise asks the same four to six questions for every message (bench/tlspolicy.sh).
+
 This machine's own addresses (for "am I an MX") come from eqmail.netif.
 """
 
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,6 +65,20 @@ MAX_CNAME_HOPS = 10
 PREF_ROUTE = 300000  # qmail-remote: with a route every address is tried
 PREF_CNAME = 500000  # ... and when the recipient domain was an alias
 MAX_TLSA = 32  # records of one TLSA RRset that are looked at
+CACHE_SIZE = 4096  # answers one shared cache keeps (least recently used go first)
+
+_caches: dict[tuple[tuple[tuple[str, int], ...], bool], dns.resolver.LRUCache] = {}
+_caches_lock = threading.Lock()
+
+
+def shared_cache(servers: tuple[tuple[str, int], ...], dnssec: bool) -> dns.resolver.LRUCache:
+    """The process's answer cache for these servers and this ``dnssec`` setting."""
+    key = (servers, dnssec)
+    with _caches_lock:
+        cache = _caches.get(key)
+        if cache is None:
+            cache = _caches[key] = dns.resolver.LRUCache(CACHE_SIZE)
+        return cache
 
 
 @dataclass(frozen=True)
@@ -200,10 +223,13 @@ class Resolver:
     """dnspython with qmail's error classes, bounded in time and size."""
 
     def __init__(self, servers: tuple[tuple[str, int], ...] = (), lifetime: float = 30.0,
-                 rng: random.Random | None = None, dnssec: bool = False) -> None:
+                 rng: random.Random | None = None, dnssec: bool = False,
+                 cache: bool = False) -> None:
         # dnssec (control/dnssec 1): ask with DO and believe the servers' AD bit
         self.dnssec = dnssec
         self.res = dns.resolver.Resolver(configure=not servers)
+        if cache:  # see the module's docstring: answers kept for their TTL
+            self.res.cache = shared_cache(servers, dnssec)
         if servers:
             self.res.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
         if dnssec:
@@ -392,8 +418,9 @@ class Resolver:
         every validating resolver can check with its trust anchor, comes back with AD
         (asked with DO and AD whatever ``dnssec`` says).  Raises :class:`LookupSoft`
         when they do not answer.  For ``eqmailctl check``."""
-        saved = (self.dnssec, self.res.flags, self.res.ednsflags)
+        saved = (self.dnssec, self.res.flags, self.res.ednsflags, self.res.cache)
         self.dnssec = True
+        self.res.cache = None  # asked with other flags than the cache's answers were
         self.res.use_edns(0, dns.flags.DO, 1232)
         self.res.flags = dns.flags.RD | dns.flags.AD
         self._begin()
@@ -402,7 +429,7 @@ class Resolver:
         except LookupHard as e:
             return e.secure
         finally:
-            self.dnssec, self.res.flags = saved[0], saved[1]
+            self.dnssec, self.res.flags, self.res.cache = saved[0], saved[1], saved[3]
             self.res.use_edns(0, saved[2], 1232)
 
     def _tlsa_at(self, owner: str) -> tuple[tuple[Tlsa, ...], bool]:

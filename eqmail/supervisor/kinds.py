@@ -103,7 +103,7 @@ _ROWS = (
                               "dnsservers", "concurrencyremote", "locals", "beforemote",
                               "tlsclientciphers", "clientcert", "tlshosts", "tlshosts_exhaustive",
                               "notlshosts", "dkimsign", "virtualdomains", "srs", "srsdomain",
-                              "srssecrets", "srsexclude")),
+                              "srssecrets", "srsexclude", "dnssec", "mtasts", "tlsca")),
     KindSpec(WorkerKind.SANDBOX, "sandbox", SandboxSettings, "plugin sandbox", Role.PLUGIN,
              Restart.BACKOFF, READY_TIMEOUT, StartFailure.FATAL, OnReload.REPLACE, stop_phase=3,
              reload_controls=("spptimeout",)),

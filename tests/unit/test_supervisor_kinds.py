@@ -110,6 +110,11 @@ def test_controls_changed() -> None:
     assert controls_changed(WorkerKind.SCANNER, old, dataclasses.replace(old, queuelifetime=1))
     assert not controls_changed(WorkerKind.SCANNER, old, dataclasses.replace(old, databytes=1))
     assert controls_changed(WorkerKind.SANDBOX, old, dataclasses.replace(old, spptimeout=5))
+    # issue 17: turning DANE or MTA-STS on or off, or a new control/tlsca.pem, must reach
+    # the remote worker on a reload (it decides each delivery's TLS policy)
+    for name in ("dnssec", "mtasts", "tlsca"):
+        flipped = dataclasses.replace(old, **{name: not getattr(old, name)})
+        assert controls_changed(WorkerKind.REMOTE, old, flipped), name
     assert controls_changed(WorkerKind.LOCAL, old, dataclasses.replace(old, assign=Assign.parse("+:u:1:1:/h:::\n.\n")))
     # kept kinds and listeners never through this rule
     assert not controls_changed(WorkerKind.LOGGER, old, dataclasses.replace(old, me="b.example"))
