@@ -42,7 +42,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -160,7 +160,10 @@ def _resolver(c: Controls) -> Resolver:
     lifetime = float(min(c.timeoutconnect, 30))
     key = (c.dnsservers, lifetime, bool(c.dnssec))
     if getattr(_local, "key", None) != key:
-        _local.resolver = Resolver(c.dnsservers, lifetime, dnssec=bool(c.dnssec))
+        # answers kept for their TTL (eqmail.dns's shared cache, failures never kept):
+        # a busy destination asks the same MX/A/AAAA/TLSA questions for every message,
+        # which was half the remote worker's CPU (bench/tlspolicy.sh)
+        _local.resolver = Resolver(c.dnsservers, lifetime, dnssec=bool(c.dnssec), cache=True)
         _local.key = key
     return _local.resolver  # type: ignore[no-any-return]
 
@@ -382,8 +385,7 @@ def _send(job: RemoteJob, attempt: Attempt, domain: str, sender: str,
     ip_relay = relay_tls_name(route.relay) if route is not None else ""
     plan = Plan(domain, attempt)
     if route is None:
-        opt_out = not attempt.requiretls and _tls_not_required(body)
-        addrs = _apply_policy(job, resolver, plan, addrs, opt_out)
+        addrs = _apply_policy(job, resolver, plan, addrs, body)
     dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465,
                          plan.demands.get(a.host)) for a in addrs]
     if attempt.requiretls:
@@ -438,12 +440,20 @@ def _tls_not_required(body: BinaryIO) -> bool:
 
 
 def _apply_policy(job: RemoteJob, resolver: Resolver, plan: Plan, addrs: list[MxAddress],
-                  opt_out: bool) -> list[MxAddress]:
+                  body: BinaryIO) -> list[MxAddress]:
     """Decide each MX host's demand (DANE over MTA-STS, a tlshosts/ pin over both,
     notlshosts/ and an exhaustive tlshosts/ over all: the admin's word) and drop the
-    hosts an enforced policy forbids.  ``opt_out``: TLS-Required: No — demands are
-    checked and recorded, never enforced."""
+    hosts an enforced policy forbids.  A message with ``TLS-Required: No`` (and without
+    REQUIRETLS) gets its demands checked and recorded, never enforced; its header is
+    read only when some host has a demand."""
     c = job.controls
+    seen: list[bool] = []
+
+    def opt_out() -> bool:
+        if not seen:
+            seen.append(not plan.attempt.requiretls and _tls_not_required(body))
+        return seen[0]
+
     domain = plan.domain
     if c.mtasts and job.sts is not None and literal_ip(domain) is None:
         plan.sts = job.sts.lookup(domain)
@@ -465,7 +475,7 @@ def _apply_policy(job: RemoteJob, resolver: Resolver, plan: Plan, addrs: list[Mx
 
 
 def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
-            sts: StsPolicy | None, opt_out: bool) -> bool:
+            sts: StsPolicy | None, opt_out: Callable[[], bool]) -> bool:
     """One MX host's demand into ``plan``; False when the host may not be used."""
     host = a.host
     mode, _ = job.tls.mode_for(host)
@@ -483,11 +493,11 @@ def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
             plan.kind = plan.kind or PolicyKind.DANE
             _record(job, plan, PolicyKind.DANE, host, "", "", ResultType.DNSSEC_INVALID.value,
                     f"TLSA lookup failed: {e}")
-            return opt_out
+            return opt_out()
         if answer.secure and answer.records:
             usable = dane.usable(answer.records)
             plan.tlsa_text[host] = tuple(r.text() for r in answer.records)
-            plan.demands[host] = TlsDemand(PolicyKind.DANE.value, not opt_out, tlsa=usable,
+            plan.demands[host] = TlsDemand(PolicyKind.DANE.value, not opt_out(), tlsa=usable,
                                            names=_reference_ids(host, answer.base, plan.domain))
             if plan.kind is None or plan.kind is not PolicyKind.PIN:
                 plan.kind = PolicyKind.DANE
@@ -500,11 +510,11 @@ def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
         if not sts.allows(host):
             detail = f"MX host {host} is not in the policy's mx list"
             _record(job, plan, kind, host, "", "", ResultType.VALIDATION_FAILURE.value, detail)
-            if enforce and not opt_out:
+            if enforce and not opt_out():
                 plan.failure = f"{host}: {ResultType.VALIDATION_FAILURE.value}: {detail}"
                 return False
             return True
-        plan.demands[host] = TlsDemand(kind.value, enforce and not opt_out, webpki=True)
+        plan.demands[host] = TlsDemand(kind.value, enforce and not opt_out(), webpki=True)
     return True
 
 

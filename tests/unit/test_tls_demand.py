@@ -186,6 +186,13 @@ def _policy(mode: StsMode, *mx: str) -> StsPolicy:
     return StsPolicy(mode, mx, 86400, "id1", "version: STSv1\nmode: x\n", 0.0)
 
 
+OPT_OUT = b"Subject: x\nTLS-Required: No\n\nbody\n"
+
+
+def _msg(data: bytes = MESSAGE) -> io.BytesIO:
+    return io.BytesIO(data)
+
+
 def _addrs(*hosts: tuple[str, bool]) -> list[MxAddress]:
     return [MxAddress(f"10.0.0.{i}", 10 * i, h, secure) for i, (h, secure) in enumerate(hosts, 1)]
 
@@ -194,19 +201,23 @@ def test_mta_sts_enforce_keeps_only_the_hosts_its_policy_names(tmp_path: Path) -
     job = _job(tmp_path, FakeSts(StsLookup(_policy(StsMode.ENFORCE, "*.sts.test"))))
     plan = remote.Plan("sts.test", remote.Attempt(1))
     kept = remote._apply_policy(job, FakeResolver({}), plan,  # type: ignore[arg-type]
-                                _addrs(("mx.sts.test", False), ("evil.test", False)), False)
+                                _addrs(("mx.sts.test", False), ("evil.test", False)), _msg())
     assert [a.host for a in kept] == ["mx.sts.test"]
     assert plan.demands["mx.sts.test"] == TlsDemand("mta-sts enforce", True, webpki=True)
     assert plan.kind is PolicyKind.STS_ENFORCE
     none = remote.Plan("sts.test", remote.Attempt(1))
     assert remote._apply_policy(job, FakeResolver({}), none,  # type: ignore[arg-type]
-                                _addrs(("evil.test", False)), False) == []
+                                _addrs(("evil.test", False)), _msg()) == []
     assert none.deferral() == Outcome(
         Verdict.DEFERRAL, "Sorry, no MX host of sts.test meets its TLS policy (mta-sts enforce): "
         "evil.test: validation-failure: MX host evil.test is not in the policy's mx list. (#4.7.5)\n")
     optout = remote.Plan("sts.test", remote.Attempt(1))
     assert len(remote._apply_policy(job, FakeResolver({}), optout,  # type: ignore[arg-type]
-                                    _addrs(("evil.test", False)), True)) == 1
+                                    _addrs(("evil.test", False)), _msg(OPT_OUT))) == 1
+    # REQUIRETLS: the header field is ignored (RFC 8689 §5)
+    strict = remote.Plan("sts.test", remote.Attempt(1, requiretls=True))
+    assert remote._apply_policy(job, FakeResolver({}), strict,  # type: ignore[arg-type]
+                                _addrs(("evil.test", False)), _msg(OPT_OUT)) == []
 
 
 def test_dane_takes_precedence_and_needs_an_authenticated_mx(tmp_path: Path) -> None:
@@ -215,13 +226,13 @@ def test_dane_takes_precedence_and_needs_an_authenticated_mx(tmp_path: Path) -> 
     plan = remote.Plan("d.test", remote.Attempt(1))
     remote._apply_policy(job, FakeResolver({"mx.d.test": TlsaAnswer((rec,), True),  # type: ignore[arg-type]
                                             "mx2.d.test": TlsaAnswer((rec,), True)}),
-                         plan, _addrs(("mx.d.test", True), ("mx2.d.test", False)), False)
+                         plan, _addrs(("mx.d.test", True), ("mx2.d.test", False)), _msg())
     assert plan.demands["mx.d.test"].kind == "dane" and plan.demands["mx.d.test"].tlsa == (rec,)
     assert plan.demands["mx2.d.test"].kind == "mta-sts enforce"  # its address was not secure
     off = remote.Plan("d.test", remote.Attempt(1))
     remote._apply_policy(_job(tmp_path / "b", None, dnssec=False),
                          FakeResolver({"mx.d.test": TlsaAnswer((rec,), True)}),  # type: ignore[arg-type]
-                         off, _addrs(("mx.d.test", True)), False)
+                         off, _addrs(("mx.d.test", True)), _msg())
     assert off.demands == {}  # control/dnssec 0: the AD bit is never believed
 
 
@@ -231,7 +242,7 @@ def test_a_failed_tlsa_lookup_makes_the_host_unusable(tmp_path: Path) -> None:
     job = _job(tmp_path, None)
     plan = remote.Plan("d.test", remote.Attempt(1))
     kept = remote._apply_policy(job, FakeResolver({"mx.d.test": LookupSoft("SERVFAIL")}),  # type: ignore[arg-type]
-                                plan, _addrs(("mx.d.test", True)), False)
+                                plan, _addrs(("mx.d.test", True)), _msg())
     assert kept == [] and plan.deferral().text.startswith(
         "Sorry, no MX host of d.test meets its TLS policy (dane): mx.d.test: dnssec-invalid")
 
