@@ -346,7 +346,7 @@ class Scanner:
     def _apply(self, reports: list[Report]) -> None:
         for slot, outcome in reports:
             log(f"delivery {slot.number}: {outcome.verdict.value}: {sanitize(outcome.text)}")
-            self.manager.report(slot.item, outcome.verdict, outcome.text)
+            self.manager.report(slot.item, outcome.verdict, outcome.text, outcome.site)
         self._status()
 
     def _take_over(self, ch: Channel, msgid: int, offset: int) -> Slot | None:
