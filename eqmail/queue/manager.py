@@ -39,7 +39,7 @@ from eqmail.queue.envelope import (
     requiretls_of,
 )
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
-from eqmail.queue.layout import QueuePaths
+from eqmail.queue.layout import SPLIT, QueuePaths
 from eqmail.queue.preprocess import Cleaner, Preprocessor
 from eqmail.queue.recycle import InodePool
 from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, verp_sender
@@ -156,6 +156,11 @@ class QueueManager:
         # todo/ -> info/, local/, remote/; also remembers each split for its first pass
         self.preprocessor = Preprocessor(paths, cleaner, self.spares, self.root_fd,
                                          self._rewrite, self._schedule_new, clock)
+        # the incremental pqstart (start_recovery): info/ split directories and ids still
+        # to read, and the ids preprocessed meanwhile (never recovered a second time)
+        self.recovery: list[int] = []
+        self.recovery_ids: list[int] = []
+        self.fresh_ids: set[int] = set()
         self.configure(controls)
 
     def configure(self, controls: Controls) -> None:
@@ -170,21 +175,69 @@ class QueueManager:
 
     # ------------------------------------------------------------ start-up
     def recover(self) -> None:
-        """pqstart: rebuild schedules from info/ and the channel files' mtimes."""
-        todo_ids = set(self.paths.ids_in("todo"))
-        for msgid in self.paths.ids_in("info"):
-            if msgid in todo_ids:
-                continue  # will be preprocessed again from scratch
-            found = False
-            for ch, state in self.channels.items():
+        """pqstart: rebuild schedules from info/ and the channel files' mtimes, all at once."""
+        self.start_recovery()
+        while self.recover_step(1 << 30):
+            pass
+
+    def start_recovery(self) -> None:
+        """pqstart, done incrementally while the scanner already serves (issue 15: a
+        large queue, or one read cold after a reboot, must not delay readiness).
+
+        info/ is read one split directory at a time (:meth:`recover_step`).  Exactly
+        once: an id read from info/ is skipped when this manager already knows it — it
+        was preprocessed since the start (its info/ is this process's: ``fresh_ids``),
+        a taken-over delivery opened a pass for it, or it is scheduled or waiting for
+        completion — and when its todo/ is back (preprocessed again from scratch, as
+        before); a message that finished meanwhile has no info/ any more.  Every other
+        id is scheduled from its channel files' mtimes, or completed when it has none,
+        exactly as pqstart does.  A split directory is listed once, when its turn
+        comes: an entry created in it later is one this process made (fresh)."""
+        self.recovery = list(range(SPLIT))
+        self.recovery_ids = []
+        self.fresh_ids = set()
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self.recovery or self.recovery_ids)
+
+    def recover_step(self, limit: int) -> bool:
+        """Recover at most ``limit`` ids; True while more remains."""
+        done = 0
+        while done < limit:
+            if not self.recovery_ids:
+                if not self.recovery:
+                    break
+                d = self.paths.dir("info") / str(self.recovery.pop(0))
                 try:
-                    st = os.stat(self._chan_path(ch, msgid))
+                    names = os.listdir(d)
                 except FileNotFoundError:
-                    continue
-                found = True
-                state.schedule_at(msgid, st.st_mtime)
-            if not found:
-                self.message_done(msgid)
+                    names = []
+                self.recovery_ids = [int(n) for n in names if n.isdigit()]
+                continue
+            self._recover_one(self.recovery_ids.pop())
+            done += 1
+        if not self.recovering:
+            self.fresh_ids.clear()
+        return self.recovering
+
+    def _known(self, msgid: int) -> bool:
+        return (msgid in self.fresh_ids or msgid in self.done_retry
+                or any(msgid in s.scheduled or msgid in s.passes for s in self.channels.values()))
+
+    def _recover_one(self, msgid: int) -> None:
+        if self._known(msgid) or os.path.exists(self.paths.todo(msgid)):
+            return  # live here already, or preprocessed again from scratch
+        found = False
+        for ch, state in self.channels.items():
+            try:
+                st = os.stat(self._chan_path(ch, msgid))
+            except FileNotFoundError:
+                continue
+            found = True
+            state.schedule_at(msgid, st.st_mtime)
+        if not found and os.path.exists(self.paths.info(msgid)):
+            self.message_done(msgid)
 
     def save_schedule(self) -> None:
         """On a graceful stop: store each next try time as the channel file's mtime."""
@@ -218,6 +271,8 @@ class QueueManager:
     def _schedule_new(self, msgid: int, channels: list[Channel], now: float) -> None:
         """Step 4 of preprocessing (S5): each channel with a file is due now; a message
         without recipients is complete at once."""
+        if self.recovering:
+            self.fresh_ids.add(msgid)
         for ch in channels:
             self.channels[ch].schedule_at(msgid, now)
         if not channels:
