@@ -223,6 +223,7 @@ class Scanner:
         self.handing_over = False  # USR1: exit now, running deliveries go to the successor
         self.want_scan = True
         self.want_sweep = True  # at start (qmail-send's first cleanup) and after a writer restart
+        self.want_flush = False  # ALRM (eqmailctl queue flush)
         self.trigger_fd = -1
         self.last_status = ""
 
@@ -404,7 +405,11 @@ class Scanner:
                 busy = sum(len(dc.running) for dc in self.channels.values())
                 if busy == 0 or self.handing_over or time.monotonic() > stop_deadline:
                     break
-            elif self.manager.recovering and not self.manager.recover_step(RECOVER_SLICE):
+            if self.want_flush:
+                self.want_flush = False
+                self.manager.flush()
+            if (self.manager.recovering and not self.stopping
+                    and not self.manager.recover_step(RECOVER_SLICE)):
                 log(f"status: queue read in {time.monotonic() - recovery_started:.1f} s")
             if not self.stopping and (self.want_scan or time.monotonic() >= next_rescan):
                 # A bounded slice per turn: deliveries are started (below) between
@@ -515,7 +520,7 @@ class Scanner:
         elif signum == signal.SIGUSR1:
             self.stopping = self.handing_over = True
         elif signum == signal.SIGALRM:
-            self.manager.flush()
+            self.want_flush = True  # done by the loop: a flush logs and walks the schedule
         self.want_scan = True
         self.wake()
 
