@@ -21,7 +21,9 @@
 #   * eqmail's scanner RSS (VmRSS) and its difference per queued message;
 #   * with the backlog: connection attempts to the dead port and the scanner's CPU for
 #     HOLD seconds undisturbed, then for HOLD seconds after a flush of both queues
-#     (`eqmailctl queue flush`, `postqueue -f`), which makes every message due.
+#     (`eqmailctl queue flush`, `postqueue -f`), which makes every message due, and
+#     in total until Postfix has deferred its whole backlog again (the backlog phase
+#     is measured only after that: Postfix's retry storm would slow both servers).
 # Output: a table; raw files in $BENCH_STATE/results/<stamp>-backlog/.  Both queues are
 # emptied at the end (eqmail's instance is deleted; postsuper -d ALL for Postfix).
 set -euo pipefail
@@ -145,6 +147,18 @@ metric eq_attempts_flush "$(( $(eq_attempts) - e0 ))"
 metric pf_attempts_flush "$(( $(pf_attempts) - p0 ))"
 metric eq_scanner_cpu_s_flush "$(awk -v a="$c0" -v b="$(cpu_s "$sp")" 'BEGIN{printf "%.2f", b - a}')"
 "$EQCTL" --root "$EQ_ROOT" status | grep -i "destination" | tee -a "$OUT/env.txt" || true
+# the flush keeps Postfix busy re-deferring its backlog for minutes: measuring during it
+# would charge that to both servers' rates, so wait until its active queue is empty
+t=$(now)
+for _ in $(seq 1200); do
+  [ -z "$(find "$PF_QUEUE/active" "$PF_QUEUE/incoming" -type f -print -quit)" ] && break
+  sleep 1
+done
+metric pf_flush_drain_s "$(awk -v h="$HOLD" -v s="$(since "$t")" 'BEGIN{printf "%.1f", h + s}')"
+metric pf_attempts_after_flush_total "$(( $(pf_attempts) - p0 ))"
+metric eq_attempts_after_flush_total "$(( $(eq_attempts) - e0 ))"
+metric eq_scanner_cpu_s_after_flush_total "$(awk -v a="$c0" -v b="$(cpu_s "$sp")" 'BEGIN{printf "%.2f", b - a}')"
+sleep 5
 
 phase backlog
 
@@ -179,6 +193,8 @@ r0, r1 = f("eq_scanner_rss_kb_empty"), f("eq_scanner_rss_kb_backlog")
 print(f"\nscanner RSS: {r0 / 1024:.1f} MiB empty, {r1 / 1024:.1f} MiB with the backlog: "
       f"{(r1 - r0) * 1024 / b:.0f} bytes per queued message")
 for k in ("eq_attempts_quiet", "pf_attempts_quiet", "eq_scanner_cpu_s_quiet", "eq_attempts_flush",
-          "pf_attempts_flush", "eq_scanner_cpu_s_flush", "eq_fill_s", "pf_fill_s", "pf_deferred"):
+          "pf_attempts_flush", "eq_scanner_cpu_s_flush", "pf_flush_drain_s",
+          "eq_attempts_after_flush_total", "pf_attempts_after_flush_total",
+          "eq_scanner_cpu_s_after_flush_total", "eq_fill_s", "pf_fill_s", "pf_deferred"):
     print(f"{k}: {m.get(k)}")
 EOF
