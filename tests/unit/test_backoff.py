@@ -111,6 +111,7 @@ class World:
         paths = create_queue(root / "queue")
         self.now = 1_000_000.0
         self.bounced: dict[int, float] = {}
+        self.heads: dict[int, bytes] = {}
 
         def cleaner(requests: list[CleanRequest]) -> list[CleanAnswer]:
             for r in requests:  # as the queue writer does: todo/ goes
@@ -122,6 +123,7 @@ class World:
         def inject(sender: str, rcpts: list[str], head: bytes, msgid: int, limit: int,
                    requiretls: bool = False) -> tuple[bool, str]:
             self.bounced[msgid] = self.now
+            self.heads[msgid] = head
             return True, "1"
 
         self.m = QueueManager(load_controls(root), paths, cleaner, inject, lambda: self.now)
@@ -205,3 +207,24 @@ def test_a_flush_clears_the_back_off_and_status_lists_the_dead_destination(tmp_p
     m.flush()  # eqmailctl queue flush (SIGALRM)
     assert m.activity().dead == ()
     assert len(m.next_requests(Channel.REMOTE)) == 3
+
+
+def test_a_held_recipient_on_its_last_pass_bounces_untried_with_the_sites_last_failure(
+        tmp_path: Path) -> None:
+    w = World(tmp_path, 100)  # queuelifetime 100 s, shorter than the 300 s back-off
+    m = w.m
+    w.queue(21, ["u@dead.test"])
+    m.process_todo()
+    (req,) = m.next_requests(Channel.REMOTE)
+    m.report(req, Verdict.DEFERRAL, "Sorry, I wasn't able to establish an SMTP connection. "
+             "(#4.4.1)\n", Site.UNREACHABLE)
+    w.queue(22, ["v@dead.test"])
+    m.process_todo()
+    w.now += 200  # message 22's first pass comes after its lifetime, the site still held
+    assert m.next_requests(Channel.REMOTE) == []  # not tried
+    m.flush_cleans()
+    head = w.heads[22].decode()
+    assert "<v@dead.test>:\nSorry, I wasn't able to establish an SMTP connection." in head
+    assert "Not tried again: dead.test was unreachable at the last attempt" in head
+    assert "this message has been in the queue too long" in head
+    assert 21 not in w.bounced  # its next try is later: qmail's schedule, not the back-off
