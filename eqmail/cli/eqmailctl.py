@@ -262,6 +262,7 @@ def cmd_status(inst: Instance, args: argparse.Namespace) -> int:
         if isinstance(scanner, QueueActivity):
             status["deliveries"] = [d.as_dict() for d in scanner.deliveries]
             status["queue"].update(dict(scanner.counts))
+            status["dead_destinations"] = [d.as_dict() for d in scanner.dead]
     tls_failures = tlsrpt.status_failures(inst.root)
     if tls_failures:  # issue 17: today's failed sessions under DANE / MTA-STS, per domain
         status["tls_failures"] = tls_failures
@@ -307,6 +308,10 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append(f"queue: {q.get('messages', 0)} messages, {q.get('todo', 0)} not yet preprocessed, "
                  f"{q.get('local', 0)} local / {q.get('remote', 0)} remote pending, "
                  f"{q.get('bouncing', 0)} bouncing")
+    for d in s.get("dead_destinations") or []:  # the scanner's per-destination back-off
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["until"]))
+        state = "probing now" if d["probing"] else f"held until {until}, then one probe"
+        lines.append(f"destination {d['domain']} unreachable: {d['held']} message(s) {state}")
     tls_line = tlsrpt.status_line(s.get("tls_failures") or {})
     lines += [tls_line] if tls_line else []
     return "\n".join(lines)

@@ -79,7 +79,7 @@ from eqmail.dns import (
     literal_ip,
 )
 from eqmail.instance import Instance
-from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.ipc.delivery import Outcome, Site, Verdict
 from eqmail.ipc.queue import Origin
 from eqmail.log import log, sanitize
 from eqmail.queue import tcpto
@@ -100,7 +100,8 @@ from eqmail.smtp.transport import Dropped, TlsConfig, TlsMode, Transport, counts
 
 IDLE_SECONDS = 5.0  # how long an idle connection is kept for reuse
 TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
-                      "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n")
+                      "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n",
+                      Site.UNREACHABLE)  # the scanner's per-destination back-off
 TEMP_READ = Outcome(Verdict.DEFERRAL, "Unable to read message. (#4.3.0)\n")
 TEMP_CONTROL = Outcome(Verdict.DEFERRAL, "Unable to read control files. (#4.3.0)\n")
 PERM_PARTIAL = Outcome(Verdict.FAILURE,
@@ -377,7 +378,8 @@ def _send(job: RemoteJob, attempt: Attempt, domain: str, sender: str,
                                PREF_CNAME if aliased else None)
     except DnsFailure as e:
         verdict = Verdict.FAILURE if e.problem.permanent else Verdict.DEFERRAL
-        return [Outcome(verdict, e.problem.text)] * n
+        site = Site.UNKNOWN if e.problem.permanent else Site.UNREACHABLE  # back-off
+        return [Outcome(verdict, e.problem.text, site)] * n
     rcpts = [quote_address(r.rpartition("@")[0] + "@" + rcpt_domain) for r in recipients]
     port = route.port if route is not None else 25
     user = route.user if route is not None else None

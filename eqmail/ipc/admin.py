@@ -93,15 +93,38 @@ class Delivery:
 
 
 _COUNTS = ("local_pending", "remote_pending", "local_active", "remote_active")
+MAX_DOMAIN = 255
+
+
+@dataclass(frozen=True)
+class DeadDestination:
+    """A destination the scanner holds back (per-destination back-off): no delivery to
+    ``domain`` is tried before ``until`` (Unix time), then one probe; ``held``
+    messages wait for it."""
+
+    domain: str
+    since: float
+    until: float
+    probing: bool
+    held: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"domain": self.domain, "since": self.since, "until": self.until,
+                "probing": self.probing, "held": self.held}
 
 
 @dataclass(frozen=True)
 class QueueActivity:
     deliveries: tuple[Delivery, ...]
     counts: tuple[tuple[str, int], ...]  # the names in _COUNTS, in that order
+    dead: tuple[DeadDestination, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
-        return {"deliveries": [d.as_dict() for d in self.deliveries], "counts": dict(self.counts)}
+        out: dict[str, object] = {"deliveries": [d.as_dict() for d in self.deliveries],
+                                  "counts": dict(self.counts)}
+        if self.dead:  # only then: an answer without any has the bytes of before
+            out["dead"] = [d.as_dict() for d in self.dead]
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,20 @@ def _delivery(obj: object) -> Delivery:
     return Delivery(msgid, channel, running, waiting)
 
 
+def _dead(obj: object) -> DeadDestination:
+    if not isinstance(obj, dict):
+        raise ProtocolError("admin answer with a bad dead destination")
+    domain, since, until, probing, held = (obj.get(k) for k in
+                                           ("domain", "since", "until", "probing", "held"))
+    if not (isinstance(domain, str) and 0 < len(domain) <= MAX_DOMAIN
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (since, until))
+            and isinstance(probing, bool) and _is_int(held)):
+        raise ProtocolError("admin answer with a bad dead destination")
+    assert isinstance(since, (int, float)) and isinstance(until, (int, float))
+    assert isinstance(held, int)
+    return DeadDestination(domain, float(since), float(until), probing, held)
+
+
 def decode_answer(payload: bytes) -> AdminAnswer:
     if len(payload) > MAX_ADMIN_ANSWER:
         raise ProtocolError("admin answer too long")
@@ -158,8 +195,12 @@ def decode_answer(payload: bytes) -> AdminAnswer:
             raise ProtocolError("admin answer with bad activity")
         if set(counts) != set(_COUNTS) or not all(_is_int(counts[k]) for k in _COUNTS):
             raise ProtocolError("admin answer with bad counts")
+        dead = obj.get("dead", [])
+        if not isinstance(dead, list):
+            raise ProtocolError("admin answer with bad dead destinations")
         return QueueActivity(tuple(_delivery(d) for d in deliveries),
-                             tuple((k, int(counts[k])) for k in _COUNTS))
+                             tuple((k, int(counts[k])) for k in _COUNTS),
+                             tuple(_dead(d) for d in dead))
     ok = obj.get("ok")
     if ok is True and _is_int(obj.get("removed")):
         return Removed(int(obj["removed"]))

@@ -13,7 +13,9 @@ Scanner -> delivery worker:
         The channel (local or remote) is not on the wire: it is the socket it arrives on.
   ``A`` :class:`Attach`, ``Q`` :class:`Detach` (both empty).
 Delivery worker -> scanner:
-  ``r`` :class:`DeliveryReport`: ``slot\\0`` + letter + text, exactly one per request
+  ``r`` :class:`DeliveryReport`: ``slot\\0`` + the :class:`Outcome` (letter + text,
+        after ``+unreachable\\0`` when a remote delivery found its destination
+        unreachable: :class:`Site`), exactly one per request
   ``a`` :class:`Adopted` (the slot), ``e`` :class:`EndOfList`, ``q`` :class:`Detached`.
 
 The slot names a delivery and comes back in its report; the scanner's slot is
@@ -73,6 +75,23 @@ class Verdict(enum.Enum):
 _LETTERS = {Verdict.SUCCESS: "K", Verdict.DEFERRAL: "Z", Verdict.FAILURE: "D"}
 
 
+class Site(enum.Enum):
+    """What a remote delivery learned about its destination (the recipient's domain),
+    for the scanner's per-destination back-off (eqmail.queue.backoff).
+
+    UNREACHABLE: no SMTP connection could be made to any address of the domain (every
+    one refused, timed out or was skipped as dead by qmail's tcpto), or its DNS lookup
+    failed temporarily.  UNKNOWN: anything else, including every local delivery and a
+    remote one that reached a server (whatever it answered).  A typed value, never read
+    back out of qmail's text."""
+
+    UNKNOWN = "unknown"
+    UNREACHABLE = "unreachable"
+
+
+SITE_MARK = b"+"  # starts the site prefix; never one of qmail's letters
+
+
 def _field(value: bytes, what: str) -> bytes:
     if b"\0" in value:
         raise ProtocolError(f"{what} contains NUL")
@@ -88,14 +107,22 @@ def _check_slot(slot: bytes) -> bytes:
 @dataclass(frozen=True)
 class Outcome:
     """A delivery's verdict and qmail's report text (lines ending in ``\\n`` as qmail
-    writes them).  Encoded as letter + text: the local child's answer to its spawner,
-    and the tail of a :class:`DeliveryReport`."""
+    writes them), and what the delivery learned about its destination's reachability.
+    Encoded as letter + text — the local child's answer to its spawner, and the tail of
+    a :class:`DeliveryReport` — preceded by ``+unreachable\\0`` exactly when ``site``
+    is not UNKNOWN (so every outcome of before has the bytes it always had)."""
 
     verdict: Verdict
     text: str
+    site: Site = Site.UNKNOWN
+
+    def _prefix(self) -> bytes:
+        if self.site is Site.UNKNOWN:
+            return b""
+        return SITE_MARK + encode(self.site.value) + b"\0"
 
     def encode(self) -> bytes:
-        data = self.verdict.letter.encode() + encode(self.text)
+        data = self._prefix() + self.verdict.letter.encode() + encode(self.text)
         if len(data) > REPORT_MAX:
             raise ProtocolError(f"report of {len(data)} bytes")
         return data
@@ -104,14 +131,24 @@ class Outcome:
     def decode(cls, data: bytes) -> Outcome:
         if not 0 < len(data) <= REPORT_MAX:
             raise ProtocolError("empty or over-long report")
-        return cls(Verdict.from_letter(chr(data[0])), decode(data[1:]))
+        site = Site.UNKNOWN
+        if data[:1] == SITE_MARK:
+            word, nul, data = data[1:].partition(b"\0")
+            try:
+                site = Site(word.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise ProtocolError("report with an unknown site") from None
+            if not nul or site is Site.UNKNOWN or not data:
+                raise ProtocolError("malformed site in a report")
+        return cls(Verdict.from_letter(chr(data[0])), decode(data[1:]), site)
 
     def cut(self) -> Outcome:
         """This outcome with its text cut so that it encodes in REPORT_MAX bytes."""
         data = encode(self.text)
-        if len(data) < REPORT_MAX:
+        room = REPORT_MAX - 1 - len(self._prefix())
+        if len(data) <= room:
             return self
-        return Outcome(self.verdict, decode(data[: REPORT_MAX - 1]))
+        return Outcome(self.verdict, decode(data[:room]), self.site)
 
 
 @dataclass(frozen=True)

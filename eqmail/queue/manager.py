@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from eqmail.control import Controls
+from eqmail.ipc.admin import DeadDestination, QueueActivity
 from eqmail.ipc.admin import Delivery as AdminDelivery
-from eqmail.ipc.admin import QueueActivity
-from eqmail.ipc.delivery import Verdict
+from eqmail.ipc.delivery import Site, Verdict
 from eqmail.ipc.queue import CleanAnswer, CleanRequest, Origin
 from eqmail.log import log, sanitize
+from eqmail.queue.backoff import Admission, Backoff, domain_of
 from eqmail.queue.bounce import BounceRate, Excerpt, bounce_note, bounce_target, compose_bounce
 from eqmail.queue.envelope import (
     ChannelRecord,
@@ -38,7 +39,7 @@ from eqmail.queue.envelope import (
     requiretls_of,
 )
 from eqmail.queue.fileio import read_bounded, unlink_quiet, write_all
-from eqmail.queue.layout import QueuePaths
+from eqmail.queue.layout import SPLIT, QueuePaths
 from eqmail.queue.preprocess import Cleaner, Preprocessor
 from eqmail.queue.recycle import InodePool
 from eqmail.queue.rewrite import RewriteRules, rewrite, strip_virtual_prepend, verp_sender
@@ -47,6 +48,10 @@ from eqmail.textio import encode
 
 DYING_TEXT = "I'm not going to try again; this message has been in the queue too long.\n"
 ADMIN_BOUNCE_TEXT = "This message was removed from the queue by the postmaster. (#5.0.0)\n"
+HELD_TEXT = ("Not tried again: {domain} was unreachable at the last attempt "
+             "(per-destination back-off). (#4.4.1)\n")
+STATUS_DEAD_MAX = 200  # dead destinations listed by eqmailctl status (the answer is bounded)
+HOLD_SLICE = 2048  # held messages per next_requests call: the loop turns between slices
 
 
 @dataclass
@@ -63,7 +68,8 @@ class Pass:
     origin: Origin | None = None  # info/'s Xorigin= record (eqmail.queue.origin)
     requiretls: bool = False  # info/'s Xrequiretls=1 record (RFC 8689)
     outstanding: int = 0
-    deferred: bool = False  # some recipient got a temporary failure
+    deferred: bool = False  # some recipient got a temporary failure (or was held)
+    left: set[str] = field(default_factory=set)  # remote: domains of deferred/held recipients
     fd: int = -1  # the channel file, opened at the first done marker, closed at the end
 
     @property
@@ -134,12 +140,27 @@ class QueueManager:
         self.foop_retry: dict[int, float] = {}  # finished messages whose mess file is still there
         self.pending_foop: list[int] = []  # finished messages whose foop/ is not sent yet
         self.bounce_rate = BounceRate(controls.bouncelimit)  # in memory only, see BounceRate
+        # per-destination back-off (eqmail.queue.backoff), in memory only: a restart
+        # probes every destination again, with one round of deliveries
+        self.backoff = Backoff()
+        # remote messages whose last pass deferred (or held) recipients: (birth, their
+        # domains), so that a due message whose domains are all held is rescheduled by
+        # qmail's schedule without opening its files (a dead site costs a heap push)
+        self.waiting: dict[int, tuple[float, frozenset[str]]] = {}
+        self._domain_sets: dict[frozenset[str], frozenset[str]] = {}  # interned
+        self.released: set[str] = set()  # dead domains whose probe message was made due
+        self.probes: dict[str, tuple[int, int]] = {}  # dead domain -> its probe (msgid, offset)
         self.root_fd = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
         # info/ and channel files are recycled, not unlinked and re-created (eqmail.queue.recycle)
         self.spares = InodePool(paths.dir("spare-send"))
         # todo/ -> info/, local/, remote/; also remembers each split for its first pass
         self.preprocessor = Preprocessor(paths, cleaner, self.spares, self.root_fd,
                                          self._rewrite, self._schedule_new, clock)
+        # the incremental pqstart (start_recovery): info/ split directories and ids still
+        # to read, and the ids preprocessed meanwhile (never recovered a second time)
+        self.recovery: list[int] = []
+        self.recovery_ids: list[int] = []
+        self.fresh_ids: set[int] = set()
         self.configure(controls)
 
     def configure(self, controls: Controls) -> None:
@@ -154,21 +175,69 @@ class QueueManager:
 
     # ------------------------------------------------------------ start-up
     def recover(self) -> None:
-        """pqstart: rebuild schedules from info/ and the channel files' mtimes."""
-        todo_ids = set(self.paths.ids_in("todo"))
-        for msgid in self.paths.ids_in("info"):
-            if msgid in todo_ids:
-                continue  # will be preprocessed again from scratch
-            found = False
-            for ch, state in self.channels.items():
+        """pqstart: rebuild schedules from info/ and the channel files' mtimes, all at once."""
+        self.start_recovery()
+        while self.recover_step(1 << 30):
+            pass
+
+    def start_recovery(self) -> None:
+        """pqstart, done incrementally while the scanner already serves (issue 15: a
+        large queue, or one read cold after a reboot, must not delay readiness).
+
+        info/ is read one split directory at a time (:meth:`recover_step`).  Exactly
+        once: an id read from info/ is skipped when this manager already knows it — it
+        was preprocessed since the start (its info/ is this process's: ``fresh_ids``),
+        a taken-over delivery opened a pass for it, or it is scheduled or waiting for
+        completion — and when its todo/ is back (preprocessed again from scratch, as
+        before); a message that finished meanwhile has no info/ any more.  Every other
+        id is scheduled from its channel files' mtimes, or completed when it has none,
+        exactly as pqstart does.  A split directory is listed once, when its turn
+        comes: an entry created in it later is one this process made (fresh)."""
+        self.recovery = list(range(SPLIT))
+        self.recovery_ids = []
+        self.fresh_ids = set()
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self.recovery or self.recovery_ids)
+
+    def recover_step(self, limit: int) -> bool:
+        """Recover at most ``limit`` ids; True while more remains."""
+        done = 0
+        while done < limit:
+            if not self.recovery_ids:
+                if not self.recovery:
+                    break
+                d = self.paths.dir("info") / str(self.recovery.pop(0))
                 try:
-                    st = os.stat(self._chan_path(ch, msgid))
+                    names = os.listdir(d)
                 except FileNotFoundError:
-                    continue
-                found = True
-                state.schedule_at(msgid, st.st_mtime)
-            if not found:
-                self.message_done(msgid)
+                    names = []
+                self.recovery_ids = [int(n) for n in names if n.isdigit()]
+                continue
+            self._recover_one(self.recovery_ids.pop())
+            done += 1
+        if not self.recovering:
+            self.fresh_ids.clear()
+        return self.recovering
+
+    def _known(self, msgid: int) -> bool:
+        return (msgid in self.fresh_ids or msgid in self.done_retry
+                or any(msgid in s.scheduled or msgid in s.passes for s in self.channels.values()))
+
+    def _recover_one(self, msgid: int) -> None:
+        if self._known(msgid) or os.path.exists(self.paths.todo(msgid)):
+            return  # live here already, or preprocessed again from scratch
+        found = False
+        for ch, state in self.channels.items():
+            try:
+                st = os.stat(self._chan_path(ch, msgid))
+            except FileNotFoundError:
+                continue
+            found = True
+            state.schedule_at(msgid, st.st_mtime)
+        if not found and os.path.exists(self.paths.info(msgid)):
+            self.message_done(msgid)
 
     def save_schedule(self) -> None:
         """On a graceful stop: store each next try time as the channel file's mtime."""
@@ -202,6 +271,8 @@ class QueueManager:
     def _schedule_new(self, msgid: int, channels: list[Channel], now: float) -> None:
         """Step 4 of preprocessing (S5): each channel with a file is due now; a message
         without recipients is complete at once."""
+        if self.recovering:
+            self.fresh_ids.add(msgid)
         for ch in channels:
             self.channels[ch].schedule_at(msgid, now)
         if not channels:
@@ -218,16 +289,24 @@ class QueueManager:
         free = state.concurrency - state.active
         if limit is not None:
             free = min(free, limit)
-        while free > 0:
+        if channel is Channel.REMOTE:
+            self._release_probes(now)
+        budget = [HOLD_SLICE]  # held recipients and skipped messages this call
+        while free > 0 and budget[0] > 0:
             ps = next((q for q in state.passes.values() if q.todo), None)
             if ps is None:
-                ps = self._start_pass(state, now)
+                ps = self._start_pass(state, now, budget)
                 if ps is None:
                     break
                 if not ps.todo:
                     self._pass_finished(state, ps)
                     continue
             rec = ps.todo.pop(0)
+            if channel is Channel.REMOTE and not self._admit(ps, rec, now):
+                budget[0] -= 1
+                if ps.finished:
+                    self._pass_finished(state, ps)
+                continue
             ps.outstanding += 1
             state.active += 1
             free -= 1
@@ -261,7 +340,30 @@ class QueueManager:
         return Delivery(msgid, channel, rec.offset, verp_sender(ps.sender, rec.address),
                         rec.address, ps.origin, ps.requiretls)
 
-    def _start_pass(self, state: ChannelState, now: float) -> Pass | None:
+    def _admit(self, ps: Pass, rec: ChannelRecord, now: float) -> bool:
+        """May this remote recipient be tried now (eqmail.queue.backoff)?  A held one
+        is deferred without a try; on the message's last pass it bounces instead, at
+        the time qmail's schedule says."""
+        domain = domain_of(rec.address)
+        admission = self.backoff.admit(domain, now)
+        if admission is Admission.PROBE:
+            self.probes[domain] = (ps.msgid, rec.offset)
+            log(f"status: probing unreachable destination {sanitize(domain)} "
+                f"with msg {ps.msgid}")
+        if admission is not Admission.HOLD:
+            return True
+        if ps.dying:
+            req = Delivery(ps.msgid, ps.channel, rec.offset, "", rec.address)
+            text = self.backoff.text(domain) + HELD_TEXT.format(domain=domain)
+            self._add_bounce(req, text + DYING_TEXT)
+            self._mark_done(req, ps)
+        else:
+            ps.deferred = True
+            ps.left.add(domain)
+        return False
+
+    def _start_pass(self, state: ChannelState, now: float,
+                    budget: list[int] | None = None) -> Pass | None:
         while True:
             due = state.next_due()
             if due is None or due > now:
@@ -269,6 +371,12 @@ class QueueManager:
             _, msgid = heapq.heappop(state.schedule)
             del state.scheduled[msgid]
             if msgid in state.passes:
+                continue
+            if state.channel is Channel.REMOTE and self._still_held(state, msgid, now):
+                if budget is not None:
+                    budget[0] -= 1
+                    if budget[0] <= 0:
+                        return None
                 continue
             ps = self._open_pass(state.channel, msgid, now)
             if ps is not None:
@@ -299,11 +407,81 @@ class QueueManager:
         return Pass(msgid, channel, sender, birth, now, is_dying(birth, now, self.controls.queuelifetime),
                     todo, origin_of(recs), requiretls_of(recs))
 
-    def report(self, req: Delivery, verdict: Verdict, text: str) -> None:
+    def _still_held(self, state: ChannelState, msgid: int, now: float) -> bool:
+        """A due remote message whose last pass left only recipients at domains that
+        are held now, and which is not on its last pass: its pass is what qmail's
+        schedule says (a deferral of every recipient) without opening a file."""
+        known = self.waiting.get(msgid)
+        if known is None:
+            return False
+        birth, domains = known
+        if (not domains or is_dying(birth, now, self.controls.queuelifetime)
+                or not all(self.backoff.holds(d, now) for d in domains)):
+            return False
+        state.schedule_at(msgid, next_retry(birth, now, state.channel))
+        return True
+
+    def _release_probes(self, now: float) -> None:
+        """A dead domain whose period is over gets its probe now: one message waiting
+        for it is made due (the others stay held until the probe's report)."""
+        for domain, until in self.backoff.expiries():
+            if until > now or domain in self.released:
+                continue
+            self.released.add(domain)
+            state = self.channels[Channel.REMOTE]
+            for msgid, (_, domains) in self.waiting.items():
+                due = state.scheduled.get(msgid)
+                if domain in domains and due is not None:
+                    if due > now:
+                        state.schedule_at(msgid, now)
+                    break
+
+    def _release_held(self, domain: str, now: float) -> int:
+        """``domain`` is reachable again: the messages held for it are due now."""
+        state = self.channels[Channel.REMOTE]
+        n = 0
+        for msgid, (_, domains) in self.waiting.items():
+            due = state.scheduled.get(msgid)
+            if domain in domains and due is not None and due > now:
+                state.schedule_at(msgid, now)
+                n += 1
+        return n
+
+    def _site_report(self, req: Delivery, site: Site | None, text: str) -> None:
+        domain = domain_of(req.recipient)
+        probe = self.probes.get(domain) == (req.msgid, req.offset)
+        if probe:
+            del self.probes[domain]
+        if site is None:  # no delivery report: nothing learned about the destination
+            if probe:
+                self.backoff.abandon(domain)
+                self.released.discard(domain)
+            return
+        now = self.clock()
+        changed = self.backoff.report(domain, site, now, text, probe)
+        if changed is None:
+            return
+        self.released.discard(domain)
+        if changed:
+            until = self.backoff.dead[domain].until
+            log(f"status: destination {sanitize(domain)} unreachable; its deliveries are "
+                f"held for {until - now:.0f} s, then one probe")
+        else:
+            n = self._release_held(domain, now)
+            log(f"status: destination {sanitize(domain)} reachable again; "
+                f"{n} held message(s) due now")
+
+    def report(self, req: Delivery, verdict: Verdict, text: str,
+               site: Site | None = None) -> None:
         """A delivery finished: a success or failure is done (a failure bounces), a
-        deferral is retried at the next pass (or bounces when the message is dying)."""
+        deferral is retried at the next pass (or bounces when the message is dying).
+        ``site``: what a remote delivery learned about the destination (back-off);
+        None when the outcome is the scanner's own (the worker died or was not
+        reached), which tells nothing about the destination."""
         state = self.channels[req.channel]
         state.active -= 1
+        if req.channel is Channel.REMOTE:
+            self._site_report(req, site, text)
         ps = state.passes.get(req.msgid)
         if ps is None:
             return
@@ -316,6 +494,8 @@ class QueueManager:
             self._mark_done(req, ps)
         else:
             ps.deferred = True
+            if req.channel is Channel.REMOTE:
+                ps.left.add(domain_of(req.recipient))
         if ps.finished:
             self._pass_finished(state, ps)
 
@@ -326,7 +506,12 @@ class QueueManager:
             ps.fd = -1
         if ps.deferred:
             state.schedule_at(ps.msgid, next_retry(ps.birth, ps.started, state.channel))
+            if state.channel is Channel.REMOTE and ps.left:
+                left = frozenset(ps.left)
+                self.waiting[ps.msgid] = (ps.birth, self._domain_sets.setdefault(left, left))
             return
+        if state.channel is Channel.REMOTE:
+            self.waiting.pop(ps.msgid, None)
         self.spares.give(self._chan_path(state.channel, ps.msgid))
         other = Channel.REMOTE if state.channel is Channel.LOCAL else Channel.LOCAL
         if not os.path.exists(self._chan_path(other, ps.msgid)):
@@ -372,6 +557,7 @@ class QueueManager:
         if os.path.exists(p.todo(msgid)):
             return False
         self.preprocessor.forget(msgid)
+        self.waiting.pop(msgid, None)
         if not self._inject_bounce(msgid):
             self.done_retry[msgid] = self.clock() + 123  # SLEEP_SYSFAIL
             return False
@@ -523,10 +709,18 @@ class QueueManager:
             (("local_pending", len(local.scheduled) + len(local.passes)),
              ("remote_pending", len(remote.scheduled) + len(remote.passes)),
              ("local_active", local.active),
-             ("remote_active", remote.active)))
+             ("remote_active", remote.active)),
+            tuple(DeadDestination(d.domain[:255], d.since, d.until, d.probing,
+                                  sum(1 for _, ds in self.waiting.values() if d.domain in ds))
+                  for d in self.backoff.view()[:STATUS_DEAD_MAX]))
 
     def flush(self) -> None:
-        """ALRM: every scheduled entry becomes due now."""
+        """ALRM: every scheduled entry becomes due now, and every destination is tried
+        again (the back-off is forgotten, as qmail-tcpok clears tcpto)."""
+        for domain in self.backoff.clear():
+            log(f"status: back-off of {sanitize(domain)} cleared by a flush")
+        self.released.clear()
+        self.probes.clear()
         now = self.clock()
         for state in self.channels.values():
             for msgid in list(state.scheduled):
@@ -547,6 +741,8 @@ class QueueManager:
 
     def next_wakeup(self) -> float | None:
         dues = [d for s in self.channels.values() if s.enabled and (d := s.next_due()) is not None]
+        dues += [until for domain, until in self.backoff.expiries()
+                 if domain not in self.released]
         dues += self.done_retry.values()
         dues += self.foop_retry.values()
         return min(dues) if dues else None

@@ -67,6 +67,7 @@ TODO_TROUBLE_RETRY = 2.0  # after "trouble preprocessing ... will try again late
 SWEEP_INTERVAL = 76431.0  # SLEEP_CLEANUP
 STOP_GRACE = 60.0  # SIGTERM (eqmailctl stop): deliveries running may finish this long
 DETACH_WAIT = 10.0  # for the delivery workers' last reports before exiting
+RECOVER_SLICE = 2000  # info/ entries recovered per loop turn after readiness (a few ms)
 TODO_SLICE = 64  # todo entries per loop turn (one durability barrier for all of them);
 # measured: 16 and 256 both gave less end-to-end throughput than 64 (bench/RESULTS.md)
 
@@ -222,6 +223,7 @@ class Scanner:
         self.handing_over = False  # USR1: exit now, running deliveries go to the successor
         self.want_scan = True
         self.want_sweep = True  # at start (qmail-send's first cleanup) and after a writer restart
+        self.want_flush = False  # ALRM (eqmailctl queue flush)
         self.trigger_fd = -1
         self.last_status = ""
 
@@ -346,7 +348,7 @@ class Scanner:
     def _apply(self, reports: list[Report]) -> None:
         for slot, outcome in reports:
             log(f"delivery {slot.number}: {outcome.verdict.value}: {sanitize(outcome.text)}")
-            self.manager.report(slot.item, outcome.verdict, outcome.text)
+            self.manager.report(slot.item, outcome.verdict, outcome.text, outcome.site)
         self._status()
 
     def _take_over(self, ch: Channel, msgid: int, offset: int) -> Slot | None:
@@ -388,7 +390,12 @@ class Scanner:
         self._open_trigger()
         self._open_control()
         hold_log()
-        self.manager.recover()
+        # Ready before the queue is read: pqstart goes on in slices inside the loop,
+        # between new mail and deliveries (QueueManager.start_recovery), so neither a
+        # large queue nor a cold cache after a reboot delays or fails the start.
+        self.manager.start_recovery()
+        recovery_started = time.monotonic()
+        log("status: ready; reading the queue in the background")
         self.ctx.ready()
         next_rescan = time.monotonic()
         next_sweep = time.time() + SWEEP_INTERVAL
@@ -398,7 +405,13 @@ class Scanner:
                 busy = sum(len(dc.running) for dc in self.channels.values())
                 if busy == 0 or self.handing_over or time.monotonic() > stop_deadline:
                     break
-            elif self.want_scan or time.monotonic() >= next_rescan:
+            if self.want_flush:
+                self.want_flush = False
+                self.manager.flush()
+            if (self.manager.recovering and not self.stopping
+                    and not self.manager.recover_step(RECOVER_SLICE)):
+                log(f"status: queue read in {time.monotonic() - recovery_started:.1f} s")
+            if not self.stopping and (self.want_scan or time.monotonic() >= next_rescan):
                 # A bounded slice per turn: deliveries are started (below) between
                 # slices, so a burst of new mail never starves delivery.
                 self.want_scan = False
@@ -421,7 +434,8 @@ class Scanner:
             self._dispatch()
             self.manager.flush_cleans()
             flush_log()  # this turn's lines in one write, before waiting
-            timeout = 0.0 if self.want_scan and not self.stopping else self._timeout(next_rescan)
+            more = (self.want_scan or self.manager.recovering) and not self.stopping
+            timeout = 0.0 if more else self._timeout(next_rescan)
             for key, _ in self.sel.select(timeout):
                 what = key.data
                 if what == "wake":
@@ -506,7 +520,7 @@ class Scanner:
         elif signum == signal.SIGUSR1:
             self.stopping = self.handing_over = True
         elif signum == signal.SIGALRM:
-            self.manager.flush()
+            self.want_flush = True  # done by the loop: a flush logs and walks the schedule
         self.want_scan = True
         self.wake()
 

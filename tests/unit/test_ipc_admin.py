@@ -14,6 +14,7 @@ from eqmail.ipc.admin import (
     AdminAction,
     AdminRefusal,
     AdminRequest,
+    DeadDestination,
     Delivery,
     QueueActivity,
     Removed,
@@ -28,11 +29,15 @@ requests = st.one_of(
     st.just(AdminRequest(AdminAction.STATUS)),
     st.builds(AdminRequest, st.sampled_from([AdminAction.DELETE, AdminAction.BOUNCE]), msgid))
 deliveries = st.builds(Delivery, msgid, st.sampled_from(["local", "remote"]), count, count)
+times = st.floats(0, 1e10, allow_nan=False)
+dead = st.builds(DeadDestination, st.text(min_size=1, max_size=255), times, times,
+                 st.booleans(), count)
 activity = st.builds(
     QueueActivity, st.lists(deliveries, max_size=5).map(tuple),
     st.tuples(count, count, count, count).map(
         lambda c: tuple(zip(("local_pending", "remote_pending", "local_active", "remote_active"),
-                            c, strict=True))))
+                            c, strict=True))),
+    st.lists(dead, max_size=3).map(tuple))
 answers = st.one_of(activity, st.builds(Removed, count),
                     st.builds(AdminRefusal, st.text(max_size=100)))
 
@@ -59,6 +64,22 @@ def test_the_bytes_are_those_of_before() -> None:
     assert json.loads(encode_answer(act)) == {
         "deliveries": [{"msgid": 12, "channel": "remote", "running": 2, "waiting": 1}],
         "counts": {"local_pending": 0, "remote_pending": 1, "local_active": 0, "remote_active": 2}}
+
+
+def test_dead_destinations_are_listed_and_checked() -> None:
+    counts = (("local_pending", 0), ("remote_pending", 5), ("local_active", 0),
+              ("remote_active", 0))
+    act = QueueActivity((), counts, (DeadDestination("dead.test", 10.0, 310.0, False, 5),))
+    obj = json.loads(encode_answer(act))
+    assert obj["dead"] == [{"domain": "dead.test", "since": 10.0, "until": 310.0,
+                            "probing": False, "held": 5}]
+    assert decode_answer(encode_answer(act)) == act
+    for bad in ({"domain": "", "since": 1, "until": 2, "probing": False, "held": 0},
+                {"domain": "x", "since": True, "until": 2, "probing": False, "held": 0},
+                {"domain": "x", "since": 1, "until": 2, "probing": 1, "held": 0}, "x"):
+        obj["dead"] = [bad]
+        with pytest.raises(ProtocolError):
+            decode_answer(json.dumps(obj).encode())
 
 
 @pytest.mark.parametrize("line", [b"", b"stat\n", b"status 1\n", b"delete\n", b"delete x\n",

@@ -22,6 +22,7 @@ from eqmail.ipc.delivery import (
     EndOfList,
     LocalChildJob,
     Outcome,
+    Site,
     Verdict,
     decode_to_scanner,
     decode_to_worker,
@@ -37,7 +38,7 @@ keys = st.from_regex(r"[a-z0-9][a-z0-9-]{0,31}", fullmatch=True)
 options = st.dictionaries(keys, text, max_size=4).map(lambda d: tuple(d.items()))
 requests = st.builds(DeliveryRequest, slots, st.integers(0, 10**20 - 1), text, text,
                      st.sampled_from(Channel), options)
-outcomes = st.builds(Outcome, st.sampled_from(Verdict), text)
+outcomes = st.builds(Outcome, st.sampled_from(Verdict), text, st.sampled_from(Site))
 reports = st.builds(DeliveryReport, slots, outcomes)
 
 
@@ -159,3 +160,29 @@ def test_the_scanner_slot_reads_back() -> None:
     assert scanner_slot(77, 12) == b"77.12"
     assert parse_scanner_slot(b"77.12") == (77, 12)
     assert parse_scanner_slot(b"77") is None and parse_scanner_slot(b"a.1") is None
+
+
+def test_the_site_travels_as_a_typed_prefix_and_only_when_said() -> None:
+    """A remote delivery that reached no host of the domain says so with a typed value
+    before the letter; an outcome that says nothing has the bytes of before."""
+    out = Outcome(Verdict.DEFERRAL, "Sorry, no connection. (#4.4.1)\n", Site.UNREACHABLE)
+    assert out.encode() == b"+unreachable\0ZSorry, no connection. (#4.4.1)\n"
+    rep = DeliveryReport(b"9.0", out)
+    assert rep.frame() == frame(b"r", b"9.0\0+unreachable\0ZSorry, no connection. (#4.4.1)\n")
+    assert DeliveryReport.decode(rep.encode()).outcome.site is Site.UNREACHABLE
+    assert Outcome.decode(b"Zx").site is Site.UNKNOWN
+    # the text is qmail's and never consulted: a text that looks like a site is text
+    assert Outcome.decode(b"Z+unreachable\0").site is Site.UNKNOWN
+    for bad in (b"+unreachable", b"+unreachable\0", b"+unknown\0Zx", b"+dead\0Zx",
+                b"+\xff\0Zx", b"+unreachable\0Xx"):
+        with pytest.raises(ProtocolError):
+            Outcome.decode(bad)
+        with pytest.raises(ProtocolError):
+            DeliveryReport.decode(b"1.0\0" + bad)
+
+
+def test_a_cut_outcome_keeps_its_site_and_fits() -> None:
+    long = Outcome(Verdict.DEFERRAL, "z" * 20000, Site.UNREACHABLE).cut()
+    assert long.site is Site.UNREACHABLE
+    assert len(long.encode()) == REPORT_MAX
+    assert Outcome.decode(long.encode()) == long
