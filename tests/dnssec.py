@@ -38,17 +38,14 @@ ldnsutils.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +55,7 @@ import dns.message
 import dns.query
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from netns import in_netns
 
 Zone = dict[str, Any]
 NS_NAME = "ns.test-servers."
@@ -86,29 +84,6 @@ def tlsa_text(cert: x509.Certificate, usage: int = 3, selector: int = 1, mtype: 
     return f"{usage} {selector} {mtype} {data.hex()}"
 
 
-CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def _in_netns(pid: int | None) -> Iterator[None]:
-    """Sockets made in the block belong to ``pid``'s network namespace (None: ours)."""
-    if pid is None:
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def _free_port(host: str) -> int:
@@ -305,7 +280,7 @@ class DnssecWorld:
             if proc.poll() is not None:
                 raise RuntimeError(f"{log} exited: {self.logs()}")
             try:
-                with _in_netns(self.netns):
+                with in_netns(self.netns):
                     r = dns.query.udp(q, host, port=port, timeout=0.5)
                 if not want_ad or r.flags & dns.flags.AD:
                     return
@@ -329,7 +304,7 @@ class DnssecWorld:
     def start(self) -> DnssecWorld:
         files, root_ds = self._build()
         (self.dir / "root.ds").write_text(root_ds + "\n")
-        with _in_netns(self.netns):
+        with in_netns(self.netns):
             self.nsd_port = _free_port("127.0.0.1")
             self.port = _free_port(self.host)
         (self.dir / "nsd.conf").write_text(self._nsd_conf(files))

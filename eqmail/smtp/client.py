@@ -406,6 +406,14 @@ class SmtpSession:
             return self._open_demanded(demand, allow_tls)
         if self.dest.implicit_tls:
             self._handshake(mode, pem, implicit=True)
+        ehlo = self._greeted()
+        if not self.tls_active and mode is not TlsMode.OFF and allow_tls:
+            ehlo = self._starttls(ehlo, mode, pem)
+        self._ready(ehlo)
+
+    def _greeted(self) -> Reply | None:
+        """The greeting (qmail-remote's rules: 5xx fails, 4xx tries the next address,
+        anything but 220 defers), then EHLO/HELO: the EHLO reply, None after HELO."""
         greeting = self.reply("the greeting")
         if self.dest.implicit_tls and greeting.code != 220:
             raise self.quit(Verdict.DEFERRAL, "TLS Connected to ", " but greeting failed", greeting)
@@ -416,9 +424,10 @@ class SmtpSession:
             raise TryNext()
         if greeting.code != 220:
             raise self.quit(Verdict.DEFERRAL, "Connected to ", " but greeting failed", greeting)
-        ehlo = self._hello()
-        if not self.tls_active and mode is not TlsMode.OFF and allow_tls:
-            ehlo = self._starttls(ehlo, mode, pem)
+        return self._hello()
+
+    def _ready(self, ehlo: Reply | None) -> None:
+        """After TLS: AUTH LOGIN when we have credentials and it is offered, SIZE."""
         if self.dest.user is not None and self.dest.password is not None and ehlo is not None:
             if auth_login_offered(ehlo):
                 self._auth_login()
@@ -431,22 +440,10 @@ class SmtpSession:
         handshake or a certificate that does not match end the session with
         :class:`PolicyFailure`, never with the clear-text retry — and checked (and the
         check recorded in :attr:`tls_result`) when it is not."""
-        greeting = self.reply("the greeting")
-        if 500 <= greeting.code < 600:
-            raise self.quit(Verdict.FAILURE, "Connected to ", " but greeting failed", greeting)
-        if 400 <= greeting.code < 500:
-            self.close(send_quit=False)
-            raise TryNext()
-        if greeting.code != 220:
-            raise self.quit(Verdict.DEFERRAL, "Connected to ", " but greeting failed", greeting)
-        ehlo = self._hello()
+        ehlo = self._greeted()
         if allow_tls:
             ehlo = self._starttls_demanded(ehlo, demand)
-        if self.dest.user is not None and self.dest.password is not None and ehlo is not None:
-            if auth_login_offered(ehlo):
-                self._auth_login()
-        self.size_limit = size_offered(ehlo)
-        self.usable = True
+        self._ready(ehlo)
 
     def _policy_miss(self, demand: TlsDemand, result: str, detail: str) -> None:
         """A failed check: the end of this session when enforced, else recorded."""

@@ -24,15 +24,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import netns
 import pytest
 from cryptography import x509
 from dnssec import DnssecWorld, Signing, available, tlsa_text
+from netns import in_netns
 from smtpsink import Script, SmtpSink, mint
 from spp_harness import Sandbox
-from test_remote import BOOT, Worker, _sh, in_netns, write_message
+from test_remote import BOOT, Worker, write_message
 
 from eqmail.dns import TEMP_CNAME
 from eqmail.ipc.delivery import Verdict
@@ -114,26 +116,13 @@ class Net:
     client: int
     peer: int
     world: DnssecWorld
-    holders: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
 def net(certs: Certs) -> Iterator[Net]:
-    host_ns = os.stat("/proc/self/ns/net").st_ino
-    holders = [subprocess.Popen(["unshare", "--net", "sleep", "600"]) for _ in range(2)]
-    try:
-        client, peer = (h.pid for h in holders)
-        for pid in (client, peer):  # never configure the host's own namespace
-            for _ in range(100):
-                if os.stat(f"/proc/{pid}/ns/net").st_ino != host_ns:
-                    break
-                time.sleep(0.01)
-            else:
-                pytest.skip("could not create a network namespace")
-        _sh(client, f"ip link add v0 type veth peer name v1 netns {peer}", "ip link set lo up",
-            "ip link set v0 up", "ip addr add 10.99.0.1/24 dev v0")
-        _sh(peer, "ip link set lo up", "ip link set v1 up",
-            *(f"ip addr add 10.99.0.{i}/24 dev v1" for i in [*range(2, 21), 30]))
+    with netns.pair(["ip addr add 10.99.0.1/24 dev v0"],
+                    [f"ip addr add 10.99.0.{i}/24 dev v1" for i in [*range(2, 21), 30]],
+                    600) as (client, peer):
         world = DnssecWorld(records(certs), {"dane.test": Signing.SECURE,
                                              "ins.test": Signing.INSECURE,
                                              "bog.test": Signing.BOGUS},
@@ -141,11 +130,7 @@ def net(certs: Certs) -> Iterator[Net]:
                             tamper={("_25._tcp.mx.badtlsa.dane.test", "TLSA"):
                                     ["3 1 1 " + "00" * 32]})
         with world:
-            yield Net(client, peer, world, holders)
-    finally:
-        for h in holders:
-            h.kill()
-            h.wait()
+            yield Net(client, peer, world)
 
 
 @dataclass

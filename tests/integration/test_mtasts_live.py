@@ -19,7 +19,6 @@ nothing cached delivers as without a policy; testing mode delivers despite a mis
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import shutil
@@ -29,10 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import netns
 import pytest
 from certs import CA, Issued
 from cryptography import x509
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnsserver import DnsServer, txt
+from netns import in_netns
 from smtpsink import Script, SmtpSink
 from stsserver import Site, StsServer, policy
 
@@ -50,7 +50,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare"
                                 reason="needs root and unshare for network namespaces")
 
 S, Z = Verdict.SUCCESS, Verdict.DEFERRAL
-CLONE_NEWNET = 0x40000000
 PY = sys.executable
 HTTPS = "10.99.0.8"
 DNS = "10.99.0.9"
@@ -94,34 +93,6 @@ def zone() -> dict[str, object]:
     return z
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def in_netns(pid: int) -> Iterator[None]:
-    """Run the block (in this thread) inside the network namespace of ``pid``."""
-    libc = _libc()
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-def _sh(pid: int, *cmds: str) -> None:
-    for cmd in cmds:
-        subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", cmd], check=True)
-
-
 @dataclass
 class Net:
     client: int
@@ -148,40 +119,25 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    host_ns = os.stat("/proc/self/ns/net").st_ino
-    holders = [subprocess.Popen(["unshare", "--net", "sleep", "900"]) for _ in range(2)]
     certs = Path(tempfile.mkdtemp(prefix="eqm-sts-certs-"))
     try:
-        client, peer = (h.pid for h in holders)
-        for pid in (client, peer):  # never configure the host's own namespace
-            for _ in range(100):
-                if os.stat(f"/proc/{pid}/ns/net").st_ino != host_ns:
-                    break
-                time.sleep(0.01)
-            else:
-                pytest.skip("could not create a network namespace")
-        _sh(client, f"ip link add v0 type veth peer name v1 netns {peer}", "ip link set lo up",
-            "ip link set v0 up", "ip addr add 10.99.0.1/24 dev v0")
-        _sh(peer, "ip link set lo up", "ip link set v1 up",
-            *(f"ip addr add 10.99.0.{i}/24 dev v1" for i in range(2, 12)))
-        ca = CA.create("eqmail MTA-STS live test CA")
-        sites = {d: Site(body, **quirks) for d, (_ip, body, quirks) in DOMAINS.items()  # type: ignore[arg-type]
-                 if body is not None}
-        dns = DnsServer(zone(), host=DNS)
-        https = StsServer(ca, HTTPS, sites=sites)
-        with in_netns(peer):
-            dns.start()
-            https.start()
-        n = Net(client, peer, dns, https, ca, certs)
-        yield n
-        for s in n.sinks:
-            s.stop()
-        https.stop()
-        dns.stop()
+        with netns.pair(["ip addr add 10.99.0.1/24 dev v0"],
+                        [f"ip addr add 10.99.0.{i}/24 dev v1" for i in range(2, 12)]) as (client, peer):
+            ca = CA.create("eqmail MTA-STS live test CA")
+            sites = {d: Site(body, **quirks) for d, (_ip, body, quirks) in DOMAINS.items()  # type: ignore[arg-type]
+                     if body is not None}
+            dns = DnsServer(zone(), host=DNS)
+            https = StsServer(ca, HTTPS, sites=sites)
+            with in_netns(peer):
+                dns.start()
+                https.start()
+            n = Net(client, peer, dns, https, ca, certs)
+            yield n
+            for s in n.sinks:
+                s.stop()
+            https.stop()
+            dns.stop()
     finally:
-        for h in holders:
-            h.kill()
-            h.wait()
         shutil.rmtree(certs, ignore_errors=True)
 
 

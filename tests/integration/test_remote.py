@@ -13,24 +13,23 @@ nothing leaves the machine.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import netns
 import pytest
 from dnsserver import DnsServer
 from smtpsink import Script, SmtpSink, mint
 from spp_harness import Sandbox
 
 from eqmail.ipc import frame, recv_frame
-from eqmail.ipc.delivery import DeliveryReport, Outcome, Verdict
+from eqmail.ipc.delivery import SITE_MARK, DeliveryReport, Outcome, Site, Verdict
 from eqmail.textio import encode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(),
@@ -38,7 +37,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare"
 
 S, Z, F = Verdict.SUCCESS, Verdict.DEFERRAL, Verdict.FAILURE
 WIRE_LETTER = {S: b"K", Z: b"Z", F: b"D"}  # qmail-rspawn's report letters, on the wire
-CLONE_NEWNET = 0x40000000
 PY = sys.executable
 BOOT = """
 import sys
@@ -70,33 +68,8 @@ ZONE = {
 }
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-@contextmanager
-def in_netns(pid: int) -> Iterator[None]:
-    """Run the block (in this thread) inside the network namespace of ``pid``: sockets
-    made there stay there."""
-    libc = _libc()
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
-
-
-def _sh(pid: int, *cmds: str) -> None:
-    for cmd in cmds:
-        subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "sh", "-c", cmd], check=True)
+# re-exported for the test modules that build on this one's worker (test_dane_live.py)
+in_netns, _sh = netns.in_netns, netns.sh
 
 
 @dataclass
@@ -104,38 +77,20 @@ class Net:
     client: int
     peer: int
     dns: DnsServer
-    holders: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    host_ns = os.stat("/proc/self/ns/net").st_ino
-    holders = [subprocess.Popen(["unshare", "--net", "sleep", "600"]) for _ in range(2)]
-    try:
-        client, peer = (h.pid for h in holders)
-        for pid in (client, peer):  # never configure the host's own namespace
-            for _ in range(100):
-                if os.stat(f"/proc/{pid}/ns/net").st_ino != host_ns:
-                    break
-                time.sleep(0.01)
-            else:
-                pytest.skip("could not create a network namespace")
-        _sh(client, f"ip link add v0 type veth peer name v1 netns {peer}", "ip link set lo up",
-            "ip link set v0 up", "ip addr add 10.99.0.1/24 dev v0",
-            "ip -6 addr add fd99::1/64 dev v0 nodad")
-        peer_cmds = ["ip link set lo up", "ip link set v1 up"]
-        for i in range(2, 10):
-            peer_cmds += [f"ip addr add 10.99.0.{i}/24 dev v1", f"ip -6 addr add fd99::{i}/64 dev v1 nodad"]
-        _sh(peer, *peer_cmds)
+    peer_cmds: list[str] = []
+    for i in range(2, 10):
+        peer_cmds += [f"ip addr add 10.99.0.{i}/24 dev v1", f"ip -6 addr add fd99::{i}/64 dev v1 nodad"]
+    with netns.pair(["ip addr add 10.99.0.1/24 dev v0", "ip -6 addr add fd99::1/64 dev v0 nodad"],
+                    peer_cmds, 600) as (client, peer):
         dns = DnsServer(ZONE, host="10.99.0.9")
         with in_netns(peer):
             dns.start()
-        yield Net(client, peer, dns, holders)
+        yield Net(client, peer, dns)
         dns.stop()
-    finally:
-        for h in holders:
-            h.kill()
-            h.wait()
 
 
 @dataclass
@@ -150,7 +105,7 @@ class Worker:
                 separately: bool = False) -> list[Outcome]:
         """One D frame per recipient (one write, or one write each as the scanner does);
         the reported outcomes in recipient order, each checked to be on the wire as
-        qmail's letter + text."""
+        qmail's letter + text (after the back-off's site mark when there is one)."""
         slots = {}
         data = b""
         for rcpt in recipients:
@@ -169,7 +124,9 @@ class Worker:
             report = DeliveryReport.decode(payload)
             slot = report.slot
             assert slot in slots and slots[slot] not in got, "one report per request"
-            assert payload == slot + b"\0" + WIRE_LETTER[report.verdict] + encode(report.text)
+            site = (b"" if report.outcome.site is Site.UNKNOWN
+                    else SITE_MARK + report.outcome.site.value.encode() + b"\0")
+            assert payload == slot + b"\0" + site + WIRE_LETTER[report.verdict] + encode(report.text)
             got[slots[slot]] = report.outcome
         return [got[r] for r in recipients]
 
