@@ -13,8 +13,8 @@ Privilege: runs in the remote delivery worker (eqmailr), in its pool threads; re
 queue/mess through the descriptor the caller opened, writes queue/lock/tcpto.
 
 Outbound TLS policy (issue 17): before connecting, each MX host of the domain gets the
-demand of the policy its domain publishes (:func:`_apply_policy`: a tlshosts/ pin, else
-DANE when control/dnssec trusts the resolver and the MX and TLSA answers are
+demand of the policy its domain publishes (eqmail.delivery.tlsplan: a tlshosts/ pin,
+else DANE when control/dnssec trusts the resolver and the MX and TLSA answers are
 authenticated, else the MTA-STS policy the policy worker fetched; notlshosts/ and an
 exhaustive tlshosts/ are the admin's word over all of them); the SMTP client enforces it
 (eqmail.smtp.client.TlsDemand: mandatory TLS, the certificate checked, a failure moves
@@ -42,25 +42,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cryptography import x509
-
 from eqmail import srs
 from eqmail.control import Controls
-from eqmail.delivery import bfrmt, dane, tlsrpt
+from eqmail.delivery import bfrmt, tlsplan
 from eqmail.delivery.nexthop import connect
+from eqmail.delivery.tlsplan import Attempt, Plan, PolicyEnv
 from eqmail.delivery.tlspolicy import (
     PERM_REQUIRETLS_NOPOLICY,
-    PolicyKind,
-    ResultType,
-    SessionResult,
-    StsLookup,
-    StsMode,
-    StsPolicy,
     StsSource,
     perm_requiretls_unoffered,
 )
@@ -70,11 +62,7 @@ from eqmail.dns import (
     PREF_CNAME,
     PREF_ROUTE,
     DnsFailure,
-    LookupHard,
-    LookupSoft,
-    MxAddress,
     Resolver,
-    Tlsa,
     candidates,
     literal_ip,
 )
@@ -90,13 +78,12 @@ from eqmail.smtp.client import (
     Quit,
     RetryClear,
     SmtpSession,
-    TlsDemand,
     TryNext,
     dropped,
     quote_address,
     rspawn_outcome,
 )
-from eqmail.smtp.transport import Dropped, TlsConfig, TlsMode, Transport, counts_for_tcpto
+from eqmail.smtp.transport import Dropped, TlsConfig, Transport, counts_for_tcpto
 
 IDLE_SECONDS = 5.0  # how long an idle connection is kept for reuse
 TEMP_NOCONN = Outcome(Verdict.DEFERRAL,
@@ -182,15 +169,6 @@ class RemoteJob:
     signer: OutboundSigner | None = None  # DKIM (issue 16); None: nothing is signed
     sts: StsSource | None = None  # MTA-STS policies (issue 17); None: not looked up
     root: Path | None = None  # where TLS-RPT records go (issue 17); None: not recorded
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One delivery's facts beyond the envelope: the message id (for log lines) and
-    RFC 8689 REQUIRETLS (the request's ``requiretls`` option, from the queue)."""
-
-    msgid: int
-    requiretls: bool = False
 
 
 def deliver_batch(job: RemoteJob, instance: Instance, msgid: int, sender: str,
@@ -385,13 +363,13 @@ def _send(job: RemoteJob, attempt: Attempt, domain: str, sender: str,
     user = route.user if route is not None else None
     password = route.password if route is not None else None
     ip_relay = relay_tls_name(route.relay) if route is not None else ""
-    plan = Plan(domain, attempt)
+    plan = Plan(PolicyEnv(c, job.tls, job.sts, job.root), domain, attempt)
     if route is None:
-        addrs = _apply_policy(job, resolver, plan, addrs, body)
+        addrs = tlsplan.apply(plan, resolver, addrs, body)
     dests = [Destination(a.ip, port, ip_relay or a.host, user, password, port == 465,
                          plan.demands.get(a.host)) for a in addrs]
     if attempt.requiretls:
-        dests = [d for d in dests if _validated(job, d)]
+        dests = [d for d in dests if tlsplan.validated(job.tls, d)]
         if not dests:
             return [PERM_REQUIRETLS_NOPOLICY] * n
     if not dests:
@@ -401,175 +379,6 @@ def _send(job: RemoteJob, attempt: Attempt, domain: str, sender: str,
     if rcpt_outcomes is None:
         return [rspawn_outcome(None, message)] * n
     return [rspawn_outcome(r, message) for r in rcpt_outcomes]
-
-
-@dataclass
-class Plan:
-    """The TLS policy of one transaction's domain (issue 17): the demand on each MX
-    host (by name), the policy's lookups for TLS-RPT, and the last host's failure —
-    which becomes the deferral when no host meets the policy."""
-
-    domain: str
-    attempt: Attempt
-    demands: dict[str, TlsDemand] = field(default_factory=dict)
-    sts: StsLookup | None = None
-    tlsa_text: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    kind: PolicyKind | None = None  # the strictest policy met among the hosts
-    failure: str = ""  # "host [ip]: result-type: detail" of the last policy failure
-
-    def deferral(self) -> Outcome:
-        kind = self.kind.value if self.kind is not None else PolicyKind.OPPORTUNISTIC.value
-        text = (f"Sorry, no MX host of {self.domain} meets its TLS policy ({kind}): "
-                f"{self.failure or 'no host to try'}. (#4.7.5)\n")
-        verdict = Verdict.FAILURE if self.attempt.requiretls else Verdict.DEFERRAL
-        if self.attempt.requiretls:
-            text = text.replace("(#4.7.5)", "(#5.7.10)")
-        return Outcome(verdict, text)
-
-
-def _tls_not_required(body: BinaryIO) -> bool:
-    """RFC 8689 §5: a ``TLS-Required: No`` header field asks that TLS policy failures
-    not stop the message (the header section's first HEADER_MAX bytes are read)."""
-    body.seek(0)
-    head = body.read(HEADER_MAX)
-    body.seek(0)
-    end = head.find(b"\n\n")
-    for line in (head if end < 0 else head[:end]).split(b"\n"):
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"tls-required":
-            return value.strip().lower() == b"no"
-    return False
-
-
-def _apply_policy(job: RemoteJob, resolver: Resolver, plan: Plan, addrs: list[MxAddress],
-                  body: BinaryIO) -> list[MxAddress]:
-    """Decide each MX host's demand (DANE over MTA-STS, a tlshosts/ pin over both,
-    notlshosts/ and an exhaustive tlshosts/ over all: the admin's word) and drop the
-    hosts an enforced policy forbids.  A message with ``TLS-Required: No`` (and without
-    REQUIRETLS) gets its demands checked and recorded, never enforced; its header is
-    read only when some host has a demand."""
-    c = job.controls
-    seen: list[bool] = []
-
-    def opt_out() -> bool:
-        if not seen:
-            seen.append(not plan.attempt.requiretls and _tls_not_required(body))
-        return seen[0]
-
-    domain = plan.domain
-    if c.mtasts and job.sts is not None and literal_ip(domain) is None:
-        plan.sts = job.sts.lookup(domain)
-        if plan.sts.failure is not None:
-            _record(job, plan, PolicyKind.STS_TESTING, "", "", "", plan.sts.failure.value,
-                    plan.sts.detail)
-    sts = plan.sts.policy if plan.sts is not None else None
-    if sts is not None and sts.mode is StsMode.NONE:
-        sts = None
-    kept: list[MxAddress] = []
-    hosts: dict[str, bool] = {}  # host -> allowed
-    for a in addrs:
-        host = a.host
-        if host not in hosts:
-            hosts[host] = _decide(job, resolver, plan, a, sts, opt_out)
-        if hosts[host]:
-            kept.append(a)
-    return kept
-
-
-def _decide(job: RemoteJob, resolver: Resolver, plan: Plan, a: MxAddress,
-            sts: StsPolicy | None, opt_out: Callable[[], bool]) -> bool:
-    """One MX host's demand into ``plan``; False when the host may not be used."""
-    host = a.host
-    mode, _ = job.tls.mode_for(host)
-    if not host or mode is not TlsMode.OPPORTUNISTIC:
-        if mode is TlsMode.MANDATORY:
-            plan.kind = PolicyKind.PIN
-        return True  # a pin is enforced by the session; notls/exhaustive: no TLS policy
-    if job.controls.dnssec and a.secure:
-        try:
-            answer = resolver.tlsa(host)
-        except (LookupSoft, LookupHard) as e:
-            # RFC 7672 §2.2: a TLSA lookup that fails (bogus, SERVFAIL) makes the host
-            # unusable: it may have records we could not see
-            plan.failure = f"{host}: {ResultType.DNSSEC_INVALID.value}: TLSA lookup failed ({e})"
-            plan.kind = plan.kind or PolicyKind.DANE
-            _record(job, plan, PolicyKind.DANE, host, "", "", ResultType.DNSSEC_INVALID.value,
-                    f"TLSA lookup failed: {e}")
-            return opt_out()
-        if answer.secure and answer.records:
-            usable = dane.usable(answer.records)
-            plan.tlsa_text[host] = tuple(r.text() for r in answer.records)
-            plan.demands[host] = TlsDemand(PolicyKind.DANE.value, not opt_out(), tlsa=usable,
-                                           names=_reference_ids(host, answer.base, plan.domain))
-            if plan.kind is None or plan.kind is not PolicyKind.PIN:
-                plan.kind = PolicyKind.DANE
-            return True
-    if sts is not None:
-        enforce = sts.mode is StsMode.ENFORCE
-        kind = PolicyKind.STS_ENFORCE if enforce else PolicyKind.STS_TESTING
-        if plan.kind is None:
-            plan.kind = kind
-        if not sts.allows(host):
-            detail = f"MX host {host} is not in the policy's mx list"
-            _record(job, plan, kind, host, "", "", ResultType.VALIDATION_FAILURE.value, detail)
-            if enforce and not opt_out():
-                plan.failure = f"{host}: {ResultType.VALIDATION_FAILURE.value}: {detail}"
-                return False
-            return True
-        plan.demands[host] = TlsDemand(kind.value, enforce and not opt_out(), webpki=True)
-    return True
-
-
-def _reference_ids(host: str, base: str, domain: str) -> tuple[str, ...]:
-    """DANE-TA's names for a host's certificate (RFC 7672 §3.2.2): the TLSA base
-    domain (the CNAME-expanded host name when the records were found there), the MX
-    host name, and the next-hop domain."""
-    out: list[str] = []
-    for n in (base, host, domain):
-        if n and n.lower() not in out:
-            out.append(n.lower())
-    return tuple(out)
-
-
-def _validated(job: RemoteJob, dest: Destination) -> bool:
-    """RFC 8689 §4.2.1: a host a REQUIRETLS message may go to — a tlshosts/ pin, or a
-    DANE (with usable records) or MTA-STS enforce demand."""
-    mode, _ = job.tls.mode_for(dest.host)
-    if mode is TlsMode.MANDATORY:
-        return True
-    d = dest.demand
-    if d is None or not d.enforce:
-        return False
-    return (d.kind == PolicyKind.DANE.value and bool(d.tlsa)) or d.kind == PolicyKind.STS_ENFORCE.value
-
-
-def _record(job: RemoteJob, plan: Plan, kind: PolicyKind, host: str, ip: str, local: str,
-            result: str | None, detail: str) -> None:
-    """One session's result for TLS-RPT and eqmailctl (eqmail.delivery.tlsrpt)."""
-    if job.root is None:
-        return
-    strings: tuple[str, ...] = ()
-    patterns: tuple[str, ...] = ()
-    if kind is PolicyKind.DANE:
-        strings = plan.tlsa_text.get(host, ())
-    elif kind in (PolicyKind.STS_ENFORCE, PolicyKind.STS_TESTING) and plan.sts is not None:
-        if plan.sts.policy is not None:
-            strings = tuple(ln for ln in plan.sts.policy.text.splitlines() if ln.strip())
-            patterns = plan.sts.policy.mx
-    ok = None if result is None else ResultType(result)
-    tlsrpt.record(job.root, SessionResult(
-        time.time(), plan.domain, kind, host, ip, local, ok,
-        detail=detail if ok is not None else "", matched=detail if ok is None else "",
-        policy_strings=strings, mx_patterns=patterns))
-
-
-def _dane_check(records: Sequence[Tlsa], chain: Sequence[x509.Certificate],
-                names: Sequence[str], now: float) -> tuple[str | None, str]:
-    """eqmail.delivery.dane.verify in the shape the SMTP client takes."""
-    v = dane.verify(records, chain, names, now)
-    if v.ok:
-        return None, v.detail
-    return (v.result or ResultType.VALIDATION_FAILURE).value, v.detail
 
 
 def relay_tls_name(relay: str) -> str:
@@ -614,7 +423,7 @@ def _deliver(job: RemoteJob, plan: Plan, dests: list[Destination], sender: str,
             session.close(send_quit=False)
             raise
         if message.verdict is Verdict.SUCCESS and dest.demand is not None:
-            _log_policy(plan, dest, session)
+            tlsplan.log_delivery(plan, dest, session)
         if session.usable:
             job.cache.put(session)
         else:
@@ -625,17 +434,6 @@ def _deliver(job: RemoteJob, plan: Plan, dests: list[Destination], sender: str,
     if plan.failure:
         return None, plan.deferral()
     return None, TEMP_NOCONN
-
-
-def _log_policy(plan: Plan, dest: Destination, session: SmtpSession) -> None:
-    """The delivery log line naming the policy and what matched (issue 17 item 5)."""
-    assert dest.demand is not None
-    result = session.tls_result
-    what = result[1] if result is not None and result[0] is None else (
-        f"not met ({result[0]}: {result[1]}), delivered anyway" if result is not None
-        else "no TLS")
-    log(f"remote: msg {plan.attempt.msgid} to {plan.domain}: {dest.demand.kind} TLS to "
-        f"{dest.host} [{dest.ip}]: {sanitize(what)[:300]}")
 
 
 def _open(job: RemoteJob, plan: Plan, dest: Destination) -> SmtpSession | None:
@@ -651,22 +449,18 @@ def _open(job: RemoteJob, plan: Plan, dest: Destination) -> SmtpSession | None:
         job.tcpto.record(dest.ip, failed=False)
         local = _local_ip(sock)
         session = SmtpSession(Transport(sock, c.timeoutremote), dest, c.helohost, job.tls,
-                              dane=_dane_check)
+                              dane=tlsplan.dane_check)
         try:
             session.open(allow_tls)
-            _record_session(job, plan, dest, local, session.tls_result)
+            tlsplan.record_session(plan, dest, local, session.tls_result)
             return session
         except TryNext:
             return None
         except PolicyFailure as e:
-            detail = f"{dest.host} [{dest.ip}]: {e.result}: {e.detail}"
-            plan.failure = sanitize(detail)[:400]
-            _record_session(job, plan, dest, local, (e.result, e.detail))
-            log(f"remote: msg {plan.attempt.msgid} to {plan.domain}: {dest.demand.kind if dest.demand else ''}"
-                f" TLS policy not met by {sanitize(detail)[:300]}")
+            tlsplan.policy_failure(plan, dest, local, e)
             return None
         except RetryClear as e:
-            _record_session(job, plan, dest, local, session.tls_result)
+            tlsplan.record_session(plan, dest, local, session.tls_result)
             log(f"remote: TLS handshake with {dest.ip} failed ({sanitize(str(e))[:200]}); "
                 "retrying in clear text")
             continue
@@ -677,20 +471,6 @@ def _open(job: RemoteJob, plan: Plan, dest: Destination) -> SmtpSession | None:
             session.close(send_quit=False)
             raise Quit(dropped(dest.ip, False)) from None
     return None
-
-
-def _record_session(job: RemoteJob, plan: Plan, dest: Destination, local: str,
-                    result: tuple[str | None, str] | None) -> None:
-    if dest.demand is not None:
-        if result is None:
-            result = (ResultType.STARTTLS_NOT_SUPPORTED.value, "no TLS")
-        _record(job, plan, PolicyKind(dest.demand.kind), dest.host, dest.ip, local, *result)
-        return
-    mode, _ = job.tls.mode_for(dest.host)
-    if mode is TlsMode.MANDATORY:
-        # a pin's session (its failures end in Quit, with eQmail's texts, unrecorded);
-        # opportunistic sessions are not recorded: nothing to report, nothing to write
-        _record(job, plan, PolicyKind.PIN, dest.host, dest.ip, local, None, "")
 
 
 def _local_ip(sock: socket.socket) -> str:

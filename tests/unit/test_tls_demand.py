@@ -19,7 +19,7 @@ from cryptography import x509
 from smtpsink import Script, SmtpSink, mint
 
 from eqmail.control import load_controls
-from eqmail.delivery import remote
+from eqmail.delivery import remote, tlsplan
 from eqmail.delivery.tlspolicy import (
     PolicyKind,
     StsLookup,
@@ -182,6 +182,10 @@ def _job(tmp_path: Path, sts: FakeSts | None, dnssec: bool = True) -> remote.Rem
                             TlsConfig(root / "control"), run_chain, None, sts, root)
 
 
+def _env(job: remote.RemoteJob) -> tlsplan.PolicyEnv:
+    return tlsplan.PolicyEnv(job.controls, job.tls, job.sts, job.root)
+
+
 def _policy(mode: StsMode, *mx: str) -> StsPolicy:
     return StsPolicy(mode, mx, 86400, "id1", "version: STSv1\nmode: x\n", 0.0)
 
@@ -199,40 +203,39 @@ def _addrs(*hosts: tuple[str, bool]) -> list[MxAddress]:
 
 def test_mta_sts_enforce_keeps_only_the_hosts_its_policy_names(tmp_path: Path) -> None:
     job = _job(tmp_path, FakeSts(StsLookup(_policy(StsMode.ENFORCE, "*.sts.test"))))
-    plan = remote.Plan("sts.test", remote.Attempt(1))
-    kept = remote._apply_policy(job, FakeResolver({}), plan,  # type: ignore[arg-type]
+    plan = tlsplan.Plan(_env(job), "sts.test", tlsplan.Attempt(1))
+    kept = tlsplan.apply(plan, FakeResolver({}),  # type: ignore[arg-type]
                                 _addrs(("mx.sts.test", False), ("evil.test", False)), _msg())
     assert [a.host for a in kept] == ["mx.sts.test"]
     assert plan.demands["mx.sts.test"] == TlsDemand("mta-sts enforce", True, webpki=True)
     assert plan.kind is PolicyKind.STS_ENFORCE
-    none = remote.Plan("sts.test", remote.Attempt(1))
-    assert remote._apply_policy(job, FakeResolver({}), none,  # type: ignore[arg-type]
+    none = tlsplan.Plan(_env(job), "sts.test", tlsplan.Attempt(1))
+    assert tlsplan.apply(none, FakeResolver({}),  # type: ignore[arg-type]
                                 _addrs(("evil.test", False)), _msg()) == []
     assert none.deferral() == Outcome(
         Verdict.DEFERRAL, "Sorry, no MX host of sts.test meets its TLS policy (mta-sts enforce): "
         "evil.test: validation-failure: MX host evil.test is not in the policy's mx list. (#4.7.5)\n")
-    optout = remote.Plan("sts.test", remote.Attempt(1))
-    assert len(remote._apply_policy(job, FakeResolver({}), optout,  # type: ignore[arg-type]
+    optout = tlsplan.Plan(_env(job), "sts.test", tlsplan.Attempt(1))
+    assert len(tlsplan.apply(optout, FakeResolver({}),  # type: ignore[arg-type]
                                     _addrs(("evil.test", False)), _msg(OPT_OUT))) == 1
     # REQUIRETLS: the header field is ignored (RFC 8689 §5)
-    strict = remote.Plan("sts.test", remote.Attempt(1, requiretls=True))
-    assert remote._apply_policy(job, FakeResolver({}), strict,  # type: ignore[arg-type]
+    strict = tlsplan.Plan(_env(job), "sts.test", tlsplan.Attempt(1, requiretls=True))
+    assert tlsplan.apply(strict, FakeResolver({}),  # type: ignore[arg-type]
                                 _addrs(("evil.test", False)), _msg(OPT_OUT)) == []
 
 
 def test_dane_takes_precedence_and_needs_an_authenticated_mx(tmp_path: Path) -> None:
     rec = Tlsa(3, 1, 1, bytes(32))
     job = _job(tmp_path, FakeSts(StsLookup(_policy(StsMode.ENFORCE, "mx.d.test", "mx2.d.test"))))
-    plan = remote.Plan("d.test", remote.Attempt(1))
-    remote._apply_policy(job, FakeResolver({"mx.d.test": TlsaAnswer((rec,), True),  # type: ignore[arg-type]
-                                            "mx2.d.test": TlsaAnswer((rec,), True)}),
-                         plan, _addrs(("mx.d.test", True), ("mx2.d.test", False)), _msg())
+    plan = tlsplan.Plan(_env(job), "d.test", tlsplan.Attempt(1))
+    tlsplan.apply(plan, FakeResolver({"mx.d.test": TlsaAnswer((rec,), True),  # type: ignore[arg-type]
+                                      "mx2.d.test": TlsaAnswer((rec,), True)}),
+                  _addrs(("mx.d.test", True), ("mx2.d.test", False)), _msg())
     assert plan.demands["mx.d.test"].kind == "dane" and plan.demands["mx.d.test"].tlsa == (rec,)
     assert plan.demands["mx2.d.test"].kind == "mta-sts enforce"  # its address was not secure
-    off = remote.Plan("d.test", remote.Attempt(1))
-    remote._apply_policy(_job(tmp_path / "b", None, dnssec=False),
-                         FakeResolver({"mx.d.test": TlsaAnswer((rec,), True)}),  # type: ignore[arg-type]
-                         off, _addrs(("mx.d.test", True)), _msg())
+    off = tlsplan.Plan(_env(_job(tmp_path / "b", None, dnssec=False)), "d.test", tlsplan.Attempt(1))
+    tlsplan.apply(off, FakeResolver({"mx.d.test": TlsaAnswer((rec,), True)}),  # type: ignore[arg-type]
+                  _addrs(("mx.d.test", True)), _msg())
     assert off.demands == {}  # control/dnssec 0: the AD bit is never believed
 
 
@@ -240,21 +243,21 @@ def test_a_failed_tlsa_lookup_makes_the_host_unusable(tmp_path: Path) -> None:
     from eqmail.dns import LookupSoft
 
     job = _job(tmp_path, None)
-    plan = remote.Plan("d.test", remote.Attempt(1))
-    kept = remote._apply_policy(job, FakeResolver({"mx.d.test": LookupSoft("SERVFAIL")}),  # type: ignore[arg-type]
-                                plan, _addrs(("mx.d.test", True)), _msg())
+    plan = tlsplan.Plan(_env(job), "d.test", tlsplan.Attempt(1))
+    kept = tlsplan.apply(plan, FakeResolver({"mx.d.test": LookupSoft("SERVFAIL")}),  # type: ignore[arg-type]
+                         _addrs(("mx.d.test", True)), _msg())
     assert kept == [] and plan.deferral().text.startswith(
         "Sorry, no MX host of d.test meets its TLS policy (dane): mx.d.test: dnssec-invalid")
 
 
 def test_requiretls_needs_a_validated_host(tmp_path: Path) -> None:
     job = _job(tmp_path, None)
-    assert not remote._validated(job, Destination("10.0.0.1", 25, "mx.test"))
-    assert not remote._validated(job, Destination("10.0.0.1", 25, "mx.test", demand=STS_TESTING))
-    assert remote._validated(job, Destination("10.0.0.1", 25, "mx.test", demand=STS))
-    assert not remote._validated(job, Destination("10.0.0.1", 25, "mx.test",
+    assert not tlsplan.validated(job.tls, Destination("10.0.0.1", 25, "mx.test"))
+    assert not tlsplan.validated(job.tls, Destination("10.0.0.1", 25, "mx.test", demand=STS_TESTING))
+    assert tlsplan.validated(job.tls, Destination("10.0.0.1", 25, "mx.test", demand=STS))
+    assert not tlsplan.validated(job.tls, Destination("10.0.0.1", 25, "mx.test",
                                                   demand=TlsDemand("dane", True)))
-    plan = remote.Plan("d.test", remote.Attempt(1, requiretls=True))
+    plan = tlsplan.Plan(_env(job), "d.test", tlsplan.Attempt(1, requiretls=True))
     plan.failure = "mx.d.test [10.0.0.1]: certificate-host-mismatch: x"
     assert plan.deferral().verdict is Verdict.FAILURE and plan.deferral().text.endswith("(#5.7.10)\n")
 
@@ -266,4 +269,4 @@ def test_requiretls_needs_a_validated_host(tmp_path: Path) -> None:
     (b"Subject: x\n\nTLS-Required: No\n", False),  # in the body: not a header field
 ])
 def test_tls_required_no(head: bytes, optout: bool) -> None:
-    assert remote._tls_not_required(io.BytesIO(head)) is optout
+    assert tlsplan.tls_not_required(io.BytesIO(head)) is optout
