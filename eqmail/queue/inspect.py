@@ -63,9 +63,12 @@ def format_qstat(messages: int, todo: int) -> str:
     return f"messages in queue: {messages}\nmessages in queue but not yet preprocessed: {todo}\n"
 
 
+_PRINTABLE = bytes(b if 32 <= b <= 126 else ord("_") for b in range(256))
+
+
 def printable(data: bytes) -> str:
     """qmail-qread's out(): bytes outside 32..126 become ``_``."""
-    return "".join(chr(b) if 32 <= b <= 126 else "_" for b in data)
+    return data.translate(_PRINTABLE).decode("ascii")
 
 
 def records(data: bytes) -> list[bytes]:
@@ -185,20 +188,76 @@ def json_text(data: bytes) -> str:
 
 
 def messages(root: Path) -> list[QueuedMessage]:
-    """Every preprocessed message (info/ entries), in qmail-qread's order."""
-    q = _queue(root)
+    """Every preprocessed message (info/ entries), in qmail-qread's order.
+
+    Read per split directory with plain string paths, the names of local/N, remote/N
+    and bounce/ listed once: per message one stat of mess/ and one read of info/ and
+    of each channel file that exists — no failed opens, no pathlib objects (100,000
+    messages took 10.6 s against postqueue -p's 5.5 s before, bench/backlog.sh)."""
+    base = str(_queue(root).root)
+    bounces = _names(f"{base}/bounce")
     out: list[QueuedMessage] = []
-    for msgid in _ids(q, "info"):
-        try:
-            size, mtime, sender, origin, rtls = _info(q, msgid)
-        except OSError as e:
-            out.append(QueuedMessage(msgid, error=e.strerror or str(e)))
+    for i in range(SPLIT):
+        ids = sorted(int(n) for n in _names(f"{base}/info/{i}") if n.isdigit())
+        if not ids:
             continue
-        rcpts, warning = _channel_recipients(q, msgid)
-        out.append(QueuedMessage(msgid, mtime, size, sender, q.bounce(msgid).exists(), True,
-                                 tuple(rcpts), (warning,) if warning else (), origin=origin,
-                                 requiretls=rtls))
+        chans = (("local", f"{base}/local/{i}/", _names(f"{base}/local/{i}")),
+                 ("remote", f"{base}/remote/{i}/", _names(f"{base}/remote/{i}")))
+        for msgid in ids:
+            name = str(msgid)
+            try:
+                size = os.stat(f"{base}/mess/{i}/{name}").st_size
+                data, mtime = _head(f"{base}/info/{i}/{name}")
+            except OSError as e:
+                out.append(QueuedMessage(msgid, error=e.strerror or str(e)))
+                continue
+            recs = records(data)
+            rcpts: list[Recipient] = []
+            warning = None
+            for channel, prefix, present in chans:
+                if name not in present:
+                    continue
+                try:
+                    cdata = _whole(prefix + name)
+                except FileNotFoundError:
+                    continue  # delivered and removed since the listing
+                except OSError as e:
+                    warning = f"warning: trouble with #{msgid}: {e.strerror}"
+                    continue
+                rcpts += [Recipient(channel, rec[1:], rec[:1] == b"D")
+                          for rec in records(cdata) if rec[:1] in (b"T", b"D")]
+            out.append(QueuedMessage(msgid, mtime, size, data.split(b"\0", 1)[0][1:],
+                                     name in bounces, True, tuple(rcpts),
+                                     (warning,) if warning else (), origin=_origin(recs),
+                                     requiretls=b"Xrequiretls=1" in recs))
     return out
+
+
+def _head(path: str) -> tuple[bytes, float]:
+    """The first 4096 bytes of an info file and its mtime (the message's birth)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096), os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+
+
+def _whole(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _names(directory: str) -> set[str]:
+    try:
+        return set(os.listdir(directory))
+    except FileNotFoundError:
+        return set()
 
 
 def qread(root: Path) -> str:
