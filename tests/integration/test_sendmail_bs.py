@@ -51,7 +51,7 @@ def test_bs_delivers_with_qmails_replies(inst: Instance) -> None:
     lines = proc.stdout.split(b"\r\n")
     # DATABYTES=0 from the -bs environment: SIZE 0 (no limit), whatever control/databytes says
     assert lines[:5] == [b"220 " + ME.encode() + b" ESMTP", b"250-" + ME.encode(), b"250-PIPELINING",
-                         b"250-8BITMIME", b"250 SIZE 0"]
+                         b"250-8BITMIME", b"250-CHUNKING", b"250 SIZE 0"]
     assert lines[5:9] == [b"250 ok", b"250 ok", b"250 ok", b"354 go ahead"]  # RELAYCLIENT=""
     qp = qp_of(lines[9] + b"\r\n")
     assert qp is not None, proc.stdout
