@@ -45,6 +45,21 @@ Other unknown MAIL parameters are still ignored, as qmail-smtpd ignores them.  T
 ``TLS-Required:`` header field (RFC 8689 §3, §4.1) needs nothing at reception: when
 REQUIRETLS was given it is to be ignored, otherwise it travels in the message and
 remote delivery reads it there; the session never looks at message headers for it.
+
+CHUNKING (RFC 3030, issue 18; BINARYMIME is not offered): ``BDAT <size> [LAST]`` reads
+exactly <size> octets after the command line and never scans them for an end mark, so
+no SMTP smuggling is possible; eqmail.smtp.bdat stores them as DATA lines are stored
+(CRLF -> LF also across chunks, bare CR kept, bare LF 451 and close, no dot-unstuffing).
+The first chunk runs the [data] plugins and begins the message (same Received line,
+same BeginMessage/MessageData/EndMessage as DATA, so the queue writer and the inbound
+checks see no difference); each chunk without LAST is answered ``250 <n> octets
+received``, LAST as DATA's end.  The sum of the chunks is bounded by databytes: a chunk
+over it is read and answered 552 and the transaction is dead (503 to BDAT, DATA too)
+until RSET, MAIL, HELO or EHLO; BDAT without MAIL/RCPT gets 503 after its chunk is
+read; DATA in a BDAT transaction 503; a chunk that must be skipped but is over
+DISCARD_LIMIT is answered and the connection closed unread; a size that is not 1 to 15
+digits gets 501 and the connection is closed (its end cannot be found).  A chunk that
+stalls is the I/O layer's DATA timeout (``in_data`` is True while a chunk is read).
 """
 
 from __future__ import annotations
