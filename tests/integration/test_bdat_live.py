@@ -9,11 +9,14 @@ socket; smtplib shows the EHLO keyword.  One instance serves the module: ``smtp`
 
 from __future__ import annotations
 
+import io
 import re
 import smtplib
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from harness import ME, Instance, free_port
@@ -28,7 +31,10 @@ from live_smtp import (
     wait_log,
 )
 
+from eqmail.ipc.delivery import Verdict
 from eqmail.smtp import replies
+from eqmail.smtp.client import Destination, SmtpSession
+from eqmail.smtp.transport import TlsConfig, Transport
 
 LOCAL_RCPT = f"testuser@{ME}"
 V4, V6 = "127.0.0.1", "::1"
@@ -231,3 +237,26 @@ def test_end_of_data_inside_a_chunk_is_not_smuggling(mx: Mx) -> None:
     assert split_delivery(data)[4] == inner.replace(b"\r\n", b"\n")
     marker(mx, "checkpoint-smuggle")
     assert all(b"Subject: outer" in d for d in mailbox_with(mx, b"Subject: smuggled"))
+
+
+def test_eqmails_own_client_sends_bdat_to_eqmail(mx: Mx) -> None:
+    """The sending side (eqmail.smtp.client) against the receiving side: the peer
+    offers CHUNKING, so the message goes as one BDAT LAST chunk and arrives intact."""
+    sock = socket.create_connection((V4, mx.port), timeout=5)
+    s = SmtpSession(Transport(sock, 5), Destination(V4, mx.port, "", None, None, False),
+                    "client.example", TlsConfig(Path("/nonexistent")))
+    s.open()
+    assert "CHUNKING" in s.keywords
+    body = b"Subject: from-eqmail-client\n\n.\n..two\nbare\rcr\n"
+    start = log_size(mx.inst)
+    rcpts, msg = s.transaction("s@client.example", [LOCAL_RCPT], io.BytesIO(body))
+    s.close()
+    assert msg.verdict is Verdict.SUCCESS, msg
+    said = msg.text.split("Remote host said: ", 1)[1].strip()
+    qp = qp_of(said.encode() + b"\r\n")
+    assert qp is not None, msg.text
+    (data,) = wait_deliveries(mx.inst, qp)
+    # bare CR becomes CRLF on the wire (dataout's rule), stored as LF
+    assert split_delivery(data)[4] == body.replace(b"\r", b"\n")
+    assert "message accepted" in wait_log(mx.inst, "qmail-smtpd: message accepted: s@client.example",
+                                          start)
