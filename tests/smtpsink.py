@@ -57,6 +57,7 @@ class Script:
     final: str = "250 ok 1234 qp 5"
     size: int | None = 10000000  # the EHLO SIZE keyword's value (None: no SIZE keyword)
     tls_keywords: tuple[str, ...] = ()  # EHLO keywords offered only inside TLS (REQUIRETLS)
+    chunking: bool = False  # offer CHUNKING and take BDAT (RFC 3030); data recorded as sent
     hang_at: str = ""  # "banner", "mail", "final": stop answering there
     drop_in_data: bool = False
     # Drop the connection after the final dot without answering it: the message was
@@ -182,6 +183,11 @@ class SmtpSink:
                 if reply.startswith("2"):
                     tr.rcpts.append(addr)
                 self._reply(io, "rcpt", reply)
+            elif verb == "BDAT" and sc.chunking:
+                if self._bdat(io, tr, cmd) is False:
+                    return
+                if cmd.upper().endswith(" LAST"):
+                    tr = Transaction(peer=peer, tls=io.tls, auth_user=tr.auth_user, helo=tr.helo)
             elif verb == "DATA":
                 if self._data(io, tr) is False:
                     return
@@ -197,6 +203,8 @@ class SmtpSink:
 
     def _ehlo_reply(self, io: _LineIO) -> str:
         lines = ["250-sink.test", "250-PIPELINING", "250-8BITMIME"]
+        if self.script.chunking:
+            lines.append("250-CHUNKING")
         if self.script.starttls and not io.tls:
             lines.append("250-STARTTLS")
         if self.script.auth is not None:
@@ -220,6 +228,22 @@ class SmtpSink:
             return None
         io.send("235 ok, go ahead")
         return user
+
+    def _bdat(self, io: _LineIO, tr: Transaction, cmd: str) -> bool:
+        """``BDAT <n> [LAST]``: exactly n octets, recorded as they came."""
+        words = cmd.split()
+        size = int(words[1])
+        chunk = io.read_exact(size)
+        if chunk is None:
+            return False
+        tr.data += chunk
+        if len(words) < 3:
+            io.send(f"250 {size} octets received")
+            return True
+        with self.lock:
+            (self.unanswered if "final" in self.script.raw else self.transactions).append(tr)
+        self._reply(io, "final", self.script.final)
+        return True
 
     def _data(self, io: _LineIO, tr: Transaction) -> bool:
         sc = self.script
@@ -280,6 +304,17 @@ class _LineIO:
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         return line + b"\n"
+
+    def read_exact(self, size: int) -> bytes | None:
+        """``size`` octets (None: the connection ended first)."""
+        self.conn.settimeout(30)
+        while len(self.buf) < size:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        out, self.buf = self.buf[:size], self.buf[size:]
+        return out
 
     def close(self) -> None:
         try:

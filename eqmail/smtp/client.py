@@ -61,6 +61,7 @@ from OpenSSL import SSL
 
 from eqmail.dns import Tlsa
 from eqmail.ipc.delivery import Outcome, Verdict
+from eqmail.smtp.bdatout import BdatEncoder
 from eqmail.smtp.dataout import DataEncoder, wire_size
 from eqmail.smtp.transport import (
     CHUNK,
@@ -609,16 +610,25 @@ class SmtpSession:
             rcpts = [self._rcpt(rc) for rc in recipients]
             if not any(x.verdict is Verdict.SUCCESS for x in rcpts):
                 raise self.quit(Verdict.FAILURE, "Giving up on ", "", None)
-            r = self.command("DATA", "the reply to DATA")
-            if r.code >= 400:
-                raise self.quit(_refusal(r.code), "", " failed on DATA command", r)
-            if not 300 <= r.code < 400:
-                raise ProtocolViolation(f"{r.code} reply to DATA", r)
-            self.expect_silence()
-            self._blast(body)
-            critical = True  # qmail's flagcritical: the final dot is out
-            r = self.reply("the reply to the end of data")
-            _final(r, "the end of data")
+            if "CHUNKING" in self.keywords:
+                # RFC 3030: the whole message as one counted chunk (its size is known:
+                # wire_size), so nothing is dot-stuffed and no end mark is needed.
+                self.expect_silence()
+                self.transport.send(f"BDAT {size} LAST\r\n".encode())
+                self._blast(body, BdatEncoder())
+                stage = "BDAT"
+            else:
+                r = self.command("DATA", "the reply to DATA")
+                if r.code >= 400:
+                    raise self.quit(_refusal(r.code), "", " failed on DATA command", r)
+                if not 300 <= r.code < 400:
+                    raise ProtocolViolation(f"{r.code} reply to DATA", r)
+                self.expect_silence()
+                self._blast(body)
+                stage = "the end of data"
+            critical = True  # qmail's flagcritical: the final dot (the chunk) is out
+            r = self.reply(f"the reply to {stage}")
+            _final(r, stage)
             self.usable = True
             if r.code >= 400:
                 return rcpts, Outcome(_refusal(r.code),
@@ -641,8 +651,8 @@ class SmtpSession:
         _final(r, "RCPT")
         return ACCEPTED
 
-    def _blast(self, body: BinaryIO) -> None:
-        encoder = DataEncoder()
+    def _blast(self, body: BinaryIO, encoder: DataEncoder | None = None) -> None:
+        encoder = encoder or DataEncoder()
         pending = bytearray()
         while chunk := body.read(CHUNK):
             pending += encoder.feed(chunk)

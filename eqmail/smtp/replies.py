@@ -148,6 +148,19 @@ TOO_MANY_HOPS = Reply(554, "too many hops, this message is looping (#5.4.6)")
 TOO_BIG = Reply(552, "sorry, that message size exceeds my databytes limit (#5.3.4)")
 
 
+# eqmail (issue 18): CHUNKING (RFC 3030).  A BDAT whose size is not a number cannot be
+# framed: 501 and the connection is closed (RFC 3030 §2).  DATA in a transaction that
+# used BDAT, and BDAT after a refused one until RSET, get 503 (RFC 3030 §2, §4.2).
+BDAT_SYNTAX = Reply(501, "syntax error, BDAT needs a size in octets (#5.5.4)")
+BDAT_MIXED = Reply(503, "DATA not allowed in a BDAT transaction (#5.5.1)")
+BDAT_FAILED = Reply(503, "BDAT transaction failed, send RSET (#5.5.1)")
+
+
+def bdat_received(size: int) -> Reply:
+    """A chunk of ``size`` octets without LAST was read."""
+    return Reply(250, f"{size} octets received")
+
+
 def accepted(when: int, qp: int) -> Reply:
     return Reply(250, f"ok {when} qp {qp}")
 

@@ -45,11 +45,28 @@ Other unknown MAIL parameters are still ignored, as qmail-smtpd ignores them.  T
 ``TLS-Required:`` header field (RFC 8689 §3, §4.1) needs nothing at reception: when
 REQUIRETLS was given it is to be ignored, otherwise it travels in the message and
 remote delivery reads it there; the session never looks at message headers for it.
+
+CHUNKING (RFC 3030, issue 18; BINARYMIME is not offered): ``BDAT <size> [LAST]`` reads
+exactly <size> octets after the command line and never scans them for an end mark, so
+no SMTP smuggling is possible; eqmail.smtp.bdat stores them as DATA lines are stored
+(CRLF -> LF also across chunks, bare CR kept, bare LF 451 and close, no dot-unstuffing).
+The first chunk runs the [data] plugins and begins the message (same Received line,
+same BeginMessage/MessageData/EndMessage as DATA, so the queue writer and the inbound
+checks see no difference); each chunk without LAST is answered ``250 <n> octets
+received``, LAST as DATA's end.  The sum of the chunks is bounded by databytes: a chunk
+over it is read and answered 552 and the transaction is dead (503 to BDAT, DATA too)
+until RSET, MAIL, HELO or EHLO; BDAT without MAIL/RCPT gets 503 after its chunk is
+read; DATA in a BDAT transaction 503; a chunk that must be skipped but is over
+DISCARD_LIMIT is answered and the connection closed unread; a size that is not 1 to 15
+digits gets 501 and the connection is closed (its end cannot be found).  A chunk that
+stalls is the I/O layer's DATA timeout (``in_data`` is True while a chunk is read).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from eqmail import srs
 from eqmail.smtp import replies
@@ -79,6 +96,7 @@ from eqmail.smtp.auth import (
     Failed,
     cram_challenge,
 )
+from eqmail.smtp.bdat import ChunkReader
 from eqmail.smtp.data import DataReader, DataStatus
 from eqmail.smtp.plumbing import MAX_PENDING, OVERFLOW, SessionPlumbing
 from eqmail.smtp.received import received_line
@@ -95,6 +113,27 @@ __all__ = ["MAX_AUTH_FAILURES", "MAX_PENDING", "OVERFLOW", "Phase", "Session", "
 # one wrong password still sees every failure; more in one session is guessing.  The
 # per-address lock-out across sessions is control/authlimit's (eqmail.authlimit).
 MAX_AUTH_FAILURES = 3
+
+# BDAT (RFC 3030): ``BDAT <size> [LAST]``.  A size of more than 15 digits (about a
+# petabyte) is "huge": refused like a malformed one, 501 and close, as the number of
+# bytes to skip is not believed.
+_BDAT = re.compile(rb" *([0-9]{1,15})(?: +(last))? *", re.IGNORECASE)
+# The most chunk bytes the session reads and throws away to answer a refused BDAT
+# (503, 552) in step with the client; a larger chunk is answered and the connection
+# closed without reading it (RFC 3030 lets the server close instead).
+DISCARD_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass
+class _Chunk:
+    """The BDAT chunk being read: ``left`` bytes still to come.  ``reply`` (and
+    ``close``) are sent when it ends, for a refused chunk whose bytes are skipped."""
+
+    size: int
+    left: int
+    last: bool
+    store: bool
+    reply: Reply | None = None
 
 
 class Session(SessionPlumbing):
@@ -119,6 +158,13 @@ class Session(SessionPlumbing):
         self._mailfrom: str | None = None    # last accepted MAIL, for log lines
         self._last_addr: str | None = None   # last parsed address, for log lines
         self._reader: DataReader | None = None
+        # BDAT: the open transaction's converter (a message is being written, None
+        # between transactions), the chunk being read, and whether a refused BDAT
+        # killed the transaction (503 to every BDAT until RSET/MAIL/HELO/EHLO).
+        self._bdat: ChunkReader | None = None
+        self._bdat_bytes = 0
+        self._bdat_dead = False
+        self._chunk: _Chunk | None = None
         self._auth: AuthExchange | None = None
         self._cert_tried = False
         self._cert_reason: str | None = None
@@ -179,14 +225,18 @@ class Session(SessionPlumbing):
 
     # ---- hooks -----------------------------------------------------------------------
 
-    def _hook(self, stage: HookStage, arg: str, then: Callable[[HookOutcome], None]) -> None:
-        """Run ``then`` now (no plugins) or after the plugins of ``stage`` accepted."""
+    def _hook(self, stage: HookStage, arg: str, then: Callable[[HookOutcome], None],
+              rejected: Callable[[], None] | None = None) -> None:
+        """Run ``then`` now (no plugins) or after the plugins of ``stage`` accepted;
+        ``rejected`` after a plugin's reply refused the command."""
         if not self.spp.enabled:
             then(HookOutcome())
             return
-        self._wait(RunHook(stage, arg), lambda outcome: self._hook_done(outcome, then))
+        self._wait(RunHook(stage, arg),
+                   lambda outcome: self._hook_done(outcome, then, rejected))
 
-    def _hook_done(self, outcome: HookOutcome, then: Callable[[HookOutcome], None]) -> None:
+    def _hook_done(self, outcome: HookOutcome, then: Callable[[HookOutcome], None],
+                   rejected: Callable[[], None] | None = None) -> None:
         if outcome.verdict in (HookVerdict.NORMAL, HookVerdict.OK_SKIP):
             # Unfinished P lines: the command's one reply is the session's own (below).
             self.spp.open_reply = outcome.output
@@ -207,6 +257,8 @@ class Session(SessionPlumbing):
             self._close()
         elif outcome.verdict is not HookVerdict.REJECT:
             then(outcome)
+        elif rejected is not None:
+            rejected()
 
     def _later(self, stage: HookStage) -> bool:
         """Show queued LM/LR/LD texts; True means the command is rejected by them."""
@@ -252,7 +304,7 @@ class Session(SessionPlumbing):
         keywords = []
         if self.cfg.tls_available and not self.in_tls:
             keywords.append("STARTTLS")
-        keywords += ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}"]
+        keywords += ["PIPELINING", "8BITMIME", "CHUNKING", f"SIZE {self.databytes}"]
         if self.cfg.auth_available:
             if self.env.get("TLSREQUIRED") == "1" and not self.in_tls:
                 keywords.append("AUTH CRAM-MD5")
@@ -273,6 +325,7 @@ class Session(SessionPlumbing):
         def accept(_outcome: HookOutcome) -> None:
             self.helo = name
             self._reset_transaction()
+            self._bdat_reset()
             self._send(reply)
         self._hook(HookStage.HELO, name, accept)
 
@@ -291,6 +344,7 @@ class Session(SessionPlumbing):
         if self._junk():
             return
         self._reset_transaction()
+        self._bdat_reset()
         self.spp.reset()
         self.spp.rcpt_count = self.spp.rcpt_count_all = 0
         self._send(replies.FLUSHED)
@@ -320,6 +374,7 @@ class Session(SessionPlumbing):
             self._send(replies.TLS_NO_CERT)
         else:
             self._send(replies.TLS_READY)
+            self._bdat_reset()  # clear-text chunks never join a message sent under TLS
             self._out.append(StartTLS())
             self._buf.clear()  # CVE-2011-0411: nothing sent in clear may follow
             self.phase = Phase.WAIT_TLS
@@ -367,6 +422,7 @@ class Session(SessionPlumbing):
         self._barf = normal and self.cfg.badmailfrom.matches(addr)
         self.spp.mail_verdict = outcome.verdict
         self.spp.rcpt_count = self.spp.rcpt_count_all = 0
+        self._bdat_reset()  # qmail: MAIL in a transaction starts a new one
         self.sender = self._mailfrom = addr
         self.recipients = []
         self._requiretls = requiretls
@@ -484,6 +540,9 @@ class Session(SessionPlumbing):
     # ---- DATA ------------------------------------------------------------------------
 
     def _cmd_data(self, arg: bytes) -> None:
+        if self._bdat is not None or self._bdat_dead:
+            self._send(replies.BDAT_MIXED)  # RFC 3030 §2: DATA after BDAT: 503
+            return
         if self.sender is None:
             self._send(replies.MAIL_FIRST)
             return
@@ -495,6 +554,14 @@ class Session(SessionPlumbing):
         self._hook(HookStage.DATA, "", lambda _outcome: self._data_begin())
 
     def _data_begin(self) -> None:
+        self._begin_message()
+        self._send(replies.GO_AHEAD)
+        self._reader = DataReader(self.databytes)
+        self.phase = Phase.DATA
+
+    def _begin_message(self) -> None:
+        """The transaction becomes a message (DATA's 354, the first BDAT chunk): the
+        Received line and plugin headers go first, as qmail-smtpd writes them."""
         sender, recipients = self.sender or "", tuple(self.recipients)
         requiretls = self._requiretls
         self._reset_transaction()
@@ -507,12 +574,11 @@ class Session(SessionPlumbing):
         header += "".join(h + "\n" for h in self.spp.headers)
         self.spp.reset()
         self._out.append(BeginMessage(sender, recipients, encode(header), requiretls))
-        self._send(replies.GO_AHEAD)
-        self._reader = DataReader(self.databytes)
-        self.phase = Phase.DATA
 
     def _data_step(self) -> bool:
         """Feed buffered input to the DATA reader; False when more input is needed."""
+        if self._chunk is not None:
+            return self._chunk_step()
         reader = self._reader
         assert reader is not None
         step = reader.step(bytes(self._buf))
@@ -556,6 +622,138 @@ class Session(SessionPlumbing):
             self._log(f"message delayed ({result.text})")
             self._send(replies.queue_temporary(result.text))
 
+    # ---- BDAT (RFC 3030) -------------------------------------------------------------
+
+    def _cmd_bdat(self, arg: bytes) -> None:
+        match = _BDAT.fullmatch(arg)
+        if match is None:
+            # The chunk's length is unknown: nothing after this line can be framed.
+            self._log("bad BDAT size")
+            self._send(replies.BDAT_SYNTAX)
+            self._close()
+            return
+        size, last = int(match[1]), match[2] is not None
+        if self._bdat_dead:
+            self._refuse_chunk(size, replies.BDAT_FAILED)
+        elif self._bdat is None and self.sender is None:
+            self._refuse_chunk(size, replies.MAIL_FIRST)
+        elif self._bdat is None and not self.recipients:
+            self._refuse_chunk(size, replies.RCPT_FIRST)
+        elif self.databytes and self._bdat_bytes + size > self.databytes:
+            # RFC 1870/3030: 552 once the chunk is read; the transaction is dead.
+            self._log("message too big")
+            self._bdat_fail()
+            self._refuse_chunk(size, replies.TOO_BIG)
+        elif self._bdat is not None:
+            self._read_chunk(size, last)
+        elif self._later(HookStage.DATA):
+            self._bdat_fail()
+            self._refuse_chunk(size, None)
+        else:
+            def begin(_outcome: HookOutcome) -> None:
+                self._begin_message()
+                self._bdat = ChunkReader()
+                self._read_chunk(size, last)
+
+            def rejected() -> None:  # the plugin's reply was the answer
+                self._bdat_fail()
+                self._refuse_chunk(size, None)
+            self._hook(HookStage.DATA, "", begin, rejected)
+
+    def _read_chunk(self, size: int, last: bool) -> None:
+        self._bdat_bytes += size
+        self._chunk = _Chunk(size, size, last, store=True)
+        self.phase = Phase.DATA
+
+    def _refuse_chunk(self, size: int, reply: Reply | None) -> None:
+        """Skip the chunk's bytes, then answer ``reply`` (None: already answered); a
+        chunk over DISCARD_LIMIT is answered at once and the connection closed."""
+        if size > DISCARD_LIMIT:
+            if reply is not None:
+                self._send(reply)
+            self._close()
+            return
+        self._chunk = _Chunk(size, size, False, store=False, reply=reply)
+        self.phase = Phase.DATA
+
+    def _chunk_step(self) -> bool:
+        """Consume the chunk's bytes from the buffer (counted, never scanned)."""
+        chunk = self._chunk
+        assert chunk is not None
+        take = min(len(self._buf), chunk.left)
+        if take:
+            piece = bytes(self._buf[:take])
+            del self._buf[:take]
+            chunk.left -= take
+            if chunk.store and not self._store_piece(piece):
+                return True
+        if chunk.left:
+            return False
+        self._chunk = None
+        self.phase = Phase.COMMAND
+        if not chunk.store:
+            if chunk.reply is not None:
+                self._send(chunk.reply)
+        elif not chunk.last:
+            self._send(replies.bdat_received(chunk.size))
+        else:
+            self._bdat_last()
+        return True
+
+    def _store_piece(self, piece: bytes) -> bool:
+        """Pass a piece of chunk data on; False when it closed the session (bare LF)."""
+        assert self._bdat is not None
+        stored = self._bdat.feed(piece)
+        if stored is None:
+            self._bdat = None
+            self._chunk = None
+            self._log("bad newlines")
+            self._send(replies.BARE_LF)
+            self._close()  # phase is still DATA: emits AbortMessage first
+            return False
+        if stored:
+            self._out.append(MessageData(stored))
+        return True
+
+    def _bdat_last(self) -> None:
+        reader, self._bdat, self._bdat_bytes = self._bdat, None, 0
+        assert reader is not None
+        tail = reader.end()
+        if tail:
+            self._out.append(MessageData(tail))
+        if reader.looping:
+            self._finish_refused(replies.TOO_MANY_HOPS, "message looping")
+        else:
+            self._wait(EndMessage(), self._queued)
+
+    def _bdat_fail(self) -> None:
+        """A refused chunk: the message (if begun) is dropped, the transaction dead."""
+        if self._bdat is not None:
+            self._out.append(AbortMessage())
+        self._reset_transaction()
+        self._bdat = None
+        self._bdat_bytes = 0
+        self._bdat_dead = True
+
+    def _bdat_reset(self) -> None:
+        """RSET, MAIL, HELO/EHLO, STARTTLS: an unfinished BDAT message is dropped."""
+        if self._bdat is not None:
+            self._out.append(AbortMessage())
+        self._bdat = None
+        self._bdat_bytes = 0
+        self._bdat_dead = False
+
+    def _close(self) -> None:
+        if self._chunk is not None:
+            # Inside a chunk the message is open only when the chunk is stored (a
+            # skipped chunk has none): decided here, not by the DATA phase.
+            self.phase = Phase.COMMAND
+        if self._bdat is not None:
+            self._out.append(AbortMessage())
+        self._bdat = None
+        self._chunk = None
+        super()._close()
+
     # ---- AUTH ------------------------------------------------------------------------
 
     def _cmd_auth(self, arg: bytes) -> None:
@@ -568,7 +766,7 @@ class Session(SessionPlumbing):
             self._send(replies.AUTH_NOT_AVAILABLE)
         elif self.authenticated:
             self._send(replies.AUTH_ALREADY)
-        elif self.sender is not None:
+        elif self.sender is not None or self._bdat is not None:
             self._send(replies.AUTH_IN_TRANSACTION)
         elif method not in MECHANISMS:
             self._send(replies.AUTH_UNIMPLEMENTED)
@@ -629,5 +827,5 @@ _VERBS: dict[bytes, Callable[[Session, bytes], None]] = {
     b"rcpt": Session._cmd_rcpt, b"data": Session._cmd_data, b"rset": Session._cmd_rset,
     b"noop": Session._cmd_noop, b"vrfy": Session._cmd_vrfy, b"help": Session._cmd_help,
     b"quit": Session._cmd_quit, b"starttls": Session._cmd_starttls,
-    b"auth": Session._cmd_auth,
+    b"auth": Session._cmd_auth, b"bdat": Session._cmd_bdat,
 }

@@ -50,12 +50,12 @@ def test_bs_delivers_with_qmails_replies(inst: Instance) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split(b"\r\n")
     # DATABYTES=0 from the -bs environment: SIZE 0 (no limit), whatever control/databytes says
-    assert lines[:5] == [b"220 " + ME.encode() + b" ESMTP", b"250-" + ME.encode(), b"250-PIPELINING",
-                         b"250-8BITMIME", b"250 SIZE 0"]
-    assert lines[5:9] == [b"250 ok", b"250 ok", b"250 ok", b"354 go ahead"]  # RELAYCLIENT=""
-    qp = qp_of(lines[9] + b"\r\n")
+    assert lines[:6] == [b"220 " + ME.encode() + b" ESMTP", b"250-" + ME.encode(), b"250-PIPELINING",
+                         b"250-8BITMIME", b"250-CHUNKING", b"250 SIZE 0"]
+    assert lines[6:10] == [b"250 ok", b"250 ok", b"250 ok", b"354 go ahead"]  # RELAYCLIENT=""
+    qp = qp_of(lines[10] + b"\r\n")
     assert qp is not None, proc.stdout
-    assert lines[10:] == [replies.quit_(ME).wire().rstrip(b"\r\n"), b""]
+    assert lines[11:] == [replies.quit_(ME).wire().rstrip(b"\r\n"), b""]
     assert b"qmail-smtpd: message accepted: me@client.example from 127.0.0.1" in proc.stderr
     # the queue writer labels the message by the invoker's uid, not "from network"
     marker = f"(qmail {qp} invoked by uid {os.getuid()})".encode()

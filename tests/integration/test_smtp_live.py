@@ -218,7 +218,7 @@ def test_reply_texts(mx: Mx) -> None:
     c = session(mx)
     expect = [
         (b"HELO client.example", replies.helo(ME)),
-        (b"EHLO client.example", replies.ehlo(ME, ["PIPELINING", "8BITMIME", "SIZE 52428800"])),
+        (b"EHLO client.example", replies.ehlo(ME, ["PIPELINING", "8BITMIME", "CHUNKING", "SIZE 52428800"])),
         (b"NOOP", replies.OK), (b"VRFY postmaster", replies.VRFY), (b"HELP", replies.HELP),
         (b"RSET", replies.FLUSHED), (b"EXPN x", replies.UNRECOGNISED),
         (b"RCPT TO:<x@y>", replies.MAIL_FIRST), (b"DATA", replies.MAIL_FIRST),
@@ -276,7 +276,7 @@ def test_bare_lf_in_header(mx: Mx) -> None:
 @pytest.mark.parametrize("host", [V4, V6])
 def test_databytes_and_size(mx: Mx, host: str) -> None:
     c = session(mx, host, port=mx.port_small)
-    assert c.command("EHLO client.example") == (250, [ME, "PIPELINING", "8BITMIME", "SIZE 1000"])
+    assert c.command("EHLO client.example") == (250, [ME, "PIPELINING", "8BITMIME", "CHUNKING", "SIZE 1000"])
     assert c.command("MAIL FROM:<a@client.example> SIZE=1001") == (552, [replies.TOO_BIG.text])
     assert c.command("MAIL FROM:<a@client.example> SIZE=1000") == (250, ["ok"])
     assert c.command(f"RCPT TO:<{LOCAL_RCPT}>") == (250, ["ok"])
@@ -314,7 +314,7 @@ def test_pipelining_in_one_write(mx: Mx) -> None:
            + f"RCPT TO:<{LOCAL_RCPT}>\r\nRCPT TO:<x@remote.example>\r\n".encode()
            + f"RCPT TO:<testuser+pipe@{ME}>\r\nDATA\r\nSubject: piped\r\n\r\nall at once\r\n.\r\nQUIT\r\n".encode())
     assert c.line() == replies.greeting(ME).wire()
-    assert c.reply() == (250, [ME, "PIPELINING", "8BITMIME", "SIZE 52428800"])
+    assert c.reply() == (250, [ME, "PIPELINING", "8BITMIME", "CHUNKING", "SIZE 52428800"])
     assert [c.reply() for _ in range(5)] == [
         (250, ["ok"]), (250, ["ok"]), (553, [replies.NO_RCPTHOSTS.text]), (250, ["ok"]), (354, ["go ahead"])]
     qp = qp_of(c.line())

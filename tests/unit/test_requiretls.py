@@ -62,10 +62,10 @@ def test_ehlo_offers_requiretls_only_under_tls() -> None:
     s, _ = _session(tls=True)
     clear = _sent(s.feed(b"EHLO client.example\r\n"))
     assert clear == (b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n"
-                     b"250-8BITMIME\r\n250 SIZE 0\r\n")  # qmail's bytes, no REQUIRETLS
+                     b"250-8BITMIME\r\n250-CHUNKING\r\n250 SIZE 0\r\n")  # qmail's bytes, no REQUIRETLS
     _starttls(s)
     assert _sent(s.feed(b"EHLO client.example\r\n")) == (
-        b"250-mx.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 0\r\n"
+        b"250-mx.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n250-SIZE 0\r\n"
         b"250 REQUIRETLS\r\n")
     # HELO has no keywords, inside TLS or not
     assert _sent(s.feed(b"HELO client.example\r\n")) == b"250 mx.example.org\r\n"

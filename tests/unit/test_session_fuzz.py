@@ -30,6 +30,9 @@ TOKENS = [
     b"AGpvZQBzZWNyZXQ=\r\n", b"STARTTLS\r\n", b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n",
     b"Received: x\r\n", b"MAIL FROM:<a@b> SIZE=99999\r\n", b"\x00", b"\xff",
     b"A" * 70, b"VRFY\r\n",
+    # CHUNKING (RFC 3030): counted chunks, refused sizes, LAST, mixing with DATA
+    b"BDAT 5\r\n", b"BDAT 3 LAST\r\n", b"BDAT 0 LAST\r\n", b"BDAT 300\r\n",
+    b"BDAT x\r\n", b"BDAT -1\r\n", b"bdat 2 last\r\n", b"BDAT 9999999999999999\r\n",
 ]
 inputs = st.lists(st.one_of(st.sampled_from(TOKENS), st.binary(max_size=24)),
                   max_size=40).map(b"".join)
