@@ -297,14 +297,12 @@ class Resolver:
             raise LookupHard(f"{name}: no TXT record")
         return [b"".join(rdata.strings) for rdata in answer.rrset]
 
-    def addresses(self, name: str) -> list[str]:
-        """All AAAA then all A addresses of ``name``.  Soft only when nothing was found
-        and a lookup was soft; hard only when both were hard."""
-        return self._addresses(name)[0]
-
     def _addresses(self, name: str) -> tuple[list[str], bool]:
-        """:meth:`addresses` and whether both lookups were authenticated (answers or
-        denials; RFC 7672 §2.2.2 wants the host's address records secure)."""
+        """All AAAA then all A addresses of ``name`` (soft only when nothing was found
+        and a lookup was soft; hard only when both were hard), and whether both lookups
+        were authenticated (answers or denials; RFC 7672 §2.2.2 wants the host's
+        address records secure).  Within a resolution begun by a public method: its
+        deadline bounds the lookups."""
         found: list[str] = []
         errors: list[Exception] = []
         secure = self.dnssec
